@@ -1,0 +1,217 @@
+//! JWT verification (HS256 only, `exp` required) and token minting for `--dev`.
+
+use std::sync::Arc;
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+/// Longest user id accepted from a token; ids end up in logs, keys and metrics.
+pub const USER_ID_CHARS_MAX: usize = 128;
+/// Longest display name kept; longer names are cut, not refused.
+pub const NAME_CHARS_MAX: usize = 64;
+/// Roles a token may carry; more is a malformed token.
+const ROLES_MAX: usize = 16;
+
+/// Claims of a chatbox token.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Claims {
+    pub sub: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    pub exp: u64,
+}
+
+/// The authenticated caller, as the rest of the server sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub user_id: Arc<str>,
+    pub name: Arc<str>,
+    pub admin: bool,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthError {
+    #[error("missing token")]
+    Missing,
+    #[error("token expired")]
+    Expired,
+    #[error("invalid token: {0}")]
+    Invalid(String),
+}
+
+/// Verifies tokens with one pinned algorithm and secret. Cheap to clone.
+#[derive(Clone)]
+pub struct Verifier {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+impl Verifier {
+    pub fn new(secret: &[u8]) -> Self {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.algorithms = vec![Algorithm::HS256];
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.validate_exp = true;
+        validation.leeway = 30;
+        Verifier {
+            key: DecodingKey::from_secret(secret),
+            validation,
+        }
+    }
+
+    pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        use jsonwebtoken::errors::ErrorKind;
+        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(
+            |e| match e.kind() {
+                ErrorKind::ExpiredSignature => AuthError::Expired,
+                ErrorKind::InvalidAlgorithm => AuthError::Invalid("algorithm not allowed".into()),
+                ErrorKind::InvalidSignature => AuthError::Invalid("bad signature".into()),
+                ErrorKind::MissingRequiredClaim(c) => {
+                    AuthError::Invalid(format!("missing claim {c}"))
+                }
+                _ => AuthError::Invalid("malformed token".into()),
+            },
+        )?;
+        let c = data.claims;
+        if c.sub.is_empty() || c.sub.chars().count() > USER_ID_CHARS_MAX {
+            return Err(AuthError::Invalid(format!(
+                "sub must be 1..={USER_ID_CHARS_MAX} characters"
+            )));
+        }
+        if c.sub.chars().any(char::is_control) {
+            return Err(AuthError::Invalid("sub contains control characters".into()));
+        }
+        if c.roles.len() > ROLES_MAX {
+            return Err(AuthError::Invalid("too many roles".into()));
+        }
+        let name: String = c
+            .name
+            .as_deref()
+            .unwrap_or(&c.sub)
+            .chars()
+            .filter(|ch| !ch.is_control())
+            .take(NAME_CHARS_MAX)
+            .collect();
+        Ok(Identity {
+            admin: c.roles.iter().any(|r| r == "admin"),
+            user_id: c.sub.into(),
+            name: name.into(),
+        })
+    }
+}
+
+/// Signs a token (HS256). Used by `--dev` and by tests.
+pub fn mint(secret: &[u8], claims: &Claims) -> String {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(secret),
+    )
+    .expect("HS256 signing of plain claims cannot fail")
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+    fn claims(sub: &str, exp: u64) -> Claims {
+        Claims {
+            sub: sub.into(),
+            name: Some("Ann".into()),
+            roles: vec!["admin".into()],
+            exp,
+        }
+    }
+
+    #[test]
+    fn accepts_a_good_token() {
+        let v = Verifier::new(SECRET);
+        let id = v
+            .verify(&mint(SECRET, &claims("u1", now_secs() + 60)))
+            .unwrap();
+        assert_eq!(&*id.user_id, "u1");
+        assert_eq!(&*id.name, "Ann");
+        assert!(id.admin);
+    }
+
+    #[test]
+    fn refuses_expired_bad_signature_and_other_algorithms() {
+        let v = Verifier::new(SECRET);
+        let expired = mint(SECRET, &claims("u1", now_secs() - 3600));
+        assert_eq!(v.verify(&expired), Err(AuthError::Expired));
+        let other = mint(
+            b"another secret that is long enough!!",
+            &claims("u1", now_secs() + 60),
+        );
+        assert!(matches!(v.verify(&other), Err(AuthError::Invalid(_))));
+        // alg "none": header {"alg":"none"} with no signature.
+        let none = format!(
+            "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{}.",
+            base64url(&format!("{{\"sub\":\"u1\",\"exp\":{}}}", now_secs() + 60))
+        );
+        assert!(v.verify(&none).is_err());
+        let hs512 = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS512),
+            &claims("u1", now_secs() + 60),
+            &EncodingKey::from_secret(SECRET),
+        )
+        .unwrap();
+        assert_eq!(
+            v.verify(&hs512),
+            Err(AuthError::Invalid("algorithm not allowed".into()))
+        );
+    }
+
+    #[test]
+    fn refuses_missing_exp_and_oversized_sub() {
+        let v = Verifier::new(SECRET);
+        let no_exp = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &serde_json::json!({"sub": "u1"}),
+            &EncodingKey::from_secret(SECRET),
+        )
+        .unwrap();
+        assert!(v.verify(&no_exp).is_err());
+        let long = mint(
+            SECRET,
+            &claims(&"x".repeat(USER_ID_CHARS_MAX + 1), now_secs() + 60),
+        );
+        assert!(v.verify(&long).is_err());
+    }
+
+    #[test]
+    fn caps_the_display_name() {
+        let v = Verifier::new(SECRET);
+        let mut c = claims("u1", now_secs() + 60);
+        c.name = Some("n".repeat(500));
+        assert_eq!(
+            v.verify(&mint(SECRET, &c)).unwrap().name.chars().count(),
+            NAME_CHARS_MAX
+        );
+    }
+
+    fn base64url(s: &str) -> String {
+        const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let b = s.as_bytes();
+        let mut out = String::new();
+        for chunk in b.chunks(3) {
+            let n =
+                chunk.iter().fold(0u32, |acc, &x| acc << 8 | x as u32) << (8 * (3 - chunk.len()));
+            for i in 0..=chunk.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,202 @@
+//! The HTTP front door: reads a request head, routes it, and serves plain HTTP
+//! endpoints with hyper (health, readiness, metrics, JSON errors).
+
+pub mod head;
+
+use std::convert::Infallible;
+use std::rc::Rc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+
+use crate::io::{HyperIo, Socket};
+use crate::metrics::Refusal;
+use crate::shard::Core;
+
+/// `{"error":{"code":..,"message":..}}`, the one error body of every endpoint.
+pub fn error_body(code: &str, message: &str) -> String {
+    serde_json::json!({"error": {"code": code, "message": message}}).to_string()
+}
+
+/// A refusal written as a raw HTTP response (before any upgrade or hyper).
+#[derive(Debug, Clone)]
+pub struct Refuse {
+    pub status: u16,
+    pub code: &'static str,
+    pub message: String,
+    pub why: Refusal,
+    headers: Vec<(&'static str, String)>,
+}
+
+impl Refuse {
+    pub fn new(
+        status: u16,
+        code: &'static str,
+        message: impl Into<String>,
+        why: Refusal,
+    ) -> Refuse {
+        Refuse {
+            status,
+            code,
+            message: message.into(),
+            why,
+            headers: Vec::new(),
+        }
+    }
+
+    pub fn header(mut self, name: &'static str, value: impl Into<String>) -> Refuse {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    pub fn to_http(&self) -> Vec<u8> {
+        let body = error_body(self.code, &self.message);
+        let reason = StatusCode::from_u16(self.status)
+            .ok()
+            .and_then(|s| s.canonical_reason())
+            .unwrap_or("Error");
+        let mut out = format!(
+            "HTTP/1.1 {} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+             Connection: close\r\nCache-Control: no-store\r\n",
+            self.status,
+            body.len()
+        );
+        for (k, v) in &self.headers {
+            out.push_str(&format!("{k}: {v}\r\n"));
+        }
+        out.push_str("\r\n");
+        out.push_str(&body);
+        out.into_bytes()
+    }
+
+    /// Writes the response, counts the refusal, and half-closes the socket.
+    pub async fn send(&self, core: &Core, sock: &Socket) {
+        core.metrics().refused(self.why);
+        let _ = sock.send_all(&self.to_http()).await;
+        sock.shutdown_write();
+    }
+}
+
+type Body = Full<Bytes>;
+
+fn json(status: StatusCode, body: String) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    json(status, error_body(code, message))
+}
+
+/// Serves one plain HTTP connection with hyper, replaying the bytes already read.
+/// Keep-alive is off: every request comes through the head reader, so routing,
+/// limits and timeouts are decided in one place.
+pub async fn serve(core: Rc<Core>, sock: Socket, replay: Vec<u8>) {
+    let io = HyperIo::new(Rc::new(sock), replay);
+    let cfg = &core.shared.config;
+    let timeout = std::time::Duration::from_millis(cfg.http_request_timeout_ms);
+    let svc_core = core.clone();
+    let service = hyper::service::service_fn(move |req| {
+        let core = svc_core.clone();
+        async move { Ok::<_, Infallible>(route(&core, req).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .keep_alive(false)
+        .timer(monoio_compat::hyper::MonoioTimer)
+        .header_read_timeout(timeout)
+        .max_buf_size(cfg.http_head_bytes_max.max(8192))
+        .serve_connection(io, service);
+    match monoio::time::timeout(timeout, conn).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(error = %e, "http connection error"),
+        Err(_) => tracing::debug!("http request timed out"),
+    }
+}
+
+async fn route(core: &Core, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    core.metrics().http_requests.inc();
+    let shared = &core.shared;
+    let Some(path) = req
+        .uri()
+        .path()
+        .strip_prefix(shared.config.path_prefix.as_str())
+    else {
+        core.metrics().refused(Refusal::NotFound);
+        return error(StatusCode::NOT_FOUND, "not_found", "no such endpoint");
+    };
+    let known = matches!(path, "/healthz" | "/readyz" | "/metrics");
+    if known && req.method() != hyper::Method::GET && req.method() != hyper::Method::HEAD {
+        let mut r = error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "use GET",
+        );
+        r.headers_mut().insert(
+            hyper::header::ALLOW,
+            hyper::header::HeaderValue::from_static("GET, HEAD"),
+        );
+        return r;
+    }
+    match path {
+        "/healthz" => json(StatusCode::OK, r#"{"status":"ok"}"#.into()),
+        "/readyz" => {
+            if core.gate.is_closing() {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "shutting_down",
+                    "server is shutting down",
+                );
+            }
+            match shared.pool.ping().await {
+                Ok(()) => json(StatusCode::OK, r#"{"status":"ready"}"#.into()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "not ready");
+                    error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "not_ready",
+                        "blocking pool unavailable",
+                    )
+                }
+            }
+        }
+        "/metrics" => {
+            if let Some(token) = &shared.config.metrics_token {
+                let given = req
+                    .headers()
+                    .get(hyper::header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok());
+                if given != Some(format!("Bearer {token}").as_str()) {
+                    core.metrics().refused(Refusal::Unauthorized);
+                    return error(
+                        StatusCode::UNAUTHORIZED,
+                        "unauthorized",
+                        "metrics need the metrics token",
+                    );
+                }
+            }
+            let mut r = Response::new(Full::new(Bytes::from(crate::metrics::render(
+                &shared.metrics,
+            ))));
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            r
+        }
+        "/ws" => error(
+            StatusCode::UPGRADE_REQUIRED,
+            "upgrade_required",
+            "this endpoint speaks WebSocket only",
+        ),
+        _ => {
+            core.metrics().refused(Refusal::NotFound);
+            error(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! Readiness-driven socket I/O: monoio tells us when a socket is ready, and we
+//! `recv`/`send` with `MSG_DONTWAIT` into buffers that exist only while bytes move.
+//!
+//! Why not monoio's owned-buffer reads: an io_uring read must own its buffer for as
+//! long as it is pending, so every idle connection would pin a buffer. Waiting for
+//! readiness (an io_uring poll, or epoll in the legacy driver) and then reading
+//! without blocking keeps an idle connection free of read buffers, lets tungstenite
+//! read straight into its own buffer (no extra copy), and makes every wait safe to
+//! cancel in `select!` (a cancelled poll consumes no data).
+
+use std::future::Future;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use monoio::net::TcpStream;
+
+/// A connected TCP socket owned by one core.
+pub struct Socket {
+    stream: TcpStream,
+    fd: RawFd,
+}
+
+impl Socket {
+    pub fn new(stream: TcpStream) -> Socket {
+        let _ = stream.set_nodelay(true);
+        let fd = stream.as_raw_fd();
+        Socket { stream, fd }
+    }
+
+    /// Adopts a socket handed over from another core.
+    pub fn from_owned_fd(fd: OwnedFd) -> io::Result<Socket> {
+        let std = std::net::TcpStream::from(fd);
+        Ok(Socket::new(TcpStream::from_std(std)?))
+    }
+
+    /// Detaches the socket from this core's driver so another core can adopt it.
+    ///
+    /// The descriptor is duplicated and this core's copy dropped: monoio removes its
+    /// own registration (epoll) on drop, and the duplicate is registered afresh by the
+    /// adopting core. Callers must not have an I/O operation in flight on it.
+    pub fn into_owned_fd(self) -> io::Result<OwnedFd> {
+        // SAFETY: `self.fd` is open for as long as `self.stream` lives.
+        let dup = unsafe { libc::fcntl(self.fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        drop(self.stream);
+        // SAFETY: `dup` is a fresh descriptor that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(dup) })
+    }
+
+    pub fn peer_addr(&self) -> io::Result<std::net::SocketAddr> {
+        self.stream.peer_addr()
+    }
+
+    /// Resolves when bytes (or EOF, or an error) can be read without blocking.
+    pub async fn readable(&self) -> io::Result<()> {
+        self.stream.readable(false).await
+    }
+
+    /// Resolves when some bytes can be written without blocking.
+    pub async fn writable(&self) -> io::Result<()> {
+        self.stream.writable(false).await
+    }
+
+    /// One non-blocking `recv`; `WouldBlock` when nothing is buffered.
+    pub fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: `buf` is valid for `buf.len()` writable bytes.
+        let n = unsafe {
+            libc::recv(
+                self.fd,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        cvt(n)
+    }
+
+    /// One non-blocking `send` (no SIGPIPE); `WouldBlock` when the send buffer is full.
+    pub fn try_send(&self, buf: &[u8]) -> io::Result<usize> {
+        // SAFETY: `buf` is valid for `buf.len()` readable bytes.
+        let n = unsafe {
+            libc::send(
+                self.fd,
+                buf.as_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        cvt(n)
+    }
+
+    /// Sends all of `buf`, waiting for writability as needed.
+    pub async fn send_all(&self, mut buf: &[u8]) -> io::Result<()> {
+        while !buf.is_empty() {
+            match self.try_send(buf) {
+                Ok(n) => buf = &buf[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable().await?,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Half-closes the write side so a final response is delivered before close.
+    pub fn shutdown_write(&self) {
+        // SAFETY: plain syscall on an fd we own.
+        unsafe { libc::shutdown(self.fd, libc::SHUT_WR) };
+    }
+}
+
+fn cvt(n: isize) -> io::Result<usize> {
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EINTR) {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Err(e)
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// The `Read + Write` view of a socket that tungstenite drives.
+///
+/// After a short read the socket is taken as drained, so the next read reports
+/// `WouldBlock` without a syscall that would only return `EAGAIN`; the next
+/// readiness wait resets it (the wait itself is level-triggered, so nothing is missed).
+pub struct NonBlocking<'a> {
+    pub sock: &'a Socket,
+    pub drained: bool,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+impl<'a> NonBlocking<'a> {
+    pub fn new(sock: &'a Socket) -> Self {
+        NonBlocking {
+            sock,
+            drained: false,
+            bytes_in: 0,
+            bytes_out: 0,
+        }
+    }
+}
+
+impl io::Read for NonBlocking<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.drained {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let n = self.sock.try_recv(buf).inspect_err(|e| {
+            if e.kind() == io::ErrorKind::WouldBlock {
+                self.drained = true;
+            }
+        })?;
+        if n < buf.len() && n > 0 {
+            self.drained = true;
+        }
+        self.bytes_in += n as u64;
+        Ok(n)
+    }
+}
+
+impl io::Write for NonBlocking<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.sock.try_send(buf)?;
+        self.bytes_out += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+type Wait = Pin<Box<dyn Future<Output = io::Result<()>>>>;
+
+/// hyper's I/O traits over a [`Socket`], replaying bytes already read (the request
+/// head that routing looked at) before reading from the socket.
+pub struct HyperIo {
+    sock: std::rc::Rc<Socket>,
+    replay: bytes::Bytes,
+    read_wait: Option<Wait>,
+    write_wait: Option<Wait>,
+}
+
+impl HyperIo {
+    pub fn new(sock: std::rc::Rc<Socket>, replay: Vec<u8>) -> Self {
+        HyperIo {
+            sock,
+            replay: replay.into(),
+            read_wait: None,
+            write_wait: None,
+        }
+    }
+}
+
+/// Polls a readiness wait stored in `slot`, creating it with `make` if needed.
+fn poll_ready(
+    slot: &mut Option<Wait>,
+    cx: &mut Context<'_>,
+    make: impl FnOnce() -> Wait,
+) -> Poll<io::Result<()>> {
+    let wait = slot.get_or_insert_with(make);
+    let res = std::task::ready!(wait.as_mut().poll(cx));
+    *slot = None;
+    Poll::Ready(res)
+}
+
+impl hyper::rt::Read for HyperIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        mut buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.replay.is_empty() {
+            let n = this.replay.len().min(buf.remaining());
+            buf.put_slice(&this.replay.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            // SAFETY: recv writes at most `dst.len()` bytes and we advance by what it wrote.
+            let dst = unsafe { buf.as_mut() };
+            let n = unsafe {
+                libc::recv(
+                    this.sock.fd,
+                    dst.as_mut_ptr().cast(),
+                    dst.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            match cvt(n) {
+                Ok(n) => {
+                    unsafe { buf.advance(n) };
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let sock = this.sock.clone();
+                    std::task::ready!(poll_ready(&mut this.read_wait, cx, || Box::pin(
+                        async move { sock.readable().await }
+                    )))?;
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl hyper::rt::Write for HyperIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        loop {
+            match this.sock.try_send(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let sock = this.sock.clone();
+                    std::task::ready!(poll_ready(&mut this.write_wait, cx, || Box::pin(
+                        async move { sock.writable().await }
+                    )))?;
+                }
+                other => return Poll::Ready(other),
+            }
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.sock.shutdown_write();
+        Poll::Ready(Ok(()))
+    }
+}

@@ -1,0 +1,40 @@
+//! chatbox: a thread-per-core WebSocket chat backend for AI customer support.
+//!
+//! # Layout
+//!
+//! - [`config`]: the one typed configuration (TOML + `CHATBOX_*`), validated at start.
+//! - [`server`]: binds one SO_REUSEPORT listener per core, starts the core threads
+//!   and the blocking pool, and stops them all (graceful shutdown, core death).
+//! - [`shard`]: one core's runtime and everything it owns: the accept loop, the
+//!   connection [`shard::registry`] with the per-user cap, per-connection
+//!   [`shard::outbox`]es, and the shutdown [`shard::gate`].
+//! - [`mesh`]: the typed cross-core messages (socket handover, broadcast) over
+//!   bounded queues; the only way cores talk.
+//! - [`http`]: the front door: request [`http::head`] reading and routing, plain
+//!   endpoints served by hyper, JSON errors.
+//! - [`ws`]: the upgrade decision ([`ws::handshake`]: origin, JWT), the connection
+//!   driver ([`ws::conn`]: tungstenite, ping/pong, close codes) and what a
+//!   connection does with messages ([`ws::handler`]).
+//! - [`io`]: readiness-driven non-blocking socket I/O shared by all of the above.
+//! - [`auth`]: HS256 JWT verification and minting.
+//! - [`pool`]: the blocking pool (tokio) and its typed request/reply bridge.
+//! - [`metrics`]: per-core single-writer counters rendered for Prometheus.
+//!
+//! A connection is accepted by whichever core the kernel picks; once its JWT names
+//! the user, the socket moves to core `hash(user) % cores`, which owns that user's
+//! connections for their whole life. No lock is taken on the way.
+
+pub mod auth;
+pub mod config;
+pub mod http;
+pub mod io;
+pub mod mesh;
+pub mod metrics;
+pub mod pool;
+pub mod server;
+pub mod shard;
+pub mod ws;
+
+pub use config::Config;
+pub use server::{start, ServerHandle, ShutdownTrigger};
+pub use ws::handler::Hooks;

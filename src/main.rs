@@ -1,0 +1,185 @@
+//! The `chatbox` binary: command line, logging, signals; the server is the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use chatbox::auth::{mint, now_secs, Claims};
+use chatbox::config::{Config, LogFormat};
+
+const USAGE: &str = "\
+usage: chatbox [--config FILE] [--dev] [--check-config]
+
+  --config FILE    read settings from a TOML file (CHATBOX_* variables override it;
+                   CHATBOX_CONFIG=FILE works too)
+  --dev            development mode: generates a JWT secret and an encryption key
+                   if none are set, and prints ready-made user and admin tokens
+  --check-config   validate the configuration, print a summary, and exit
+";
+
+struct Args {
+    config: Option<PathBuf>,
+    dev: bool,
+    check: bool,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        config: std::env::var_os("CHATBOX_CONFIG").map(PathBuf::from),
+        dev: false,
+        check: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--config" => args.config = Some(it.next().ok_or("--config needs a file")?.into()),
+            "--dev" => args.dev = true,
+            "--check-config" | "--test" => args.check = true,
+            "-h" | "--help" => return Err(String::new()),
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    Ok(args)
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(msg) => {
+            if !msg.is_empty() {
+                eprintln!("chatbox: {msg}");
+            }
+            eprint!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut config =
+        match Config::load(args.config.as_deref()).and_then(|c| c.validate(args.dev).map(|_| c)) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("chatbox: {e}");
+                return ExitCode::from(2);
+            }
+        };
+    init_logging(config.log_format);
+    if args.check {
+        println!(
+            "configuration OK: listen {} with {} cores, prefix {:?}, {} connections per user, provider {:?}",
+            config.listen,
+            config.core_count(),
+            config.path_prefix,
+            config.max_connections_per_user,
+            config.llm_provider
+        );
+        return ExitCode::SUCCESS;
+    }
+    if args.dev {
+        dev_defaults(&mut config);
+    }
+    match run(config, args.dev) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("chatbox: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(config: Config, dev: bool) -> anyhow::Result<()> {
+    let prefix = config.path_prefix.clone();
+    let secret = config.jwt_secret.clone().unwrap_or_default();
+    let server = chatbox::start(config, chatbox::Hooks::default()).context("start-up failed")?;
+    let addr = server.local_addr();
+    tracing::info!(%addr, drivers = ?server.drivers(), "chatbox started");
+    // One line on stdout that scripts and tests can wait for.
+    say(&format!("chatbox listening on http://{addr}{prefix}"));
+    if dev {
+        print_dev_tokens(secret.as_bytes(), &format!("ws://{addr}{prefix}/ws"));
+    }
+
+    let trigger = server.trigger();
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .context("cannot install signal handlers")?;
+    std::thread::Builder::new()
+        .name("chatbox-signals".into())
+        .spawn(move || {
+            let mut seen = 0;
+            for sig in signals.forever() {
+                seen += 1;
+                if seen == 1 {
+                    tracing::info!(signal = sig, "shutting down gracefully");
+                    trigger.shutdown();
+                } else {
+                    tracing::warn!(signal = sig, "second signal: exiting now");
+                    std::process::exit(130);
+                }
+            }
+        })
+        .context("cannot start the signal thread")?;
+    server.join()?;
+    tracing::info!("shutdown complete");
+    Ok(())
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn random_hex32() -> String {
+    hex::encode(rand::random::<[u8; 32]>())
+}
+
+fn dev_defaults(config: &mut Config) {
+    if config.jwt_secret.is_none() {
+        config.jwt_secret = Some(random_hex32());
+    }
+    if config.encryption_key.is_none() {
+        config.encryption_key = Some(random_hex32());
+    }
+}
+
+fn print_dev_tokens(secret: &[u8], ws_url: &str) {
+    let exp = now_secs() + 24 * 3600;
+    let user = mint(
+        secret,
+        &Claims {
+            sub: "dev-user".into(),
+            name: Some("Dev User".into()),
+            roles: vec![],
+            exp,
+        },
+    );
+    let admin = mint(
+        secret,
+        &Claims {
+            sub: "dev-admin".into(),
+            name: Some("Dev Admin".into()),
+            roles: vec!["admin".into()],
+            exp,
+        },
+    );
+    say("dev mode: generated secrets live only in this process; tokens are valid for 24 h");
+    say(&format!("  user token:  {user}"));
+    say(&format!("  admin token: {admin}"));
+    say(&format!("  try:  websocat '{ws_url}?token={user}'"));
+}
+
+/// Prints a line to stdout, ignoring a closed pipe: whoever read our banner may
+/// have gone away, and that must not take the server down (println! would panic).
+fn say(line: &str) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}").and_then(|_| out.flush());
+}

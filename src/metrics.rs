@@ -1,0 +1,281 @@
+//! Per-core counters, written only by their own core and summed when scraped.
+//!
+//! Each core owns one cache-line-aligned `CoreMetrics`. Only that core's thread
+//! writes it, so an increment is a relaxed load and store (no locked instruction,
+//! no contention); a scrape on any core reads all of them. Counts read during a
+//! scrape may be a few increments behind, which Prometheus tolerates.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// A counter or gauge with exactly one writer thread.
+#[derive(Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    #[inline]
+    pub fn add(&self, n: u64) {
+        self.0.store(self.0.load(Relaxed).wrapping_add(n), Relaxed);
+    }
+    #[inline]
+    pub fn inc(&self) {
+        self.add(1);
+    }
+    /// Gauges only.
+    #[inline]
+    pub fn dec(&self) {
+        self.0.store(self.0.load(Relaxed).wrapping_sub(1), Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+}
+
+/// Why a connection or request was turned away (label `reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    BadRequest,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    TooManyConnections,
+    Overloaded,
+    ShuttingDown,
+    HeadTimeout,
+    HeadTooLarge,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 9] = [
+        Refusal::BadRequest,
+        Refusal::Unauthorized,
+        Refusal::Forbidden,
+        Refusal::NotFound,
+        Refusal::TooManyConnections,
+        Refusal::Overloaded,
+        Refusal::ShuttingDown,
+        Refusal::HeadTimeout,
+        Refusal::HeadTooLarge,
+    ];
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::BadRequest => "bad_request",
+            Refusal::Unauthorized => "unauthorized",
+            Refusal::Forbidden => "forbidden",
+            Refusal::NotFound => "not_found",
+            Refusal::TooManyConnections => "too_many_connections",
+            Refusal::Overloaded => "overloaded",
+            Refusal::ShuttingDown => "shutting_down",
+            Refusal::HeadTimeout => "head_timeout",
+            Refusal::HeadTooLarge => "head_too_large",
+        }
+    }
+}
+
+/// The counters of one core.
+#[derive(Default)]
+#[repr(align(64))]
+pub struct CoreMetrics {
+    /// Open WebSocket connections owned by this core (gauge).
+    pub ws_open: Counter,
+    /// TCP connections accepted by this core's listener.
+    pub accepted: Counter,
+    /// Upgrades handed to another core / received from another core.
+    pub handovers_out: Counter,
+    pub handovers_in: Counter,
+    pub ws_upgraded: Counter,
+    pub http_requests: Counter,
+    pub frames_in: Counter,
+    pub frames_out: Counter,
+    pub bytes_in: Counter,
+    pub bytes_out: Counter,
+    pub pings_sent: Counter,
+    pub pong_timeouts: Counter,
+    pub slow_consumers: Counter,
+    pub panics: Counter,
+    pub accept_errors: Counter,
+    pub mesh_dropped: Counter,
+    refused: [Counter; Refusal::ALL.len()],
+}
+
+impl CoreMetrics {
+    pub fn refused(&self, why: Refusal) {
+        self.refused[why as usize].inc();
+    }
+    pub fn refused_count(&self, why: Refusal) -> u64 {
+        self.refused[why as usize].get()
+    }
+}
+
+type Field = fn(&CoreMetrics) -> &Counter;
+
+/// (name, help, type, per-core?, field)
+const SERIES: &[(&str, &str, &str, bool, Field)] = &[
+    (
+        "chatbox_ws_connections_open",
+        "Open WebSocket connections.",
+        "gauge",
+        true,
+        |m| &m.ws_open,
+    ),
+    (
+        "chatbox_tcp_accepted_total",
+        "TCP connections accepted.",
+        "counter",
+        true,
+        |m| &m.accepted,
+    ),
+    (
+        "chatbox_ws_upgraded_total",
+        "WebSocket upgrades completed.",
+        "counter",
+        true,
+        |m| &m.ws_upgraded,
+    ),
+    (
+        "chatbox_handovers_out_total",
+        "Upgrades handed to the owning core.",
+        "counter",
+        true,
+        |m| &m.handovers_out,
+    ),
+    (
+        "chatbox_handovers_in_total",
+        "Upgrades received from another core.",
+        "counter",
+        true,
+        |m| &m.handovers_in,
+    ),
+    (
+        "chatbox_http_requests_total",
+        "Plain HTTP requests served.",
+        "counter",
+        false,
+        |m| &m.http_requests,
+    ),
+    (
+        "chatbox_ws_frames_in_total",
+        "WebSocket data frames received.",
+        "counter",
+        true,
+        |m| &m.frames_in,
+    ),
+    (
+        "chatbox_ws_frames_out_total",
+        "WebSocket data frames sent.",
+        "counter",
+        true,
+        |m| &m.frames_out,
+    ),
+    (
+        "chatbox_ws_bytes_in_total",
+        "Bytes received on WebSocket connections.",
+        "counter",
+        false,
+        |m| &m.bytes_in,
+    ),
+    (
+        "chatbox_ws_bytes_out_total",
+        "Bytes sent on WebSocket connections.",
+        "counter",
+        false,
+        |m| &m.bytes_out,
+    ),
+    (
+        "chatbox_ws_pings_sent_total",
+        "Keep-alive pings sent.",
+        "counter",
+        false,
+        |m| &m.pings_sent,
+    ),
+    (
+        "chatbox_ws_pong_timeouts_total",
+        "Connections closed for a missing pong.",
+        "counter",
+        false,
+        |m| &m.pong_timeouts,
+    ),
+    (
+        "chatbox_ws_slow_consumers_total",
+        "Connections closed because they did not read.",
+        "counter",
+        false,
+        |m| &m.slow_consumers,
+    ),
+    (
+        "chatbox_panics_total",
+        "Panics caught in connection tasks.",
+        "counter",
+        false,
+        |m| &m.panics,
+    ),
+    (
+        "chatbox_accept_errors_total",
+        "Failed accept calls (EMFILE and others).",
+        "counter",
+        false,
+        |m| &m.accept_errors,
+    ),
+    (
+        "chatbox_mesh_dropped_total",
+        "Cross-core messages refused because a queue was full.",
+        "counter",
+        false,
+        |m| &m.mesh_dropped,
+    ),
+];
+
+/// Renders every core's counters in the Prometheus text format (0.0.4).
+pub fn render(cores: &[CoreMetrics]) -> String {
+    let mut out = String::with_capacity(4096);
+    for &(name, help, kind, per_core, field) in SERIES {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        if per_core {
+            for (i, m) in cores.iter().enumerate() {
+                let _ = writeln!(out, "{name}{{core=\"{i}\"}} {}", field(m).get());
+            }
+        } else {
+            let total: u64 = cores.iter().map(|m| field(m).get()).sum();
+            let _ = writeln!(out, "{name} {total}");
+        }
+    }
+    let name = "chatbox_refused_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Connections or requests refused, by reason.\n# TYPE {name} counter"
+    );
+    for why in Refusal::ALL {
+        let total: u64 = cores.iter().map(|m| m.refused_count(why)).sum();
+        let _ = writeln!(out, "{name}{{reason=\"{}\"}} {total}", why.label());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_sums_cores_and_labels_reasons() {
+        let cores: Vec<CoreMetrics> = (0..2).map(|_| CoreMetrics::default()).collect();
+        cores[0].ws_open.inc();
+        cores[1].ws_open.inc();
+        cores[1].ws_open.inc();
+        cores[1].ws_open.dec();
+        cores[0].panics.inc();
+        cores[1].panics.add(2);
+        cores[1].refused(Refusal::TooManyConnections);
+        let text = render(&cores);
+        assert!(
+            text.contains("chatbox_ws_connections_open{core=\"0\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("chatbox_ws_connections_open{core=\"1\"} 1\n"),
+            "{text}"
+        );
+        assert!(text.contains("chatbox_panics_total 3\n"), "{text}");
+        assert!(text.contains("chatbox_refused_total{reason=\"too_many_connections\"} 1\n"));
+        assert!(text.contains("chatbox_refused_total{reason=\"unauthorized\"} 0\n"));
+    }
+}

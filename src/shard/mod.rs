@@ -1,0 +1,368 @@
+//! One core: its runtime thread, listener, connections and the state it alone owns.
+//!
+//! Everything here is `!Send` by construction (`Rc`, `RefCell`, `Cell`) and lives
+//! on one thread. Work for another core travels through the mesh as a `CoreMsg`.
+
+pub mod gate;
+pub mod outbox;
+pub mod registry;
+
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use monoio::net::{TcpListener, TcpStream};
+use monoio::time::Instant;
+
+use crate::auth::Verifier;
+use crate::config::Config;
+use crate::http::head::{read_head, HeadError};
+use crate::http::Refuse;
+use crate::io::Socket;
+use crate::mesh::{owner_core, CoreMsg, Handover, Mesh};
+use crate::metrics::{CoreMetrics, Refusal};
+use crate::pool::BlockingPool;
+use crate::ws::handler::Hooks;
+use crate::ws::handshake::{self, Route, Upgrade};
+use gate::Gate;
+use outbox::{Outbox, Outgoing};
+use registry::{RegisterError, Registration, Registry};
+
+/// What every core shares, read-only after start-up.
+pub struct Shared {
+    pub config: Config,
+    pub verifier: Verifier,
+    pub metrics: Box<[CoreMetrics]>,
+    pub mesh: Mesh,
+    pub pool: BlockingPool,
+    pub hooks: Hooks,
+    /// `{prefix}/ws` and `{prefix}{echo_path}`, precomputed for routing.
+    ws_path: String,
+    echo_path: Option<String>,
+}
+
+impl Shared {
+    pub fn new(
+        config: Config,
+        verifier: Verifier,
+        mesh: Mesh,
+        pool: BlockingPool,
+        hooks: Hooks,
+    ) -> Shared {
+        let cores = mesh.cores();
+        Shared {
+            ws_path: format!("{}/ws", config.path_prefix),
+            echo_path: config
+                .echo_path
+                .as_ref()
+                .map(|p| format!("{}{p}", config.path_prefix)),
+            metrics: (0..cores).map(|_| CoreMetrics::default()).collect(),
+            config,
+            verifier,
+            mesh,
+            pool,
+            hooks,
+        }
+    }
+}
+
+/// The state one core owns.
+pub struct Core {
+    pub id: usize,
+    pub shared: Arc<Shared>,
+    pub gate: Rc<Gate>,
+    pub registry: Rc<RefCell<Registry>>,
+    shutdown_deadline: Cell<Option<Instant>>,
+}
+
+impl Core {
+    pub fn new(id: usize, shared: Arc<Shared>) -> Core {
+        let cfg = &shared.config;
+        let registry = Registry::new(
+            id,
+            cfg.max_connections_per_user,
+            cfg.connections_per_core_max,
+        );
+        Core {
+            id,
+            gate: Rc::new(Gate::default()),
+            registry: Rc::new(RefCell::new(registry)),
+            shutdown_deadline: Cell::new(None),
+            shared,
+        }
+    }
+
+    pub fn metrics(&self) -> &CoreMetrics {
+        &self.shared.metrics[self.id]
+    }
+
+    /// When the current shutdown must be finished, once one has begun.
+    pub fn shutdown_deadline(&self) -> Option<Instant> {
+        self.shutdown_deadline.get()
+    }
+
+    /// Accepts connections until the gate closes.
+    pub async fn accept_loop(self: Rc<Self>, listener: TcpListener) {
+        let mut emfile_logged = false;
+        loop {
+            let accepted = monoio::select! {
+                r = listener.accept() => r,
+                _ = self.gate.closed() => break,
+            };
+            match accepted {
+                Ok((stream, _peer)) => {
+                    emfile_logged = false;
+                    self.metrics().accepted.inc();
+                    if self.gate.permits() >= self.shared.config.connections_per_core_max {
+                        self.metrics().refused(Refusal::Overloaded);
+                        continue; // dropping the stream closes it at once
+                    }
+                    self.spawn_conn(conn_task(self.clone(), stream));
+                }
+                Err(e) => {
+                    self.metrics().accept_errors.inc();
+                    // Out of descriptors (or memory): back off instead of spinning on
+                    // a listener that stays readable; connections that close free fds.
+                    let scarce = matches!(
+                        e.raw_os_error(),
+                        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                    );
+                    if scarce {
+                        if !emfile_logged {
+                            tracing::error!(core = self.id, error = %e, "accept failed: out of file descriptors or memory; backing off");
+                            emfile_logged = true;
+                        }
+                        monoio::select! {
+                            _ = monoio::time::sleep(Duration::from_millis(50)) => {}
+                            _ = self.gate.closed() => break,
+                        }
+                    } else {
+                        tracing::debug!(core = self.id, error = %e, "accept failed");
+                    }
+                }
+            }
+        }
+        tracing::debug!(core = self.id, "stopped accepting");
+    }
+
+    /// Runs a connection task under the gate, containing any panic to that task.
+    fn spawn_conn(self: &Rc<Self>, task: impl Future<Output = ()> + 'static) {
+        let permit = self.gate.enter();
+        let core = self.clone();
+        monoio::spawn(async move {
+            let _permit = permit;
+            if CatchUnwind(AssertUnwindSafe(task)).await.is_err() {
+                core.metrics().panics.inc();
+                tracing::error!(
+                    core = core.id,
+                    "connection task panicked; only that connection was closed"
+                );
+            }
+        });
+    }
+
+    /// Serves messages from other cores until the runtime stops.
+    pub async fn mesh_loop(self: Rc<Self>, rx: async_channel::Receiver<CoreMsg>) {
+        while let Ok(msg) = rx.recv().await {
+            match msg {
+                CoreMsg::Handover(h) => {
+                    self.metrics().handovers_in.inc();
+                    let Handover { fd, upgrade } = *h;
+                    match Socket::from_owned_fd(fd) {
+                        Ok(sock) => {
+                            let core = self.clone();
+                            self.spawn_conn(
+                                async move { core.accept_upgrade(sock, upgrade).await },
+                            );
+                        }
+                        Err(e) => {
+                            tracing::warn!(core = self.id, error = %e, "could not adopt handed-over socket")
+                        }
+                    }
+                }
+                CoreMsg::Broadcast(text) => {
+                    let n = self.registry.borrow().push_all(&Outgoing::Text(text));
+                    tracing::debug!(core = self.id, connections = n, "broadcast delivered");
+                }
+            }
+        }
+    }
+
+    /// Stops accepting, asks every connection to close (1001), and waits for them
+    /// until `deadline`.
+    pub async fn shutdown(&self, deadline: Instant) {
+        self.shutdown_deadline.set(Some(deadline));
+        self.gate.close();
+        let asked = self.registry.borrow().push_all(&Outgoing::Shutdown);
+        tracing::info!(core = self.id, connections = asked, "draining");
+        monoio::select! {
+            _ = self.gate.drained() => tracing::info!(core = self.id, "drained"),
+            _ = monoio::time::sleep_until(deadline) => {
+                tracing::warn!(core = self.id, left = self.gate.permits(), "shutdown deadline reached; dropping the rest");
+            }
+        }
+    }
+
+    /// The owning core's half of an upgrade: enforce the caps, then run the socket.
+    async fn accept_upgrade(self: Rc<Self>, sock: Socket, up: Upgrade) {
+        if self.gate.is_closing() {
+            return Refuse::new(
+                503,
+                "shutting_down",
+                "server is shutting down",
+                Refusal::ShuttingDown,
+            )
+            .send(&self, &sock)
+            .await;
+        }
+        let outbox = Outbox::new(self.shared.config.ws_outbox_frames_max);
+        let user = up.identity.as_ref().map(|i| i.user_id.clone());
+        let registered = self.registry.borrow_mut().register(user, outbox.clone());
+        let id = match registered {
+            Ok(id) => id,
+            Err(RegisterError::UserCap(n)) => {
+                let msg = format!("too many connections for this user (at most {n})");
+                return Refuse::new(
+                    429,
+                    "too_many_connections",
+                    msg,
+                    Refusal::TooManyConnections,
+                )
+                .send(&self, &sock)
+                .await;
+            }
+            Err(RegisterError::CoreFull) => {
+                return Refuse::new(
+                    503,
+                    "overloaded",
+                    "server is at capacity; retry later",
+                    Refusal::Overloaded,
+                )
+                .header("Retry-After", "5")
+                .send(&self, &sock)
+                .await;
+            }
+        };
+        let reg = Registration::new(id, self.registry.clone());
+        crate::ws::conn::run(self.clone(), sock, up, reg, outbox).await;
+    }
+}
+
+/// One accepted TCP connection: read the head, then route it.
+async fn conn_task(core: Rc<Core>, stream: TcpStream) {
+    let sock = Socket::new(stream);
+    let peer = match sock.peer_addr() {
+        Ok(p) => p,
+        Err(_) => return,
+    };
+    let cfg = &core.shared.config;
+    let deadline = Instant::now() + Duration::from_millis(cfg.http_head_timeout_ms);
+    let (buf, head) = match read_head(&sock, cfg.http_head_bytes_max, deadline, &core.gate).await {
+        Ok(h) => h,
+        Err(e) => {
+            let refuse = match e {
+                HeadError::Timeout => Refuse::new(
+                    408,
+                    "timeout",
+                    "request head not received in time",
+                    Refusal::HeadTimeout,
+                ),
+                HeadError::TooLarge(n) => Refuse::new(
+                    431,
+                    "head_too_large",
+                    format!("request head over {n} bytes"),
+                    Refusal::HeadTooLarge,
+                ),
+                HeadError::Malformed(m) => Refuse::new(400, "bad_request", m, Refusal::BadRequest),
+                HeadError::ShuttingDown => Refuse::new(
+                    503,
+                    "shutting_down",
+                    "server is shutting down",
+                    Refusal::ShuttingDown,
+                ),
+                HeadError::Closed | HeadError::Io(_) => return,
+            };
+            return refuse.send(&core, &sock).await;
+        }
+    };
+    let shared = &core.shared;
+    let route = if head.path == shared.ws_path {
+        Route::Chat
+    } else if shared.echo_path.as_deref() == Some(head.path.as_str()) {
+        Route::Echo
+    } else {
+        return crate::http::serve(core.clone(), sock, buf).await;
+    };
+    let up = match handshake::check(
+        &head,
+        &buf,
+        route,
+        &shared.verifier,
+        &cfg.allowed_origins,
+        peer,
+    ) {
+        Ok(up) => up,
+        Err(refuse) => return refuse.send(&core, &sock).await,
+    };
+    let owner = match &up.identity {
+        Some(id) => owner_core(&id.user_id, shared.mesh.cores()),
+        None => core.id,
+    };
+    if owner == core.id {
+        return core.accept_upgrade(sock, up).await;
+    }
+    hand_over(&core, sock, up, owner).await;
+}
+
+/// Moves an authenticated upgrade to the core that owns its user. The socket itself
+/// moves; no bytes are ever proxied between cores.
+async fn hand_over(core: &Core, sock: Socket, up: Upgrade, owner: usize) {
+    let fd = match sock.into_owned_fd() {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not detach socket for handover");
+            return;
+        }
+    };
+    let msg = CoreMsg::Handover(Box::new(Handover { fd, upgrade: up }));
+    match core.shared.mesh.send(owner, msg) {
+        Ok(()) => core.metrics().handovers_out.inc(),
+        Err((e, msg)) => {
+            core.metrics().mesh_dropped.inc();
+            tracing::warn!(error = %e, "handover refused");
+            let CoreMsg::Handover(h) = msg else { return };
+            if let Ok(sock) = Socket::from_owned_fd(h.fd) {
+                Refuse::new(
+                    503,
+                    "overloaded",
+                    "server is busy; retry later",
+                    Refusal::Overloaded,
+                )
+                .header("Retry-After", "1")
+                .send(core, &sock)
+                .await;
+            }
+        }
+    }
+}
+
+/// `catch_unwind` for a future: a panic while polling becomes `Err`.
+struct CatchUnwind<F>(F);
+
+impl<F: Future + std::panic::UnwindSafe> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, ()>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // SAFETY: structural pinning of the only field; it is never moved out.
+        let inner = unsafe { self.map_unchecked_mut(|s| &mut s.0) };
+        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
+            Err(_) => Poll::Ready(Err(())),
+        }
+    }
+}

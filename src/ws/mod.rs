@@ -1,0 +1,5 @@
+//! WebSocket connections: the upgrade decision and the per-connection driver.
+
+pub mod conn;
+pub mod handler;
+pub mod handshake;

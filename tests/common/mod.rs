@@ -1,0 +1,194 @@
+//! Helpers shared by the end-to-end tests: a real server on 127.0.0.1:0 with two
+//! cores, tokens, a real WebSocket client (tokio-tungstenite) and raw HTTP.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use chatbox::auth::{mint, now_secs, Claims};
+use chatbox::{Config, Hooks, ServerHandle};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const SECRET: &str = "test-secret-0123456789abcdef0123456789abcdef";
+/// Bounds every wait in a test so a bug fails the test instead of hanging CI.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+pub fn config() -> Config {
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        cores: 2,
+        jwt_secret: Some(SECRET.into()),
+        echo_path: Some("/echo".into()),
+        shutdown_timeout_secs: 10,
+        ..Config::default()
+    }
+}
+
+pub fn start(config: Config) -> ServerHandle {
+    start_with(config, Hooks::default())
+}
+
+pub fn start_with(config: Config, hooks: Hooks) -> ServerHandle {
+    config.validate(false).expect("test config is valid");
+    chatbox::start(config, hooks).expect("server starts")
+}
+
+pub fn token(user: &str) -> String {
+    token_with(user, &[], now_secs() + 3600)
+}
+
+pub fn token_with(user: &str, roles: &[&str], exp: u64) -> String {
+    mint(
+        SECRET.as_bytes(),
+        &Claims {
+            sub: user.into(),
+            name: Some(format!("{user} name")),
+            roles: roles.iter().map(|r| r.to_string()).collect(),
+            exp,
+        },
+    )
+}
+
+/// Opens a WebSocket at `{prefix}{path}` with an optional bearer token and Origin.
+pub async fn connect(
+    addr: SocketAddr,
+    path: &str,
+    bearer: Option<&str>,
+    origin: Option<&str>,
+) -> Result<Ws, tungstenite::Error> {
+    let mut req = format!("ws://{addr}/chatbox{path}")
+        .into_client_request()
+        .unwrap();
+    if let Some(t) = bearer {
+        req.headers_mut()
+            .insert("Authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    if let Some(o) = origin {
+        req.headers_mut().insert("Origin", o.parse().unwrap());
+    }
+    let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req))
+        .await
+        .expect("handshake finished in time")?;
+    Ok(ws)
+}
+
+pub async fn connect_user(addr: SocketAddr, user: &str) -> Ws {
+    connect(addr, "/ws", Some(&token(user)), None)
+        .await
+        .expect("upgrade accepted")
+}
+
+/// The HTTP status and JSON error code of a refused upgrade.
+pub fn refusal(err: tungstenite::Error) -> (u16, String) {
+    match err {
+        tungstenite::Error::Http(resp) => {
+            let body = resp.body().clone().unwrap_or_default();
+            let v: serde_json::Value = serde_json::from_slice(&body).expect("JSON error body");
+            (
+                resp.status().as_u16(),
+                v["error"]["code"].as_str().unwrap_or("").to_owned(),
+            )
+        }
+        other => panic!("expected an HTTP refusal, got {other:?}"),
+    }
+}
+
+/// Next data or close message, skipping pings and pongs.
+pub async fn next_msg(ws: &mut Ws) -> Option<Message> {
+    loop {
+        let m = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("message in time");
+        match m {
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(m)) => return Some(m),
+            Some(Err(_)) | None => return None,
+        }
+    }
+}
+
+pub async fn echo_roundtrip(ws: &mut Ws, text: &str) {
+    ws.send(Message::text(text)).await.unwrap();
+    match next_msg(ws).await {
+        Some(Message::Text(t)) => assert_eq!(t.as_str(), text),
+        other => panic!("expected echo of {text:?}, got {other:?}"),
+    }
+}
+
+/// Reads until the server's close frame and returns its code.
+pub async fn close_code(ws: &mut Ws) -> Option<CloseCode> {
+    loop {
+        match next_msg(ws).await? {
+            Message::Close(f) => return f.map(|f| f.code),
+            _ => continue,
+        }
+    }
+}
+
+/// Closes from the client side and waits for the server's FIN, which the server
+/// sends only after it has unregistered the connection.
+pub async fn close_and_wait(ws: Ws) {
+    let mut ws = ws;
+    ws.close(None).await.ok();
+    while let Ok(Some(Ok(_))) = tokio::time::timeout(WAIT, ws.next()).await {}
+    let mut tcp = match ws.into_inner() {
+        MaybeTlsStream::Plain(s) => s,
+        _ => unreachable!(),
+    };
+    let mut buf = [0u8; 256];
+    while let Ok(Ok(n)) = tokio::time::timeout(WAIT, tcp.read(&mut buf)).await {
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+/// A raw HTTP/1.1 exchange; returns status, headers (lower-cased) and body.
+pub async fn http(addr: SocketAddr, raw_request: &str) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(raw_request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut out))
+        .await
+        .expect("response in time")
+        .ok();
+    parse_response(&out)
+}
+
+pub async fn get(addr: SocketAddr, path: &str) -> (u16, String, String) {
+    http(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n"),
+    )
+    .await
+}
+
+pub fn parse_response(raw: &[u8]) -> (u16, String, String) {
+    let text = String::from_utf8_lossy(raw);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_ascii_lowercase(), body.to_owned())
+}
+
+pub fn error_code(body: &str) -> String {
+    let v: serde_json::Value =
+        serde_json::from_str(body).unwrap_or_else(|_| panic!("JSON body: {body}"));
+    v["error"]["code"].as_str().unwrap_or("").to_owned()
+}
+
+/// Sum of one metric over all cores.
+pub fn total(handle: &ServerHandle, f: impl Fn(&chatbox::metrics::CoreMetrics) -> u64) -> u64 {
+    handle.metrics().iter().map(f).sum()
+}

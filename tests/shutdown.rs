@@ -1,0 +1,160 @@
+//! Graceful shutdown and the binary's start-up contract.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use common::*;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_1000_clients_with_1001_and_exits_cleanly() {
+    let server = start(config());
+    let addr = server.local_addr();
+    let mut tasks = Vec::new();
+    let (opened_tx, mut opened_rx) = tokio::sync::mpsc::channel::<()>(1000);
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
+    for i in 0..1000 {
+        let opened = opened_tx.clone();
+        let sem = sem.clone();
+        tasks.push(tokio::spawn(async move {
+            let permit = sem.acquire_owned().await.unwrap();
+            let mut ws = connect_user(addr, &format!("s-{i}")).await;
+            drop(permit);
+            opened.send(()).await.unwrap();
+            close_code(&mut ws).await
+        }));
+    }
+    for _ in 0..1000 {
+        opened_rx.recv().await.unwrap();
+    }
+    assert_eq!(total(&server, |m| m.ws_open.get()), 1000);
+    server.shutdown();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), Some(CloseCode::Away));
+    }
+    let joined = tokio::task::spawn_blocking(move || server.join())
+        .await
+        .unwrap();
+    assert!(joined.is_ok(), "{joined:?}");
+}
+
+fn chatbox() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_chatbox"));
+    c.env_clear().env("RUST_LOG", "info").stdin(Stdio::null());
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_clients_with_1001_and_exits_zero() {
+    let mut child = chatbox()
+        .args(["--dev"])
+        .env("CHATBOX_LISTEN", "127.0.0.1:0")
+        .env("CHATBOX_CORES", "2")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create("/tmp/sigterm-stderr.txt").unwrap())
+        .spawn()
+        .unwrap();
+    // Wait for the readiness line and the dev token.
+    let stdout = child.stdout.take().unwrap();
+    let (addr, user_token) = tokio::task::spawn_blocking(move || {
+        let mut addr = None;
+        for line in BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            if let Some(rest) = line.strip_prefix("chatbox listening on http://") {
+                addr = Some(
+                    rest.trim_end_matches("/chatbox")
+                        .parse::<std::net::SocketAddr>()
+                        .unwrap(),
+                );
+            }
+            if let Some(t) = line.trim().strip_prefix("user token:") {
+                return (addr.unwrap(), t.trim().to_owned());
+            }
+        }
+        panic!("no readiness line");
+    })
+    .await
+    .unwrap();
+    let mut ws = connect(addr, "/ws", Some(&user_token), None)
+        .await
+        .expect("dev token works");
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(close_code(&mut ws).await, Some(CloseCode::Away));
+    drop(ws);
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn port_in_use_fails_start_up_with_a_clear_message() {
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = holder.local_addr().unwrap().port();
+    let out = chatbox()
+        .arg("--dev")
+        .env("CHATBOX_LISTEN", format!("127.0.0.1:{port}"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("address already in use"), "{err}");
+}
+
+#[test]
+fn check_config_reports_what_to_fix() {
+    let out = chatbox().arg("--check-config").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("CHATBOX_JWT_SECRET is required") && err.contains("openssl rand -hex 32"),
+        "{err}"
+    );
+
+    let out = chatbox()
+        .arg("--check-config")
+        .env("CHATBOX_JWT_SECRET", "s".repeat(32))
+        .env("CHATBOX_CORES", "lots")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("CHATBOX_CORES"));
+
+    let out = chatbox()
+        .arg("--check-config")
+        .env("CHATBOX_JWT_SECRET", "s".repeat(32))
+        .env("CHATBOX_ENCRYPTION_KEY", "ab".repeat(16))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("exactly 32"));
+
+    let dir = std::env::temp_dir().join(format!("chatbox-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("chatbox.toml");
+    std::fs::write(&file, "cores = 3\nmax_connections_per_user = 4\n").unwrap();
+    let out = chatbox()
+        .args(["--check-config", "--config"])
+        .arg(&file)
+        .env("CHATBOX_JWT_SECRET", "s".repeat(32))
+        .env("CHATBOX_CORES", "2")
+        .env("CHATBOX_ENCRYPTION_KEY", "ab".repeat(32))
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("configuration OK")
+            && text.contains("2 cores")
+            && text.contains("4 connections per user"),
+        "{text}"
+    );
+}
