@@ -89,21 +89,16 @@ fn main() -> ExitCode {
 fn run(config: Config, dev: bool) -> anyhow::Result<()> {
     let prefix = config.path_prefix.clone();
     let secret = config.jwt_secret.clone().unwrap_or_default();
-    let server = chatbox::start(config, chatbox::Hooks::default()).context("start-up failed")?;
-    let addr = server.local_addr();
-    tracing::info!(%addr, drivers = ?server.drivers(), "chatbox started");
-    // One line on stdout that scripts and tests can wait for.
-    say(&format!("chatbox listening on http://{addr}{prefix}"));
-    if dev {
-        print_dev_tokens(secret.as_bytes(), &format!("ws://{addr}{prefix}/ws"));
-    }
-
-    let trigger = server.trigger();
+    // Catch signals before anything is announced: a SIGTERM that arrives right after
+    // the readiness line must drain, not kill the process with the default action.
+    // signal-hook queues what arrives before the thread below reads it.
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
     ])
     .context("cannot install signal handlers")?;
+    let server = chatbox::start(config, chatbox::Hooks::default()).context("start-up failed")?;
+    let trigger = server.trigger();
     std::thread::Builder::new()
         .name("chatbox-signals".into())
         .spawn(move || {
@@ -120,6 +115,14 @@ fn run(config: Config, dev: bool) -> anyhow::Result<()> {
             }
         })
         .context("cannot start the signal thread")?;
+
+    let addr = server.local_addr();
+    tracing::info!(%addr, drivers = ?server.drivers(), "chatbox started");
+    // One line on stdout that scripts and tests can wait for.
+    say(&format!("chatbox listening on http://{addr}{prefix}"));
+    if dev {
+        print_dev_tokens(secret.as_bytes(), &format!("ws://{addr}{prefix}/ws"));
+    }
     server.join()?;
     tracing::info!("shutdown complete");
     Ok(())
