@@ -166,6 +166,9 @@ async fn answering_client_survives_many_ping_rounds() {
     }
     echo_roundtrip(&mut ws, "alive").await;
     assert_eq!(total(&server, |m| m.pong_timeouts.get()), 0);
+    // Traffic of a connection that is still open is already counted.
+    assert!(total(&server, |m| m.bytes_in.get()) >= "alive".len() as u64);
+    assert!(total(&server, |m| m.bytes_out.get()) >= "alive".len() as u64);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -83,6 +83,12 @@ async fn oversized_malformed_and_slow_heads_are_refused() {
             .refused_count(chatbox::metrics::Refusal::HeadTimeout)),
         1
     );
+    let (s, _, b) = http(
+        addr,
+        "POST /chatbox/healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n",
+    )
+    .await;
+    assert_eq!((s, error_code(&b).as_str()), (413, "payload_too_large"));
     // The server is unharmed.
     assert_eq!(get(addr, "/chatbox/healthz").await.0, 200);
 }

@@ -130,6 +130,18 @@ async fn route(core: &Core, req: Request<hyper::body::Incoming>) -> Response<Bod
         core.metrics().refused(Refusal::NotFound);
         return error(StatusCode::NOT_FOUND, "not_found", "no such endpoint");
     };
+    let declared = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > shared.config.http_body_bytes_max as u64) {
+        core.metrics().refused(Refusal::BadRequest);
+        let msg = format!(
+            "request body over {} bytes",
+            shared.config.http_body_bytes_max
+        );
+        return error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", &msg);
+    }
     let known = matches!(path, "/healthz" | "/readyz" | "/metrics");
     if known && req.method() != hyper::Method::GET && req.method() != hyper::Method::HEAD {
         let mut r = error(

@@ -45,13 +45,14 @@ impl Drop for OpenGauge<'_> {
 }
 
 pub async fn run(core: Rc<Core>, sock: Socket, up: Upgrade, reg: Registration, outbox: Outbox) {
+    // Counted before the 101 leaves, so a client that is connected is always counted.
+    let m = core.metrics();
+    m.ws_open.inc();
+    let _gauge = OpenGauge(&core);
     if sock.send_all(up.response().as_bytes()).await.is_err() {
         return;
     }
-    let m = core.metrics();
     m.ws_upgraded.inc();
-    m.ws_open.inc();
-    let _gauge = OpenGauge(&core);
     let cfg = &core.shared.config;
     let ws_cfg = WebSocketConfig::default()
         .read_buffer_size(READ_CHUNK_BYTES)
@@ -83,8 +84,6 @@ pub async fn run(core: Rc<Core>, sock: Socket, up: Upgrade, reg: Registration, o
         );
         let _ = ctx.flush(&mut io);
     }
-    m.bytes_in.add(io.bytes_in);
-    m.bytes_out.add(io.bytes_out);
     // Unregister before the FIN: a client that saw EOF may reconnect at once and
     // must find its slot free.
     outbox.close();
@@ -155,6 +154,7 @@ async fn drive(
             }
         }
         if io.bytes_in != before {
+            m.bytes_in.add(io.bytes_in - before);
             last_rx = Instant::now();
             pong_deadline = None;
         }
@@ -190,7 +190,10 @@ async fn drive(
         }
 
         // 3. One send for everything produced above.
-        match ctx.flush(io) {
+        let sent_before = io.bytes_out;
+        let flushed = ctx.flush(io);
+        m.bytes_out.add(io.bytes_out - sent_before);
+        match flushed {
             Ok(()) => want_write = false,
             Err(WsError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => want_write = true,
             Err(WsError::ConnectionClosed) | Err(WsError::AlreadyClosed) => return End::Done,
