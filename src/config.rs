@@ -89,8 +89,10 @@ pub struct Config {
     pub path_prefix: String,
     /// HMAC secret for HS256 JWTs (required outside `--dev`).
     pub jwt_secret: Option<String>,
-    /// 64 hex characters (32 bytes) for AES-256-GCM at rest.
+    /// 64 hex characters (32 bytes) for AES-256-GCM at rest (required outside `--dev`).
     pub encryption_key: Option<String>,
+    /// Earlier keys, still used to read what they encrypted (rotation).
+    pub encryption_previous_keys: Vec<String>,
     /// Origins allowed to open a WebSocket from a browser; `*` allows all.
     pub allowed_origins: Vec<String>,
     /// Embedded store directory.
@@ -142,6 +144,26 @@ pub struct Config {
     pub blocking_queue_max: usize,
     pub log_format: LogFormat,
     pub io_driver: IoDriver,
+    /// A session with no connection and no activity for this long leaves memory
+    /// (it stays stored and comes back on `resume`).
+    pub session_idle_secs: u64,
+    /// Sessions one user may have in memory at once.
+    pub sessions_per_user_max: usize,
+    /// Messages `resume` returns at most (the latest ones).
+    pub history_messages_max: usize,
+    /// Longest message `content`, in characters.
+    pub content_chars_max: usize,
+    /// Largest `metadata` object, in bytes of JSON.
+    pub metadata_bytes_max: usize,
+    /// Longest answer kept and streamed, in bytes.
+    pub answer_bytes_max: usize,
+    /// Pause between the demo provider's chunks.
+    pub demo_chunk_delay_ms: u64,
+    /// Writes queued for storage before clients are told it is overloaded.
+    pub store_queue_max: usize,
+    /// Frames of any kind one connection may send per minute (burst the same);
+    /// beyond it the connection is closed (1008) as a flood.
+    pub ws_frames_per_minute_max: u32,
 }
 
 impl Default for Config {
@@ -180,6 +202,16 @@ impl Default for Config {
             blocking_queue_max: 4096,
             log_format: LogFormat::Text,
             io_driver: IoDriver::Auto,
+            encryption_previous_keys: Vec::new(),
+            session_idle_secs: 1800,
+            sessions_per_user_max: 64,
+            history_messages_max: 200,
+            content_chars_max: 8000,
+            metadata_bytes_max: 4096,
+            answer_bytes_max: 256 * 1024,
+            demo_chunk_delay_ms: 20,
+            store_queue_max: 4096,
+            ws_frames_per_minute_max: 600,
         }
     }
 }
@@ -347,6 +379,16 @@ impl Config {
                 blocking_queue_max,
                 log_format,
                 io_driver,
+                encryption_previous_keys,
+                session_idle_secs,
+                sessions_per_user_max,
+                history_messages_max,
+                content_chars_max,
+                metadata_bytes_max,
+                answer_bytes_max,
+                demo_chunk_delay_ms,
+                store_queue_max,
+                ws_frames_per_minute_max,
             ]
         );
         Ok(known.into_iter().collect())
@@ -378,9 +420,23 @@ impl Config {
             ),
             _ => {}
         }
-        if let Some(key) = &self.encryption_key {
+        match &self.encryption_key {
+            None if !dev => check(
+                false,
+                "CHATBOX_ENCRYPTION_KEY is required (or start with --dev); make one with \
+                 `openssl rand -hex 32`"
+                    .into(),
+            ),
+            Some(key) => {
+                if let Err(e) = parse_encryption_key(key) {
+                    check(false, e);
+                }
+            }
+            None => {}
+        }
+        for key in &self.encryption_previous_keys {
             if let Err(e) = parse_encryption_key(key) {
-                check(false, e);
+                check(false, format!("CHATBOX_ENCRYPTION_PREVIOUS_KEYS: {e}"));
             }
         }
         let p = &self.path_prefix;
@@ -473,6 +529,39 @@ impl Config {
         check(
             (1..=64).contains(&self.blocking_threads),
             "CHATBOX_BLOCKING_THREADS must be between 1 and 64".into(),
+        );
+        check(
+            self.session_idle_secs >= 1,
+            "CHATBOX_SESSION_IDLE_SECS must be at least 1".into(),
+        );
+        check(
+            self.sessions_per_user_max >= 1,
+            "CHATBOX_SESSIONS_PER_USER_MAX must be at least 1".into(),
+        );
+        check(
+            (1..=10_000).contains(&self.history_messages_max),
+            "CHATBOX_HISTORY_MESSAGES_MAX must be between 1 and 10000".into(),
+        );
+        check(
+            self.content_chars_max >= 1,
+            "CHATBOX_CONTENT_CHARS_MAX must be at least 1".into(),
+        );
+        check(
+            self.metadata_bytes_max >= 2,
+            "CHATBOX_METADATA_BYTES_MAX must be at least 2".into(),
+        );
+        check(
+            self.answer_bytes_max >= 1024,
+            "CHATBOX_ANSWER_BYTES_MAX must be at least 1024".into(),
+        );
+        check(
+            self.store_queue_max >= 1,
+            "CHATBOX_STORE_QUEUE_MAX must be at least 1".into(),
+        );
+        check(
+            self.ws_frames_per_minute_max >= self.rate_limit_per_minute,
+            "CHATBOX_WS_FRAMES_PER_MINUTE_MAX must be at least CHATBOX_RATE_LIMIT_PER_MINUTE"
+                .into(),
         );
         check(
             self.blocking_queue_max >= 1,
@@ -615,6 +704,7 @@ mod tests {
         assert!(e.contains("openssl rand -hex 32"), "{e}");
         assert!(e.contains("CHATBOX_PATH_PREFIX"), "{e}");
         assert!(e.contains("CHATBOX_MAX_CONNECTIONS_PER_USER"), "{e}");
+        assert!(e.contains("CHATBOX_ENCRYPTION_KEY is required"), "{e}");
         let dev = Config::default();
         dev.validate(true).unwrap();
     }

@@ -16,6 +16,12 @@
 //!   driver ([`ws::conn`]: tungstenite, ping/pong, close codes) and what a
 //!   connection does with messages ([`ws::handler`]).
 //! - [`io`]: readiness-driven non-blocking socket I/O shared by all of the above.
+//! - [`chat`]: sessions owned by the user's core: the message pipeline (validated
+//!   [`chat::frames`], per-user [`chat::limiter`], durable ack, streamed answer from
+//!   the offline [`chat::demo`] provider), resume with history, idle expiry.
+//! - [`store`]: the storage trait and the embedded SQLite backend
+//!   ([`store::sqlite`]: one writer with group commit, concurrent readers).
+//! - [`crypto`]: AES-256-GCM per message with key ids for rotation.
 //! - [`auth`]: HS256 JWT verification and minting.
 //! - [`pool`]: the blocking pool (tokio) and its typed request/reply bridge.
 //! - [`metrics`]: per-core single-writer counters rendered for Prometheus.
@@ -25,7 +31,9 @@
 //! connections for their whole life. No lock is taken on the way.
 
 pub mod auth;
+pub mod chat;
 pub mod config;
+pub mod crypto;
 pub mod http;
 pub mod io;
 pub mod mesh;
@@ -33,6 +41,7 @@ pub mod metrics;
 pub mod pool;
 pub mod server;
 pub mod shard;
+pub mod store;
 pub mod ws;
 
 pub use config::Config;

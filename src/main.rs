@@ -74,7 +74,10 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     if args.dev {
-        dev_defaults(&mut config);
+        if let Err(e) = dev_defaults(&mut config) {
+            eprintln!("chatbox: {e:#}");
+            return ExitCode::from(1);
+        }
     }
     match run(config, args.dev) {
         Ok(()) => ExitCode::SUCCESS,
@@ -144,13 +147,47 @@ fn random_hex32() -> String {
     hex::encode(rand::random::<[u8; 32]>())
 }
 
-fn dev_defaults(config: &mut Config) {
-    if config.jwt_secret.is_none() {
-        config.jwt_secret = Some(random_hex32());
+/// Fills in the secrets `--dev` needs. They are kept in `data_dir/dev-secrets.toml`
+/// (mode 0600) so a restarted dev server can still read its own stored messages.
+fn dev_defaults(config: &mut Config) -> anyhow::Result<()> {
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct DevSecrets {
+        jwt_secret: String,
+        encryption_key: String,
     }
-    if config.encryption_key.is_none() {
-        config.encryption_key = Some(random_hex32());
-    }
+    let path = config.data_dir.join("dev-secrets.toml");
+    let saved: Option<DevSecrets> = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| toml::from_str(&t).ok());
+    let secrets = match saved {
+        Some(s) => s,
+        None => {
+            let s = DevSecrets {
+                jwt_secret: random_hex32(),
+                encryption_key: random_hex32(),
+            };
+            std::fs::create_dir_all(&config.data_dir)
+                .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
+            write_private(&path, &toml::to_string(&s)?)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            s
+        }
+    };
+    config.jwt_secret.get_or_insert(secrets.jwt_secret);
+    config.encryption_key.get_or_insert(secrets.encryption_key);
+    Ok(())
+}
+
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(text.as_bytes())
 }
 
 fn print_dev_tokens(secret: &[u8], ws_url: &str) {
@@ -173,7 +210,7 @@ fn print_dev_tokens(secret: &[u8], ws_url: &str) {
             exp,
         },
     );
-    say("dev mode: generated secrets live only in this process; tokens are valid for 24 h");
+    say("dev mode: secrets are kept in the data directory (dev-secrets.toml); tokens are valid for 24 h");
     say(&format!("  user token:  {user}"));
     say(&format!("  admin token: {admin}"));
     say(&format!("  try:  websocat '{ws_url}?token={user}'"));

@@ -9,10 +9,14 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::auth::Verifier;
+use crate::chat::frames::Limits;
+use crate::chat::ChatShared;
 use crate::config::{Config, IoDriver};
+use crate::crypto::KeyRing;
 use crate::mesh::{mesh, Mesh, MeshError};
 use crate::pool::PoolRuntime;
 use crate::shard::{Core, Shared};
+use crate::store::sqlite::SqliteStore;
 use crate::ws::handler::Hooks;
 
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +30,12 @@ pub enum StartError {
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
+    },
+    #[error("cannot open storage in {dir}: {source}")]
+    Store {
+        dir: std::path::PathBuf,
+        #[source]
+        source: crate::store::StoreError,
     },
     #[error("cannot start the blocking pool: {0}")]
     Pool(#[source] std::io::Error),
@@ -103,12 +113,14 @@ pub fn start(config: Config, hooks: Hooks) -> Result<ServerHandle, StartError> {
         triggered: Arc::new(AtomicBool::new(false)),
     };
     let io_driver = config.io_driver;
+    let chat = chat_shared(&config, pool.clone())?;
     let shared = Arc::new(Shared::new(
         config,
         Verifier::new(secret.as_bytes()),
         mesh,
         pool,
         hooks,
+        chat,
     ));
 
     let (ready_tx, ready_rx) = mpsc::channel::<Result<Driver, String>>();
@@ -173,6 +185,42 @@ pub fn start(config: Config, hooks: Hooks) -> Result<ServerHandle, StartError> {
     })
 }
 
+/// Opens storage and the key ring: everything chat needs that outlives a core.
+fn chat_shared(config: &Config, pool: crate::pool::BlockingPool) -> Result<ChatShared, StartError> {
+    let key = config.encryption_key.as_deref().ok_or_else(|| {
+        crate::config::ConfigError::Invalid(vec![
+            "CHATBOX_ENCRYPTION_KEY is required; make one with `openssl rand -hex 32`".into(),
+        ])
+    })?;
+    let keys = KeyRing::new(key, &config.encryption_previous_keys)
+        .map_err(|e| crate::config::ConfigError::Invalid(vec![e.to_string()]))?;
+    let store = SqliteStore::open(
+        &config.data_dir,
+        pool,
+        config.blocking_threads,
+        config.store_queue_max,
+    )
+    .map_err(|source| StartError::Store {
+        dir: config.data_dir.clone(),
+        source,
+    })?;
+    Ok(ChatShared {
+        store: Arc::new(store),
+        keys,
+        limits: Limits {
+            content_chars_max: config.content_chars_max,
+            metadata_bytes_max: config.metadata_bytes_max,
+            ..Limits::default()
+        },
+        rate_limit_per_minute: config.rate_limit_per_minute,
+        history_messages_max: config.history_messages_max,
+        session_idle: Duration::from_secs(config.session_idle_secs),
+        sessions_per_user_max: config.sessions_per_user_max,
+        answer_bytes_max: config.answer_bytes_max,
+        demo_chunk_delay: Duration::from_millis(config.demo_chunk_delay_ms),
+    })
+}
+
 /// Binds one SO_REUSEPORT listener per core on the same port.
 ///
 /// A plain probe bind comes first: SO_REUSEPORT would otherwise let us silently
@@ -224,6 +272,7 @@ fn run_core(
         };
         monoio::spawn(core.clone().accept_loop(listener));
         monoio::spawn(core.clone().mesh_loop(mesh_rx));
+        monoio::spawn(crate::chat::expiry_loop(core.clone()));
         tracing::info!(core = id, ?driver, "core running");
         let _ = ready.send(Ok(driver));
         let timeout = stop_rx.recv().await.unwrap_or(Duration::ZERO);

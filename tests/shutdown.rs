@@ -42,7 +42,10 @@ async fn shutdown_closes_1000_clients_with_1001_and_exits_cleanly() {
 
 fn chatbox() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_chatbox"));
-    c.env_clear().env("RUST_LOG", "info").stdin(Stdio::null());
+    c.env_clear()
+        .env("RUST_LOG", "info")
+        .env("CHATBOX_DATA_DIR", data_dir())
+        .stdin(Stdio::null());
     c
 }
 

@@ -165,14 +165,14 @@ async fn route(core: &Core, req: Request<hyper::body::Incoming>) -> Response<Bod
                     "server is shutting down",
                 );
             }
-            match shared.pool.ping().await {
+            match shared.chat.store.ping().await {
                 Ok(()) => json(StatusCode::OK, r#"{"status":"ready"}"#.into()),
                 Err(e) => {
                     tracing::warn!(error = %e, "not ready");
                     error(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "not_ready",
-                        "blocking pool unavailable",
+                        "storage unavailable",
                     )
                 }
             }

@@ -20,6 +20,7 @@ use monoio::net::{TcpListener, TcpStream};
 use monoio::time::Instant;
 
 use crate::auth::Verifier;
+use crate::chat::{ChatCore, ChatShared};
 use crate::config::Config;
 use crate::http::head::{read_head, HeadError};
 use crate::http::Refuse;
@@ -41,6 +42,7 @@ pub struct Shared {
     pub mesh: Mesh,
     pub pool: BlockingPool,
     pub hooks: Hooks,
+    pub chat: ChatShared,
     /// `{prefix}/ws` and `{prefix}{echo_path}`, precomputed for routing.
     ws_path: String,
     echo_path: Option<String>,
@@ -53,6 +55,7 @@ impl Shared {
         mesh: Mesh,
         pool: BlockingPool,
         hooks: Hooks,
+        chat: ChatShared,
     ) -> Shared {
         let cores = mesh.cores();
         Shared {
@@ -67,6 +70,7 @@ impl Shared {
             mesh,
             pool,
             hooks,
+            chat,
         }
     }
 }
@@ -77,6 +81,7 @@ pub struct Core {
     pub shared: Arc<Shared>,
     pub gate: Rc<Gate>,
     pub registry: Rc<RefCell<Registry>>,
+    pub chat: ChatCore,
     shutdown_deadline: Cell<Option<Instant>>,
 }
 
@@ -92,6 +97,7 @@ impl Core {
             id,
             gate: Rc::new(Gate::default()),
             registry: Rc::new(RefCell::new(registry)),
+            chat: ChatCore::default(),
             shutdown_deadline: Cell::new(None),
             shared,
         }

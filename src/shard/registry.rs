@@ -104,6 +104,15 @@ impl Registry {
             .count()
     }
 
+    /// Queues `msg` on one connection.
+    pub fn push_conn(&self, id: ConnId, msg: Outgoing) -> Result<(), PushError> {
+        self.conns
+            .get(&id)
+            .ok_or(PushError::Closed)?
+            .outbox
+            .push(msg)
+    }
+
     /// Queues `msg` on every connection of `user`.
     pub fn push_user(&self, user: &str, msg: &Outgoing) -> Result<usize, PushError> {
         let mut n = 0;

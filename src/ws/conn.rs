@@ -67,7 +67,7 @@ pub async fn run(core: Rc<Core>, sock: Socket, up: Upgrade, reg: Registration, o
         .map_or_else(|| "-".into(), |i| i.user_id.clone());
     let span =
         tracing::debug_span!("ws", conn = reg.id, core = core.id, user = %user, peer = %up.peer);
-    let mut handler = Handler::new(up.route, up.identity, core.shared.hooks.clone());
+    let mut handler = Handler::new(&core, reg.id, up.route, up.identity);
     let _enter = span.enter();
     tracing::debug!("websocket open");
 

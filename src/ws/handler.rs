@@ -1,13 +1,18 @@
-//! What a connection does with each message it receives: echo, or the chat
-//! protocol (issue 2 stage: every frame is parsed and answered with an `error`).
+//! What a connection does with each message it receives: echo it, or hand it to
+//! the chat pipeline after the flood guard and validation.
 
+use std::rc::Rc;
 use std::sync::Arc;
 
-use serde_json::Value;
 use tungstenite::protocol::frame::coding::CloseCode;
 
 use super::handshake::Route;
 use crate::auth::Identity;
+use crate::chat::frames::{error_frame, Code, Refused};
+use crate::chat::limiter::Bucket;
+use crate::chat::{now_ms, ChatConn};
+use crate::shard::registry::ConnId;
+use crate::shard::Core;
 
 /// A callback shared by every core.
 pub type TextHook = Arc<dyn Fn(&str) + Send + Sync>;
@@ -28,18 +33,26 @@ pub enum Reply {
 }
 
 pub struct Handler {
-    route: Route,
-    #[allow(dead_code)] // used by the chat pipeline
-    identity: Option<Identity>,
     hooks: Hooks,
+    /// Present on the chat route (authenticated); absent on the echo route.
+    chat: Option<ChatConn>,
+    /// Every frame costs a token; a connection that runs out is flooding.
+    flood: Bucket,
+    flood_per_minute: u32,
 }
 
 impl Handler {
-    pub fn new(route: Route, identity: Option<Identity>, hooks: Hooks) -> Handler {
+    pub fn new(core: &Rc<Core>, conn: ConnId, route: Route, identity: Option<Identity>) -> Handler {
+        let flood_per_minute = core.shared.config.ws_frames_per_minute_max;
+        let chat = match (route, identity) {
+            (Route::Chat, Some(id)) => Some(ChatConn::new(core.clone(), conn, id)),
+            _ => None,
+        };
         Handler {
-            route,
-            identity,
-            hooks,
+            hooks: core.shared.hooks.clone(),
+            chat,
+            flood: Bucket::full(flood_per_minute, now_ms()),
+            flood_per_minute,
         }
     }
 
@@ -47,62 +60,27 @@ impl Handler {
         if let Some(hook) = &self.hooks.on_text {
             hook(text);
         }
-        match self.route {
-            Route::Echo => Reply::Text(text.to_owned()),
-            Route::Chat => Reply::Text(chat_frame(text)),
+        let Some(chat) = &self.chat else {
+            return Reply::Text(text.to_owned());
+        };
+        let rate = self.flood_per_minute;
+        if self.flood.take(rate, rate, now_ms()).is_err() {
+            return Reply::Close(CloseCode::Policy, "too many frames");
+        }
+        let core = chat.core();
+        match core.chat.parse(text, &core.shared.chat.limits) {
+            Err(Refused::TooDeep) => Reply::Close(CloseCode::Policy, "JSON nested too deeply"),
+            Err(Refused::Error { id, message }) => {
+                Reply::Text(error_frame(Code::InvalidMessage, &message, id.as_deref()))
+            }
+            Ok(incoming) => chat.dispatch(incoming).map_or(Reply::None, Reply::Text),
         }
     }
 
     pub fn on_binary(&mut self, data: bytes::Bytes) -> Reply {
-        match self.route {
-            Route::Echo => Reply::Binary(data),
-            Route::Chat => Reply::Close(CloseCode::Unsupported, "binary frames are not supported"),
+        match self.chat {
+            None => Reply::Binary(data),
+            Some(_) => Reply::Close(CloseCode::Unsupported, "binary frames are not supported"),
         }
-    }
-}
-
-/// Parses a chat frame and answers it. Until the chat pipeline lands every frame
-/// type is unknown, so the answer is always one `error` frame carrying the id.
-fn chat_frame(text: &str) -> String {
-    let parsed: Result<Value, _> = serde_json::from_str(text);
-    let (id, message) = match &parsed {
-        Ok(Value::Object(map)) => {
-            let id = map
-                .get("id")
-                .filter(|v| v.is_string() || v.is_number())
-                .cloned();
-            match map.get("type").and_then(Value::as_str) {
-                Some(t) => (
-                    id,
-                    format!(
-                        "unknown frame type {:?}",
-                        t.chars().take(32).collect::<String>()
-                    ),
-                ),
-                None => (id, "frame has no \"type\"".to_owned()),
-            }
-        }
-        _ => (None, "frame is not a JSON object".to_owned()),
-    };
-    let mut err =
-        serde_json::json!({"type": "error", "code": "invalid_message", "message": message});
-    if let Some(id) = id {
-        err["id"] = id;
-    }
-    err.to_string()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn chat_errors_carry_the_client_id() {
-        let v: Value = serde_json::from_str(&chat_frame(r#"{"type":"nope","id":"m1"}"#)).unwrap();
-        assert_eq!(v["type"], "error");
-        assert_eq!(v["code"], "invalid_message");
-        assert_eq!(v["id"], "m1");
-        let v: Value = serde_json::from_str(&chat_frame("not json")).unwrap();
-        assert!(v.get("id").is_none());
     }
 }

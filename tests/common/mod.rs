@@ -16,16 +16,29 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub const SECRET: &str = "test-secret-0123456789abcdef0123456789abcdef";
+pub const KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
 /// Bounds every wait in a test so a bug fails the test instead of hanging CI.
 pub const WAIT: Duration = Duration::from_secs(20);
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A fresh data directory; kept after the test so a failure can be inspected.
+pub fn data_dir() -> std::path::PathBuf {
+    tempfile::Builder::new()
+        .prefix("chatbox-test-")
+        .tempdir()
+        .unwrap()
+        .keep()
+}
 
 pub fn config() -> Config {
     Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         cores: 2,
         jwt_secret: Some(SECRET.into()),
+        encryption_key: Some(KEY.into()),
+        data_dir: data_dir(),
+        demo_chunk_delay_ms: 1,
         echo_path: Some("/echo".into()),
         shutdown_timeout_secs: 10,
         ..Config::default()

@@ -1,0 +1,864 @@
+//! Chat sessions owned by a core: from a validated frame to a durable `ack` and a
+//! streamed answer; resume with history; idle expiry.
+//!
+//! A session lives on the core of its user (every connection of that user is
+//! there), so its state is plain `RefCell` data. Borrows never cross an `.await`:
+//! each step borrows, changes, releases, and only then awaits storage.
+
+pub mod demo;
+pub mod frames;
+pub mod limiter;
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::future::poll_fn;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+use std::time::Duration;
+
+use crate::auth::Identity;
+use crate::crypto::KeyRing;
+use crate::shard::outbox::Outgoing;
+use crate::shard::registry::ConnId;
+use crate::shard::Core;
+use crate::store::{MessageRecord, Millis, Role, SessionRecord, Store, WriteOp, WriteOutcome};
+use frames::{error_frame, ClientFrame, Code, HistoryItem, Incoming, ServerFrame, Usage};
+use limiter::Limiter;
+
+/// Sessions one connection may be attached to; the oldest is detached beyond it.
+const SESSIONS_PER_CONNECTION_MAX: usize = 64;
+/// Users whose rate-limit state a core keeps (see [`Limiter`]).
+const LIMITER_USERS_MAX: usize = 100_000;
+
+/// Read-only chat settings and services, shared by every core.
+pub struct ChatShared {
+    pub store: Arc<dyn Store>,
+    pub keys: KeyRing,
+    pub limits: frames::Limits,
+    pub rate_limit_per_minute: u32,
+    pub history_messages_max: usize,
+    pub session_idle: Duration,
+    pub sessions_per_user_max: usize,
+    pub answer_bytes_max: usize,
+    pub demo_chunk_delay: Duration,
+}
+
+/// Wall-clock milliseconds; the one place chat reads the time.
+pub fn now_ms() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as Millis)
+}
+
+fn new_id(prefix: &str) -> Arc<str> {
+    format!("{prefix}_{}", hex::encode(rand::random::<[u8; 12]>())).into()
+}
+
+/// Cancels an answer; the answer task waits on it between chunks.
+#[derive(Default)]
+struct CancelFlag {
+    set: Cell<bool>,
+    waker: Cell<Option<Waker>>,
+}
+
+impl CancelFlag {
+    fn cancel(&self) {
+        self.set.set(true);
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+    async fn cancelled(&self) {
+        poll_fn(|cx| {
+            if self.set.get() {
+                Poll::Ready(())
+            } else {
+                self.waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+/// The current (or last) answer of a session, kept for `resume`.
+struct Answer {
+    message_id: Arc<str>,
+    chunks: Vec<Arc<str>>,
+    cancel: Rc<CancelFlag>,
+    /// Set when `ai_done` has been sent.
+    done: Option<(Usage, bool)>,
+}
+
+struct Session {
+    user_id: Arc<str>,
+    attached: Vec<ConnId>,
+    next_seq: u64,
+    created_at: Millis,
+    last_activity: Millis,
+    answer: Option<Answer>,
+}
+
+impl Session {
+    fn idle(&self) -> bool {
+        self.attached.is_empty() && self.answer.as_ref().is_none_or(|a| a.done.is_some())
+    }
+}
+
+/// The chat state one core owns.
+#[derive(Default)]
+pub struct ChatCore {
+    sessions: RefCell<HashMap<Arc<str>, Session>>,
+    conn_sessions: RefCell<HashMap<ConnId, Vec<Arc<str>>>>,
+    limiter: RefCell<Option<Limiter>>,
+    scratch: RefCell<(Vec<u8>, simd_json::Buffers)>,
+}
+
+impl ChatCore {
+    pub fn sessions_in_memory(&self) -> usize {
+        self.sessions.borrow().len()
+    }
+
+    /// Parses a frame with the core's reusable buffers.
+    pub fn parse(&self, text: &str, limits: &frames::Limits) -> Result<Incoming, frames::Refused> {
+        let mut s = self.scratch.borrow_mut();
+        let (buf, buffers) = &mut *s;
+        frames::parse(text, limits, buf, buffers)
+    }
+
+    fn rate_check(&self, shared: &ChatShared, user: &Arc<str>, now: Millis) -> Result<(), u64> {
+        let mut l = self.limiter.borrow_mut();
+        l.get_or_insert_with(|| Limiter::new(shared.rate_limit_per_minute, LIMITER_USERS_MAX))
+            .check(user, now)
+    }
+
+    fn attach(&self, sid: &Arc<str>, conn: ConnId) {
+        let mut sessions = self.sessions.borrow_mut();
+        let Some(s) = sessions.get_mut(sid) else {
+            return;
+        };
+        if !s.attached.contains(&conn) {
+            s.attached.push(conn);
+        }
+        let mut cs = self.conn_sessions.borrow_mut();
+        let list = cs.entry(conn).or_default();
+        if !list.contains(sid) {
+            list.push(sid.clone());
+            if list.len() > SESSIONS_PER_CONNECTION_MAX {
+                let old = list.remove(0);
+                if let Some(s) = sessions.get_mut(&old) {
+                    s.attached.retain(|c| *c != conn);
+                }
+            }
+        }
+    }
+
+    /// Forgets a closed connection everywhere it was attached.
+    pub fn detach_conn(&self, conn: ConnId) {
+        let Some(list) = self.conn_sessions.borrow_mut().remove(&conn) else {
+            return;
+        };
+        let mut sessions = self.sessions.borrow_mut();
+        for sid in list {
+            if let Some(s) = sessions.get_mut(&sid) {
+                s.attached.retain(|c| *c != conn);
+            }
+        }
+    }
+
+    /// Drops idle sessions (no connection, no running answer) not active for
+    /// `idle_ms`; they stay in storage and come back on `resume`.
+    pub fn expire(&self, now: Millis, idle_ms: i64) -> usize {
+        let mut sessions = self.sessions.borrow_mut();
+        let before = sessions.len();
+        sessions.retain(|_, s| !(s.idle() && now - s.last_activity >= idle_ms));
+        before - sessions.len()
+    }
+}
+
+/// The per-connection chat state, owned by the connection's handler.
+pub struct ChatConn {
+    pub conn: ConnId,
+    pub identity: Identity,
+    core: Rc<Core>,
+}
+
+impl ChatConn {
+    pub fn new(core: Rc<Core>, conn: ConnId, identity: Identity) -> ChatConn {
+        ChatConn {
+            conn,
+            identity,
+            core,
+        }
+    }
+
+    pub fn core(&self) -> &Core {
+        &self.core
+    }
+
+    /// Handles one valid frame. Returns an immediate reply for this connection;
+    /// everything else arrives through the outboxes of the session's connections.
+    pub fn dispatch(&self, inc: Incoming) -> Option<String> {
+        let id = inc.id;
+        match inc.frame {
+            ClientFrame::UserMessage {
+                session_id,
+                content,
+                ..
+            } => self.user_message(id, session_id, content),
+            ClientFrame::Resume {
+                session_id,
+                after_seq,
+            } => {
+                let sid: Arc<str> = session_id.into();
+                with_session(
+                    &self.core,
+                    self.conn,
+                    &self.identity.user_id,
+                    sid,
+                    id,
+                    move |core, sid, conn, _| resume(core, sid, conn, after_seq),
+                );
+                None
+            }
+            ClientFrame::Cancel { session_id } => self.cancel(id, &session_id),
+            ClientFrame::AdminJoin { .. }
+            | ClientFrame::AdminMessage { .. }
+            | ClientFrame::AdminLeave { .. }
+                if !self.identity.admin =>
+            {
+                Some(error_frame(
+                    Code::Forbidden,
+                    "admin frames need the admin role",
+                    id.as_deref(),
+                ))
+            }
+            ClientFrame::AdminJoin { .. }
+            | ClientFrame::AdminMessage { .. }
+            | ClientFrame::AdminLeave { .. }
+            | ClientFrame::HelpRequest { .. }
+            | ClientFrame::FileMessage { .. } => Some(error_frame(
+                Code::InvalidMessage,
+                "this frame type is not available yet",
+                id.as_deref(),
+            )),
+        }
+    }
+
+    fn user_message(
+        &self,
+        id: Option<String>,
+        session_id: Option<String>,
+        content: String,
+    ) -> Option<String> {
+        let core = &self.core;
+        let shared = &core.shared.chat;
+        let user = &self.identity.user_id;
+        let now = now_ms();
+        if let Err(wait) = core.chat.rate_check(shared, user, now) {
+            let msg = format!("rate limit reached; retry in {} ms", wait);
+            return Some(
+                ServerFrame::Error {
+                    code: Code::RateLimited,
+                    message: &msg,
+                    id: id.as_deref(),
+                    session_id: session_id.as_deref(),
+                    retry_after_ms: Some(wait),
+                }
+                .to_json(),
+            );
+        }
+        match session_id {
+            Some(sid) => {
+                with_session(
+                    core,
+                    self.conn,
+                    user,
+                    sid.into(),
+                    id.clone(),
+                    move |core, sid, conn, user| {
+                        append_user_message(core, sid, conn, user, id, content, false)
+                    },
+                );
+                None
+            }
+            None => {
+                let sid = match create_session(core, user, now) {
+                    Ok(sid) => sid,
+                    Err(msg) => return Some(error_frame(Code::InvalidMessage, msg, id.as_deref())),
+                };
+                core.chat.attach(&sid, self.conn);
+                let frame = ServerFrame::Session {
+                    session_id: &sid,
+                    created: true,
+                    messages: None,
+                }
+                .to_json();
+                push_conn(core, self.conn, frame);
+                append_user_message(core, &sid, self.conn, user, id, content, true);
+                None
+            }
+        }
+    }
+
+    fn cancel(&self, id: Option<String>, session_id: &str) -> Option<String> {
+        let sessions = self.core.chat.sessions.borrow();
+        match sessions.get(session_id) {
+            Some(s) if s.user_id == self.identity.user_id => {
+                // Nothing running is fine: cancel is idempotent.
+                if let Some(a) = s.answer.as_ref().filter(|a| a.done.is_none()) {
+                    a.cancel.cancel();
+                }
+                None
+            }
+            _ => Some(forbidden(id.as_deref(), Some(session_id))),
+        }
+    }
+}
+
+impl Drop for ChatConn {
+    fn drop(&mut self) {
+        self.core.chat.detach_conn(self.conn);
+    }
+}
+
+fn forbidden(id: Option<&str>, session_id: Option<&str>) -> String {
+    ServerFrame::Error {
+        code: Code::Forbidden,
+        // The same answer whether the session is someone else's or does not exist.
+        message: "no such session for this user",
+        id,
+        session_id,
+        retry_after_ms: None,
+    }
+    .to_json()
+}
+
+fn push_conn(core: &Core, conn: ConnId, frame: String) {
+    let _ = core
+        .registry
+        .borrow()
+        .push_conn(conn, Outgoing::Text(frame.into()));
+}
+
+/// Sends a frame to every connection attached to the session.
+fn push_session(core: &Core, sid: &str, frame: String) {
+    let frame: Arc<str> = frame.into();
+    let attached = match core.chat.sessions.borrow().get(sid) {
+        Some(s) => s.attached.clone(),
+        None => return,
+    };
+    let registry = core.registry.borrow();
+    for conn in attached {
+        // A connection that just went away is detached by its own drop.
+        let _ = registry.push_conn(conn, Outgoing::Text(frame.clone()));
+    }
+}
+
+fn create_session(core: &Core, user: &Arc<str>, now: Millis) -> Result<Arc<str>, &'static str> {
+    let max = core.shared.chat.sessions_per_user_max;
+    let mut sessions = core.chat.sessions.borrow_mut();
+    let mine = sessions.values().filter(|s| s.user_id == *user).count();
+    if mine >= max {
+        // Make room by forgetting this user's idle sessions (they stay stored).
+        sessions.retain(|_, s| s.user_id != *user || !s.idle());
+        if sessions.values().filter(|s| s.user_id == *user).count() >= max {
+            return Err("too many open sessions; close or finish one first");
+        }
+    }
+    let sid = new_id("s");
+    sessions.insert(
+        sid.clone(),
+        Session {
+            user_id: user.clone(),
+            attached: Vec::new(),
+            next_seq: 1,
+            created_at: now,
+            last_activity: now,
+            answer: None,
+        },
+    );
+    Ok(sid)
+}
+
+/// Runs `then` once the session is in memory and known to belong to `user`,
+/// loading it from storage first if needed. Refuses with `forbidden` otherwise.
+fn with_session(
+    core: &Rc<Core>,
+    conn: ConnId,
+    user: &Arc<str>,
+    sid: Arc<str>,
+    id: Option<String>,
+    then: impl FnOnce(&Rc<Core>, &Arc<str>, ConnId, &Arc<str>) + 'static,
+) {
+    let owner = core
+        .chat
+        .sessions
+        .borrow()
+        .get(&sid)
+        .map(|s| s.user_id.clone());
+    match owner {
+        Some(o) if o == *user => {
+            core.chat.attach(&sid, conn);
+            then(core, &sid, conn, user)
+        }
+        Some(_) => push_conn(core, conn, forbidden(id.as_deref(), Some(&sid))),
+        None => {
+            let core = core.clone();
+            let user = user.clone();
+            let shared = &core.shared.chat;
+            let load = shared.store.load_session(&sid, 1);
+            monoio::spawn(async move {
+                let loaded = load.await;
+                match loaded {
+                    Ok(Some((rec, msgs))) if *rec.user_id == *user => {
+                        rehydrate(&core, &sid, rec, msgs.last().map_or(0, |m| m.seq));
+                        core.chat.attach(&sid, conn);
+                        then(&core, &sid, conn, &user)
+                    }
+                    Ok(_) => push_conn(&core, conn, forbidden(id.as_deref(), Some(&sid))),
+                    Err(e) => {
+                        tracing::error!(session = %sid, error = %e, "loading a session failed");
+                        push_conn(
+                            &core,
+                            conn,
+                            error_frame(
+                                Code::Internal,
+                                "could not load the session; retry",
+                                id.as_deref(),
+                            ),
+                        );
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// Puts a stored session back in memory with its real last activity.
+fn rehydrate(core: &Core, sid: &Arc<str>, rec: SessionRecord, last_seq: u64) {
+    let mut sessions = core.chat.sessions.borrow_mut();
+    // Another load may have finished first; keep what is there.
+    sessions.entry(sid.clone()).or_insert_with(|| Session {
+        user_id: rec.user_id.into(),
+        attached: Vec::new(),
+        next_seq: last_seq + 1,
+        created_at: rec.created_at,
+        last_activity: rec.last_activity,
+        answer: None,
+    });
+}
+
+fn append_user_message(
+    core: &Rc<Core>,
+    sid: &Arc<str>,
+    conn: ConnId,
+    user: &Arc<str>,
+    id: Option<String>,
+    content: String,
+    new_session: bool,
+) {
+    let shared = &core.shared.chat;
+    let now = now_ms();
+    let message_id = new_id("m");
+    let (seq, created_at) = {
+        let mut sessions = core.chat.sessions.borrow_mut();
+        let Some(s) = sessions.get_mut(sid) else {
+            return;
+        };
+        s.next_seq += 1;
+        s.last_activity = now;
+        (s.next_seq - 1, s.created_at)
+    };
+    let mut ops = Vec::with_capacity(2);
+    if new_session {
+        ops.push(WriteOp::CreateSession(SessionRecord {
+            id: sid.to_string(),
+            user_id: user.to_string(),
+            created_at,
+            last_activity: now,
+            state: "ai".into(),
+            message_count: 0,
+            tokens_in: 0,
+            tokens_out: 0,
+        }));
+    }
+    ops.push(WriteOp::AppendMessage {
+        user_id: user.to_string(),
+        message: MessageRecord {
+            session_id: sid.to_string(),
+            message_id: message_id.to_string(),
+            seq,
+            role: Role::User,
+            author: user.to_string(),
+            client_id: id.clone(),
+            sealed: shared.keys.seal(sid, &message_id, &content),
+            created_at: now,
+            tokens_in: 0,
+            tokens_out: 0,
+            cancelled: false,
+        },
+    });
+    let write = shared.store.write(ops);
+    let core = core.clone();
+    let sid = sid.clone();
+    monoio::spawn(async move {
+        match write.await {
+            Ok(outcomes) => {
+                let duplicate = match outcomes.last() {
+                    Some(WriteOutcome::Duplicate {
+                        message_id,
+                        session_id,
+                    }) => Some((message_id.clone(), session_id.clone())),
+                    _ => None,
+                };
+                let (mid, ack_sid) = duplicate
+                    .clone()
+                    .unwrap_or_else(|| (message_id.to_string(), sid.to_string()));
+                let ack = ServerFrame::Ack {
+                    id: id.as_deref(),
+                    session_id: &ack_sid,
+                    message_id: &mid,
+                    duplicate: duplicate.is_some(),
+                }
+                .to_json();
+                if duplicate.is_some() {
+                    // A resend: the original was stored (and answered) already.
+                    push_conn(&core, conn, ack);
+                } else {
+                    push_session(&core, &sid, ack);
+                    start_answer(&core, &sid, content);
+                }
+            }
+            Err(e) => {
+                tracing::error!(session = %sid, error = %e, "storing a user message failed");
+                push_conn(
+                    &core,
+                    conn,
+                    ServerFrame::Error {
+                        code: Code::Internal,
+                        message: "the message was not stored; send it again with the same id",
+                        id: id.as_deref(),
+                        session_id: Some(&sid),
+                        retry_after_ms: None,
+                    }
+                    .to_json(),
+                );
+            }
+        }
+    });
+}
+
+/// Streams the provider's answer to every attached connection, buffering it for
+/// `resume`, then stores it and sends `ai_done`.
+fn start_answer(core: &Rc<Core>, sid: &Arc<str>, prompt: String) {
+    let message_id = new_id("m");
+    let cancel = Rc::new(CancelFlag::default());
+    {
+        let mut sessions = core.chat.sessions.borrow_mut();
+        let Some(s) = sessions.get_mut(sid) else {
+            return;
+        };
+        // A new message supersedes the answer still running for the previous one.
+        if let Some(old) = s.answer.as_ref().filter(|a| a.done.is_none()) {
+            old.cancel.cancel();
+        }
+        s.answer = Some(Answer {
+            message_id: message_id.clone(),
+            chunks: Vec::new(),
+            cancel: cancel.clone(),
+            done: None,
+        });
+    }
+    let core = core.clone();
+    let sid = sid.clone();
+    monoio::spawn(async move {
+        let shared = &core.shared.chat;
+        let mut text = String::new();
+        let mut seq = 0u64;
+        for chunk in demo::answer(&prompt) {
+            monoio::select! {
+                _ = cancel.cancelled() => break,
+                _ = monoio::time::sleep(shared.demo_chunk_delay) => {}
+            }
+            if text.len() + chunk.len() > shared.answer_bytes_max {
+                break;
+            }
+            seq += 1;
+            text.push_str(&chunk);
+            let chunk: Arc<str> = chunk.into();
+            let frame = ServerFrame::AiChunk {
+                session_id: &sid,
+                message_id: &message_id,
+                seq,
+                content: &chunk,
+            }
+            .to_json();
+            if let Some(mut a) = current_answer(&core, &sid, &message_id) {
+                a.chunks.push(chunk);
+            }
+            push_session(&core, &sid, frame);
+        }
+        let cancelled = cancel.set.get();
+        let usage = Usage {
+            input_tokens: demo::count_tokens(&prompt),
+            output_tokens: seq,
+        };
+        let stored = store_answer(&core, &sid, &message_id, &text, usage, cancelled).await;
+        if let Some(mut a) = current_answer(&core, &sid, &message_id) {
+            a.done = Some((usage, cancelled));
+        }
+        let done = ServerFrame::AiDone {
+            session_id: &sid,
+            message_id: &message_id,
+            usage,
+            cancelled,
+        }
+        .to_json();
+        push_session(&core, &sid, done);
+        if let Err(e) = stored {
+            tracing::error!(session = %sid, error = %e, "storing an answer failed");
+            let frame = ServerFrame::Error {
+                code: Code::Internal,
+                message: "the answer could not be saved",
+                id: None,
+                session_id: Some(&sid),
+                retry_after_ms: None,
+            };
+            push_session(&core, &sid, frame.to_json());
+        }
+    });
+}
+
+/// The session's answer if it is still `message_id`, borrowed for a moment.
+fn current_answer<'a>(
+    core: &'a Core,
+    sid: &str,
+    message_id: &str,
+) -> Option<std::cell::RefMut<'a, Answer>> {
+    let sessions = core.chat.sessions.borrow_mut();
+    std::cell::RefMut::filter_map(sessions, |s| {
+        s.get_mut(sid)
+            .and_then(|s| s.answer.as_mut())
+            .filter(|a| &*a.message_id == message_id)
+    })
+    .ok()
+}
+
+async fn store_answer(
+    core: &Rc<Core>,
+    sid: &Arc<str>,
+    message_id: &str,
+    text: &str,
+    usage: Usage,
+    cancelled: bool,
+) -> Result<(), crate::store::StoreError> {
+    let shared = &core.shared.chat;
+    let now = now_ms();
+    let (seq, user) = {
+        let mut sessions = core.chat.sessions.borrow_mut();
+        let Some(s) = sessions.get_mut(sid) else {
+            return Ok(());
+        };
+        s.next_seq += 1;
+        s.last_activity = now;
+        (s.next_seq - 1, s.user_id.clone())
+    };
+    let op = WriteOp::AppendMessage {
+        user_id: user.to_string(),
+        message: MessageRecord {
+            session_id: sid.to_string(),
+            message_id: message_id.to_owned(),
+            seq,
+            role: Role::Assistant,
+            author: String::new(),
+            client_id: None,
+            sealed: shared.keys.seal(sid, message_id, text),
+            created_at: now,
+            tokens_in: usage.input_tokens,
+            tokens_out: usage.output_tokens,
+            cancelled,
+        },
+    };
+    shared.store.write(vec![op]).await.map(|_| ())
+}
+
+/// Answers `resume`: the stored history (decrypted), then the missed chunks of the
+/// current answer and, live, the rest.
+fn resume(core: &Rc<Core>, sid: &Arc<str>, conn: ConnId, after_seq: Option<u64>) {
+    let shared = &core.shared.chat;
+    let load = shared.store.load_session(sid, shared.history_messages_max);
+    let core = core.clone();
+    let sid = sid.clone();
+    monoio::spawn(async move {
+        let (_, messages) = match load.await {
+            Ok(Some(l)) => l,
+            Ok(None) => (SessionRecord::empty(), Vec::new()),
+            Err(e) => {
+                tracing::error!(session = %sid, error = %e, "loading history failed");
+                return push_conn(
+                    &core,
+                    conn,
+                    error_frame(Code::Internal, "could not load the history; retry", None),
+                );
+            }
+        };
+        let keys = &core.shared.chat.keys;
+        let mut withheld = 0;
+        let history: Vec<HistoryItem> = messages
+            .iter()
+            .filter_map(|m| match keys.open(&m.session_id, &m.message_id, &m.sealed) {
+                Ok(content) => Some(HistoryItem {
+                    message_id: m.message_id.clone(),
+                    role: m.role.as_str(),
+                    content,
+                    created_at: m.created_at,
+                    cancelled: m.cancelled,
+                }),
+                Err(e) => {
+                    withheld += 1;
+                    tracing::error!(session = %sid, message = %m.message_id, error = %e, "stored message failed its integrity check");
+                    None
+                }
+            })
+            .collect();
+        // From here on everything is synchronous: no chunk can slip in between.
+        push_conn(
+            &core,
+            conn,
+            ServerFrame::Session {
+                session_id: &sid,
+                created: false,
+                messages: Some(&history),
+            }
+            .to_json(),
+        );
+        if withheld > 0 {
+            let msg = format!(
+                "{withheld} stored message(s) failed their integrity check and were withheld"
+            );
+            push_conn(&core, conn, error_frame(Code::Internal, &msg, None));
+        }
+        let replay = {
+            let sessions = core.chat.sessions.borrow();
+            sessions
+                .get(&sid)
+                .and_then(|s| s.answer.as_ref())
+                .and_then(|a| {
+                    let stored = history.iter().any(|h| *h.message_id == *a.message_id);
+                    (!stored).then(|| (a.message_id.clone(), a.chunks.clone(), a.done))
+                })
+        };
+        if let Some((message_id, chunks, done)) = replay {
+            let from = after_seq.unwrap_or(0);
+            for (i, c) in chunks.iter().enumerate().skip(from as usize) {
+                let seq = i as u64 + 1;
+                push_conn(
+                    &core,
+                    conn,
+                    ServerFrame::AiChunk {
+                        session_id: &sid,
+                        message_id: &message_id,
+                        seq,
+                        content: c,
+                    }
+                    .to_json(),
+                );
+            }
+            if let Some((usage, cancelled)) = done {
+                push_conn(
+                    &core,
+                    conn,
+                    ServerFrame::AiDone {
+                        session_id: &sid,
+                        message_id: &message_id,
+                        usage,
+                        cancelled,
+                    }
+                    .to_json(),
+                );
+            }
+        }
+    });
+}
+
+impl SessionRecord {
+    fn empty() -> SessionRecord {
+        SessionRecord {
+            id: String::new(),
+            user_id: String::new(),
+            created_at: 0,
+            last_activity: 0,
+            state: String::new(),
+            message_count: 0,
+            tokens_in: 0,
+            tokens_out: 0,
+        }
+    }
+}
+
+/// Expires idle sessions of this core until the gate closes.
+pub async fn expiry_loop(core: Rc<Core>) {
+    let idle = core.shared.chat.session_idle;
+    let every = (idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(60));
+    loop {
+        monoio::select! {
+            _ = monoio::time::sleep(every) => {}
+            _ = core.gate.closed() => return,
+        }
+        let n = core.chat.expire(now_ms(), idle.as_millis() as i64);
+        if n > 0 {
+            tracing::debug!(core = core.id, expired = n, "idle sessions left memory");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(user: &str, last: Millis, attached: Vec<ConnId>) -> Session {
+        Session {
+            user_id: user.into(),
+            attached,
+            next_seq: 1,
+            created_at: 0,
+            last_activity: last,
+            answer: None,
+        }
+    }
+
+    #[test]
+    fn expiry_keeps_attached_and_recent_sessions() {
+        let chat = ChatCore::default();
+        {
+            let mut s = chat.sessions.borrow_mut();
+            s.insert("old".into(), session("u", 0, vec![]));
+            s.insert("recent".into(), session("u", 9_000, vec![]));
+            s.insert("attached".into(), session("u", 0, vec![7]));
+        }
+        assert_eq!(chat.expire(10_000, 5_000), 1);
+        let s = chat.sessions.borrow();
+        assert!(!s.contains_key("old") && s.contains_key("recent") && s.contains_key("attached"));
+    }
+
+    #[test]
+    fn detach_forgets_a_connection_everywhere() {
+        let chat = ChatCore::default();
+        chat.sessions
+            .borrow_mut()
+            .insert("a".into(), session("u", 0, vec![]));
+        chat.sessions
+            .borrow_mut()
+            .insert("b".into(), session("u", 0, vec![]));
+        chat.attach(&"a".into(), 1);
+        chat.attach(&"b".into(), 1);
+        chat.attach(&"b".into(), 2);
+        chat.detach_conn(1);
+        let s = chat.sessions.borrow();
+        assert!(s["a"].attached.is_empty());
+        assert_eq!(s["b"].attached, [2]);
+        assert!(chat.conn_sessions.borrow().get(&1).is_none());
+    }
+}

@@ -1,0 +1,127 @@
+//! Storage: the trait every backend implements and the records it stores.
+//!
+//! Backends run on threads of their own (the blocking pool, a writer thread) and
+//! hand results back as `Send` futures that a core can await without blocking.
+//! Message content reaches a backend only sealed ([`crate::crypto::Sealed`]).
+
+pub mod sqlite;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::crypto::Sealed;
+
+/// Milliseconds since the Unix epoch.
+pub type Millis = i64;
+
+/// Who wrote a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    User,
+    Assistant,
+    Admin,
+    System,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::User => "user",
+            Role::Assistant => "assistant",
+            Role::Admin => "admin",
+            Role::System => "system",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Role> {
+        Some(match s {
+            "user" => Role::User,
+            "assistant" => Role::Assistant,
+            "admin" => Role::Admin,
+            "system" => Role::System,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRecord {
+    pub id: String,
+    pub user_id: String,
+    pub created_at: Millis,
+    pub last_activity: Millis,
+    pub state: String,
+    pub message_count: u64,
+    pub tokens_in: u64,
+    pub tokens_out: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageRecord {
+    pub session_id: String,
+    pub message_id: String,
+    /// Position in the session, allocated by the owning core.
+    pub seq: u64,
+    pub role: Role,
+    /// The author: the user, the admin, or empty for the assistant.
+    pub author: String,
+    /// The client's `id` for user messages (idempotent resend), unique per user.
+    pub client_id: Option<String>,
+    pub sealed: Sealed,
+    pub created_at: Millis,
+    pub tokens_in: u64,
+    pub tokens_out: u64,
+    pub cancelled: bool,
+}
+
+/// One change. A call's changes commit together or not at all.
+#[derive(Debug, Clone)]
+pub enum WriteOp {
+    /// Creates the session if it does not exist yet.
+    CreateSession(SessionRecord),
+    /// Appends a message and adds it to the session's counters and last activity.
+    /// A user message whose (user, client id) is already stored is not added again.
+    AppendMessage {
+        user_id: String,
+        message: MessageRecord,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteOutcome {
+    Done,
+    /// The message was a resend; this is where it was stored the first time.
+    Duplicate {
+        message_id: String,
+        session_id: String,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage is overloaded ({0} writes queued)")]
+    Overloaded(usize),
+    #[error("storage has stopped")]
+    Stopped,
+    #[error("database error: {0}")]
+    Database(String),
+    #[error(
+        "the database was written by a newer chatbox (schema {found}, this build knows {known})"
+    )]
+    NewerSchema { found: i64, known: i64 },
+    #[error("blocking pool: {0}")]
+    Pool(#[from] crate::pool::PoolError),
+}
+
+pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send>>;
+
+/// A session and its most recent messages, oldest first.
+pub type Loaded = (SessionRecord, Vec<MessageRecord>);
+
+pub trait Store: Send + Sync + 'static {
+    /// Applies `ops` atomically and durably; resolves after the commit.
+    fn write(&self, ops: Vec<WriteOp>) -> StoreFuture<Vec<WriteOutcome>>;
+    /// A session with at most `messages_max` of its latest messages.
+    fn load_session(&self, id: &str, messages_max: usize) -> StoreFuture<Option<Loaded>>;
+    /// Succeeds when the store can serve requests.
+    fn ping(&self) -> StoreFuture<()>;
+}

@@ -1,0 +1,480 @@
+//! The embedded store: SQLite in WAL mode. One writer thread applies every write
+//! with group commit (all jobs waiting when a transaction starts share its fsync);
+//! reads run concurrently on the blocking pool with their own connections.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::{
+    Loaded, MessageRecord, Role, SessionRecord, Store, StoreError, StoreFuture, WriteOp,
+    WriteOutcome,
+};
+use crate::crypto::{Sealed, NONCE_BYTES};
+use crate::pool::BlockingPool;
+
+/// Jobs one transaction takes at most; bounds the latency a large batch adds.
+const GROUP_COMMIT_JOBS_MAX: usize = 256;
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records the last one.
+const MIGRATIONS: &[&str] = &[
+    // 1: sessions and encrypted messages.
+    "CREATE TABLE sessions (
+        id TEXT PRIMARY KEY,
+        user_id TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        last_activity INTEGER NOT NULL,
+        state TEXT NOT NULL DEFAULT 'ai',
+        message_count INTEGER NOT NULL DEFAULT 0,
+        tokens_in INTEGER NOT NULL DEFAULT 0,
+        tokens_out INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX sessions_user_start ON sessions(user_id, created_at);
+    CREATE INDEX sessions_last_activity ON sessions(last_activity);
+    CREATE TABLE messages (
+        session_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        message_id TEXT NOT NULL UNIQUE,
+        role TEXT NOT NULL,
+        author TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        client_id TEXT,
+        key_id INTEGER NOT NULL,
+        nonce BLOB NOT NULL,
+        ciphertext BLOB NOT NULL,
+        created_at INTEGER NOT NULL,
+        tokens_in INTEGER NOT NULL DEFAULT 0,
+        tokens_out INTEGER NOT NULL DEFAULT 0,
+        cancelled INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (session_id, seq)
+    ) WITHOUT ROWID;
+    CREATE UNIQUE INDEX messages_client_id ON messages(user_id, client_id) WHERE client_id IS NOT NULL;",
+];
+
+struct Job {
+    ops: Vec<WriteOp>,
+    reply: tokio::sync::oneshot::Sender<Result<Vec<WriteOutcome>, StoreError>>,
+}
+
+pub struct SqliteStore {
+    jobs: SyncSender<Job>,
+    queue_max: usize,
+    readers: Arc<Mutex<Vec<Connection>>>,
+    path: PathBuf,
+    pool: BlockingPool,
+}
+
+fn db_err(e: rusqlite::Error) -> StoreError {
+    StoreError::Database(e.to_string())
+}
+
+fn open(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path).map_err(db_err)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(db_err)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(db_err)?;
+    // FULL: a commit is on disk before its ack leaves, even across power loss.
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(db_err)?;
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(db_err)?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let known = MIGRATIONS.len() as i64;
+    let found: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(db_err)?;
+    if found > known {
+        return Err(StoreError::NewerSchema { found, known });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let tx = conn.transaction().map_err(db_err)?;
+        tx.execute_batch(sql).map_err(db_err)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)
+            .map_err(db_err)?;
+        tx.commit().map_err(db_err)?;
+        tracing::info!(version = i + 1, "storage schema migrated");
+    }
+    Ok(())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) `dir/chatbox.db`, migrates it, and starts the writer.
+    pub fn open(
+        dir: &Path,
+        pool: BlockingPool,
+        readers: usize,
+        queue_max: usize,
+    ) -> Result<SqliteStore, StoreError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::Database(format!("cannot create {}: {e}", dir.display())))?;
+        let path = dir.join("chatbox.db");
+        let mut writer = open(&path)?;
+        migrate(&mut writer)?;
+        let readers = (0..readers.max(1))
+            .map(|_| open(&path))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (jobs, rx) = sync_channel(queue_max);
+        std::thread::Builder::new()
+            .name("chatbox-sqlite-writer".into())
+            .spawn(move || writer_loop(writer, rx))
+            .map_err(|e| StoreError::Database(format!("cannot start the writer thread: {e}")))?;
+        Ok(SqliteStore {
+            jobs,
+            queue_max,
+            readers: Arc::new(Mutex::new(readers)),
+            path,
+            pool,
+        })
+    }
+
+    /// Runs `f` with a read connection on the blocking pool.
+    fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> StoreFuture<T> {
+        let readers = self.readers.clone();
+        let path = self.path.clone();
+        let call = self.pool.call(async move {
+            tokio::task::spawn_blocking(move || {
+                let taken = readers.lock().map(|mut r| r.pop()).unwrap_or(None);
+                let conn = match taken {
+                    Some(c) => c,
+                    None => open(&path)?,
+                };
+                let out = f(&conn);
+                if let Ok(mut r) = readers.lock() {
+                    r.push(conn);
+                }
+                out
+            })
+            .await
+            .map_err(|e| StoreError::Database(format!("read task failed: {e}")))?
+        });
+        Box::pin(async move { call.await? })
+    }
+}
+
+/// Takes every job waiting, applies them in one transaction (each in a savepoint,
+/// so one job's failure does not fail the others), commits once, then replies.
+fn writer_loop(mut conn: Connection, rx: Receiver<Job>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < GROUP_COMMIT_JOBS_MAX {
+            match rx.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        let results = apply_batch(&mut conn, &batch);
+        match results {
+            Ok(results) => {
+                for (job, r) in batch.into_iter().zip(results) {
+                    let _ = job.reply.send(r);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, jobs = batch.len(), "storage commit failed");
+                for job in batch {
+                    let _ = job.reply.send(Err(StoreError::Database(e.to_string())));
+                }
+            }
+        }
+    }
+    tracing::debug!("sqlite writer stopped");
+}
+
+type JobResult = Result<Vec<WriteOutcome>, StoreError>;
+
+fn apply_batch(conn: &mut Connection, batch: &[Job]) -> Result<Vec<JobResult>, rusqlite::Error> {
+    let mut tx = conn.transaction()?;
+    let mut results = Vec::with_capacity(batch.len());
+    for job in batch {
+        let sp = tx.savepoint()?;
+        let r = job
+            .ops
+            .iter()
+            .map(|op| apply(&sp, op))
+            .collect::<Result<Vec<_>, _>>();
+        match r {
+            Ok(outcomes) => {
+                sp.commit()?;
+                results.push(Ok(outcomes));
+            }
+            Err(e) => {
+                drop(sp); // rolls back this job only
+                results.push(Err(db_err(e)));
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(results)
+}
+
+fn apply(conn: &Connection, op: &WriteOp) -> Result<WriteOutcome, rusqlite::Error> {
+    match op {
+        WriteOp::CreateSession(s) => {
+            conn.execute(
+                "INSERT INTO sessions (id, user_id, created_at, last_activity, state) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(id) DO NOTHING",
+                params![s.id, s.user_id, s.created_at, s.last_activity, s.state],
+            )?;
+            Ok(WriteOutcome::Done)
+        }
+        WriteOp::AppendMessage {
+            user_id,
+            message: m,
+        } => {
+            let inserted = conn.execute(
+                "INSERT INTO messages (session_id, seq, message_id, role, author, user_id, client_id, key_id,
+                     nonce, ciphertext, created_at, tokens_in, tokens_out, cancelled)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+                 ON CONFLICT(user_id, client_id) WHERE client_id IS NOT NULL DO NOTHING",
+                params![
+                    m.session_id,
+                    m.seq as i64,
+                    m.message_id,
+                    m.role.as_str(),
+                    m.author,
+                    user_id,
+                    m.client_id,
+                    m.sealed.key_id,
+                    &m.sealed.nonce[..],
+                    m.sealed.ciphertext,
+                    m.created_at,
+                    m.tokens_in as i64,
+                    m.tokens_out as i64,
+                    m.cancelled,
+                ],
+            )?;
+            if inserted == 0 {
+                let (message_id, session_id) = conn.query_row(
+                    "SELECT message_id, session_id FROM messages WHERE user_id = ?1 AND client_id = ?2",
+                    params![user_id, m.client_id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?;
+                return Ok(WriteOutcome::Duplicate {
+                    message_id,
+                    session_id,
+                });
+            }
+            conn.execute(
+                "UPDATE sessions SET message_count = message_count + 1, tokens_in = tokens_in + ?2,
+                     tokens_out = tokens_out + ?3, last_activity = max(last_activity, ?4) WHERE id = ?1",
+                params![m.session_id, m.tokens_in as i64, m.tokens_out as i64, m.created_at],
+            )?;
+            Ok(WriteOutcome::Done)
+        }
+    }
+}
+
+fn load(
+    conn: &Connection,
+    id: &str,
+    messages_max: usize,
+) -> Result<Option<Loaded>, rusqlite::Error> {
+    let session = conn
+        .query_row(
+            "SELECT id, user_id, created_at, last_activity, state, message_count, tokens_in, tokens_out
+             FROM sessions WHERE id = ?1",
+            params![id],
+            |r| {
+                Ok(SessionRecord {
+                    id: r.get(0)?,
+                    user_id: r.get(1)?,
+                    created_at: r.get(2)?,
+                    last_activity: r.get(3)?,
+                    state: r.get(4)?,
+                    message_count: r.get::<_, i64>(5)? as u64,
+                    tokens_in: r.get::<_, i64>(6)? as u64,
+                    tokens_out: r.get::<_, i64>(7)? as u64,
+                })
+            },
+        )
+        .optional()?;
+    let Some(session) = session else {
+        return Ok(None);
+    };
+    let mut stmt = conn.prepare_cached(
+        "SELECT seq, message_id, role, author, client_id, key_id, nonce, ciphertext, created_at,
+                tokens_in, tokens_out, cancelled
+         FROM messages WHERE session_id = ?1 ORDER BY seq DESC LIMIT ?2",
+    )?;
+    let rows = stmt.query_map(params![id, messages_max as i64], |r| {
+        let nonce: Vec<u8> = r.get(6)?;
+        let role: String = r.get(2)?;
+        Ok(MessageRecord {
+            session_id: id.to_owned(),
+            seq: r.get::<_, i64>(0)? as u64,
+            message_id: r.get(1)?,
+            // An unknown role or a malformed nonce is corruption: it will fail to open.
+            role: Role::parse(&role).unwrap_or(Role::System),
+            author: r.get(3)?,
+            client_id: r.get(4)?,
+            sealed: Sealed {
+                key_id: r.get(5)?,
+                nonce: nonce.as_slice().try_into().unwrap_or([0u8; NONCE_BYTES]),
+                ciphertext: r.get(7)?,
+            },
+            created_at: r.get(8)?,
+            tokens_in: r.get::<_, i64>(9)? as u64,
+            tokens_out: r.get::<_, i64>(10)? as u64,
+            cancelled: r.get(11)?,
+        })
+    })?;
+    let mut messages = rows.collect::<Result<Vec<_>, _>>()?;
+    messages.reverse();
+    Ok(Some((session, messages)))
+}
+
+impl Store for SqliteStore {
+    fn write(&self, ops: Vec<WriteOp>) -> StoreFuture<Vec<WriteOutcome>> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let sent = self.jobs.try_send(Job { ops, reply });
+        let queue_max = self.queue_max;
+        Box::pin(async move {
+            match sent {
+                Ok(()) => rx.await.map_err(|_| StoreError::Stopped)?,
+                Err(TrySendError::Full(_)) => Err(StoreError::Overloaded(queue_max)),
+                Err(TrySendError::Disconnected(_)) => Err(StoreError::Stopped),
+            }
+        })
+    }
+
+    fn load_session(&self, id: &str, messages_max: usize) -> StoreFuture<Option<Loaded>> {
+        let id = id.to_owned();
+        self.read(move |c| load(c, &id, messages_max).map_err(db_err))
+    }
+
+    fn ping(&self) -> StoreFuture<()> {
+        self.read(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(db_err))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::KeyRing;
+    use crate::pool::PoolRuntime;
+
+    /// Awaits a store future from a plain test thread.
+    fn block<T>(f: StoreFuture<T>) -> Result<T, StoreError> {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    fn msg(
+        ring: &KeyRing,
+        session: &str,
+        seq: u64,
+        id: &str,
+        client: Option<&str>,
+        text: &str,
+    ) -> MessageRecord {
+        MessageRecord {
+            session_id: session.into(),
+            message_id: id.into(),
+            seq,
+            role: Role::User,
+            author: "u1".into(),
+            client_id: client.map(str::to_owned),
+            sealed: ring.seal(session, id, text),
+            created_at: 1000 + seq as i64,
+            tokens_in: 0,
+            tokens_out: 0,
+            cancelled: false,
+        }
+    }
+
+    fn session(id: &str) -> SessionRecord {
+        SessionRecord {
+            id: id.into(),
+            user_id: "u1".into(),
+            created_at: 1000,
+            last_activity: 1000,
+            state: "ai".into(),
+            message_count: 0,
+            tokens_in: 0,
+            tokens_out: 0,
+        }
+    }
+
+    #[test]
+    fn writes_dedupe_by_client_id_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_rt, pool) = PoolRuntime::start(1, 64).unwrap();
+        let ring = KeyRing::new(&"33".repeat(32), &[]).unwrap();
+        {
+            let store = SqliteStore::open(dir.path(), pool.clone(), 2, 16).unwrap();
+            let first = vec![
+                WriteOp::CreateSession(session("s1")),
+                WriteOp::AppendMessage {
+                    user_id: "u1".into(),
+                    message: msg(&ring, "s1", 1, "m1", Some("c1"), "hi"),
+                },
+            ];
+            assert_eq!(
+                block(store.write(first)).unwrap(),
+                [WriteOutcome::Done, WriteOutcome::Done]
+            );
+            let again = vec![WriteOp::AppendMessage {
+                user_id: "u1".into(),
+                message: msg(&ring, "s1", 2, "m2", Some("c1"), "different text"),
+            }];
+            assert_eq!(
+                block(store.write(again)).unwrap(),
+                [WriteOutcome::Duplicate {
+                    message_id: "m1".into(),
+                    session_id: "s1".into()
+                }]
+            );
+        }
+        let store = SqliteStore::open(dir.path(), pool, 1, 16).unwrap();
+        let (s, msgs) = block(store.load_session("s1", 100)).unwrap().unwrap();
+        assert_eq!(s.message_count, 1);
+        assert_eq!(s.last_activity, 1001);
+        assert_eq!(msgs.len(), 1);
+        assert_eq!(ring.open("s1", "m1", &msgs[0].sealed).unwrap(), "hi");
+        assert!(block(store.load_session("nope", 10)).unwrap().is_none());
+        block(store.ping()).unwrap();
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_rt, pool) = PoolRuntime::start(1, 8).unwrap();
+        let c = Connection::open(dir.path().join("chatbox.db")).unwrap();
+        c.pragma_update(None, "user_version", 99).unwrap();
+        drop(c);
+        match SqliteStore::open(dir.path(), pool, 1, 8) {
+            Err(StoreError::NewerSchema { found: 99, .. }) => {}
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("opened a database from the future"),
+        }
+    }
+
+    #[test]
+    fn history_is_the_latest_messages_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_rt, pool) = PoolRuntime::start(1, 64).unwrap();
+        let ring = KeyRing::new(&"33".repeat(32), &[]).unwrap();
+        let store = SqliteStore::open(dir.path(), pool, 1, 16).unwrap();
+        let mut ops = vec![WriteOp::CreateSession(session("s"))];
+        for i in 1..=5 {
+            ops.push(WriteOp::AppendMessage {
+                user_id: "u1".into(),
+                message: msg(&ring, "s", i, &format!("m{i}"), None, &format!("t{i}")),
+            });
+        }
+        block(store.write(ops)).unwrap();
+        let (_, msgs) = block(store.load_session("s", 3)).unwrap().unwrap();
+        assert_eq!(msgs.iter().map(|m| m.seq).collect::<Vec<_>>(), [3, 4, 5]);
+    }
+}
