@@ -21,6 +21,11 @@ impl Counter {
     pub fn inc(&self) {
         self.add(1);
     }
+    /// Gauges only: replaces the value.
+    #[inline]
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Relaxed);
+    }
     /// Gauges only.
     #[inline]
     pub fn dec(&self) {
@@ -95,6 +100,19 @@ pub struct CoreMetrics {
     pub panics: Counter,
     pub accept_errors: Counter,
     pub mesh_dropped: Counter,
+    /// Sessions held in memory by this core (gauge).
+    pub sessions_in_memory: Counter,
+    pub sessions_created: Counter,
+    pub messages_in: Counter,
+    pub acks: Counter,
+    pub duplicates: Counter,
+    pub rate_limited: Counter,
+    pub invalid_frames: Counter,
+    pub answers_done: Counter,
+    pub answers_cancelled: Counter,
+    pub answer_chunks: Counter,
+    pub store_errors: Counter,
+    pub integrity_failures: Counter,
     refused: [Counter; Refusal::ALL.len()],
 }
 
@@ -110,119 +128,36 @@ impl CoreMetrics {
 type Field = fn(&CoreMetrics) -> &Counter;
 
 /// (name, help, type, per-core?, field)
+#[rustfmt::skip]
 const SERIES: &[(&str, &str, &str, bool, Field)] = &[
-    (
-        "chatbox_ws_connections_open",
-        "Open WebSocket connections.",
-        "gauge",
-        true,
-        |m| &m.ws_open,
-    ),
-    (
-        "chatbox_tcp_accepted_total",
-        "TCP connections accepted.",
-        "counter",
-        true,
-        |m| &m.accepted,
-    ),
-    (
-        "chatbox_ws_upgraded_total",
-        "WebSocket upgrades completed.",
-        "counter",
-        true,
-        |m| &m.ws_upgraded,
-    ),
-    (
-        "chatbox_handovers_out_total",
-        "Upgrades handed to the owning core.",
-        "counter",
-        true,
-        |m| &m.handovers_out,
-    ),
-    (
-        "chatbox_handovers_in_total",
-        "Upgrades received from another core.",
-        "counter",
-        true,
-        |m| &m.handovers_in,
-    ),
-    (
-        "chatbox_http_requests_total",
-        "Plain HTTP requests served.",
-        "counter",
-        false,
-        |m| &m.http_requests,
-    ),
-    (
-        "chatbox_ws_frames_in_total",
-        "WebSocket data frames received.",
-        "counter",
-        true,
-        |m| &m.frames_in,
-    ),
-    (
-        "chatbox_ws_frames_out_total",
-        "WebSocket data frames sent.",
-        "counter",
-        true,
-        |m| &m.frames_out,
-    ),
-    (
-        "chatbox_ws_bytes_in_total",
-        "Bytes received on WebSocket connections.",
-        "counter",
-        false,
-        |m| &m.bytes_in,
-    ),
-    (
-        "chatbox_ws_bytes_out_total",
-        "Bytes sent on WebSocket connections.",
-        "counter",
-        false,
-        |m| &m.bytes_out,
-    ),
-    (
-        "chatbox_ws_pings_sent_total",
-        "Keep-alive pings sent.",
-        "counter",
-        false,
-        |m| &m.pings_sent,
-    ),
-    (
-        "chatbox_ws_pong_timeouts_total",
-        "Connections closed for a missing pong.",
-        "counter",
-        false,
-        |m| &m.pong_timeouts,
-    ),
-    (
-        "chatbox_ws_slow_consumers_total",
-        "Connections closed because they did not read.",
-        "counter",
-        false,
-        |m| &m.slow_consumers,
-    ),
-    (
-        "chatbox_panics_total",
-        "Panics caught in connection tasks.",
-        "counter",
-        false,
-        |m| &m.panics,
-    ),
-    (
-        "chatbox_accept_errors_total",
-        "Failed accept calls (EMFILE and others).",
-        "counter",
-        false,
-        |m| &m.accept_errors,
-    ),
-    (
-        "chatbox_mesh_dropped_total",
-        "Cross-core messages refused because a queue was full.",
-        "counter",
-        false,
-        |m| &m.mesh_dropped,
-    ),
+    ("chatbox_ws_connections_open", "Open WebSocket connections.", "gauge", true, |m| &m.ws_open),
+    ("chatbox_tcp_accepted_total", "TCP connections accepted.", "counter", true, |m| &m.accepted),
+    ("chatbox_ws_upgraded_total", "WebSocket upgrades completed.", "counter", true, |m| &m.ws_upgraded),
+    ("chatbox_handovers_out_total", "Upgrades handed to the owning core.", "counter", true, |m| &m.handovers_out),
+    ("chatbox_handovers_in_total", "Upgrades received from another core.", "counter", true, |m| &m.handovers_in),
+    ("chatbox_http_requests_total", "Plain HTTP requests served.", "counter", false, |m| &m.http_requests),
+    ("chatbox_ws_frames_in_total", "WebSocket data frames received.", "counter", true, |m| &m.frames_in),
+    ("chatbox_ws_frames_out_total", "WebSocket data frames sent.", "counter", true, |m| &m.frames_out),
+    ("chatbox_ws_bytes_in_total", "Bytes received on WebSocket connections.", "counter", false, |m| &m.bytes_in),
+    ("chatbox_ws_bytes_out_total", "Bytes sent on WebSocket connections.", "counter", false, |m| &m.bytes_out),
+    ("chatbox_ws_pings_sent_total", "Keep-alive pings sent.", "counter", false, |m| &m.pings_sent),
+    ("chatbox_ws_pong_timeouts_total", "Connections closed for a missing pong.", "counter", false, |m| &m.pong_timeouts),
+    ("chatbox_ws_slow_consumers_total", "Connections closed because they did not read.", "counter", false, |m| &m.slow_consumers),
+    ("chatbox_panics_total", "Panics caught in connection tasks.", "counter", false, |m| &m.panics),
+    ("chatbox_accept_errors_total", "Failed accept calls (EMFILE and others).", "counter", false, |m| &m.accept_errors),
+    ("chatbox_mesh_dropped_total", "Cross-core messages refused because a queue was full.", "counter", false, |m| &m.mesh_dropped),
+    ("chatbox_sessions_in_memory", "Chat sessions held in memory.", "gauge", true, |m| &m.sessions_in_memory),
+    ("chatbox_sessions_created_total", "Chat sessions created.", "counter", false, |m| &m.sessions_created),
+    ("chatbox_messages_total", "User messages accepted for storage.", "counter", false, |m| &m.messages_in),
+    ("chatbox_acks_total", "User messages acknowledged after commit.", "counter", false, |m| &m.acks),
+    ("chatbox_duplicates_total", "Resent messages answered with the original ack.", "counter", false, |m| &m.duplicates),
+    ("chatbox_rate_limited_total", "Messages refused by the per-user rate limit.", "counter", false, |m| &m.rate_limited),
+    ("chatbox_invalid_frames_total", "Client frames refused as invalid.", "counter", false, |m| &m.invalid_frames),
+    ("chatbox_answers_total", "Answers completed.", "counter", false, |m| &m.answers_done),
+    ("chatbox_answers_cancelled_total", "Answers cancelled.", "counter", false, |m| &m.answers_cancelled),
+    ("chatbox_answer_chunks_total", "Answer chunks streamed.", "counter", false, |m| &m.answer_chunks),
+    ("chatbox_store_errors_total", "Storage operations that failed.", "counter", false, |m| &m.store_errors),
+    ("chatbox_integrity_failures_total", "Stored messages that failed authentication.", "counter", false, |m| &m.integrity_failures),
 ];
 
 /// Renders every core's counters in the Prometheus text format (0.0.4).

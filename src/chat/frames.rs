@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 use simd_json::prelude::*;
-use simd_json::BorrowedValue;
+use simd_json::tape::{Object, Value as TapeValue};
 
 /// Limits on client frames. Defaults match docs/PROTOCOL.md.
 #[derive(Debug, Clone)]
@@ -112,14 +112,16 @@ pub fn parse(
     }
     scratch.clear();
     scratch.extend_from_slice(text.as_bytes());
-    let value = simd_json::borrowed::to_value_with_buffers(scratch, buffers)
+    // The tape is walked in place: no DOM is built for the few fields we read.
+    let tape = simd_json::to_tape_with_buffers(scratch.as_mut_slice(), buffers)
         .map_err(|_| invalid(None, "frame is not valid JSON"))?;
+    let value = tape.as_value();
     let obj = value
         .as_object()
         .ok_or_else(|| invalid(None, "frame must be a JSON object"))?;
     // The id first, so every later error can carry it.
-    let id = match obj.get("id") {
-        None | Some(BorrowedValue::Static(simd_json::StaticNode::Null)) => None,
+    let id = match obj.get("id").filter(|v| !v.is_null()) {
+        None => None,
         Some(v) => match v.as_str() {
             Some(s) if !s.is_empty() && s.chars().count() <= CLIENT_ID_CHARS_MAX => {
                 Some(s.to_owned())
@@ -132,7 +134,7 @@ pub fn parse(
             }
         },
     };
-    let f = Fields { obj, id: &id };
+    let f = Fields { obj: &obj, id: &id };
     let kind = f.req_str("type", 32)?;
     let frame = match kind.as_str() {
         "user_message" => {
@@ -159,7 +161,7 @@ pub fn parse(
         },
         "resume" => ClientFrame::Resume {
             session_id: f.session_id()?,
-            after_seq: match obj.get("after_seq") {
+            after_seq: match obj.get("after_seq").filter(|v| !v.is_null()) {
                 None => None,
                 Some(v) => Some(
                     v.as_u64()
@@ -200,19 +202,19 @@ fn invalid(id: Option<String>, message: &str) -> Refused {
     }
 }
 
-struct Fields<'a, 'v> {
-    obj: &'a simd_json::borrowed::Object<'v>,
+struct Fields<'a, 't, 'i> {
+    obj: &'a Object<'t, 'i>,
     id: &'a Option<String>,
 }
 
-impl Fields<'_, '_> {
+impl Fields<'_, '_, '_> {
     fn err(&self, message: &str) -> Refused {
         invalid(self.id.clone(), message)
     }
 
     fn opt_str(&self, name: &str, chars_max: usize) -> Result<Option<String>, Refused> {
-        match self.obj.get(name) {
-            None | Some(BorrowedValue::Static(simd_json::StaticNode::Null)) => Ok(None),
+        match self.obj.get(name).filter(|v| !v.is_null()) {
+            None => Ok(None),
             Some(v) => {
                 let s = v
                     .as_str()
@@ -256,7 +258,7 @@ impl Fields<'_, '_> {
         if v.as_object().is_none() {
             return Err(self.err("metadata must be a JSON object"));
         }
-        if value_depth(v) > limits.metadata_depth_max {
+        if value_depth(&v) > limits.metadata_depth_max {
             return Err(self.err(&format!(
                 "metadata is nested deeper than {} levels",
                 limits.metadata_depth_max
@@ -273,17 +275,27 @@ impl Fields<'_, '_> {
     }
 }
 
-fn value_depth(v: &BorrowedValue) -> usize {
-    match v {
-        BorrowedValue::Object(o) => 1 + o.values().map(value_depth).max().unwrap_or(0),
-        BorrowedValue::Array(a) => 1 + a.iter().map(value_depth).max().unwrap_or(0),
-        _ => 0,
+/// Recursion is safe here: the whole frame's depth was bounded before parsing.
+fn value_depth(v: &TapeValue) -> usize {
+    if let Some(o) = v.as_object() {
+        1 + o.iter().map(|(_, v)| value_depth(&v)).max().unwrap_or(0)
+    } else if let Some(a) = v.as_array() {
+        1 + a.iter().map(|v| value_depth(&v)).max().unwrap_or(0)
+    } else {
+        0
     }
 }
 
-/// Deepest bracket nesting in `json`, ignoring brackets inside strings. Linear and
-/// allocation-free, so it can run before a parser that might recurse.
+/// Deepest bracket nesting in `json` (ignoring brackets inside strings), or an upper
+/// bound of it when that bound is within [`JSON_DEPTH_MAX`]. Linear and
+/// allocation-free, so it can run before a parser that recurses (simd-json's DOM).
 pub fn json_depth(json: &[u8]) -> usize {
+    // Fast path: fewer opening brackets in all than the limit bounds the depth. The
+    // count vectorizes; nearly every real frame takes this path.
+    let opening = json.iter().filter(|&&b| b == b'{' || b == b'[').count();
+    if opening <= JSON_DEPTH_MAX {
+        return opening;
+    }
     let (mut depth, mut max, mut in_str, mut escaped) = (0usize, 0usize, false, false);
     for &b in json {
         if in_str {
@@ -468,7 +480,13 @@ mod tests {
     fn deep_nesting_is_refused_before_parsing() {
         let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
         assert_eq!(p(&deep), Err(Refused::TooDeep));
-        assert_eq!(json_depth(br#"{"a":"[[[[[[[[[[[[[[[[[[[[[[\"]]"}"#), 1);
+        let quoted = format!(r#"{{"a":"{}\"]]"}}"#, "[".repeat(40));
+        assert_eq!(
+            json_depth(quoted.as_bytes()),
+            1,
+            "brackets in strings do not count"
+        );
+        assert_eq!(json_depth(b"[[[]]]"), 3);
     }
 
     #[test]

@@ -257,6 +257,7 @@ impl ChatConn {
         let user = &self.identity.user_id;
         let now = now_ms();
         if let Err(wait) = core.chat.rate_check(shared, user, now) {
+            core.metrics().rate_limited.inc();
             let msg = format!("rate limit reached; retry in {} ms", wait);
             return Some(
                 ServerFrame::Error {
@@ -368,6 +369,10 @@ fn create_session(core: &Core, user: &Arc<str>, now: Millis) -> Result<Arc<str>,
         }
     }
     let sid = new_id("s");
+    core.metrics().sessions_created.inc();
+    core.metrics()
+        .sessions_in_memory
+        .set(sessions.len() as u64 + 1);
     sessions.insert(
         sid.clone(),
         Session {
@@ -419,6 +424,7 @@ fn with_session(
                     }
                     Ok(_) => push_conn(&core, conn, forbidden(id.as_deref(), Some(&sid))),
                     Err(e) => {
+                        core.metrics().store_errors.inc();
                         tracing::error!(session = %sid, error = %e, "loading a session failed");
                         push_conn(
                             &core,
@@ -440,6 +446,8 @@ fn with_session(
 fn rehydrate(core: &Core, sid: &Arc<str>, rec: SessionRecord, last_seq: u64) {
     let mut sessions = core.chat.sessions.borrow_mut();
     // Another load may have finished first; keep what is there.
+    let len = sessions.len() as u64 + u64::from(!sessions.contains_key(sid));
+    core.metrics().sessions_in_memory.set(len);
     sessions.entry(sid.clone()).or_insert_with(|| Session {
         user_id: rec.user_id.into(),
         attached: Vec::new(),
@@ -500,6 +508,7 @@ fn append_user_message(
             cancelled: false,
         },
     });
+    core.metrics().messages_in.inc();
     let write = shared.store.write(ops);
     let core = core.clone();
     let sid = sid.clone();
@@ -525,13 +534,16 @@ fn append_user_message(
                 .to_json();
                 if duplicate.is_some() {
                     // A resend: the original was stored (and answered) already.
+                    core.metrics().duplicates.inc();
                     push_conn(&core, conn, ack);
                 } else {
+                    core.metrics().acks.inc();
                     push_session(&core, &sid, ack);
                     start_answer(&core, &sid, content);
                 }
             }
             Err(e) => {
+                core.metrics().store_errors.inc();
                 tracing::error!(session = %sid, error = %e, "storing a user message failed");
                 push_conn(
                     &core,
@@ -598,9 +610,16 @@ fn start_answer(core: &Rc<Core>, sid: &Arc<str>, prompt: String) {
             if let Some(mut a) = current_answer(&core, &sid, &message_id) {
                 a.chunks.push(chunk);
             }
+            core.metrics().answer_chunks.inc();
             push_session(&core, &sid, frame);
         }
         let cancelled = cancel.set.get();
+        let m = core.metrics();
+        if cancelled {
+            m.answers_cancelled.inc()
+        } else {
+            m.answers_done.inc()
+        }
         let usage = Usage {
             input_tokens: demo::count_tokens(&prompt),
             output_tokens: seq,
@@ -618,6 +637,7 @@ fn start_answer(core: &Rc<Core>, sid: &Arc<str>, prompt: String) {
         .to_json();
         push_session(&core, &sid, done);
         if let Err(e) = stored {
+            core.metrics().store_errors.inc();
             tracing::error!(session = %sid, error = %e, "storing an answer failed");
             let frame = ServerFrame::Error {
                 code: Code::Internal,
@@ -696,6 +716,7 @@ fn resume(core: &Rc<Core>, sid: &Arc<str>, conn: ConnId, after_seq: Option<u64>)
             Ok(Some(l)) => l,
             Ok(None) => (SessionRecord::empty(), Vec::new()),
             Err(e) => {
+                core.metrics().store_errors.inc();
                 tracing::error!(session = %sid, error = %e, "loading history failed");
                 return push_conn(
                     &core,
@@ -735,6 +756,7 @@ fn resume(core: &Rc<Core>, sid: &Arc<str>, conn: ConnId, after_seq: Option<u64>)
             .to_json(),
         );
         if withheld > 0 {
+            core.metrics().integrity_failures.add(withheld);
             let msg = format!(
                 "{withheld} stored message(s) failed their integrity check and were withheld"
             );
@@ -808,6 +830,9 @@ pub async fn expiry_loop(core: Rc<Core>) {
             _ = core.gate.closed() => return,
         }
         let n = core.chat.expire(now_ms(), idle.as_millis() as i64);
+        core.metrics()
+            .sessions_in_memory
+            .set(core.chat.sessions_in_memory() as u64);
         if n > 0 {
             tracing::debug!(core = core.id, expired = n, "idle sessions left memory");
         }

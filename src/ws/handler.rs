@@ -71,6 +71,7 @@ impl Handler {
         match core.chat.parse(text, &core.shared.chat.limits) {
             Err(Refused::TooDeep) => Reply::Close(CloseCode::Policy, "JSON nested too deeply"),
             Err(Refused::Error { id, message }) => {
+                core.metrics().invalid_frames.inc();
                 Reply::Text(error_frame(Code::InvalidMessage, &message, id.as_deref()))
             }
             Ok(incoming) => chat.dispatch(incoming).map_or(Reply::None, Reply::Text),
