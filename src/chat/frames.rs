@@ -290,9 +290,11 @@ fn value_depth(v: &TapeValue) -> usize {
 /// bound of it when that bound is within [`JSON_DEPTH_MAX`]. Linear and
 /// allocation-free, so it can run before a parser that recurses (simd-json's DOM).
 pub fn json_depth(json: &[u8]) -> usize {
-    // Fast path: fewer opening brackets in all than the limit bounds the depth. The
-    // count vectorizes; nearly every real frame takes this path.
-    let opening = json.iter().filter(|&&b| b == b'{' || b == b'[').count();
+    // Fast path: no more opening brackets in all than the limit bounds the depth.
+    // memchr scans with SIMD and stops at the limit; nearly every frame ends here.
+    let opening = memchr::memchr2_iter(b'{', b'[', json)
+        .take(JSON_DEPTH_MAX + 1)
+        .count();
     if opening <= JSON_DEPTH_MAX {
         return opening;
     }
