@@ -164,6 +164,18 @@ pub struct Config {
     /// Frames of any kind one connection may send per minute (burst the same);
     /// beyond it the connection is closed (1008) as a flood.
     pub ws_frames_per_minute_max: u32,
+    /// The system prompt sent before every conversation.
+    pub llm_system_prompt: String,
+    /// Latest messages of a session sent upstream as context.
+    pub llm_context_messages_max: usize,
+    /// Characters of context sent upstream at most (oldest messages dropped first).
+    pub llm_context_chars_max: usize,
+    /// How long an answer keeps streaming after the user's last connection closed,
+    /// so a quick reconnect can resume it; then the upstream request is dropped.
+    pub llm_grace_secs: u64,
+    /// `[[llm.models]]`: several models, each with its provider, endpoint, key,
+    /// timeouts and fallback. When empty, the `llm_*` keys above define one model.
+    pub llm: crate::llm::LlmSection,
 }
 
 impl Default for Config {
@@ -212,6 +224,11 @@ impl Default for Config {
             demo_chunk_delay_ms: 20,
             store_queue_max: 4096,
             ws_frames_per_minute_max: 600,
+            llm_system_prompt: "You are a helpful, concise customer support assistant.".into(),
+            llm_context_messages_max: 20,
+            llm_context_chars_max: 24_000,
+            llm_grace_secs: 15,
+            llm: crate::llm::LlmSection::default(),
         }
     }
 }
@@ -389,6 +406,10 @@ impl Config {
                 demo_chunk_delay_ms,
                 store_queue_max,
                 ws_frames_per_minute_max,
+                llm_system_prompt,
+                llm_context_messages_max,
+                llm_context_chars_max,
+                llm_grace_secs,
             ]
         );
         Ok(known.into_iter().collect())
@@ -567,6 +588,17 @@ impl Config {
             self.blocking_queue_max >= 1,
             "CHATBOX_BLOCKING_QUEUE_MAX must be at least 1".into(),
         );
+        check(
+            (1..=1000).contains(&self.llm_context_messages_max),
+            "CHATBOX_LLM_CONTEXT_MESSAGES_MAX must be between 1 and 1000".into(),
+        );
+        check(
+            self.llm_context_chars_max >= 100,
+            "CHATBOX_LLM_CONTEXT_CHARS_MAX must be at least 100".into(),
+        );
+        for e in crate::llm::validate(self) {
+            check(false, e);
+        }
         if errs.is_empty() {
             Ok(())
         } else {

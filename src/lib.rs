@@ -22,6 +22,9 @@
 //! - [`store`]: the storage trait and the embedded SQLite backend
 //!   ([`store::sqlite`]: one writer with group commit, concurrent readers).
 //! - [`crypto`]: AES-256-GCM per message with key ids for rotation.
+//! - [`llm`]: providers behind one cancellable stream: OpenAI-compatible and
+//!   Anthropic over SSE ([`llm::sse`]) on the blocking pool, and the offline
+//!   [`llm::demo`]; retries, timeouts, fallback, abort.
 //! - [`auth`]: HS256 JWT verification and minting.
 //! - [`pool`]: the blocking pool (tokio) and its typed request/reply bridge.
 //! - [`metrics`]: per-core single-writer counters rendered for Prometheus.
@@ -36,6 +39,7 @@ pub mod config;
 pub mod crypto;
 pub mod http;
 pub mod io;
+pub mod llm;
 pub mod mesh;
 pub mod metrics;
 pub mod pool;

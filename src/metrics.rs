@@ -36,6 +36,31 @@ impl Counter {
     }
 }
 
+/// Upper bounds (ms) of the latency histogram buckets; the last bucket is +Inf.
+pub const LATENCY_BUCKETS_MS: [u64; 10] =
+    [50, 100, 250, 500, 1000, 2500, 5000, 10_000, 30_000, 60_000];
+
+/// A latency histogram with fixed buckets and one writer thread.
+#[derive(Default)]
+pub struct Histogram {
+    buckets: [Counter; LATENCY_BUCKETS_MS.len() + 1],
+    sum_ms: Counter,
+}
+
+impl Histogram {
+    pub fn observe(&self, ms: u64) {
+        let i = LATENCY_BUCKETS_MS
+            .iter()
+            .position(|&b| ms <= b)
+            .unwrap_or(LATENCY_BUCKETS_MS.len());
+        self.buckets[i].inc();
+        self.sum_ms.add(ms);
+    }
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(Counter::get).sum()
+    }
+}
+
 /// Why a connection or request was turned away (label `reason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
@@ -113,6 +138,14 @@ pub struct CoreMetrics {
     pub answer_chunks: Counter,
     pub store_errors: Counter,
     pub integrity_failures: Counter,
+    pub llm_requests: Counter,
+    pub llm_retries: Counter,
+    pub llm_malformed_events: Counter,
+    pub llm_tokens_in: Counter,
+    pub llm_tokens_out: Counter,
+    pub llm_first_token_ms: Histogram,
+    pub llm_total_ms: Histogram,
+    llm_errors: [Counter; crate::llm::ErrorKind::ALL.len()],
     refused: [Counter; Refusal::ALL.len()],
 }
 
@@ -123,9 +156,16 @@ impl CoreMetrics {
     pub fn refused_count(&self, why: Refusal) -> u64 {
         self.refused[why as usize].get()
     }
+    pub fn llm_error(&self, kind: crate::llm::ErrorKind) {
+        self.llm_errors[kind as usize].inc();
+    }
+    pub fn llm_error_count(&self, kind: crate::llm::ErrorKind) -> u64 {
+        self.llm_errors[kind as usize].get()
+    }
 }
 
 type Field = fn(&CoreMetrics) -> &Counter;
+type HistField = fn(&CoreMetrics) -> &Histogram;
 
 /// (name, help, type, per-core?, field)
 #[rustfmt::skip]
@@ -157,7 +197,12 @@ const SERIES: &[(&str, &str, &str, bool, Field)] = &[
     ("chatbox_answers_cancelled_total", "Answers cancelled.", "counter", false, |m| &m.answers_cancelled),
     ("chatbox_answer_chunks_total", "Answer chunks streamed.", "counter", false, |m| &m.answer_chunks),
     ("chatbox_store_errors_total", "Storage operations that failed.", "counter", false, |m| &m.store_errors),
-    ("chatbox_integrity_failures_total", "Stored messages that failed authentication.", "counter", false, |m| &m.integrity_failures),
+        ("chatbox_integrity_failures_total", "Stored messages that failed authentication.", "counter", false, |m| &m.integrity_failures),
+    ("chatbox_llm_requests_total", "Answers requested from a model.", "counter", false, |m| &m.llm_requests),
+    ("chatbox_llm_retries_total", "Model requests retried.", "counter", false, |m| &m.llm_retries),
+    ("chatbox_llm_malformed_events_total", "Malformed provider events skipped.", "counter", false, |m| &m.llm_malformed_events),
+    ("chatbox_llm_tokens_in_total", "Prompt tokens sent to models.", "counter", false, |m| &m.llm_tokens_in),
+    ("chatbox_llm_tokens_out_total", "Tokens received from models.", "counter", false, |m| &m.llm_tokens_out),
 ];
 
 /// Renders every core's counters in the Prometheus text format (0.0.4).
@@ -173,6 +218,42 @@ pub fn render(cores: &[CoreMetrics]) -> String {
             let total: u64 = cores.iter().map(|m| field(m).get()).sum();
             let _ = writeln!(out, "{name} {total}");
         }
+    }
+    let hists: [(&str, &str, HistField); 2] = [
+        (
+            "chatbox_llm_first_token_ms",
+            "Time to the first chunk of an answer.",
+            |m| &m.llm_first_token_ms,
+        ),
+        (
+            "chatbox_llm_total_ms",
+            "Time to the end of an answer.",
+            |m| &m.llm_total_ms,
+        ),
+    ];
+    for (name, help, field) in hists {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (i, le) in LATENCY_BUCKETS_MS
+            .iter()
+            .map(|b| b.to_string())
+            .chain(["+Inf".to_string()])
+            .enumerate()
+        {
+            cumulative += cores.iter().map(|m| field(m).buckets[i].get()).sum::<u64>();
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        let sum: u64 = cores.iter().map(|m| field(m).sum_ms.get()).sum();
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {cumulative}");
+    }
+    let name = "chatbox_llm_errors_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Failed answers, by kind.\n# TYPE {name} counter"
+    );
+    for kind in crate::llm::ErrorKind::ALL {
+        let total: u64 = cores.iter().map(|m| m.llm_error_count(kind)).sum();
+        let _ = writeln!(out, "{name}{{kind=\"{}\"}} {total}", kind.label());
     }
     let name = "chatbox_refused_total";
     let _ = writeln!(

@@ -98,6 +98,25 @@ impl BlockingPool {
         Ok(guard)
     }
 
+    /// Spawns a long-running task (a provider stream) under the same bound; the
+    /// handle aborts it from any thread.
+    pub fn spawn<F>(&self, work: F) -> Result<tokio::task::AbortHandle, PoolError>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let guard = self.admit()?;
+        let task = self.handle.spawn(async move {
+            let _guard = guard;
+            work.await
+        });
+        Ok(task.abort_handle())
+    }
+
+    /// Enters the pool's runtime, for building clients that must be created in it.
+    pub fn enter(&self) -> tokio::runtime::EnterGuard<'_> {
+        self.handle.enter()
+    }
+
     /// A round trip through the pool: proves its threads are alive and not saturated.
     pub async fn ping(&self) -> Result<(), PoolError> {
         self.call(async {}).await

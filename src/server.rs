@@ -196,7 +196,7 @@ fn chat_shared(config: &Config, pool: crate::pool::BlockingPool) -> Result<ChatS
         .map_err(|e| crate::config::ConfigError::Invalid(vec![e.to_string()]))?;
     let store = SqliteStore::open(
         &config.data_dir,
-        pool,
+        pool.clone(),
         config.blocking_threads,
         config.store_queue_max,
     )
@@ -218,6 +218,13 @@ fn chat_shared(config: &Config, pool: crate::pool::BlockingPool) -> Result<ChatS
         sessions_per_user_max: config.sessions_per_user_max,
         answer_bytes_max: config.answer_bytes_max,
         demo_chunk_delay: Duration::from_millis(config.demo_chunk_delay_ms),
+        models: Arc::new(
+            crate::llm::Models::new(config, &pool)
+                .map_err(|e| crate::config::ConfigError::Invalid(vec![e]))?,
+        ),
+        context_messages_max: config.llm_context_messages_max,
+        context_chars_max: config.llm_context_chars_max,
+        grace: Duration::from_secs(config.llm_grace_secs),
     })
 }
 

@@ -5,12 +5,11 @@
 //! there), so its state is plain `RefCell` data. Borrows never cross an `.await`:
 //! each step borrows, changes, releases, and only then awaits storage.
 
-pub mod demo;
 pub mod frames;
 pub mod limiter;
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::poll_fn;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -19,6 +18,7 @@ use std::time::Duration;
 
 use crate::auth::Identity;
 use crate::crypto::KeyRing;
+use crate::llm::{ErrorKind, LlmEvent, LlmStream, ModelSpec, Models, Turn, TurnRole};
 use crate::shard::outbox::Outgoing;
 use crate::shard::registry::ConnId;
 use crate::shard::Core;
@@ -42,6 +42,11 @@ pub struct ChatShared {
     pub sessions_per_user_max: usize,
     pub answer_bytes_max: usize,
     pub demo_chunk_delay: Duration,
+    pub models: Arc<Models>,
+    pub context_messages_max: usize,
+    pub context_chars_max: usize,
+    /// How long an answer outlives the user's last connection.
+    pub grace: Duration,
 }
 
 /// Wall-clock milliseconds; the one place chat reads the time.
@@ -98,9 +103,23 @@ struct Session {
     created_at: Millis,
     last_activity: Millis,
     answer: Option<Answer>,
+    /// The latest turns, sent upstream as context; bounded by count and size.
+    context: VecDeque<Turn>,
 }
 
 impl Session {
+    fn remember(&mut self, role: TurnRole, text: Arc<str>, shared: &ChatShared) {
+        self.context.push_back(Turn { role, text });
+        let mut chars: usize = self.context.iter().map(|t| t.text.len()).sum();
+        while self.context.len() > shared.context_messages_max
+            || (chars > shared.context_chars_max && self.context.len() > 1)
+        {
+            if let Some(t) = self.context.pop_front() {
+                chars -= t.text.len();
+            }
+        }
+    }
+
     fn idle(&self) -> bool {
         self.attached.is_empty() && self.answer.as_ref().is_none_or(|a| a.done.is_some())
     }
@@ -205,8 +224,12 @@ impl ChatConn {
             ClientFrame::UserMessage {
                 session_id,
                 content,
+                model_id,
                 ..
-            } => self.user_message(id, session_id, content),
+            } => match self.core.shared.chat.models.pick(model_id.as_deref()) {
+                Ok(model) => self.user_message(id, session_id, content, model),
+                Err(msg) => Some(error_frame(Code::InvalidMessage, &msg, id.as_deref())),
+            },
             ClientFrame::Resume {
                 session_id,
                 after_seq,
@@ -251,6 +274,7 @@ impl ChatConn {
         id: Option<String>,
         session_id: Option<String>,
         content: String,
+        model: Arc<ModelSpec>,
     ) -> Option<String> {
         let core = &self.core;
         let shared = &core.shared.chat;
@@ -279,7 +303,14 @@ impl ChatConn {
                     sid.into(),
                     id.clone(),
                     move |core, sid, conn, user| {
-                        append_user_message(core, sid, conn, user, id, content, false)
+                        append_user_message(
+                            core,
+                            sid,
+                            conn,
+                            user,
+                            Pending { id, content, model },
+                            false,
+                        )
                     },
                 );
                 None
@@ -297,7 +328,14 @@ impl ChatConn {
                 }
                 .to_json();
                 push_conn(core, self.conn, frame);
-                append_user_message(core, &sid, self.conn, user, id, content, true);
+                append_user_message(
+                    core,
+                    &sid,
+                    self.conn,
+                    user,
+                    Pending { id, content, model },
+                    true,
+                );
                 None
             }
         }
@@ -321,6 +359,38 @@ impl ChatConn {
 impl Drop for ChatConn {
     fn drop(&mut self) {
         self.core.chat.detach_conn(self.conn);
+        // Answers left with nobody listening keep going for the grace period, so a
+        // quick reconnect can resume them; after it they are dropped upstream.
+        let orphaned: Vec<(Arc<str>, Arc<str>)> = self
+            .core
+            .chat
+            .sessions
+            .borrow()
+            .iter()
+            .filter(|(_, s)| s.attached.is_empty())
+            .filter_map(|(sid, s)| {
+                let a = s.answer.as_ref().filter(|a| a.done.is_none())?;
+                Some((sid.clone(), a.message_id.clone()))
+            })
+            .collect();
+        for (sid, message_id) in orphaned {
+            let core = self.core.clone();
+            monoio::spawn(async move {
+                monoio::time::sleep(core.shared.chat.grace).await;
+                let sessions = core.chat.sessions.borrow();
+                let Some(s) = sessions.get(&sid).filter(|s| s.attached.is_empty()) else {
+                    return;
+                };
+                if let Some(a) = s
+                    .answer
+                    .as_ref()
+                    .filter(|a| a.message_id == message_id && a.done.is_none())
+                {
+                    tracing::debug!(session = %sid, "nobody came back within the grace period; dropping the answer");
+                    a.cancel.cancel();
+                }
+            });
+        }
     }
 }
 
@@ -382,6 +452,7 @@ fn create_session(core: &Core, user: &Arc<str>, now: Millis) -> Result<Arc<str>,
             created_at: now,
             last_activity: now,
             answer: None,
+            context: VecDeque::new(),
         },
     );
     Ok(sid)
@@ -413,12 +484,12 @@ fn with_session(
             let core = core.clone();
             let user = user.clone();
             let shared = &core.shared.chat;
-            let load = shared.store.load_session(&sid, 1);
+            let load = shared.store.load_session(&sid, shared.context_messages_max);
             monoio::spawn(async move {
                 let loaded = load.await;
                 match loaded {
                     Ok(Some((rec, msgs))) if *rec.user_id == *user => {
-                        rehydrate(&core, &sid, rec, msgs.last().map_or(0, |m| m.seq));
+                        rehydrate(&core, &sid, rec, &msgs);
                         core.chat.attach(&sid, conn);
                         then(&core, &sid, conn, &user)
                     }
@@ -442,20 +513,45 @@ fn with_session(
     }
 }
 
-/// Puts a stored session back in memory with its real last activity.
-fn rehydrate(core: &Core, sid: &Arc<str>, rec: SessionRecord, last_seq: u64) {
+/// Puts a stored session back in memory with its real last activity and its
+/// latest turns as context for the model.
+fn rehydrate(core: &Core, sid: &Arc<str>, rec: SessionRecord, messages: &[MessageRecord]) {
+    let shared = &core.shared.chat;
     let mut sessions = core.chat.sessions.borrow_mut();
     // Another load may have finished first; keep what is there.
-    let len = sessions.len() as u64 + u64::from(!sessions.contains_key(sid));
-    core.metrics().sessions_in_memory.set(len);
-    sessions.entry(sid.clone()).or_insert_with(|| Session {
+    if sessions.contains_key(sid) {
+        return;
+    }
+    let mut session = Session {
         user_id: rec.user_id.into(),
         attached: Vec::new(),
-        next_seq: last_seq + 1,
+        next_seq: messages.last().map_or(0, |m| m.seq) + 1,
         created_at: rec.created_at,
         last_activity: rec.last_activity,
         answer: None,
-    });
+        context: VecDeque::new(),
+    };
+    for m in messages {
+        let role = match m.role {
+            Role::User => TurnRole::User,
+            Role::Assistant | Role::Admin => TurnRole::Assistant,
+            Role::System => continue,
+        };
+        // A message that fails authentication is reported on resume, not used here.
+        if let Ok(text) = shared.keys.open(&m.session_id, &m.message_id, &m.sealed) {
+            session.remember(role, text.into(), shared);
+        }
+    }
+    sessions.insert(sid.clone(), session);
+    core.metrics().sessions_in_memory.set(sessions.len() as u64);
+}
+
+/// A user message on its way to storage and to the model.
+struct Pending {
+    /// The client's `id`.
+    id: Option<String>,
+    content: String,
+    model: Arc<ModelSpec>,
 }
 
 fn append_user_message(
@@ -463,10 +559,10 @@ fn append_user_message(
     sid: &Arc<str>,
     conn: ConnId,
     user: &Arc<str>,
-    id: Option<String>,
-    content: String,
+    msg: Pending,
     new_session: bool,
 ) {
+    let Pending { id, content, model } = msg;
     let shared = &core.shared.chat;
     let now = now_ms();
     let message_id = new_id("m");
@@ -539,7 +635,10 @@ fn append_user_message(
                 } else {
                     core.metrics().acks.inc();
                     push_session(&core, &sid, ack);
-                    start_answer(&core, &sid, content);
+                    if let Some(s) = core.chat.sessions.borrow_mut().get_mut(&sid) {
+                        s.remember(TurnRole::User, content.into(), &core.shared.chat);
+                    }
+                    start_answer(&core, &sid, model);
                 }
             }
             Err(e) => {
@@ -562,12 +661,22 @@ fn append_user_message(
     });
 }
 
-/// Streams the provider's answer to every attached connection, buffering it for
+/// How an answer stream ended.
+enum Ending {
+    Finished {
+        input_tokens: u64,
+        output_tokens: u64,
+    },
+    Cancelled,
+    Failed(ErrorKind),
+}
+
+/// Streams the model's answer to every attached connection, buffering it for
 /// `resume`, then stores it and sends `ai_done`.
-fn start_answer(core: &Rc<Core>, sid: &Arc<str>, prompt: String) {
+fn start_answer(core: &Rc<Core>, sid: &Arc<str>, model: Arc<ModelSpec>) {
     let message_id = new_id("m");
     let cancel = Rc::new(CancelFlag::default());
-    {
+    let turns: Vec<Turn> = {
         let mut sessions = core.chat.sessions.borrow_mut();
         let Some(s) = sessions.get_mut(sid) else {
             return;
@@ -582,51 +691,149 @@ fn start_answer(core: &Rc<Core>, sid: &Arc<str>, prompt: String) {
             cancel: cancel.clone(),
             done: None,
         });
-    }
+        s.context.iter().cloned().collect()
+    };
     let core = core.clone();
     let sid = sid.clone();
     monoio::spawn(async move {
         let shared = &core.shared.chat;
+        let m = core.metrics();
+        m.llm_requests.inc();
+        let started = std::time::Instant::now();
+        let mut stream = LlmStream::start(
+            &shared.models,
+            &core.shared.pool,
+            model,
+            turns,
+            shared.demo_chunk_delay,
+        );
         let mut text = String::new();
         let mut seq = 0u64;
-        for chunk in demo::answer(&prompt) {
-            monoio::select! {
-                _ = cancel.cancelled() => break,
-                _ = monoio::time::sleep(shared.demo_chunk_delay) => {}
+        let ending = loop {
+            let event = monoio::select! {
+                _ = cancel.cancelled() => break Ending::Cancelled,
+                e = stream.next() => e,
+            };
+            match event {
+                Some(LlmEvent::Chunk(chunk)) => {
+                    if seq == 0 {
+                        m.llm_first_token_ms
+                            .observe(started.elapsed().as_millis() as u64);
+                    }
+                    if text.len() + chunk.len() > shared.answer_bytes_max {
+                        break Ending::Finished {
+                            input_tokens: 0,
+                            output_tokens: seq,
+                        };
+                    }
+                    seq += 1;
+                    text.push_str(&chunk);
+                    let chunk: Arc<str> = chunk.into();
+                    let frame = ServerFrame::AiChunk {
+                        session_id: &sid,
+                        message_id: &message_id,
+                        seq,
+                        content: &chunk,
+                    }
+                    .to_json();
+                    if let Some(mut a) = current_answer(&core, &sid, &message_id) {
+                        a.chunks.push(chunk);
+                    }
+                    m.answer_chunks.inc();
+                    push_session(&core, &sid, frame);
+                }
+                Some(LlmEvent::Done {
+                    input_tokens,
+                    output_tokens,
+                    retries,
+                    malformed,
+                }) => {
+                    m.llm_retries.add(u64::from(retries));
+                    m.llm_malformed_events.add(u64::from(malformed));
+                    break Ending::Finished {
+                        input_tokens,
+                        output_tokens,
+                    };
+                }
+                Some(LlmEvent::Failed {
+                    kind,
+                    detail,
+                    retries,
+                }) => {
+                    m.llm_retries.add(u64::from(retries));
+                    tracing::warn!(session = %sid, kind = kind.label(), %detail, "answer failed");
+                    break Ending::Failed(kind);
+                }
+                None => break Ending::Failed(ErrorKind::StreamEnded),
             }
-            if text.len() + chunk.len() > shared.answer_bytes_max {
-                break;
-            }
-            seq += 1;
-            text.push_str(&chunk);
-            let chunk: Arc<str> = chunk.into();
-            let frame = ServerFrame::AiChunk {
-                session_id: &sid,
-                message_id: &message_id,
-                seq,
-                content: &chunk,
-            }
-            .to_json();
-            if let Some(mut a) = current_answer(&core, &sid, &message_id) {
-                a.chunks.push(chunk);
-            }
-            core.metrics().answer_chunks.inc();
-            push_session(&core, &sid, frame);
-        }
-        let cancelled = cancel.set.get();
-        let m = core.metrics();
-        if cancelled {
-            m.answers_cancelled.inc()
-        } else {
-            m.answers_done.inc()
-        }
-        let usage = Usage {
-            input_tokens: demo::count_tokens(&prompt),
-            output_tokens: seq,
         };
+        // Cancelled or failed: the upstream request goes now, not when the task ends.
+        stream.abort();
+        drop(stream);
+        m.llm_total_ms.observe(started.elapsed().as_millis() as u64);
+        let (usage, cancelled, failed) = match ending {
+            Ending::Finished {
+                input_tokens,
+                output_tokens,
+            } => {
+                m.answers_done.inc();
+                (
+                    Usage {
+                        input_tokens,
+                        output_tokens,
+                    },
+                    false,
+                    None,
+                )
+            }
+            Ending::Cancelled => {
+                m.answers_cancelled.inc();
+                (
+                    Usage {
+                        input_tokens: 0,
+                        output_tokens: seq,
+                    },
+                    true,
+                    None,
+                )
+            }
+            Ending::Failed(kind) => {
+                m.llm_error(kind);
+                (
+                    Usage {
+                        input_tokens: 0,
+                        output_tokens: seq,
+                    },
+                    true,
+                    Some(kind),
+                )
+            }
+        };
+        m.llm_tokens_in.add(usage.input_tokens);
+        m.llm_tokens_out.add(usage.output_tokens);
+        let unavailable = || {
+            ServerFrame::Error {
+                code: Code::LlmUnavailable,
+                message: "the assistant is unavailable right now; please try again",
+                id: None,
+                session_id: Some(&sid),
+                retry_after_ms: None,
+            }
+            .to_json()
+        };
+        if failed.is_some() && seq == 0 {
+            // Nothing was said: no answer to store or close, just the error.
+            if let Some(s) = core.chat.sessions.borrow_mut().get_mut(&sid) {
+                s.answer = None;
+            }
+            return push_session(&core, &sid, unavailable());
+        }
         let stored = store_answer(&core, &sid, &message_id, &text, usage, cancelled).await;
         if let Some(mut a) = current_answer(&core, &sid, &message_id) {
             a.done = Some((usage, cancelled));
+        }
+        if let Some(s) = core.chat.sessions.borrow_mut().get_mut(&sid) {
+            s.remember(TurnRole::Assistant, text.into(), shared);
         }
         let done = ServerFrame::AiDone {
             session_id: &sid,
@@ -636,8 +843,11 @@ fn start_answer(core: &Rc<Core>, sid: &Arc<str>, prompt: String) {
         }
         .to_json();
         push_session(&core, &sid, done);
+        if failed.is_some() {
+            push_session(&core, &sid, unavailable());
+        }
         if let Err(e) = stored {
-            core.metrics().store_errors.inc();
+            m.store_errors.inc();
             tracing::error!(session = %sid, error = %e, "storing an answer failed");
             let frame = ServerFrame::Error {
                 code: Code::Internal,
@@ -851,6 +1061,7 @@ mod tests {
             created_at: 0,
             last_activity: last,
             answer: None,
+            context: VecDeque::new(),
         }
     }
 

@@ -1,0 +1,780 @@
+//! Language-model providers behind one cancellable stream of events.
+//!
+//! Remote providers (OpenAI-compatible, Anthropic) run as tokio tasks on the
+//! blocking pool with reqwest and hand events to the owning core over a bounded
+//! channel; the core never blocks. Aborting the stream (cancel, or the user gone
+//! past the grace period) drops the task and with it the upstream connection at
+//! once. Retries with jittered backoff happen only before the first chunk, since
+//! after it the user has already seen text; then the fallback model, if any.
+
+pub mod anthropic;
+pub mod demo;
+pub mod openai;
+pub mod sse;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config::{Config, LlmProvider};
+use crate::pool::BlockingPool;
+
+/// Events the stream's channel holds before the provider task waits for the core.
+const STREAM_QUEUE_EVENTS: usize = 64;
+/// Longest SSE line accepted from a provider.
+const SSE_LINE_BYTES_MAX: usize = 1024 * 1024;
+/// Longest error body kept for the log.
+const ERROR_BODY_BYTES_MAX: usize = 2048;
+/// Longest wait between retries, whatever Retry-After says.
+const RETRY_WAIT_MAX: Duration = Duration::from_secs(10);
+
+/// One model as configured in `[[llm.models]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The name clients use as `model_id`.
+    pub id: String,
+    pub provider: LlmProvider,
+    /// API base, e.g. `https://api.openai.com/v1` or `http://127.0.0.1:11434/v1`.
+    pub base_url: Option<String>,
+    pub api_key: Option<String>,
+    /// Read the key from this environment variable instead.
+    pub api_key_env: Option<String>,
+    /// The provider's model name; defaults to `id`.
+    pub model: Option<String>,
+    #[serde(default = "defaults::connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    #[serde(default = "defaults::first_token_timeout_ms")]
+    pub first_token_timeout_ms: u64,
+    #[serde(default = "defaults::total_timeout_ms")]
+    pub total_timeout_ms: u64,
+    #[serde(default = "defaults::max_retries")]
+    pub max_retries: u32,
+    #[serde(default = "defaults::max_tokens")]
+    pub max_tokens: u32,
+    /// Another model's `id`, tried when this one fails before its first chunk.
+    pub fallback: Option<String>,
+}
+
+mod defaults {
+    pub fn connect_timeout_ms() -> u64 {
+        5_000
+    }
+    pub fn first_token_timeout_ms() -> u64 {
+        30_000
+    }
+    pub fn total_timeout_ms() -> u64 {
+        180_000
+    }
+    pub fn max_retries() -> u32 {
+        2
+    }
+    pub fn max_tokens() -> u32 {
+        1024
+    }
+}
+
+/// The `[llm]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LlmSection {
+    pub models: Vec<ModelConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TurnRole {
+    User,
+    Assistant,
+}
+
+impl TurnRole {
+    pub fn wire(self) -> &'static str {
+        match self {
+            TurnRole::User => "user",
+            TurnRole::Assistant => "assistant",
+        }
+    }
+}
+
+/// One message of the conversation sent upstream.
+#[derive(Debug, Clone)]
+pub struct Turn {
+    pub role: TurnRole,
+    pub text: Arc<str>,
+}
+
+/// What a provider event means.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Piece {
+    Text(String),
+    Usage {
+        input: Option<u64>,
+        output: Option<u64>,
+    },
+    Done,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    Connect,
+    Timeout,
+    RateLimited,
+    ServerError,
+    ClientError,
+    Provider,
+    StreamEnded,
+}
+
+impl ErrorKind {
+    pub const ALL: [ErrorKind; 7] = [
+        ErrorKind::Connect,
+        ErrorKind::Timeout,
+        ErrorKind::RateLimited,
+        ErrorKind::ServerError,
+        ErrorKind::ClientError,
+        ErrorKind::Provider,
+        ErrorKind::StreamEnded,
+    ];
+    pub fn label(self) -> &'static str {
+        match self {
+            ErrorKind::Connect => "connect",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::RateLimited => "rate_limited",
+            ErrorKind::ServerError => "server_error",
+            ErrorKind::ClientError => "client_error",
+            ErrorKind::Provider => "provider",
+            ErrorKind::StreamEnded => "stream_ended",
+        }
+    }
+    fn retryable(self) -> bool {
+        matches!(
+            self,
+            ErrorKind::Connect
+                | ErrorKind::Timeout
+                | ErrorKind::RateLimited
+                | ErrorKind::ServerError
+        )
+    }
+}
+
+/// What the core receives from a stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LlmEvent {
+    Chunk(String),
+    Done {
+        input_tokens: u64,
+        output_tokens: u64,
+        retries: u32,
+        malformed: u32,
+    },
+    Failed {
+        kind: ErrorKind,
+        detail: String,
+        retries: u32,
+    },
+}
+
+/// A model ready to use.
+#[derive(Debug)]
+pub struct ModelSpec {
+    pub id: String,
+    pub provider: LlmProvider,
+    base_url: String,
+    api_key: Option<String>,
+    upstream_model: String,
+    first_token_timeout: Duration,
+    total_timeout: Duration,
+    max_retries: u32,
+    max_tokens: u32,
+    fallback: Option<String>,
+    client: Option<reqwest::Client>,
+}
+
+/// Every configured model; built once at start-up.
+pub struct Models {
+    specs: HashMap<String, Arc<ModelSpec>>,
+    order: Vec<String>,
+    pub system_prompt: String,
+}
+
+fn is_loopback(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let host = rest.split(['/', '?']).next().unwrap_or("");
+    let host = if host.starts_with('[') {
+        host.split(']').next().unwrap_or("").trim_start_matches('[')
+    } else {
+        host.rsplit_once(':').map_or(host, |(h, _)| h)
+    };
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Endpoints must be https, except loopback (local model servers).
+pub fn check_endpoint(url: &str) -> Result<(), String> {
+    if url.starts_with("https://") || (url.starts_with("http://") && is_loopback(url)) {
+        Ok(())
+    } else {
+        Err(format!(
+            "LLM endpoint {url:?} must be https (plain http only for loopback)"
+        ))
+    }
+}
+
+/// The configured models: `[[llm.models]]`, or the single model of
+/// `CHATBOX_LLM_PROVIDER` / `_BASE_URL` / `_API_KEY` / `_MODEL`.
+pub fn model_configs(cfg: &Config) -> Vec<ModelConfig> {
+    if !cfg.llm.models.is_empty() {
+        return cfg.llm.models.clone();
+    }
+    let id = cfg.llm_model.clone().unwrap_or_else(|| {
+        match cfg.llm_provider {
+            LlmProvider::Demo => "demo",
+            LlmProvider::Openai => "gpt-4o-mini",
+            LlmProvider::Anthropic => "claude-3-5-haiku-latest",
+        }
+        .to_owned()
+    });
+    vec![ModelConfig {
+        id,
+        provider: cfg.llm_provider,
+        base_url: cfg.llm_base_url.clone(),
+        api_key: cfg.llm_api_key.clone(),
+        api_key_env: None,
+        model: None,
+        connect_timeout_ms: defaults::connect_timeout_ms(),
+        first_token_timeout_ms: defaults::first_token_timeout_ms(),
+        total_timeout_ms: defaults::total_timeout_ms(),
+        max_retries: defaults::max_retries(),
+        max_tokens: defaults::max_tokens(),
+        fallback: None,
+    }]
+}
+
+/// Problems with the model list, for `Config::validate`.
+pub fn validate(cfg: &Config) -> Vec<String> {
+    let models = model_configs(cfg);
+    let mut errs = Vec::new();
+    let ids: Vec<&str> = models.iter().map(|m| m.id.as_str()).collect();
+    for (i, m) in models.iter().enumerate() {
+        if m.id.is_empty() || m.id.chars().count() > crate::chat::frames::MODEL_ID_CHARS_MAX {
+            errs.push(format!("llm model id {:?} must be 1..=64 characters", m.id));
+        }
+        if ids[..i].contains(&m.id.as_str()) {
+            errs.push(format!("llm model id {:?} appears twice", m.id));
+        }
+        if let Some(f) = &m.fallback {
+            if f == &m.id || !ids.contains(&f.as_str()) {
+                errs.push(format!(
+                    "llm model {:?}: fallback {f:?} must be another configured model",
+                    m.id
+                ));
+            }
+        }
+        if m.provider != LlmProvider::Demo {
+            if let Err(e) = check_endpoint(&base_url(m)) {
+                errs.push(format!("llm model {:?}: {e}", m.id));
+            }
+        }
+        if m.first_token_timeout_ms == 0 || m.total_timeout_ms < m.first_token_timeout_ms {
+            errs.push(format!(
+                "llm model {:?}: need 0 < first_token_timeout_ms <= total_timeout_ms",
+                m.id
+            ));
+        }
+    }
+    errs
+}
+
+fn base_url(m: &ModelConfig) -> String {
+    m.base_url.clone().unwrap_or_else(|| {
+        match m.provider {
+            LlmProvider::Openai => "https://api.openai.com/v1",
+            LlmProvider::Anthropic => "https://api.anthropic.com/v1",
+            LlmProvider::Demo => "",
+        }
+        .to_owned()
+    })
+}
+
+impl Models {
+    /// Builds every model's HTTP client inside the blocking pool's runtime.
+    pub fn new(cfg: &Config, pool: &BlockingPool) -> Result<Models, String> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let _rt = pool.enter();
+        let mut specs = HashMap::new();
+        let mut order = Vec::new();
+        for m in model_configs(cfg) {
+            let api_key = match (&m.api_key, &m.api_key_env) {
+                (Some(k), _) => Some(k.clone()),
+                (None, Some(var)) => Some(
+                    std::env::var(var)
+                        .map_err(|_| format!("llm model {:?}: {var} is not set", m.id))?,
+                ),
+                (None, None) => None,
+            };
+            let client = match m.provider {
+                LlmProvider::Demo => None,
+                _ => Some(
+                    reqwest::Client::builder()
+                        .connect_timeout(Duration::from_millis(m.connect_timeout_ms))
+                        .user_agent(concat!("chatbox/", env!("CARGO_PKG_VERSION")))
+                        .build()
+                        .map_err(|e| {
+                            format!("llm model {:?}: cannot build an HTTP client: {e}", m.id)
+                        })?,
+                ),
+            };
+            order.push(m.id.clone());
+            specs.insert(
+                m.id.clone(),
+                Arc::new(ModelSpec {
+                    base_url: base_url(&m).trim_end_matches('/').to_owned(),
+                    upstream_model: m.model.clone().unwrap_or_else(|| m.id.clone()),
+                    id: m.id,
+                    provider: m.provider,
+                    api_key,
+                    first_token_timeout: Duration::from_millis(m.first_token_timeout_ms),
+                    total_timeout: Duration::from_millis(m.total_timeout_ms),
+                    max_retries: m.max_retries,
+                    max_tokens: m.max_tokens,
+                    fallback: m.fallback,
+                    client,
+                }),
+            );
+        }
+        Ok(Models {
+            specs,
+            order,
+            system_prompt: cfg.llm_system_prompt.clone(),
+        })
+    }
+
+    /// The model a client asked for, or the default (the first configured).
+    pub fn pick(&self, id: Option<&str>) -> Result<Arc<ModelSpec>, String> {
+        let id = id.unwrap_or(&self.order[0]);
+        self.specs
+            .get(id)
+            .cloned()
+            .ok_or_else(|| format!("unknown model_id; available: {}", self.order.join(", ")))
+    }
+}
+
+/// Token usage estimated from text when a provider reports none.
+pub fn estimate_tokens(text: &str) -> u64 {
+    text.split_whitespace().count() as u64
+}
+
+/// A running answer. Dropping it aborts the upstream request.
+pub struct LlmStream {
+    inner: Inner,
+}
+
+enum Inner {
+    Demo {
+        chunks: VecDeque<String>,
+        delay: Duration,
+        input_tokens: u64,
+        output_tokens: u64,
+        done: bool,
+    },
+    Remote {
+        rx: async_channel::Receiver<LlmEvent>,
+        task: Option<tokio::task::AbortHandle>,
+    },
+    Failed(Option<LlmEvent>),
+}
+
+impl LlmStream {
+    /// Starts `spec` on the conversation `turns` (oldest first).
+    pub fn start(
+        models: &Arc<Models>,
+        pool: &BlockingPool,
+        spec: Arc<ModelSpec>,
+        turns: Vec<Turn>,
+        demo_delay: Duration,
+    ) -> LlmStream {
+        if spec.provider == LlmProvider::Demo {
+            let last_user = turns
+                .iter()
+                .rev()
+                .find(|t| t.role == TurnRole::User)
+                .map_or("", |t| &*t.text);
+            return LlmStream {
+                inner: Inner::Demo {
+                    chunks: demo::answer(last_user).into(),
+                    delay: demo_delay,
+                    input_tokens: turns.iter().map(|t| estimate_tokens(&t.text)).sum(),
+                    output_tokens: 0,
+                    done: false,
+                },
+            };
+        }
+        let (tx, rx) = async_channel::bounded(STREAM_QUEUE_EVENTS);
+        let task = pool.spawn(run(models.clone(), spec, turns, tx));
+        match task {
+            Ok(handle) => LlmStream {
+                inner: Inner::Remote {
+                    rx,
+                    task: Some(handle),
+                },
+            },
+            Err(e) => LlmStream {
+                inner: Inner::Failed(Some(LlmEvent::Failed {
+                    kind: ErrorKind::Connect,
+                    detail: e.to_string(),
+                    retries: 0,
+                })),
+            },
+        }
+    }
+
+    /// The next event; `None` once the stream has ended. Cancel-safe.
+    pub async fn next(&mut self) -> Option<LlmEvent> {
+        match &mut self.inner {
+            Inner::Demo {
+                chunks,
+                delay,
+                input_tokens,
+                output_tokens,
+                done,
+            } => {
+                if *done {
+                    return None;
+                }
+                monoio::time::sleep(*delay).await;
+                match chunks.pop_front() {
+                    Some(c) => {
+                        *output_tokens += 1;
+                        Some(LlmEvent::Chunk(c))
+                    }
+                    None => {
+                        *done = true;
+                        Some(LlmEvent::Done {
+                            input_tokens: *input_tokens,
+                            output_tokens: *output_tokens,
+                            retries: 0,
+                            malformed: 0,
+                        })
+                    }
+                }
+            }
+            Inner::Remote { rx, .. } => rx.recv().await.ok(),
+            Inner::Failed(ev) => ev.take(),
+        }
+    }
+
+    /// Drops the upstream request now.
+    pub fn abort(&mut self) {
+        if let Inner::Remote { task, rx } = &mut self.inner {
+            if let Some(t) = task.take() {
+                t.abort();
+            }
+            rx.close();
+        }
+    }
+}
+
+impl Drop for LlmStream {
+    fn drop(&mut self) {
+        self.abort();
+    }
+}
+
+struct AttemptError {
+    kind: ErrorKind,
+    detail: String,
+    retry_after: Option<Duration>,
+    /// Text reached the user: no retry, no fallback.
+    sent_text: bool,
+}
+
+impl AttemptError {
+    fn new(kind: ErrorKind, detail: impl Into<String>, sent_text: bool) -> AttemptError {
+        AttemptError {
+            kind,
+            detail: detail.into(),
+            retry_after: None,
+            sent_text,
+        }
+    }
+}
+
+/// The provider task: retries, then the fallback chain, then a `Failed` event.
+async fn run(
+    models: Arc<Models>,
+    mut spec: Arc<ModelSpec>,
+    turns: Vec<Turn>,
+    tx: async_channel::Sender<LlmEvent>,
+) {
+    let mut retries = 0u32;
+    let mut tried = vec![spec.id.clone()];
+    loop {
+        let mut attempt = 0u32;
+        let err = loop {
+            match attempt_once(&models, &spec, &turns, &tx, retries).await {
+                Ok(()) => return,
+                Err(e) if !e.sent_text && e.kind.retryable() && attempt < spec.max_retries => {
+                    tokio::time::sleep(backoff(attempt, e.retry_after)).await;
+                    attempt += 1;
+                    retries += 1;
+                    tracing::info!(model = %spec.id, kind = e.kind.label(), detail = %e.detail, attempt, "retrying the LLM request");
+                }
+                Err(e) => break e,
+            }
+        };
+        tracing::warn!(model = %spec.id, kind = err.kind.label(), detail = %err.detail, "LLM request failed");
+        let next = spec
+            .fallback
+            .as_ref()
+            .filter(|f| !tried.contains(f))
+            .and_then(|f| models.specs.get(f));
+        match next {
+            Some(fb) if !err.sent_text => {
+                tracing::info!(from = %spec.id, to = %fb.id, "trying the fallback model");
+                spec = fb.clone();
+                tried.push(spec.id.clone());
+            }
+            _ => {
+                let _ = tx
+                    .send(LlmEvent::Failed {
+                        kind: err.kind,
+                        detail: err.detail,
+                        retries,
+                    })
+                    .await;
+                return;
+            }
+        }
+    }
+}
+
+/// Exponential backoff with full jitter, or what Retry-After asked for.
+fn backoff(attempt: u32, retry_after: Option<Duration>) -> Duration {
+    let wait = retry_after.unwrap_or_else(|| {
+        let cap = Duration::from_millis(200u64 << attempt.min(6));
+        cap.mul_f64(0.5 + rand::random::<f64>() / 2.0)
+    });
+    wait.min(RETRY_WAIT_MAX)
+}
+
+async fn attempt_once(
+    models: &Models,
+    spec: &ModelSpec,
+    turns: &[Turn],
+    tx: &async_channel::Sender<LlmEvent>,
+    retries: u32,
+) -> Result<(), AttemptError> {
+    let client = spec.client.as_ref().expect("remote models have a client");
+    let start = tokio::time::Instant::now();
+    let first_deadline = start + spec.first_token_timeout;
+    let total_deadline = start + spec.total_timeout;
+    let system = &models.system_prompt;
+    let request = match spec.provider {
+        LlmProvider::Anthropic => {
+            let mut r = client
+                .post(format!("{}/messages", spec.base_url))
+                .header("anthropic-version", anthropic::API_VERSION)
+                .json(&anthropic::body(
+                    &spec.upstream_model,
+                    system,
+                    turns,
+                    spec.max_tokens,
+                ));
+            if let Some(k) = &spec.api_key {
+                r = r.header("x-api-key", k);
+            }
+            r
+        }
+        _ => {
+            let mut r = client
+                .post(format!("{}/chat/completions", spec.base_url))
+                .json(&openai::body(
+                    &spec.upstream_model,
+                    system,
+                    turns,
+                    spec.max_tokens,
+                ));
+            if let Some(k) = &spec.api_key {
+                r = r.bearer_auth(k);
+            }
+            r
+        }
+    };
+    let mut resp = match tokio::time::timeout_at(first_deadline, request.send()).await {
+        Err(_) => {
+            return Err(AttemptError::new(
+                ErrorKind::Timeout,
+                "no response before the first-token deadline",
+                false,
+            ))
+        }
+        Ok(Err(e)) => {
+            return Err(AttemptError::new(
+                ErrorKind::Connect,
+                format!("request failed: {e}"),
+                false,
+            ))
+        }
+        Ok(Ok(r)) => r,
+    };
+    let status = resp.status();
+    if !status.is_success() {
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let mut body = Vec::new();
+        while let Ok(Ok(Some(c))) = tokio::time::timeout_at(first_deadline, resp.chunk()).await {
+            body.extend_from_slice(&c);
+            if body.len() >= ERROR_BODY_BYTES_MAX {
+                break;
+            }
+        }
+        body.truncate(ERROR_BODY_BYTES_MAX);
+        let kind = match status.as_u16() {
+            429 => ErrorKind::RateLimited,
+            500..=599 => ErrorKind::ServerError,
+            _ => ErrorKind::ClientError,
+        };
+        let detail = format!("HTTP {status}: {}", String::from_utf8_lossy(&body));
+        return Err(AttemptError {
+            kind,
+            detail,
+            retry_after,
+            sent_text: false,
+        });
+    }
+
+    let mut parser = sse::Parser::new(SSE_LINE_BYTES_MAX);
+    let (mut input, mut output) = (None, None);
+    let (mut sent_text, mut malformed, mut chunks) = (false, 0u32, 0u64);
+    let mut input_estimate = 0;
+    'read: loop {
+        let deadline = if sent_text {
+            total_deadline
+        } else {
+            first_deadline.min(total_deadline)
+        };
+        let bytes = match tokio::time::timeout_at(deadline, resp.chunk()).await {
+            Err(_) => {
+                return Err(AttemptError::new(
+                    ErrorKind::Timeout,
+                    "the stream stalled",
+                    sent_text,
+                ))
+            }
+            Ok(Err(e)) => {
+                return Err(AttemptError::new(
+                    ErrorKind::StreamEnded,
+                    format!("stream broke: {e}"),
+                    sent_text,
+                ))
+            }
+            Ok(Ok(None)) => {
+                return Err(AttemptError::new(
+                    ErrorKind::StreamEnded,
+                    "stream ended before completion",
+                    sent_text,
+                ))
+            }
+            Ok(Ok(Some(b))) => b,
+        };
+        let events = parser
+            .feed(&bytes)
+            .map_err(|e| AttemptError::new(ErrorKind::Provider, e.to_string(), sent_text))?;
+        for ev in events {
+            let pieces = match spec.provider {
+                LlmProvider::Anthropic => anthropic::interpret(&ev.name, &ev.data),
+                _ => openai::interpret(&ev.data),
+            };
+            let pieces = match pieces {
+                Ok(p) => p,
+                Err(detail) if detail.starts_with("provider error") => {
+                    return Err(AttemptError::new(ErrorKind::Provider, detail, sent_text))
+                }
+                Err(detail) => {
+                    // One malformed event is skipped, not fatal; it is counted and logged.
+                    malformed += 1;
+                    tracing::warn!(model = %spec.id, %detail, "skipped a malformed provider event");
+                    continue;
+                }
+            };
+            for p in pieces {
+                match p {
+                    Piece::Text(t) => {
+                        chunks += 1;
+                        if tx.send(LlmEvent::Chunk(t)).await.is_err() {
+                            return Ok(()); // nobody listens any more: drop the request
+                        }
+                        sent_text = true;
+                    }
+                    Piece::Usage {
+                        input: i,
+                        output: o,
+                    } => {
+                        input = i.or(input);
+                        output = o.or(output);
+                    }
+                    Piece::Done => break 'read,
+                }
+            }
+        }
+        if input_estimate == 0 {
+            input_estimate = turns.iter().map(|t| estimate_tokens(&t.text)).sum::<u64>()
+                + estimate_tokens(system);
+        }
+    }
+    let _ = tx
+        .send(LlmEvent::Done {
+            input_tokens: input.unwrap_or(input_estimate),
+            output_tokens: output.unwrap_or(chunks),
+            retries,
+            malformed,
+        })
+        .await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_must_be_https_except_loopback() {
+        for ok in [
+            "https://api.openai.com/v1",
+            "http://127.0.0.1:11434/v1",
+            "http://localhost:8000",
+            "http://[::1]:80/v1",
+        ] {
+            assert!(check_endpoint(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "http://api.openai.com/v1",
+            "http://10.0.0.1/v1",
+            "ftp://x",
+            "http://localhost.evil.com/v1",
+        ] {
+            assert!(check_endpoint(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn backoff_grows_with_jitter_and_honours_retry_after() {
+        for attempt in 0..4 {
+            let cap = Duration::from_millis(200 << attempt);
+            let b = backoff(attempt, None);
+            assert!(b >= cap / 2 && b <= cap, "{b:?}");
+        }
+        assert_eq!(
+            backoff(0, Some(Duration::from_secs(3))),
+            Duration::from_secs(3)
+        );
+        assert_eq!(backoff(0, Some(Duration::from_secs(3600))), RETRY_WAIT_MAX);
+    }
+}
