@@ -38,7 +38,8 @@ impl PoolRuntime {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
             .thread_name("chatbox-pool")
-            .enable_time()
+            // Time for timeouts and retries, I/O for outbound HTTP (reqwest).
+            .enable_all()
             .build()?;
         let pool = BlockingPool {
             handle: runtime.handle().clone(),

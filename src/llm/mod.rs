@@ -58,6 +58,26 @@ pub struct ModelConfig {
     pub fallback: Option<String>,
 }
 
+impl ModelConfig {
+    /// A model with the documented defaults.
+    pub fn new(id: &str, provider: LlmProvider) -> ModelConfig {
+        ModelConfig {
+            id: id.to_owned(),
+            provider,
+            base_url: None,
+            api_key: None,
+            api_key_env: None,
+            model: None,
+            connect_timeout_ms: defaults::connect_timeout_ms(),
+            first_token_timeout_ms: defaults::first_token_timeout_ms(),
+            total_timeout_ms: defaults::total_timeout_ms(),
+            max_retries: defaults::max_retries(),
+            max_tokens: defaults::max_tokens(),
+            fallback: None,
+        }
+    }
+}
+
 mod defaults {
     pub fn connect_timeout_ms() -> u64 {
         5_000
@@ -238,20 +258,10 @@ pub fn model_configs(cfg: &Config) -> Vec<ModelConfig> {
         }
         .to_owned()
     });
-    vec![ModelConfig {
-        id,
-        provider: cfg.llm_provider,
-        base_url: cfg.llm_base_url.clone(),
-        api_key: cfg.llm_api_key.clone(),
-        api_key_env: None,
-        model: None,
-        connect_timeout_ms: defaults::connect_timeout_ms(),
-        first_token_timeout_ms: defaults::first_token_timeout_ms(),
-        total_timeout_ms: defaults::total_timeout_ms(),
-        max_retries: defaults::max_retries(),
-        max_tokens: defaults::max_tokens(),
-        fallback: None,
-    }]
+    let mut m = ModelConfig::new(&id, cfg.llm_provider);
+    m.base_url = cfg.llm_base_url.clone();
+    m.api_key = cfg.llm_api_key.clone();
+    vec![m]
 }
 
 /// Problems with the model list, for `Config::validate`.

@@ -1,0 +1,708 @@
+//! Real providers against local fake servers that speak the exact streaming formats
+//! (OpenAI chat completions SSE, Anthropic messages SSE): streaming, usage,
+//! cancellation seen by the provider, resume across a reconnect, retries, timeouts,
+//! malformed events, disconnects and fallback.
+
+mod common;
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chatbox::config::LlmProvider;
+use chatbox::llm::{LlmSection, ModelConfig};
+use common::*;
+use futures_util::SinkExt;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+
+/// How the fake answers one request.
+#[derive(Clone)]
+enum Reply {
+    /// 200 text/event-stream: each step is written after `gap`; then close.
+    Stream {
+        events: Vec<String>,
+        gap: Duration,
+        then: End,
+    },
+    Status {
+        code: u16,
+        retry_after: Option<u64>,
+        body: &'static str,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum End {
+    /// Close the connection after the last event.
+    Close,
+    /// Keep the connection open, sending nothing, until the client goes away.
+    Stall,
+}
+
+/// What the fake saw of one request.
+#[derive(Debug, Clone)]
+struct Seen {
+    headers: String,
+    body: Value,
+    /// When the client closed the connection, if it did before we finished.
+    client_closed: Option<Instant>,
+    events_sent: usize,
+}
+
+struct Fake {
+    addr: std::net::SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    closed: tokio::sync::mpsc::UnboundedReceiver<(usize, Instant)>,
+}
+
+impl Fake {
+    async fn start(script: Vec<Reply>) -> Fake {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let script = Arc::new(Mutex::new(VecDeque::from(script)));
+        let (closed_tx, closed) = tokio::sync::mpsc::unbounded_channel();
+        let s = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let (sock, _) = listener.accept().await.unwrap();
+                let reply = script
+                    .lock()
+                    .unwrap()
+                    .pop_front()
+                    .expect("the fake got more requests than scripted");
+                tokio::spawn(serve(sock, reply, s.clone(), closed_tx.clone()));
+            }
+        });
+        Fake { addr, seen, closed }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    fn requests(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// Waits for the client to close request `n`'s connection.
+    async fn wait_closed(&mut self, n: usize) -> Instant {
+        loop {
+            let (i, at) = tokio::time::timeout(WAIT, self.closed.recv())
+                .await
+                .expect("upstream closed in time")
+                .unwrap();
+            if i == n {
+                return at;
+            }
+        }
+    }
+}
+
+async fn serve(
+    sock: TcpStream,
+    reply: Reply,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    closed: tokio::sync::mpsc::UnboundedSender<(usize, Instant)>,
+) {
+    let (mut rd, mut wr) = sock.into_split();
+    // Read the head and the Content-Length body.
+    let mut buf = Vec::new();
+    let head_end = loop {
+        let mut chunk = [0u8; 4096];
+        let n = rd.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "client closed before sending a request");
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let headers = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    let len: usize = headers
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    while buf.len() < head_end + len {
+        let mut chunk = [0u8; 4096];
+        let n = rd.read(&mut chunk).await.unwrap();
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let body: Value = serde_json::from_slice(&buf[head_end..head_end + len]).unwrap();
+    let index = {
+        let mut s = seen.lock().unwrap();
+        s.push(Seen {
+            headers,
+            body,
+            client_closed: None,
+            events_sent: 0,
+        });
+        s.len() - 1
+    };
+    // Notice the client going away while we write.
+    let (gone_tx, mut gone_rx) = tokio::sync::oneshot::channel::<Instant>();
+    tokio::spawn(async move {
+        let mut b = [0u8; 64];
+        while let Ok(n) = rd.read(&mut b).await {
+            if n == 0 {
+                break;
+            }
+        }
+        let _ = gone_tx.send(Instant::now());
+    });
+    let mark_closed = |at: Instant| {
+        seen.lock().unwrap()[index].client_closed = Some(at);
+        let _ = closed.send((index, at));
+    };
+    match reply {
+        Reply::Status {
+            code,
+            retry_after,
+            body,
+        } => {
+            let extra = retry_after
+                .map(|s| format!("Retry-After: {s}\r\n"))
+                .unwrap_or_default();
+            let resp = format!(
+                "HTTP/1.1 {code} Error\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = wr.write_all(resp.as_bytes()).await;
+        }
+        Reply::Stream { events, gap, then } => {
+            let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n";
+            if wr.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            for ev in events {
+                tokio::select! {
+                    at = &mut gone_rx => return mark_closed(at.unwrap_or_else(|_| Instant::now())),
+                    _ = tokio::time::sleep(gap) => {}
+                }
+                if wr.write_all(ev.as_bytes()).await.is_err() {
+                    return mark_closed(Instant::now());
+                }
+                seen.lock().unwrap()[index].events_sent += 1;
+            }
+            if then == End::Stall {
+                if let Ok(at) = gone_rx.await {
+                    mark_closed(at);
+                }
+                return;
+            }
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+fn openai_events(words: &[&str], usage: Option<(u64, u64)>) -> Vec<String> {
+    let mut ev: Vec<String> = words
+        .iter()
+        .map(|w| format!("data: {}\n\n", json!({"id": "c1", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": null}]})))
+        .collect();
+    if let Some((p, c)) = usage {
+        ev.push(format!("data: {}\n\n", json!({"id": "c1", "choices": [], "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}})));
+    }
+    ev.push("data: [DONE]\n\n".into());
+    ev
+}
+
+fn stream(events: Vec<String>, gap_ms: u64) -> Reply {
+    Reply::Stream {
+        events,
+        gap: Duration::from_millis(gap_ms),
+        then: End::Close,
+    }
+}
+
+fn model(id: &str, provider: LlmProvider, fake: &Fake) -> ModelConfig {
+    let mut m = ModelConfig::new(id, provider);
+    m.base_url = Some(fake.url());
+    m.api_key = Some("test-key".into());
+    m.model = Some(format!("upstream-{id}"));
+    m
+}
+
+fn with_models(models: Vec<ModelConfig>) -> chatbox::Config {
+    chatbox::Config {
+        llm: LlmSection { models },
+        llm_system_prompt: "Be brief.".into(),
+        ..config()
+    }
+}
+
+async fn send(ws: &mut Ws, v: Value) {
+    ws.send(Message::text(v.to_string())).await.unwrap();
+}
+
+async fn recv(ws: &mut Ws) -> Value {
+    match next_msg(ws).await {
+        Some(Message::Text(t)) => serde_json::from_str(&t).unwrap(),
+        other => panic!("expected a JSON frame, got {other:?}"),
+    }
+}
+
+async fn until(ws: &mut Ws, kind: &str) -> (Value, Vec<Value>) {
+    let mut before = Vec::new();
+    loop {
+        let v = recv(ws).await;
+        if v["type"] == kind {
+            return (v, before);
+        }
+        before.push(v);
+    }
+}
+
+fn chunks_text(frames: &[Value]) -> String {
+    frames
+        .iter()
+        .filter(|v| v["type"] == "ai_chunk")
+        .map(|v| v["content"].as_str().unwrap())
+        .collect()
+}
+
+fn session_of(frames: &[Value]) -> String {
+    frames.iter().find(|v| v["type"] == "session").unwrap()["session_id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_stream_reaches_the_client_with_provider_usage() {
+    let fake = Fake::start(vec![stream(
+        openai_events(&["Hel", "lo", " world"], Some((9, 3))),
+        1,
+    )])
+    .await;
+    let server = start(with_models(vec![model("gpt", LlmProvider::Openai, &fake)]));
+    let mut ws = connect_user(server.local_addr(), "oa").await;
+    send(
+        &mut ws,
+        json!({"type": "user_message", "id": "c1", "content": "say hello"}),
+    )
+    .await;
+    let (done, before) = until(&mut ws, "ai_done").await;
+    assert_eq!(chunks_text(&before), "Hello world");
+    assert_eq!(
+        done["usage"],
+        json!({"input_tokens": 9, "output_tokens": 3})
+    );
+    let req = &fake.requests()[0];
+    assert!(
+        req.headers.starts_with("post /v1/chat/completions "),
+        "{}",
+        req.headers
+    );
+    assert!(req.headers.contains("authorization: bearer test-key"));
+    assert_eq!(req.body["model"], "upstream-gpt");
+    assert_eq!(req.body["stream"], true);
+    assert_eq!(req.body["stream_options"]["include_usage"], true);
+    assert_eq!(
+        req.body["messages"][0],
+        json!({"role": "system", "content": "Be brief."})
+    );
+    assert_eq!(
+        req.body["messages"][1],
+        json!({"role": "user", "content": "say hello"})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_conversation_so_far_is_sent_upstream() {
+    let fake = Fake::start(vec![
+        stream(openai_events(&["First answer."], None), 1),
+        stream(openai_events(&["Second."], None), 1),
+    ])
+    .await;
+    let server = start(with_models(vec![model("gpt", LlmProvider::Openai, &fake)]));
+    let mut ws = connect_user(server.local_addr(), "ctx").await;
+    send(&mut ws, json!({"type": "user_message", "content": "one"})).await;
+    let (_, before) = until(&mut ws, "ai_done").await;
+    let sid = session_of(&before);
+    send(
+        &mut ws,
+        json!({"type": "user_message", "session_id": sid, "content": "two"}),
+    )
+    .await;
+    until(&mut ws, "ai_done").await;
+    let roles: Vec<(String, String)> = fake.requests()[1].body["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["role"].as_str().unwrap().to_owned(),
+                m["content"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let expect = [
+        ("system", "Be brief."),
+        ("user", "one"),
+        ("assistant", "First answer."),
+        ("user", "two"),
+    ];
+    assert_eq!(roles, expect.map(|(a, b)| (a.to_owned(), b.to_owned())));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_closes_the_upstream_connection_at_once() {
+    let words: Vec<String> = (0..200).map(|i| format!("w{i} ")).collect();
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    let mut fake = Fake::start(vec![stream(openai_events(&words, None), 10)]).await;
+    let server = start(with_models(vec![model("gpt", LlmProvider::Openai, &fake)]));
+    let mut ws = connect_user(server.local_addr(), "cancel").await;
+    send(
+        &mut ws,
+        json!({"type": "user_message", "content": "long please"}),
+    )
+    .await;
+    let (_, before) = until(&mut ws, "ai_chunk").await;
+    let sid = session_of(&before);
+    let sent_at = Instant::now();
+    send(&mut ws, json!({"type": "cancel", "session_id": sid})).await;
+    let closed_at = fake.wait_closed(0).await;
+    let (done, _) = until(&mut ws, "ai_done").await;
+    assert_eq!(done["cancelled"], true);
+    let req = &fake.requests()[0];
+    assert!(
+        req.events_sent < 200,
+        "the provider stopped streaming early: {}",
+        req.events_sent
+    );
+    // Recorded in PERF.md; not asserted (tests do not assert wall-clock times).
+    eprintln!(
+        "upstream closed {:?} after the cancel frame was sent",
+        closed_at.saturating_duration_since(sent_at)
+    );
+    assert_eq!(total(&server, |m| m.answers_cancelled.get()), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnecting_client_resumes_with_every_chunk_exactly_once() {
+    let words: Vec<String> = (1..=30).map(|i| format!("<{i}>")).collect();
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    let fake = Fake::start(vec![stream(openai_events(&words, Some((5, 30))), 15)]).await;
+    let server = start(with_models(vec![model("gpt", LlmProvider::Openai, &fake)]));
+    let addr = server.local_addr();
+    let mut a = connect_user(addr, "blip").await;
+    send(
+        &mut a,
+        json!({"type": "user_message", "content": "count to thirty"}),
+    )
+    .await;
+    let mut seen = String::new();
+    let mut sid = String::new();
+    loop {
+        let v = recv(&mut a).await;
+        if v["type"] == "session" {
+            sid = v["session_id"].as_str().unwrap().to_owned();
+        }
+        if v["type"] == "ai_chunk" {
+            seen.push_str(v["content"].as_str().unwrap());
+            if v["seq"] == 5 {
+                break;
+            }
+        }
+    }
+    // The network blip: the only connection goes away entirely, then comes back.
+    drop(a);
+    let mut b = connect_user(addr, "blip").await;
+    send(
+        &mut b,
+        json!({"type": "resume", "session_id": sid, "after_seq": 5}),
+    )
+    .await;
+    let (done, rest) = until(&mut b, "ai_done").await;
+    let seqs: Vec<u64> = rest
+        .iter()
+        .filter(|v| v["type"] == "ai_chunk")
+        .map(|v| v["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, (6..=30).collect::<Vec<_>>());
+    seen.push_str(&chunks_text(&rest));
+    assert_eq!(seen, words.concat(), "every chunk exactly once, in order");
+    assert_eq!(done["cancelled"], Value::Null);
+    assert!(
+        fake.requests()[0].client_closed.is_none(),
+        "the grace period kept the upstream request"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_grace_period_the_upstream_request_is_dropped() {
+    let words: Vec<String> = (0..500).map(|i| format!("w{i} ")).collect();
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    let mut fake = Fake::start(vec![stream(openai_events(&words, None), 10)]).await;
+    let server = start(chatbox::Config {
+        llm_grace_secs: 1,
+        ..with_models(vec![model("gpt", LlmProvider::Openai, &fake)])
+    });
+    let mut ws = connect_user(server.local_addr(), "gone").await;
+    send(&mut ws, json!({"type": "user_message", "content": "talk"})).await;
+    until(&mut ws, "ai_chunk").await;
+    drop(ws);
+    fake.wait_closed(0).await;
+    assert!(fake.requests()[0].events_sent < 500);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_is_retried_honouring_retry_after_then_succeeds() {
+    let fake = Fake::start(vec![
+        Reply::Status {
+            code: 429,
+            retry_after: Some(0),
+            body: r#"{"error":{"message":"slow down"}}"#,
+        },
+        Reply::Status {
+            code: 503,
+            retry_after: None,
+            body: "busy",
+        },
+        stream(openai_events(&["ok"], None), 1),
+    ])
+    .await;
+    let server = start(with_models(vec![model("gpt", LlmProvider::Openai, &fake)]));
+    let mut ws = connect_user(server.local_addr(), "retry").await;
+    send(&mut ws, json!({"type": "user_message", "content": "hi"})).await;
+    let (_, before) = until(&mut ws, "ai_done").await;
+    assert_eq!(chunks_text(&before), "ok");
+    assert_eq!(fake.requests().len(), 3);
+    assert_eq!(total(&server, |m| m.llm_retries.get()), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_failure_is_llm_unavailable_and_the_fallback_model_is_tried() {
+    let bad = Fake::start(vec![
+        Reply::Status {
+            code: 500,
+            retry_after: None,
+            body: "down"
+        };
+        2
+    ])
+    .await;
+    let good = Fake::start(vec![stream(openai_events(&["from fallback"], None), 1)]).await;
+    let mut primary = model("primary", LlmProvider::Openai, &bad);
+    primary.max_retries = 1;
+    primary.fallback = Some("backup".into());
+    let server = start(with_models(vec![
+        primary,
+        model("backup", LlmProvider::Openai, &good),
+    ]));
+    let mut ws = connect_user(server.local_addr(), "fb").await;
+    send(&mut ws, json!({"type": "user_message", "content": "hi"})).await;
+    let (_, before) = until(&mut ws, "ai_done").await;
+    assert_eq!(chunks_text(&before), "from fallback");
+    assert_eq!(bad.requests().len(), 2, "one try and one retry");
+    assert_eq!(good.requests()[0].body["model"], "upstream-backup");
+
+    // Without a fallback: one clean llm_unavailable, no ai_done.
+    let bad = Fake::start(vec![Reply::Status {
+        code: 500,
+        retry_after: None,
+        body: "down",
+    }])
+    .await;
+    let mut only = model("only", LlmProvider::Openai, &bad);
+    only.max_retries = 0;
+    let server = start(with_models(vec![only]));
+    let mut ws = connect_user(server.local_addr(), "nofb").await;
+    send(
+        &mut ws,
+        json!({"type": "user_message", "id": "c1", "content": "hi"}),
+    )
+    .await;
+    let (err, before) = until(&mut ws, "error").await;
+    assert_eq!(err["code"], "llm_unavailable");
+    assert!(
+        before
+            .iter()
+            .all(|v| v["type"] != "ai_chunk" && v["type"] != "ai_done"),
+        "{before:?}"
+    );
+    assert_eq!(
+        total(&server, |m| m
+            .llm_error_count(chatbox::llm::ErrorKind::ServerError)),
+        1
+    );
+    // The connection is fine.
+    send(
+        &mut ws,
+        json!({"type": "resume", "session_id": session_of(&before)}),
+    )
+    .await;
+    assert_eq!(recv(&mut ws).await["type"], "session");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_events_are_skipped_and_counted() {
+    let mut events = openai_events(&["a", "b"], None);
+    events.insert(1, "data: {this is not json\n\n".into());
+    events.insert(2, ": keep-alive comment\n\n".into());
+    let fake = Fake::start(vec![stream(events, 1)]).await;
+    let server = start(with_models(vec![model("gpt", LlmProvider::Openai, &fake)]));
+    let mut ws = connect_user(server.local_addr(), "mal").await;
+    send(&mut ws, json!({"type": "user_message", "content": "hi"})).await;
+    let (_, before) = until(&mut ws, "ai_done").await;
+    assert_eq!(chunks_text(&before), "ab");
+    assert_eq!(total(&server, |m| m.llm_malformed_events.get()), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_stream_times_out_and_a_broken_one_keeps_its_partial_text() {
+    // Stall before the first token: timeout, no chunk, llm_unavailable.
+    let stall = Fake::start(vec![Reply::Stream {
+        events: vec![],
+        gap: Duration::ZERO,
+        then: End::Stall,
+    }])
+    .await;
+    let mut m = model("stall", LlmProvider::Openai, &stall);
+    m.first_token_timeout_ms = 300;
+    m.max_retries = 0;
+    let server = start(with_models(vec![m]));
+    let mut ws = connect_user(server.local_addr(), "stall").await;
+    send(&mut ws, json!({"type": "user_message", "content": "hi"})).await;
+    let (err, _) = until(&mut ws, "error").await;
+    assert_eq!(err["code"], "llm_unavailable");
+    assert_eq!(
+        total(&server, |m| m
+            .llm_error_count(chatbox::llm::ErrorKind::Timeout)),
+        1
+    );
+
+    // Disconnect mid-stream: what was said is kept (cancelled), then the error.
+    let mut events = openai_events(&["half ", "an answer"], None);
+    events.pop(); // no [DONE]: the connection just ends
+    let broken = Fake::start(vec![stream(events, 1)]).await;
+    let mut m = model("broken", LlmProvider::Openai, &broken);
+    m.max_retries = 0;
+    let server = start(with_models(vec![m]));
+    let mut ws = connect_user(server.local_addr(), "broken").await;
+    send(&mut ws, json!({"type": "user_message", "content": "hi"})).await;
+    let (done, before) = until(&mut ws, "ai_done").await;
+    assert_eq!(
+        (done["cancelled"].as_bool(), chunks_text(&before).as_str()),
+        (Some(true), "half an answer")
+    );
+    assert_eq!(recv(&mut ws).await["code"], "llm_unavailable");
+    send(
+        &mut ws,
+        json!({"type": "resume", "session_id": session_of(&before)}),
+    )
+    .await;
+    let s = recv(&mut ws).await;
+    let last = s["messages"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(
+        (last["content"].as_str(), last["cancelled"].as_bool()),
+        (Some("half an answer"), Some(true))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_messages_stream() {
+    let sse = |name: &str, data: Value| format!("event: {name}\ndata: {data}\n\n");
+    let events = vec![
+        sse(
+            "message_start",
+            json!({"type": "message_start", "message": {"id": "msg_1", "usage": {"input_tokens": 12, "output_tokens": 1}}}),
+        ),
+        sse(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ),
+        sse("ping", json!({"type": "ping"})),
+        sse(
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Bonjour"}}),
+        ),
+        sse(
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": " !"}}),
+        ),
+        sse(
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": 0}),
+        ),
+        sse(
+            "message_delta",
+            json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 4}}),
+        ),
+        sse("message_stop", json!({"type": "message_stop"})),
+    ];
+    let fake = Fake::start(vec![stream(events, 1)]).await;
+    let server = start(with_models(vec![model(
+        "claude",
+        LlmProvider::Anthropic,
+        &fake,
+    )]));
+    let mut ws = connect_user(server.local_addr(), "anth").await;
+    send(&mut ws, json!({"type": "user_message", "content": "salut"})).await;
+    let (done, before) = until(&mut ws, "ai_done").await;
+    assert_eq!(chunks_text(&before), "Bonjour !");
+    assert_eq!(
+        done["usage"],
+        json!({"input_tokens": 12, "output_tokens": 4})
+    );
+    let req = &fake.requests()[0];
+    assert!(
+        req.headers.starts_with("post /v1/messages "),
+        "{}",
+        req.headers
+    );
+    assert!(
+        req.headers.contains("x-api-key: test-key")
+            && req.headers.contains("anthropic-version: 2023-06-01")
+    );
+    assert_eq!(req.body["system"], "Be brief.");
+    assert_eq!(
+        req.body["messages"],
+        json!([{"role": "user", "content": "salut"}])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_id_picks_a_configured_model_and_unknown_ones_are_refused() {
+    let a = Fake::start(vec![]).await;
+    let b = Fake::start(vec![stream(openai_events(&["from b"], None), 1)]).await;
+    let server = start(with_models(vec![
+        model("a", LlmProvider::Openai, &a),
+        model("b", LlmProvider::Openai, &b),
+    ]));
+    let mut ws = connect_user(server.local_addr(), "pick").await;
+    send(
+        &mut ws,
+        json!({"type": "user_message", "id": "x", "content": "hi", "model_id": "nope"}),
+    )
+    .await;
+    let e = recv(&mut ws).await;
+    assert_eq!(
+        (e["code"].as_str(), e["id"].as_str()),
+        (Some("invalid_message"), Some("x"))
+    );
+    assert!(e["message"].as_str().unwrap().contains("a, b"), "{e}");
+    send(
+        &mut ws,
+        json!({"type": "user_message", "content": "hi", "model_id": "b"}),
+    )
+    .await;
+    let (_, before) = until(&mut ws, "ai_done").await;
+    assert_eq!(chunks_text(&before), "from b");
+    assert!(a.requests().is_empty());
+}
+
+#[test]
+fn plain_http_endpoints_are_refused_unless_loopback() {
+    let mut m = ModelConfig::new("remote", LlmProvider::Openai);
+    m.base_url = Some("http://api.example.com/v1".into());
+    let cfg = with_models(vec![m]);
+    let e = cfg.validate(false).unwrap_err().to_string();
+    assert!(e.contains("must be https"), "{e}");
+}
