@@ -82,9 +82,12 @@ impl BlockingPool {
         async move {
             let guard = admitted?;
             let (tx, rx) = tokio::sync::oneshot::channel();
-            handle.spawn(async move {
-                let _guard = guard;
-                let _ = tx.send(work.await);
+                        handle.spawn(async move {
+                let out = work.await;
+                // Released before the reply, so a caller that has its answer is no
+                // longer counted against the bound.
+                drop(guard);
+                let _ = tx.send(out);
             });
             rx.await.map_err(|_| PoolError::Dropped)
         }
