@@ -82,7 +82,7 @@ impl BlockingPool {
         async move {
             let guard = admitted?;
             let (tx, rx) = tokio::sync::oneshot::channel();
-                        handle.spawn(async move {
+            handle.spawn(async move {
                 let out = work.await;
                 // Released before the reply, so a caller that has its answer is no
                 // longer counted against the bound.
