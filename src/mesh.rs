@@ -7,6 +7,8 @@
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
+use crate::chat::takeover::AdminOp;
+use crate::shard::registry::ConnId;
 use crate::ws::handshake::Upgrade;
 
 /// Everything one core can ask of another.
@@ -16,6 +18,13 @@ pub enum CoreMsg {
     Handover(Box<Handover>),
     /// Send this text frame to every connection of the receiving core.
     Broadcast(Arc<str>),
+    /// Send a frame to one connection of the receiving core (an admin watching a
+    /// session that another core owns).
+    Deliver { conn: ConnId, frame: Arc<str> },
+    /// Send a frame to every admin connection of the receiving core.
+    AdminFeed(Arc<str>),
+    /// An admin's action on a session that the receiving core owns.
+    Admin(Box<AdminOp>),
 }
 
 pub struct Handover {
@@ -62,6 +71,18 @@ impl Mesh {
             async_channel::TrySendError::Full(m) => (MeshError::Full(core), m),
             async_channel::TrySendError::Closed(m) => (MeshError::Stopped(core), m),
         })
+    }
+
+    /// Sends `frame` to every admin connection on every core (the help feed).
+    pub fn admin_feed(&self, frame: &str) -> Vec<MeshError> {
+        let frame: Arc<str> = frame.into();
+        (0..self.cores())
+            .filter_map(|core| {
+                self.send(core, CoreMsg::AdminFeed(frame.clone()))
+                    .err()
+                    .map(|(e, _)| e)
+            })
+            .collect()
     }
 
     /// Sends `text` to every connection on every core. Returns the cores that

@@ -353,6 +353,35 @@ pub enum ServerFrame<'a> {
         #[serde(skip_serializing_if = "std::ops::Not::not")]
         cancelled: bool,
     },
+    /// To admins in the session: what the user wrote.
+    UserMessage {
+        session_id: &'a str,
+        message_id: &'a str,
+        user_id: &'a str,
+        content: &'a str,
+    },
+    AdminJoined {
+        session_id: &'a str,
+        admin_name: &'a str,
+    },
+    AdminMessage {
+        session_id: &'a str,
+        admin_name: &'a str,
+        message_id: &'a str,
+        content: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a str>,
+    },
+    AdminLeft {
+        session_id: &'a str,
+        admin_name: &'a str,
+    },
+    HelpRequested {
+        session_id: &'a str,
+        user_id: &'a str,
+        user_name: &'a str,
+        at: i64,
+    },
     Error {
         code: Code,
         message: &'a str,

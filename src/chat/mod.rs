@@ -7,6 +7,7 @@
 
 pub mod frames;
 pub mod limiter;
+pub mod takeover;
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
@@ -25,6 +26,7 @@ use crate::shard::Core;
 use crate::store::{MessageRecord, Millis, Role, SessionRecord, Store, WriteOp, WriteOutcome};
 use frames::{error_frame, ClientFrame, Code, HistoryItem, Incoming, ServerFrame, Usage};
 use limiter::Limiter;
+use takeover::{AdminAction, AdminOp, AdminRef, Seat, State};
 
 /// Sessions one connection may be attached to; the oldest is detached beyond it.
 const SESSIONS_PER_CONNECTION_MAX: usize = 64;
@@ -105,6 +107,9 @@ struct Session {
     answer: Option<Answer>,
     /// The latest turns, sent upstream as context; bounded by count and size.
     context: VecDeque<Turn>,
+    state: State,
+    /// Admins in the session (takeover); their connections may be on other cores.
+    admins: Vec<Seat>,
 }
 
 impl Session {
@@ -201,6 +206,8 @@ pub struct ChatConn {
     pub conn: ConnId,
     pub identity: Identity,
     core: Rc<Core>,
+    /// For admins: the sessions this connection joined, and the core owning each.
+    joined: Rc<RefCell<HashMap<Arc<str>, usize>>>,
 }
 
 impl ChatConn {
@@ -209,6 +216,7 @@ impl ChatConn {
             conn,
             identity,
             core,
+            joined: Rc::default(),
         }
     }
 
@@ -241,7 +249,7 @@ impl ChatConn {
                     &self.identity.user_id,
                     sid,
                     id,
-                    move |core, sid, conn, _| resume(core, sid, conn, after_seq),
+                    move |core, sid, conn, _| resume(core, sid, Target::Local(conn), after_seq),
                 );
                 None
             }
@@ -257,16 +265,57 @@ impl ChatConn {
                     id.as_deref(),
                 ))
             }
-            ClientFrame::AdminJoin { .. }
-            | ClientFrame::AdminMessage { .. }
-            | ClientFrame::AdminLeave { .. }
-            | ClientFrame::HelpRequest { .. }
-            | ClientFrame::FileMessage { .. } => Some(error_frame(
+            ClientFrame::AdminJoin { session_id } => self.admin(session_id, AdminAction::Join, id),
+            ClientFrame::AdminMessage {
+                session_id,
+                content,
+            } => {
+                let action = AdminAction::Message {
+                    content,
+                    client_id: id.clone(),
+                };
+                self.admin(session_id, action, id)
+            }
+            ClientFrame::AdminLeave { session_id } => {
+                self.admin(session_id, AdminAction::Leave, id)
+            }
+            ClientFrame::HelpRequest { session_id } => {
+                let me = self.identity.clone();
+                with_session(
+                    &self.core,
+                    self.conn,
+                    &self.identity.user_id,
+                    session_id.into(),
+                    id,
+                    move |core, sid, _, _| takeover::help_request(core, sid, &me),
+                );
+                None
+            }
+            ClientFrame::FileMessage { .. } => Some(error_frame(
                 Code::InvalidMessage,
-                "this frame type is not available yet",
+                "file and voice messages are not available yet",
                 id.as_deref(),
             )),
         }
+    }
+
+    fn admin_ref(&self) -> AdminRef {
+        AdminRef {
+            id: self.identity.user_id.clone(),
+            name: self.identity.name.clone(),
+            core: self.core.id,
+            conn: self.conn,
+        }
+    }
+
+    fn admin(&self, session_id: String, action: AdminAction, id: Option<String>) -> Option<String> {
+        let op = AdminOp {
+            session_id: session_id.into(),
+            admin: self.admin_ref(),
+            action,
+        };
+        takeover::route(&self.core, &self.joined, op, id);
+        None
     }
 
     fn user_message(
@@ -359,6 +408,10 @@ impl ChatConn {
 impl Drop for ChatConn {
     fn drop(&mut self) {
         self.core.chat.detach_conn(self.conn);
+        let joined: Vec<(Arc<str>, usize)> = self.joined.borrow_mut().drain().collect();
+        if !joined.is_empty() {
+            takeover::admin_gone(&self.core, self.admin_ref(), joined);
+        }
         // Answers left with nobody listening keep going for the grace period, so a
         // quick reconnect can resume them; after it they are dropped upstream.
         let orphaned: Vec<(Arc<str>, Arc<str>)> = self
@@ -413,17 +466,74 @@ fn push_conn(core: &Core, conn: ConnId, frame: String) {
         .push_conn(conn, Outgoing::Text(frame.into()));
 }
 
+/// A connection on this core or on another one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Local(ConnId),
+    Remote(usize, ConnId),
+}
+
+impl Target {
+    fn of(admin: &AdminRef) -> Target {
+        Target::Remote(admin.core, admin.conn)
+    }
+
+    /// Sends a frame; a frame for another core travels through the mesh.
+    fn deliver(self, core: &Core, frame: String) {
+        self.deliver_arc(core, frame.into());
+    }
+
+    fn deliver_arc(self, core: &Core, frame: Arc<str>) {
+        match self {
+            Target::Local(conn) => {
+                let _ = core
+                    .registry
+                    .borrow()
+                    .push_conn(conn, Outgoing::Text(frame));
+            }
+            Target::Remote(owner, conn) if owner == core.id => {
+                let _ = core
+                    .registry
+                    .borrow()
+                    .push_conn(conn, Outgoing::Text(frame));
+            }
+            Target::Remote(owner, conn) => {
+                if core
+                    .shared
+                    .mesh
+                    .send(owner, crate::mesh::CoreMsg::Deliver { conn, frame })
+                    .is_err()
+                {
+                    core.metrics().mesh_dropped.inc();
+                }
+            }
+        }
+    }
+}
+
 /// Sends a frame to every connection attached to the session.
 fn push_session(core: &Core, sid: &str, frame: String) {
     let frame: Arc<str> = frame.into();
-    let attached = match core.chat.sessions.borrow().get(sid) {
-        Some(s) => s.attached.clone(),
-        None => return,
-    };
-    let registry = core.registry.borrow();
-    for conn in attached {
-        // A connection that just went away is detached by its own drop.
-        let _ = registry.push_conn(conn, Outgoing::Text(frame.clone()));
+    let (attached, admins): (Vec<ConnId>, Vec<(usize, ConnId)>) =
+        match core.chat.sessions.borrow().get(sid) {
+            Some(s) => (
+                s.attached.clone(),
+                s.admins
+                    .iter()
+                    .flat_map(|seat| seat.conns.iter().copied())
+                    .collect(),
+            ),
+            None => return,
+        };
+    {
+        let registry = core.registry.borrow();
+        for conn in attached {
+            // A connection that just went away is detached by its own drop.
+            let _ = registry.push_conn(conn, Outgoing::Text(frame.clone()));
+        }
+    }
+    for (owner, conn) in admins {
+        Target::Remote(owner, conn).deliver_arc(core, frame.clone());
     }
 }
 
@@ -453,6 +563,8 @@ fn create_session(core: &Core, user: &Arc<str>, now: Millis) -> Result<Arc<str>,
             last_activity: now,
             answer: None,
             context: VecDeque::new(),
+            state: State::Ai,
+            admins: Vec::new(),
         },
     );
     Ok(sid)
@@ -530,6 +642,8 @@ fn rehydrate(core: &Core, sid: &Arc<str>, rec: SessionRecord, messages: &[Messag
         last_activity: rec.last_activity,
         answer: None,
         context: VecDeque::new(),
+        state: State::parse(&rec.state),
+        admins: Vec::new(),
     };
     for m in messages {
         let role = match m.role {
@@ -608,6 +722,7 @@ fn append_user_message(
     let write = shared.store.write(ops);
     let core = core.clone();
     let sid = sid.clone();
+    let user = user.clone();
     monoio::spawn(async move {
         match write.await {
             Ok(outcomes) => {
@@ -635,10 +750,35 @@ fn append_user_message(
                 } else {
                     core.metrics().acks.inc();
                     push_session(&core, &sid, ack);
-                    if let Some(s) = core.chat.sessions.borrow_mut().get_mut(&sid) {
-                        s.remember(TurnRole::User, content.into(), &core.shared.chat);
+                    let (human, admins) = match core.chat.sessions.borrow_mut().get_mut(&sid) {
+                        Some(s) => {
+                            s.remember(TurnRole::User, content.as_str().into(), &core.shared.chat);
+                            let admins: Vec<(usize, ConnId)> = s
+                                .admins
+                                .iter()
+                                .flat_map(|seat| seat.conns.iter().copied())
+                                .collect();
+                            (s.state == State::Human, admins)
+                        }
+                        None => (false, Vec::new()),
+                    };
+                    if !admins.is_empty() {
+                        let relay: Arc<str> = ServerFrame::UserMessage {
+                            session_id: &sid,
+                            message_id: &mid,
+                            user_id: &user,
+                            content: &content,
+                        }
+                        .to_json()
+                        .into();
+                        for (owner, conn) in admins {
+                            Target::Remote(owner, conn).deliver_arc(&core, relay.clone());
+                        }
                     }
-                    start_answer(&core, &sid, model);
+                    // While a human has the session, the AI stays silent.
+                    if !human {
+                        start_answer(&core, &sid, model);
+                    }
                 }
             }
             Err(e) => {
@@ -916,103 +1056,99 @@ async fn store_answer(
 
 /// Answers `resume`: the stored history (decrypted), then the missed chunks of the
 /// current answer and, live, the rest.
-fn resume(core: &Rc<Core>, sid: &Arc<str>, conn: ConnId, after_seq: Option<u64>) {
+fn resume(core: &Rc<Core>, sid: &Arc<str>, to: Target, after_seq: Option<u64>) {
+    monoio::spawn(resume_now(core.clone(), sid.clone(), to, after_seq));
+}
+
+/// [`resume`], awaited: returns once every frame is queued for `to`.
+async fn resume_now(core: Rc<Core>, sid: Arc<str>, to: Target, after_seq: Option<u64>) {
     let shared = &core.shared.chat;
-    let load = shared.store.load_session(sid, shared.history_messages_max);
-    let core = core.clone();
-    let sid = sid.clone();
-    monoio::spawn(async move {
-        let (_, messages) = match load.await {
-            Ok(Some(l)) => l,
-            Ok(None) => (SessionRecord::empty(), Vec::new()),
-            Err(e) => {
-                core.metrics().store_errors.inc();
-                tracing::error!(session = %sid, error = %e, "loading history failed");
-                return push_conn(
-                    &core,
-                    conn,
-                    error_frame(Code::Internal, "could not load the history; retry", None),
-                );
-            }
-        };
-        let keys = &core.shared.chat.keys;
-        let mut withheld = 0;
-        let history: Vec<HistoryItem> = messages
-            .iter()
-            .filter_map(|m| match keys.open(&m.session_id, &m.message_id, &m.sealed) {
-                Ok(content) => Some(HistoryItem {
-                    message_id: m.message_id.clone(),
-                    role: m.role.as_str(),
-                    content,
-                    created_at: m.created_at,
-                    cancelled: m.cancelled,
-                }),
-                Err(e) => {
-                    withheld += 1;
-                    tracing::error!(session = %sid, message = %m.message_id, error = %e, "stored message failed its integrity check");
-                    None
-                }
-            })
-            .collect();
-        // From here on everything is synchronous: no chunk can slip in between.
-        push_conn(
-            &core,
-            conn,
-            ServerFrame::Session {
-                session_id: &sid,
-                created: false,
-                messages: Some(&history),
-            }
-            .to_json(),
-        );
-        if withheld > 0 {
-            core.metrics().integrity_failures.add(withheld);
-            let msg = format!(
-                "{withheld} stored message(s) failed their integrity check and were withheld"
+    let load = shared.store.load_session(&sid, shared.history_messages_max);
+    let (_, messages) = match load.await {
+        Ok(Some(l)) => l,
+        Ok(None) => (SessionRecord::empty(), Vec::new()),
+        Err(e) => {
+            core.metrics().store_errors.inc();
+            tracing::error!(session = %sid, error = %e, "loading history failed");
+            return to.deliver(
+                &core,
+                error_frame(Code::Internal, "could not load the history; retry", None),
             );
-            push_conn(&core, conn, error_frame(Code::Internal, &msg, None));
         }
-        let replay = {
-            let sessions = core.chat.sessions.borrow();
-            sessions
-                .get(&sid)
-                .and_then(|s| s.answer.as_ref())
-                .and_then(|a| {
-                    let stored = history.iter().any(|h| *h.message_id == *a.message_id);
-                    (!stored).then(|| (a.message_id.clone(), a.chunks.clone(), a.done))
-                })
-        };
-        if let Some((message_id, chunks, done)) = replay {
-            let from = after_seq.unwrap_or(0);
-            for (i, c) in chunks.iter().enumerate().skip(from as usize) {
-                let seq = i as u64 + 1;
-                push_conn(
-                    &core,
-                    conn,
-                    ServerFrame::AiChunk {
-                        session_id: &sid,
-                        message_id: &message_id,
-                        seq,
-                        content: c,
-                    }
-                    .to_json(),
-                );
+    };
+    let keys = &core.shared.chat.keys;
+    let mut withheld = 0;
+    let history: Vec<HistoryItem> = messages
+        .iter()
+        .filter_map(|m| match keys.open(&m.session_id, &m.message_id, &m.sealed) {
+            Ok(content) => Some(HistoryItem {
+                message_id: m.message_id.clone(),
+                role: m.role.as_str(),
+                content,
+                created_at: m.created_at,
+                cancelled: m.cancelled,
+            }),
+            Err(e) => {
+                withheld += 1;
+                tracing::error!(session = %sid, message = %m.message_id, error = %e, "stored message failed its integrity check");
+                None
             }
-            if let Some((usage, cancelled)) = done {
-                push_conn(
-                    &core,
-                    conn,
-                    ServerFrame::AiDone {
-                        session_id: &sid,
-                        message_id: &message_id,
-                        usage,
-                        cancelled,
-                    }
-                    .to_json(),
-                );
-            }
+        })
+        .collect();
+    // From here on everything is synchronous: no chunk can slip in between.
+    to.deliver(
+        &core,
+        ServerFrame::Session {
+            session_id: &sid,
+            created: false,
+            messages: Some(&history),
         }
-    });
+        .to_json(),
+    );
+    if withheld > 0 {
+        core.metrics().integrity_failures.add(withheld);
+        let msg =
+            format!("{withheld} stored message(s) failed their integrity check and were withheld");
+        to.deliver(&core, error_frame(Code::Internal, &msg, None));
+    }
+    let replay = {
+        let sessions = core.chat.sessions.borrow();
+        sessions
+            .get(&sid)
+            .and_then(|s| s.answer.as_ref())
+            .and_then(|a| {
+                let stored = history.iter().any(|h| *h.message_id == *a.message_id);
+                (!stored).then(|| (a.message_id.clone(), a.chunks.clone(), a.done))
+            })
+    };
+    if let Some((message_id, chunks, done)) = replay {
+        let from = after_seq.unwrap_or(0);
+        for (i, c) in chunks.iter().enumerate().skip(from as usize) {
+            let seq = i as u64 + 1;
+            to.deliver(
+                &core,
+                ServerFrame::AiChunk {
+                    session_id: &sid,
+                    message_id: &message_id,
+                    seq,
+                    content: c,
+                }
+                .to_json(),
+            );
+        }
+        if let Some((usage, cancelled)) = done {
+            to.deliver(
+                &core,
+                ServerFrame::AiDone {
+                    session_id: &sid,
+                    message_id: &message_id,
+                    usage,
+                    cancelled,
+                }
+                .to_json(),
+            );
+        }
+    }
 }
 
 impl SessionRecord {
@@ -1028,6 +1164,11 @@ impl SessionRecord {
             tokens_out: 0,
         }
     }
+}
+
+/// Where notifications of a help request go out (webhook, e-mail).
+fn notify_help(_core: &Rc<Core>, sid: &Arc<str>, user: &Identity, at: Millis) {
+    tracing::info!(session = %sid, user = %user.user_id, at, "help requested");
 }
 
 /// Expires idle sessions of this core until the gate closes.
@@ -1062,6 +1203,8 @@ mod tests {
             last_activity: last,
             answer: None,
             context: VecDeque::new(),
+            state: State::Ai,
+            admins: Vec::new(),
         }
     }
 

@@ -195,6 +195,17 @@ impl Core {
                     let n = self.registry.borrow().push_all(&Outgoing::Text(text));
                     tracing::debug!(core = self.id, connections = n, "broadcast delivered");
                 }
+                CoreMsg::Deliver { conn, frame } => {
+                    // The connection may have gone meanwhile; that is fine.
+                    let _ = self
+                        .registry
+                        .borrow()
+                        .push_conn(conn, Outgoing::Text(frame));
+                }
+                CoreMsg::AdminFeed(frame) => {
+                    self.registry.borrow().push_admins(&Outgoing::Text(frame));
+                }
+                CoreMsg::Admin(op) => crate::chat::takeover::on_admin_op(&self, *op),
             }
         }
     }
@@ -228,7 +239,11 @@ impl Core {
         }
         let outbox = Outbox::new(self.shared.config.ws_outbox_frames_max);
         let user = up.identity.as_ref().map(|i| i.user_id.clone());
-        let registered = self.registry.borrow_mut().register(user, outbox.clone());
+        let admin = up.identity.as_ref().is_some_and(|i| i.admin);
+        let registered = self
+            .registry
+            .borrow_mut()
+            .register(user, admin, outbox.clone());
         let id = match registered {
             Ok(id) => id,
             Err(RegisterError::UserCap(n)) => {

@@ -20,6 +20,7 @@ pub enum RegisterError {
 
 struct Conn {
     user: Option<Arc<str>>,
+    admin: bool,
     outbox: Outbox,
 }
 
@@ -50,6 +51,7 @@ impl Registry {
     pub fn register(
         &mut self,
         user: Option<Arc<str>>,
+        admin: bool,
         outbox: Outbox,
     ) -> Result<ConnId, RegisterError> {
         if self.conns.len() >= self.conns_max {
@@ -65,7 +67,14 @@ impl Registry {
         self.next_seq += 1;
         // The core number in the high bits makes ids unique across the process.
         let id = (self.core as u64) << 48 | self.next_seq;
-        self.conns.insert(id, Conn { user, outbox });
+        self.conns.insert(
+            id,
+            Conn {
+                user,
+                admin,
+                outbox,
+            },
+        );
         Ok(id)
     }
 
@@ -101,6 +110,14 @@ impl Registry {
         self.conns
             .values()
             .filter(|c| c.outbox.push(msg.clone()).is_ok())
+            .count()
+    }
+
+    /// Queues `msg` on every admin connection; returns how many took it.
+    pub fn push_admins(&self, msg: &Outgoing) -> usize {
+        self.conns
+            .values()
+            .filter(|c| c.admin && c.outbox.push(msg.clone()).is_ok())
             .count()
     }
 
@@ -161,19 +178,20 @@ mod tests {
     fn per_user_cap_and_cleanup() {
         let mut r = Registry::new(1, 2, 100);
         let u: Arc<str> = "alice".into();
-        let a = r.register(Some(u.clone()), Outbox::new(4)).unwrap();
-        let b = r.register(Some(u.clone()), Outbox::new(4)).unwrap();
+        let a = r.register(Some(u.clone()), false, Outbox::new(4)).unwrap();
+        let b = r.register(Some(u.clone()), false, Outbox::new(4)).unwrap();
         assert_ne!(a, b);
         assert_eq!(a >> 48, 1);
         assert_eq!(
-            r.register(Some(u.clone()), Outbox::new(4)),
+            r.register(Some(u.clone()), false, Outbox::new(4)),
             Err(RegisterError::UserCap(2))
         );
-        r.register(Some("bob".into()), Outbox::new(4)).unwrap();
-        r.register(None, Outbox::new(4)).unwrap();
+        r.register(Some("bob".into()), false, Outbox::new(4))
+            .unwrap();
+        r.register(None, false, Outbox::new(4)).unwrap();
         r.unregister(a);
         assert_eq!(r.user_connections("alice"), 1);
-        r.register(Some(u.clone()), Outbox::new(4)).unwrap();
+        r.register(Some(u.clone()), false, Outbox::new(4)).unwrap();
         r.unregister(b);
         r.unregister(b);
         assert_eq!(r.user_connections("alice"), 1);
@@ -183,9 +201,9 @@ mod tests {
     #[test]
     fn core_cap() {
         let mut r = Registry::new(0, 10, 1);
-        r.register(None, Outbox::new(1)).unwrap();
+        r.register(None, false, Outbox::new(1)).unwrap();
         assert_eq!(
-            r.register(Some("x".into()), Outbox::new(1)),
+            r.register(Some("x".into()), false, Outbox::new(1)),
             Err(RegisterError::CoreFull)
         );
         assert_eq!(r.user_connections("x"), 0, "a refused user leaves no entry");

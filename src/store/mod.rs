@@ -84,6 +84,15 @@ pub enum WriteOp {
         user_id: String,
         message: MessageRecord,
     },
+    /// Moves the session to `state` (`ai`, `waiting`, `human`, `ended`) and records
+    /// who did it and when in the session's audit trail.
+    SetState {
+        session_id: String,
+        state: &'static str,
+        actor: String,
+        action: &'static str,
+        at: Millis,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -50,7 +50,19 @@ const MIGRATIONS: &[&str] = &[
         cancelled INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (session_id, seq)
     ) WITHOUT ROWID;
-    CREATE UNIQUE INDEX messages_client_id ON messages(user_id, client_id) WHERE client_id IS NOT NULL;",
+        CREATE UNIQUE INDEX messages_client_id ON messages(user_id, client_id) WHERE client_id IS NOT NULL;",
+    // 2: session states over time: an audit trail, and when a session ended.
+    "CREATE TABLE session_events (
+        session_id TEXT NOT NULL,
+        at INTEGER NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        state TEXT NOT NULL
+    );
+    CREATE INDEX session_events_session ON session_events(session_id, at);
+    CREATE INDEX session_events_action ON session_events(action, at);
+    ALTER TABLE sessions ADD COLUMN ended_at INTEGER;
+    CREATE INDEX sessions_state ON sessions(state);",
 ];
 
 struct Job {
@@ -267,6 +279,24 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<WriteOutcome, rusqlite::Erro
                 "UPDATE sessions SET message_count = message_count + 1, tokens_in = tokens_in + ?2,
                      tokens_out = tokens_out + ?3, last_activity = max(last_activity, ?4) WHERE id = ?1",
                 params![m.session_id, m.tokens_in as i64, m.tokens_out as i64, m.created_at],
+            )?;
+            Ok(WriteOutcome::Done)
+        }
+        WriteOp::SetState {
+            session_id,
+            state,
+            actor,
+            action,
+            at,
+        } => {
+            conn.execute(
+                "UPDATE sessions SET state = ?2, last_activity = max(last_activity, ?3),
+                     ended_at = CASE WHEN ?2 = 'ended' THEN ?3 ELSE ended_at END WHERE id = ?1",
+                params![session_id, state, at],
+            )?;
+            conn.execute(
+                "INSERT INTO session_events (session_id, at, actor, action, state) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![session_id, at, actor, action, state],
             )?;
             Ok(WriteOutcome::Done)
         }

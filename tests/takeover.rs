@@ -1,0 +1,327 @@
+//! Human takeover: help requests reach admins, an admin joins (the AI goes silent),
+//! chats, leaves (the AI answers again); several admins, admins on other cores,
+//! users and admins going away mid-takeover, and the persisted audit trail.
+
+mod common;
+
+use chatbox::auth::now_secs;
+use chatbox::mesh::owner_core;
+use common::*;
+use futures_util::SinkExt;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+async fn send(ws: &mut Ws, v: Value) {
+    ws.send(Message::text(v.to_string())).await.unwrap();
+}
+
+async fn recv(ws: &mut Ws) -> Value {
+    match next_msg(ws).await {
+        Some(Message::Text(t)) => serde_json::from_str(&t).unwrap(),
+        other => panic!("expected a JSON frame, got {other:?}"),
+    }
+}
+
+async fn until(ws: &mut Ws, kind: &str) -> (Value, Vec<Value>) {
+    let mut before = Vec::new();
+    loop {
+        let v = recv(ws).await;
+        if v["type"] == kind {
+            return (v, before);
+        }
+        before.push(v);
+    }
+}
+
+async fn admin(addr: std::net::SocketAddr, id: &str) -> Ws {
+    let t = token_with(id, &["admin"], now_secs() + 3600);
+    connect(addr, "/ws", Some(&t), None)
+        .await
+        .expect("admin connects")
+}
+
+/// A user id whose core differs from (or equals) the admin's, on two cores.
+fn user_on(other_than_admin: bool, admin_id: &str) -> String {
+    let admin_core = owner_core(admin_id, 2);
+    (0..100)
+        .map(|i| format!("user-{i}"))
+        .find(|u| (owner_core(u, 2) != admin_core) == other_than_admin)
+        .unwrap()
+}
+
+/// Starts a session with one answered message; returns its id.
+async fn session_with_answer(ws: &mut Ws) -> String {
+    send(
+        ws,
+        json!({"type": "user_message", "content": "my parcel is lost"}),
+    )
+    .await;
+    let (_, before) = until(ws, "ai_done").await;
+    before[0]["session_id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn help_takeover_chat_and_hand_back_across_cores() {
+    let server = start(config());
+    let addr = server.local_addr();
+    let admin_id = "agent-ann";
+    let user = user_on(true, admin_id);
+    let mut a = admin(addr, admin_id).await;
+    let mut u = connect_user(addr, &user).await;
+    let sid = session_with_answer(&mut u).await;
+
+    send(&mut u, json!({"type": "help_request", "session_id": sid})).await;
+    let (help, _) = until(&mut a, "help_requested").await;
+    assert_eq!(
+        (help["session_id"].as_str(), help["user_id"].as_str()),
+        (Some(sid.as_str()), Some(user.as_str()))
+    );
+    assert_eq!(help["user_name"], json!(format!("{user} name")));
+    assert!(help["at"].as_i64().unwrap() > 0);
+    until(&mut u, "help_requested").await;
+
+    send(&mut a, json!({"type": "admin_join", "session_id": sid})).await;
+    let (history, _) = until(&mut a, "session").await;
+    assert_eq!(
+        history["messages"].as_array().unwrap().len(),
+        2,
+        "the admin sees the transcript"
+    );
+    until(&mut a, "admin_joined").await;
+    let (joined, _) = until(&mut u, "admin_joined").await;
+    assert_eq!(joined["admin_name"], "agent-ann name");
+
+    // While the human has the session the AI says nothing.
+    let llm_before = total(&server, |m| m.llm_requests.get());
+    send(
+        &mut u,
+        json!({"type": "user_message", "id": "h1", "session_id": sid, "content": "hello human?"}),
+    )
+    .await;
+    until(&mut u, "ack").await;
+    let (seen, _) = until(&mut a, "user_message").await;
+    assert_eq!(seen["content"], "hello human?");
+    send(&mut a, json!({"type": "admin_message", "session_id": sid, "content": "Hi, I'm Ann. Let me check."})).await;
+    let (said, between) = until(&mut u, "admin_message").await;
+    assert_eq!(
+        (said["content"].as_str(), said["admin_name"].as_str()),
+        (Some("Hi, I'm Ann. Let me check."), Some("agent-ann name"))
+    );
+    assert!(
+        between.iter().all(|v| v["type"] != "ai_chunk"),
+        "{between:?}"
+    );
+    assert_eq!(total(&server, |m| m.llm_requests.get()), llm_before);
+
+    send(&mut a, json!({"type": "admin_leave", "session_id": sid})).await;
+    until(&mut u, "admin_left").await;
+    until(&mut a, "admin_left").await;
+    send(
+        &mut u,
+        json!({"type": "user_message", "session_id": sid, "content": "thanks"}),
+    )
+    .await;
+    let (done, _) = until(&mut u, "ai_done").await;
+    assert_eq!(done["cancelled"], Value::Null, "the AI answers again");
+
+    // The transcript has every voice, in order.
+    send(&mut u, json!({"type": "resume", "session_id": sid})).await;
+    let (s, _) = until(&mut u, "session").await;
+    let roles: Vec<&str> = s["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["role"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        roles,
+        ["user", "assistant", "user", "admin", "user", "assistant"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joining_cancels_a_running_answer() {
+    let server = start(chatbox::Config {
+        demo_chunk_delay_ms: 40,
+        ..config()
+    });
+    let addr = server.local_addr();
+    let mut a = admin(addr, "agent-x").await;
+    let mut u = connect_user(addr, "impatient").await;
+    send(
+        &mut u,
+        json!({"type": "user_message", "content": "tell me everything"}),
+    )
+    .await;
+    let (_, before) = until(&mut u, "ai_chunk").await;
+    let sid = before[0]["session_id"].as_str().unwrap().to_owned();
+    send(&mut a, json!({"type": "admin_join", "session_id": sid})).await;
+    // Both arrive; their order is not fixed (the answer is stored as it stops).
+    let (mut done, mut joined) = (None, false);
+    while done.is_none() || !joined {
+        let v = recv(&mut u).await;
+        if v["type"] == "ai_done" {
+            done = Some(v);
+        } else if v["type"] == "admin_joined" {
+            joined = true;
+        }
+    }
+    assert_eq!(done.unwrap()["cancelled"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_admins_and_the_ai_returns_only_when_the_last_leaves() {
+    let server = start(config());
+    let addr = server.local_addr();
+    let mut u = connect_user(addr, "popular").await;
+    let sid = session_with_answer(&mut u).await;
+    let mut a1 = admin(addr, "agent-1").await;
+    let mut a2 = admin(addr, "agent-2").await;
+    // Both join at once.
+    send(&mut a1, json!({"type": "admin_join", "session_id": sid})).await;
+    send(&mut a2, json!({"type": "admin_join", "session_id": sid})).await;
+    for a in [&mut a1, &mut a2] {
+        let mut names = Vec::new();
+        while names.len() < 2 {
+            let (j, _) = until(a, "admin_joined").await;
+            names.push(j["admin_name"].as_str().unwrap().to_owned());
+        }
+        names.sort();
+        assert_eq!(names, ["agent-1 name", "agent-2 name"]);
+    }
+    // One admin writing reaches the other admin and the user.
+    send(
+        &mut a1,
+        json!({"type": "admin_message", "session_id": sid, "content": "I take this one"}),
+    )
+    .await;
+    until(&mut a2, "admin_message").await;
+    until(&mut u, "admin_message").await;
+
+    send(&mut a1, json!({"type": "admin_leave", "session_id": sid})).await;
+    until(&mut u, "admin_left").await;
+    let llm_before = total(&server, |m| m.llm_requests.get());
+    send(
+        &mut u,
+        json!({"type": "user_message", "id": "q", "session_id": sid, "content": "still there?"}),
+    )
+    .await;
+    until(&mut a2, "user_message").await;
+    assert_eq!(
+        total(&server, |m| m.llm_requests.get()),
+        llm_before,
+        "agent-2 still has it"
+    );
+
+    // The last admin's connection closing is a leave too.
+    drop(a2);
+    let (left, _) = until(&mut u, "admin_left").await;
+    assert_eq!(left["admin_name"], "agent-2 name");
+    send(
+        &mut u,
+        json!({"type": "user_message", "session_id": sid, "content": "anyone?"}),
+    )
+    .await;
+    until(&mut u, "ai_done").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_user_leaving_mid_takeover_finds_the_admin_reply_on_return() {
+    let cfg = config();
+    let dir = cfg.data_dir.clone();
+    let server = start(cfg);
+    let addr = server.local_addr();
+    let admin_id = "agent-z";
+    let user = user_on(false, admin_id);
+    let mut u = connect_user(addr, &user).await;
+    let sid = session_with_answer(&mut u).await;
+    send(&mut u, json!({"type": "help_request", "session_id": sid})).await;
+    until(&mut u, "help_requested").await;
+    let mut a = admin(addr, admin_id).await;
+    send(&mut a, json!({"type": "admin_join", "session_id": sid})).await;
+    until(&mut u, "admin_joined").await;
+    close_and_wait(u).await;
+    send(
+        &mut a,
+        json!({"type": "admin_message", "session_id": sid, "content": "Found your parcel."}),
+    )
+    .await;
+    until(&mut a, "admin_message").await;
+    let mut u = connect_user(addr, &user).await;
+    send(&mut u, json!({"type": "resume", "session_id": sid})).await;
+    let (s, _) = until(&mut u, "session").await;
+    let last = s["messages"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(
+        (last["role"].as_str(), last["content"].as_str()),
+        (Some("admin"), Some("Found your parcel."))
+    );
+    send(&mut a, json!({"type": "admin_leave", "session_id": sid})).await;
+    until(&mut u, "admin_left").await;
+
+    // Every transition is stored with who made it.
+    drop((u, a));
+    server.shutdown();
+    tokio::task::spawn_blocking(move || server.join())
+        .await
+        .unwrap()
+        .unwrap();
+    let db = rusqlite::Connection::open(dir.join("chatbox.db")).unwrap();
+    let mut stmt = db.prepare("SELECT actor, action, state FROM session_events WHERE session_id = ?1 ORDER BY at, rowid").unwrap();
+    let events: Vec<(String, String, String)> = stmt
+        .query_map([&sid], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let expect = [
+        (user.as_str(), "help_request", "waiting"),
+        (admin_id, "admin_join", "human"),
+        (admin_id, "admin_leave", "ai"),
+    ];
+    assert_eq!(
+        events,
+        expect.map(|(a, b, c)| (a.to_owned(), b.to_owned(), c.to_owned()))
+    );
+    let state: String = db
+        .query_row("SELECT state FROM sessions WHERE id = ?1", [&sid], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(state, "ai");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_frames_on_unknown_or_unjoined_sessions_are_refused() {
+    let server = start(config());
+    let addr = server.local_addr();
+    let mut a = admin(addr, "agent-q").await;
+    send(
+        &mut a,
+        json!({"type": "admin_join", "id": "j", "session_id": "s_nope"}),
+    )
+    .await;
+    let e = recv(&mut a).await;
+    assert_eq!(
+        (e["code"].as_str(), e["id"].as_str()),
+        (Some("not_found"), Some("j"))
+    );
+    send(
+        &mut a,
+        json!({"type": "admin_message", "id": "m", "session_id": "s_nope", "content": "hi"}),
+    )
+    .await;
+    let e = recv(&mut a).await;
+    assert_eq!(
+        (e["code"].as_str(), e["id"].as_str()),
+        (Some("forbidden"), Some("m"))
+    );
+    // A user asking for help on someone else's session learns nothing.
+    let mut u = connect_user(addr, "owner-1").await;
+    let sid = session_with_answer(&mut u).await;
+    let mut other = connect_user(addr, "someone-else").await;
+    send(
+        &mut other,
+        json!({"type": "help_request", "session_id": sid}),
+    )
+    .await;
+    assert_eq!(recv(&mut other).await["code"], "forbidden");
+}
