@@ -170,6 +170,8 @@ pub struct Config {
     pub llm_context_messages_max: usize,
     /// Characters of context sent upstream at most (oldest messages dropped first).
     pub llm_context_chars_max: usize,
+    /// Admin API requests per admin per minute (burst the same), per core.
+    pub admin_rate_limit_per_minute: u32,
     /// How long an answer keeps streaming after the user's last connection closed,
     /// so a quick reconnect can resume it; then the upstream request is dropped.
     pub llm_grace_secs: u64,
@@ -228,6 +230,7 @@ impl Default for Config {
             llm_context_messages_max: 20,
             llm_context_chars_max: 24_000,
             llm_grace_secs: 15,
+            admin_rate_limit_per_minute: 600,
             llm: crate::llm::LlmSection::default(),
         }
     }
@@ -410,6 +413,7 @@ impl Config {
                 llm_context_messages_max,
                 llm_context_chars_max,
                 llm_grace_secs,
+                admin_rate_limit_per_minute,
             ]
         );
         Ok(known.into_iter().collect())

@@ -25,6 +25,8 @@ pub enum CoreMsg {
     AdminFeed(Arc<str>),
     /// An admin's action on a session that the receiving core owns.
     Admin(Box<AdminOp>),
+    /// A user's data was deleted: drop their sessions from memory.
+    ForgetUser(Arc<str>),
 }
 
 pub struct Handover {
@@ -79,6 +81,18 @@ impl Mesh {
         (0..self.cores())
             .filter_map(|core| {
                 self.send(core, CoreMsg::AdminFeed(frame.clone()))
+                    .err()
+                    .map(|(e, _)| e)
+            })
+            .collect()
+    }
+
+    /// Tells every core to drop a user's sessions from memory.
+    pub fn forget_user(&self, user_id: &str) -> Vec<MeshError> {
+        let user: Arc<str> = user_id.into();
+        (0..self.cores())
+            .filter_map(|core| {
+                self.send(core, CoreMsg::ForgetUser(user.clone()))
                     .err()
                     .map(|(e, _)| e)
             })

@@ -191,6 +191,23 @@ impl ChatCore {
         }
     }
 
+    /// Drops every session of `user` from memory (their data was deleted),
+    /// stopping any answer still running.
+    pub fn forget_user(&self, user: &str) -> usize {
+        let mut sessions = self.sessions.borrow_mut();
+        let before = sessions.len();
+        sessions.retain(|_, s| {
+            let keep = &*s.user_id != user;
+            if !keep {
+                if let Some(a) = &s.answer {
+                    a.cancel.cancel();
+                }
+            }
+            keep
+        });
+        before - sessions.len()
+    }
+
     /// Drops idle sessions (no connection, no running answer) not active for
     /// `idle_ms`; they stay in storage and come back on `resume`.
     pub fn expire(&self, now: Millis, idle_ms: i64) -> usize {
@@ -700,6 +717,7 @@ fn append_user_message(
             message_count: 0,
             tokens_in: 0,
             tokens_out: 0,
+            ended_at: None,
         }));
     }
     ops.push(WriteOp::AppendMessage {
@@ -1162,6 +1180,7 @@ impl SessionRecord {
             message_count: 0,
             tokens_in: 0,
             tokens_out: 0,
+            ended_at: None,
         }
     }
 }

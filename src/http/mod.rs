@@ -1,6 +1,7 @@
 //! The HTTP front door: reads a request head, routes it, and serves plain HTTP
 //! endpoints with hyper (health, readiness, metrics, JSON errors).
 
+pub mod admin;
 pub mod head;
 
 use std::convert::Infallible;
@@ -80,7 +81,7 @@ impl Refuse {
 
 type Body = Full<Bytes>;
 
-fn json(status: StatusCode, body: String) -> Response<Body> {
+pub(crate) fn json(status: StatusCode, body: String) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -90,7 +91,7 @@ fn json(status: StatusCode, body: String) -> Response<Body> {
     r
 }
 
-fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+pub(crate) fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
     json(status, error_body(code, message))
 }
 
@@ -141,6 +142,11 @@ async fn route(core: &Core, req: Request<hyper::body::Incoming>) -> Response<Bod
             shared.config.http_body_bytes_max
         );
         return error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", &msg);
+    }
+    if let Some(rest) = path.strip_prefix("/admin") {
+        if rest.is_empty() || rest.starts_with('/') {
+            return admin::handle(core, &req, rest).await;
+        }
     }
     let known = matches!(path, "/healthz" | "/readyz" | "/metrics");
     if known && req.method() != hyper::Method::GET && req.method() != hyper::Method::HEAD {

@@ -34,6 +34,9 @@ use gate::Gate;
 use outbox::{Outbox, Outgoing};
 use registry::{RegisterError, Registration, Registry};
 
+/// Admins whose admin-API rate-limit state a core keeps.
+const ADMIN_LIMITER_USERS_MAX: usize = 10_000;
+
 /// What every core shares, read-only after start-up.
 pub struct Shared {
     pub config: Config,
@@ -82,6 +85,8 @@ pub struct Core {
     pub gate: Rc<Gate>,
     pub registry: Rc<RefCell<Registry>>,
     pub chat: ChatCore,
+    /// The admin API's rate limit, per admin, on this core.
+    admin_limiter: RefCell<crate::chat::limiter::Limiter>,
     shutdown_deadline: Cell<Option<Instant>>,
 }
 
@@ -98,9 +103,18 @@ impl Core {
             gate: Rc::new(Gate::default()),
             registry: Rc::new(RefCell::new(registry)),
             chat: ChatCore::default(),
+            admin_limiter: RefCell::new(crate::chat::limiter::Limiter::new(
+                cfg.admin_rate_limit_per_minute,
+                ADMIN_LIMITER_USERS_MAX,
+            )),
             shutdown_deadline: Cell::new(None),
             shared,
         }
+    }
+
+    /// Takes a token from `admin`'s admin-API bucket, or says when to retry (ms).
+    pub fn admin_rate_check(&self, admin: &Arc<str>, now_ms: i64) -> Result<(), u64> {
+        self.admin_limiter.borrow_mut().check(admin, now_ms)
     }
 
     pub fn metrics(&self) -> &CoreMetrics {
@@ -206,6 +220,14 @@ impl Core {
                     self.registry.borrow().push_admins(&Outgoing::Text(frame));
                 }
                 CoreMsg::Admin(op) => crate::chat::takeover::on_admin_op(&self, *op),
+                CoreMsg::ForgetUser(user) => {
+                    let n = self.chat.forget_user(&user);
+                    tracing::debug!(
+                        core = self.id,
+                        sessions = n,
+                        "forgot a deleted user's sessions"
+                    );
+                }
             }
         }
     }

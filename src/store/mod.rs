@@ -53,6 +53,7 @@ pub struct SessionRecord {
     pub message_count: u64,
     pub tokens_in: u64,
     pub tokens_out: u64,
+    pub ended_at: Option<Millis>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,6 +94,94 @@ pub enum WriteOp {
         action: &'static str,
         at: Millis,
     },
+    /// Deletes everything stored for a user (sessions, messages, audit trail).
+    DeleteUser { user_id: String },
+}
+
+/// Sort keys of the admin session list, translated explicitly to columns; an
+/// unknown name is an error, never a silent fallback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SortBy {
+    StartTime,
+    EndTime,
+    MessageCount,
+    TotalTokens,
+    UserId,
+}
+
+impl SortBy {
+    pub const NAMES: [&'static str; 5] = [
+        "start_time",
+        "end_time",
+        "message_count",
+        "total_tokens",
+        "user_id",
+    ];
+
+    pub fn parse(name: &str) -> Option<SortBy> {
+        Some(match name {
+            "start_time" => SortBy::StartTime,
+            "end_time" => SortBy::EndTime,
+            "message_count" => SortBy::MessageCount,
+            "total_tokens" => SortBy::TotalTokens,
+            "user_id" => SortBy::UserId,
+            _ => return None,
+        })
+    }
+}
+
+/// A position in a sorted list: the sort key's value and the session id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CursorKey {
+    Int(i64),
+    Text(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct SessionQuery {
+    pub user_id: Option<String>,
+    pub state: Option<String>,
+    /// Sessions started at or after / before this time.
+    pub from: Option<Millis>,
+    pub to: Option<Millis>,
+    pub sort_by: SortBy,
+    pub descending: bool,
+    pub limit: usize,
+    /// Continue after this (key, session id).
+    pub after: Option<(CursorKey, String)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SessionPage {
+    pub sessions: Vec<SessionRecord>,
+    /// Where the next page starts; `None` on the last page.
+    pub next: Option<(CursorKey, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionEvent {
+    pub at: Millis,
+    pub actor: String,
+    pub action: String,
+    pub state: String,
+}
+
+/// Totals over every session started in a time window.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct WindowMetrics {
+    pub sessions: u64,
+    pub messages: u64,
+    pub user_messages: u64,
+    pub assistant_messages: u64,
+    pub admin_messages: u64,
+    pub tokens_in: u64,
+    pub tokens_out: u64,
+    pub takeovers: u64,
+    pub help_requests: u64,
+    /// Replies (assistant or admin) that followed a user message.
+    pub responses: u64,
+    pub response_ms_avg: Option<f64>,
+    pub response_ms_max: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,4 +222,16 @@ pub trait Store: Send + Sync + 'static {
     fn load_session(&self, id: &str, messages_max: usize) -> StoreFuture<Option<Loaded>>;
     /// Succeeds when the store can serve requests.
     fn ping(&self) -> StoreFuture<()>;
+    /// One page of the admin session list.
+    fn list_sessions(&self, query: SessionQuery) -> StoreFuture<SessionPage>;
+    /// A session's audit trail, oldest first.
+    fn session_events(&self, id: &str) -> StoreFuture<Vec<SessionEvent>>;
+    /// Totals over all sessions started in `[from, to)`.
+    fn window_metrics(
+        &self,
+        from: Option<Millis>,
+        to: Option<Millis>,
+    ) -> StoreFuture<WindowMetrics>;
+    /// Every session of a user with all its messages (at most `sessions_max`).
+    fn user_sessions(&self, user_id: &str, sessions_max: usize) -> StoreFuture<Vec<Loaded>>;
 }

@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
-    Loaded, MessageRecord, Role, SessionRecord, Store, StoreError, StoreFuture, WriteOp,
-    WriteOutcome,
+    CursorKey, Loaded, MessageRecord, Millis, Role, SessionEvent, SessionPage, SessionQuery,
+    SessionRecord, SortBy, Store, StoreError, StoreFuture, WindowMetrics, WriteOp, WriteOutcome,
 };
 use crate::crypto::{Sealed, NONCE_BYTES};
 use crate::pool::BlockingPool;
@@ -295,12 +295,194 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<WriteOutcome, rusqlite::Erro
                 params![session_id, state, at],
             )?;
             conn.execute(
-                "INSERT INTO session_events (session_id, at, actor, action, state) VALUES (?1, ?2, ?3, ?4, ?5)",
+                                "INSERT INTO session_events (session_id, at, actor, action, state) VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![session_id, at, actor, action, state],
             )?;
             Ok(WriteOutcome::Done)
         }
+        WriteOp::DeleteUser { user_id } => {
+            conn.execute(
+                "DELETE FROM session_events WHERE session_id IN (SELECT id FROM sessions WHERE user_id = ?1)",
+                params![user_id],
+            )?;
+            conn.execute("DELETE FROM messages WHERE user_id = ?1", params![user_id])?;
+            conn.execute("DELETE FROM sessions WHERE user_id = ?1", params![user_id])?;
+            Ok(WriteOutcome::Done)
+        }
     }
+}
+
+/// The columns [`session_row`] reads, in its order.
+const SESSION_COLUMNS: &str =
+    "id, user_id, created_at, last_activity, state, message_count, tokens_in, tokens_out, ended_at";
+
+fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
+    Ok(SessionRecord {
+        id: r.get(0)?,
+        user_id: r.get(1)?,
+        created_at: r.get(2)?,
+        last_activity: r.get(3)?,
+        state: r.get(4)?,
+        message_count: r.get::<_, i64>(5)? as u64,
+        tokens_in: r.get::<_, i64>(6)? as u64,
+        tokens_out: r.get::<_, i64>(7)? as u64,
+        ended_at: r.get(8)?,
+    })
+}
+
+/// The SQL expression each sort key orders by. Written out per key: no name from a
+/// request ever reaches the SQL text.
+fn sort_expr(by: SortBy) -> &'static str {
+    match by {
+        SortBy::StartTime => "created_at",
+        SortBy::EndTime => "COALESCE(ended_at, 0)",
+        SortBy::MessageCount => "message_count",
+        SortBy::TotalTokens => "(tokens_in + tokens_out)",
+        SortBy::UserId => "user_id",
+    }
+}
+
+fn sort_key(by: SortBy, s: &SessionRecord) -> CursorKey {
+    match by {
+        SortBy::StartTime => CursorKey::Int(s.created_at),
+        SortBy::EndTime => CursorKey::Int(s.ended_at.unwrap_or(0)),
+        SortBy::MessageCount => CursorKey::Int(s.message_count as i64),
+        SortBy::TotalTokens => CursorKey::Int((s.tokens_in + s.tokens_out) as i64),
+        SortBy::UserId => CursorKey::Text(s.user_id.clone()),
+    }
+}
+
+/// `WHERE` clause and parameters for the admin filters (values are bound, never
+/// spliced into the SQL).
+fn session_filter(
+    user_id: &Option<String>,
+    state: &Option<String>,
+    from: Option<Millis>,
+    to: Option<Millis>,
+) -> (String, Vec<rusqlite::types::Value>) {
+    use rusqlite::types::Value as V;
+    let mut clauses = vec!["1 = 1".to_string()];
+    let mut args = Vec::new();
+    if let Some(u) = user_id {
+        clauses.push("user_id = ?".into());
+        args.push(V::Text(u.clone()));
+    }
+    if let Some(st) = state {
+        clauses.push("state = ?".into());
+        args.push(V::Text(st.clone()));
+    }
+    if let Some(f) = from {
+        clauses.push("created_at >= ?".into());
+        args.push(V::Integer(f));
+    }
+    if let Some(t) = to {
+        clauses.push("created_at < ?".into());
+        args.push(V::Integer(t));
+    }
+    (clauses.join(" AND "), args)
+}
+
+fn list(conn: &Connection, q: &SessionQuery) -> Result<SessionPage, rusqlite::Error> {
+    use rusqlite::types::Value as V;
+    let (mut filter, mut args) = session_filter(&q.user_id, &q.state, q.from, q.to);
+    let key = sort_expr(q.sort_by);
+    let (dir, cmp) = if q.descending {
+        ("DESC", "<")
+    } else {
+        ("ASC", ">")
+    };
+    if let Some((k, id)) = &q.after {
+        filter.push_str(&format!(" AND ({key}, id) {cmp} (?, ?)"));
+        args.push(match k {
+            CursorKey::Int(i) => V::Integer(*i),
+            CursorKey::Text(t) => V::Text(t.clone()),
+        });
+        args.push(V::Text(id.clone()));
+    }
+    args.push(V::Integer(q.limit as i64 + 1));
+    let sql = format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE {filter} ORDER BY {key} {dir}, id {dir} LIMIT ?");
+    let mut stmt = conn.prepare(&sql)?;
+    let mut sessions = stmt
+        .query_map(rusqlite::params_from_iter(args), session_row)?
+        .collect::<Result<Vec<_>, _>>()?;
+    let next = if sessions.len() > q.limit {
+        sessions.truncate(q.limit);
+        sessions
+            .last()
+            .map(|s| (sort_key(q.sort_by, s), s.id.clone()))
+    } else {
+        None
+    };
+    Ok(SessionPage { sessions, next })
+}
+
+/// Totals over every session started in the window: aggregates over all matching
+/// rows, never over a truncated page.
+fn window(
+    conn: &Connection,
+    from: Option<Millis>,
+    to: Option<Millis>,
+) -> Result<WindowMetrics, rusqlite::Error> {
+    let (filter, args) = session_filter(&None, &None, from, to);
+    let scope = format!("SELECT id FROM sessions WHERE {filter}");
+    let args = || rusqlite::params_from_iter(args.clone());
+    let count = |r: &rusqlite::Row<'_>, i| r.get::<_, i64>(i).map(|v| v as u64);
+    let mut m = WindowMetrics::default();
+    conn.query_row(
+        &format!("SELECT COUNT(*), COALESCE(SUM(tokens_in), 0), COALESCE(SUM(tokens_out), 0) FROM sessions WHERE {filter}"),
+        args(),
+        |r| {
+            (m.sessions, m.tokens_in, m.tokens_out) = (count(r, 0)?, count(r, 1)?, count(r, 2)?);
+            Ok(())
+        },
+    )?;
+    conn.query_row(
+        &format!(
+            "SELECT COUNT(*), COALESCE(SUM(role = 'user'), 0), COALESCE(SUM(role = 'assistant'), 0),
+                    COALESCE(SUM(role = 'admin'), 0)
+             FROM messages WHERE session_id IN ({scope})"
+        ),
+        args(),
+        |r| {
+            (
+                m.messages,
+                m.user_messages,
+                m.assistant_messages,
+                m.admin_messages,
+            ) = (count(r, 0)?, count(r, 1)?, count(r, 2)?, count(r, 3)?);
+            Ok(())
+        },
+    )?;
+    conn.query_row(
+        &format!(
+            "SELECT COALESCE(SUM(action = 'admin_join'), 0), COALESCE(SUM(action = 'help_request'), 0)
+             FROM session_events WHERE session_id IN ({scope})"
+        ),
+        args(),
+        |r| {
+            (m.takeovers, m.help_requests) = (count(r, 0)?, count(r, 1)?);
+            Ok(())
+        },
+    )?;
+    conn.query_row(
+        &format!(
+            "WITH ordered AS (
+                 SELECT role, created_at,
+                        LAG(role) OVER w AS prev_role, LAG(created_at) OVER w AS prev_at
+                 FROM messages WHERE session_id IN ({scope})
+                 WINDOW w AS (PARTITION BY session_id ORDER BY seq))
+             SELECT COUNT(*), AVG(created_at - prev_at), MAX(created_at - prev_at)
+             FROM ordered WHERE role IN ('assistant', 'admin') AND prev_role = 'user'"
+        ),
+        args(),
+        |r| {
+            m.responses = count(r, 0)?;
+            m.response_ms_avg = r.get(1)?;
+            m.response_ms_max = r.get(2)?;
+            Ok(())
+        },
+    )?;
+    Ok(m)
 }
 
 fn load(
@@ -310,21 +492,9 @@ fn load(
 ) -> Result<Option<Loaded>, rusqlite::Error> {
     let session = conn
         .query_row(
-            "SELECT id, user_id, created_at, last_activity, state, message_count, tokens_in, tokens_out
-             FROM sessions WHERE id = ?1",
+            &format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ?1"),
             params![id],
-            |r| {
-                Ok(SessionRecord {
-                    id: r.get(0)?,
-                    user_id: r.get(1)?,
-                    created_at: r.get(2)?,
-                    last_activity: r.get(3)?,
-                    state: r.get(4)?,
-                    message_count: r.get::<_, i64>(5)? as u64,
-                    tokens_in: r.get::<_, i64>(6)? as u64,
-                    tokens_out: r.get::<_, i64>(7)? as u64,
-                })
-            },
+            session_row,
         )
         .optional()?;
     let Some(session) = session else {
@@ -384,6 +554,52 @@ impl Store for SqliteStore {
     fn ping(&self) -> StoreFuture<()> {
         self.read(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(db_err))
     }
+
+    fn list_sessions(&self, query: SessionQuery) -> StoreFuture<SessionPage> {
+        self.read(move |c| list(c, &query).map_err(db_err))
+    }
+
+    fn session_events(&self, id: &str) -> StoreFuture<Vec<SessionEvent>> {
+        let id = id.to_owned();
+        self.read(move |c| {
+            let mut stmt = c
+                .prepare_cached("SELECT at, actor, action, state FROM session_events WHERE session_id = ?1 ORDER BY at, rowid")
+                .map_err(db_err)?;
+            let rows = stmt
+                .query_map(params![id], |r| Ok(SessionEvent { at: r.get(0)?, actor: r.get(1)?, action: r.get(2)?, state: r.get(3)? }))
+                .map_err(db_err)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(db_err)
+        })
+    }
+
+    fn window_metrics(
+        &self,
+        from: Option<Millis>,
+        to: Option<Millis>,
+    ) -> StoreFuture<WindowMetrics> {
+        self.read(move |c| window(c, from, to).map_err(db_err))
+    }
+
+    fn user_sessions(&self, user_id: &str, sessions_max: usize) -> StoreFuture<Vec<Loaded>> {
+        let user_id = user_id.to_owned();
+        self.read(move |c| {
+            let ids: Vec<String> = {
+                let mut stmt = c
+                    .prepare_cached(
+                        "SELECT id FROM sessions WHERE user_id = ?1 ORDER BY created_at LIMIT ?2",
+                    )
+                    .map_err(db_err)?;
+                let rows = stmt
+                    .query_map(params![user_id, sessions_max as i64], |r| r.get(0))
+                    .map_err(db_err)?;
+                rows.collect::<Result<_, _>>().map_err(db_err)?
+            };
+            ids.iter()
+                .filter_map(|id| load(c, id, i64::MAX as usize).transpose())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db_err)
+        })
+    }
 }
 
 #[cfg(test)]
@@ -433,6 +649,7 @@ mod tests {
             message_count: 0,
             tokens_in: 0,
             tokens_out: 0,
+            ended_at: None,
         }
     }
 

@@ -1,0 +1,409 @@
+//! The admin HTTP API under `{prefix}/admin/`: sessions (list, one with its
+//! transcript, end), metrics over a time window, and a user's data (export, delete).
+//!
+//! Every request needs an admin JWT (401 without a valid token, 403 without the
+//! role) and passes the core's admin rate limit. Query parameters are checked
+//! against a list per endpoint: an unknown parameter, sort key or value is a 400
+//! that lists the valid ones, never a silent default.
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::{json, Value};
+
+use super::{error, json as json_response};
+use crate::auth::Identity;
+use crate::chat::now_ms;
+use crate::shard::Core;
+use crate::store::{CursorKey, Millis, SessionQuery, SessionRecord, SortBy, StoreError, WriteOp};
+
+type Body = Full<Bytes>;
+
+/// Page size bounds of the session list.
+const PAGE_DEFAULT: usize = 50;
+const PAGE_MAX: usize = 200;
+/// Messages returned with one session.
+const TRANSCRIPT_MESSAGES_MAX: usize = 10_000;
+/// Sessions in one user export.
+const EXPORT_SESSIONS_MAX: usize = 10_000;
+const STATES: [&str; 4] = ["ai", "waiting", "human", "ended"];
+
+/// Why an admin request failed; mapped to its HTTP response in one place.
+#[derive(Debug, thiserror::Error)]
+enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("an admin token is required (Authorization: Bearer)")]
+    Unauthorized,
+    #[error("the admin role is required")]
+    Forbidden,
+    #[error("{0}")]
+    NotFound(&'static str),
+    #[error("admin API rate limit reached")]
+    RateLimited { retry_after_secs: u64 },
+    #[error("storage is unavailable; retry")]
+    Storage(#[from] StoreError),
+}
+
+impl ApiError {
+    fn into_response(self, core: &Core) -> Response<Body> {
+        let (status, code) = match &self {
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::Unauthorized => {
+                core.metrics()
+                    .refused(crate::metrics::Refusal::Unauthorized);
+                (StatusCode::UNAUTHORIZED, "unauthorized")
+            }
+            ApiError::Forbidden => {
+                core.metrics().refused(crate::metrics::Refusal::Forbidden);
+                (StatusCode::FORBIDDEN, "forbidden")
+            }
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            ApiError::Storage(e) => {
+                tracing::error!(error = %e, "admin API storage error");
+                (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable")
+            }
+        };
+        let mut r = error(status, code, &self.to_string());
+        if let ApiError::RateLimited { retry_after_secs } = self {
+            r.headers_mut().insert(
+                hyper::header::RETRY_AFTER,
+                hyper::header::HeaderValue::from(retry_after_secs),
+            );
+        }
+        r
+    }
+}
+
+fn bad(message: impl Into<String>) -> ApiError {
+    ApiError::BadRequest(message.into())
+}
+
+type Params = [(String, String)];
+
+pub async fn handle(
+    core: &Core,
+    req: &Request<hyper::body::Incoming>,
+    path: &str,
+) -> Response<Body> {
+    match route(core, req, path).await {
+        Ok(body) => json_response(StatusCode::OK, body.to_string()),
+        Err(e) => e.into_response(core),
+    }
+}
+
+async fn route(
+    core: &Core,
+    req: &Request<hyper::body::Incoming>,
+    path: &str,
+) -> Result<Value, ApiError> {
+    let admin = authorize(core, req)?;
+    let params = parse_query(req.uri().query().unwrap_or(""));
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match (req.method(), segments.as_slice()) {
+        (&Method::GET, ["sessions"]) => list(core, &params).await,
+        (&Method::GET, ["sessions", id]) => {
+            check_params(&params, &[])?;
+            session(core, id).await
+        }
+        (&Method::POST, ["sessions", id, "end"]) => end(core, id, &admin).await,
+        (&Method::GET, ["metrics"]) => metrics(core, &params).await,
+        (&Method::GET, ["users", id, "export"]) => export(core, id).await,
+        (&Method::DELETE, ["users", id]) => delete_user(core, id, &admin).await,
+        _ => Err(ApiError::NotFound("no such admin endpoint")),
+    }
+}
+
+fn authorize(core: &Core, req: &Request<hyper::body::Incoming>) -> Result<Identity, ApiError> {
+    let token = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim())
+        .ok_or(ApiError::Unauthorized)?;
+    let id = core
+        .shared
+        .verifier
+        .verify(token)
+        .map_err(|_| ApiError::Unauthorized)?;
+    if !id.admin {
+        return Err(ApiError::Forbidden);
+    }
+    core.admin_rate_check(&id.user_id, now_ms())
+        .map_err(|wait_ms| ApiError::RateLimited {
+            retry_after_secs: wait_ms.div_ceil(1000),
+        })?;
+    Ok(id)
+}
+
+fn parse_query(q: &str) -> Vec<(String, String)> {
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let dec = |s: &str| {
+                percent_encoding::percent_decode_str(&s.replace('+', " "))
+                    .decode_utf8_lossy()
+                    .into_owned()
+            };
+            (dec(k), dec(v))
+        })
+        .collect()
+}
+
+/// Checks that only `allowed` parameters appear, each once.
+fn check_params(params: &Params, allowed: &[&str]) -> Result<(), ApiError> {
+    for (i, (k, _)) in params.iter().enumerate() {
+        if !allowed.contains(&k.as_str()) {
+            let valid = if allowed.is_empty() {
+                "none".to_owned()
+            } else {
+                allowed.join(", ")
+            };
+            return Err(bad(format!("unknown parameter {k:?}; valid: {valid}")));
+        }
+        if params[..i].iter().any(|(other, _)| other == k) {
+            return Err(bad(format!("parameter {k:?} given twice")));
+        }
+    }
+    Ok(())
+}
+
+fn param<'a>(params: &'a Params, name: &str) -> Option<&'a str> {
+    params
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+fn millis(params: &Params, name: &str) -> Result<Option<Millis>, ApiError> {
+    param(params, name)
+        .map(|v| {
+            v.parse::<Millis>()
+                .map_err(|_| bad(format!("{name} must be milliseconds since the Unix epoch")))
+        })
+        .transpose()
+}
+
+fn session_json(s: &SessionRecord) -> Value {
+    json!({
+        "session_id": s.id,
+        "user_id": s.user_id,
+        "state": s.state,
+        "start_time": s.created_at,
+        "end_time": s.ended_at,
+        "last_activity": s.last_activity,
+        "message_count": s.message_count,
+        "tokens_in": s.tokens_in,
+        "tokens_out": s.tokens_out,
+        "total_tokens": s.tokens_in + s.tokens_out,
+    })
+}
+
+fn encode_cursor(key: &CursorKey, id: &str) -> String {
+    let k = match key {
+        CursorKey::Int(i) => json!(i),
+        CursorKey::Text(t) => json!(t),
+    };
+    hex::encode(json!([k, id]).to_string())
+}
+
+fn decode_cursor(c: &str) -> Option<(CursorKey, String)> {
+    let v: Value = serde_json::from_slice(&hex::decode(c).ok()?).ok()?;
+    let key = match &v[0] {
+        Value::Number(n) => CursorKey::Int(n.as_i64()?),
+        Value::String(s) => CursorKey::Text(s.clone()),
+        _ => return None,
+    };
+    Some((key, v[1].as_str()?.to_owned()))
+}
+
+async fn list(core: &Core, params: &Params) -> Result<Value, ApiError> {
+    check_params(
+        params,
+        &[
+            "sort_by", "order", "limit", "cursor", "user_id", "state", "from", "to",
+        ],
+    )?;
+    let sort_by = match param(params, "sort_by") {
+        None => SortBy::StartTime,
+        Some(name) => SortBy::parse(name).ok_or_else(|| {
+            bad(format!(
+                "unknown sort_by {name:?}; valid: {}",
+                SortBy::NAMES.join(", ")
+            ))
+        })?,
+    };
+    let descending = match param(params, "order") {
+        None | Some("desc") => true,
+        Some("asc") => false,
+        Some(_) => return Err(bad("order must be asc or desc")),
+    };
+    let limit = match param(params, "limit").map(str::parse::<usize>) {
+        None => PAGE_DEFAULT,
+        Some(Ok(n)) if (1..=PAGE_MAX).contains(&n) => n,
+        Some(_) => return Err(bad(format!("limit must be between 1 and {PAGE_MAX}"))),
+    };
+    let state = param(params, "state").map(str::to_owned);
+    if let Some(s) = state.as_deref().filter(|s| !STATES.contains(s)) {
+        return Err(bad(format!(
+            "unknown state {s:?}; valid: {}",
+            STATES.join(", ")
+        )));
+    }
+    let after = param(params, "cursor")
+        .map(|c| decode_cursor(c).ok_or_else(|| bad("cursor is not one this API returned")))
+        .transpose()?;
+    let query = SessionQuery {
+        user_id: param(params, "user_id").map(str::to_owned),
+        state,
+        from: millis(params, "from")?,
+        to: millis(params, "to")?,
+        sort_by,
+        descending,
+        limit,
+        after,
+    };
+    let page = core.shared.chat.store.list_sessions(query).await?;
+    let next = page.next.map(|(k, id)| encode_cursor(&k, &id));
+    let sessions: Vec<Value> = page.sessions.iter().map(session_json).collect();
+    Ok(json!({"sessions": sessions, "next_cursor": next}))
+}
+
+async fn session(core: &Core, id: &str) -> Result<Value, ApiError> {
+    let store = &core.shared.chat.store;
+    let (loaded, events) = (
+        store.load_session(id, TRANSCRIPT_MESSAGES_MAX),
+        store.session_events(id),
+    );
+    let (rec, messages) = loaded.await?.ok_or(ApiError::NotFound("no such session"))?;
+    let events = events.await?;
+    let keys = &core.shared.chat.keys;
+    let transcript: Vec<Value> = messages
+        .iter()
+        .map(|m| {
+            let mut v = json!({
+                "message_id": m.message_id,
+                "seq": m.seq,
+                "role": m.role.as_str(),
+                "author": m.author,
+                "created_at": m.created_at,
+                "tokens_in": m.tokens_in,
+                "tokens_out": m.tokens_out,
+                "cancelled": m.cancelled,
+            });
+            match keys.open(&m.session_id, &m.message_id, &m.sealed) {
+                Ok(content) => v["content"] = json!(content),
+                Err(e) => {
+                    core.metrics().integrity_failures.inc();
+                    tracing::error!(session = %rec.id, message = %m.message_id, error = %e, "stored message failed its integrity check");
+                    v["error"] = json!("integrity check failed; content withheld");
+                }
+            }
+            v
+        })
+        .collect();
+    let events: Vec<Value> = events
+        .iter()
+        .map(|e| json!({"at": e.at, "actor": e.actor, "action": e.action, "state": e.state}))
+        .collect();
+    Ok(json!({"session": session_json(&rec), "messages": transcript, "events": events}))
+}
+
+async fn end(core: &Core, id: &str, admin: &Identity) -> Result<Value, ApiError> {
+    let store = &core.shared.chat.store;
+    store
+        .load_session(id, 0)
+        .await?
+        .ok_or(ApiError::NotFound("no such session"))?;
+    let op = WriteOp::SetState {
+        session_id: id.to_owned(),
+        state: "ended",
+        actor: admin.user_id.to_string(),
+        action: "end",
+        at: now_ms(),
+    };
+    store.write(vec![op]).await?;
+    Ok(json!({"session_id": id, "state": "ended"}))
+}
+
+async fn metrics(core: &Core, params: &Params) -> Result<Value, ApiError> {
+    check_params(params, &["from", "to"])?;
+    let (from, to) = (millis(params, "from")?, millis(params, "to")?);
+    let m = core.shared.chat.store.window_metrics(from, to).await?;
+    Ok(json!({"from": from, "to": to, "metrics": m}))
+}
+
+async fn export(core: &Core, user_id: &str) -> Result<Value, ApiError> {
+    let keys = &core.shared.chat.keys;
+    let all = core
+        .shared
+        .chat
+        .store
+        .user_sessions(user_id, EXPORT_SESSIONS_MAX)
+        .await?;
+    let sessions: Vec<Value> = all
+        .iter()
+        .map(|(rec, msgs)| {
+            let messages: Vec<Value> = msgs
+                .iter()
+                .map(|m| {
+                    let content = keys.open(&m.session_id, &m.message_id, &m.sealed).ok();
+                    json!({"message_id": m.message_id, "role": m.role.as_str(), "author": m.author,
+                           "created_at": m.created_at, "content": content, "cancelled": m.cancelled})
+                })
+                .collect();
+            json!({"session": session_json(rec), "messages": messages})
+        })
+        .collect();
+    Ok(json!({"user_id": user_id, "sessions": sessions}))
+}
+
+async fn delete_user(core: &Core, user_id: &str, admin: &Identity) -> Result<Value, ApiError> {
+    let op = WriteOp::DeleteUser {
+        user_id: user_id.to_owned(),
+    };
+    core.shared.chat.store.write(vec![op]).await?;
+    tracing::info!(user = %user_id, admin = %admin.user_id, "user data deleted");
+    // Sessions still in memory go too.
+    for e in core.shared.mesh.forget_user(user_id) {
+        tracing::warn!(error = %e, "a core did not get the forget-user message");
+    }
+    Ok(json!({"user_id": user_id, "deleted": true}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_garbage_is_refused() {
+        for key in [
+            CursorKey::Int(-5),
+            CursorKey::Int(1_795_000_000_000),
+            CursorKey::Text("ü\"x".into()),
+        ] {
+            assert_eq!(
+                decode_cursor(&encode_cursor(&key, "s_1")),
+                Some((key, "s_1".into()))
+            );
+        }
+        assert_eq!(decode_cursor("zz"), None);
+        assert_eq!(decode_cursor(&hex::encode("[1]")), None);
+    }
+
+    #[test]
+    fn query_strings_are_decoded() {
+        assert_eq!(
+            parse_query("user_id=a%20b&state=ai&x"),
+            [
+                ("user_id".into(), "a b".into()),
+                ("state".into(), "ai".into()),
+                ("x".into(), String::new())
+            ]
+        );
+    }
+}
