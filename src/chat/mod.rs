@@ -537,6 +537,7 @@ fn push_session(core: &Core, sid: &str, frame: String) {
                 s.attached.clone(),
                 s.admins
                     .iter()
+                    .filter(|seat| seat.announced)
                     .flat_map(|seat| seat.conns.iter().copied())
                     .collect(),
             ),
@@ -774,6 +775,7 @@ fn append_user_message(
                             let admins: Vec<(usize, ConnId)> = s
                                 .admins
                                 .iter()
+                                .filter(|seat| seat.announced)
                                 .flat_map(|seat| seat.conns.iter().copied())
                                 .collect();
                             (s.state == State::Human, admins)

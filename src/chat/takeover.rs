@@ -78,6 +78,10 @@ pub struct Seat {
     pub admin_id: Arc<str>,
     pub name: Arc<str>,
     pub conns: Vec<(usize, ConnId)>,
+    /// Its transcript and `admin_joined` went out. Until then the seat gets none of
+    /// the session's live frames (nothing may precede its transcript), and admins
+    /// joining later are told about it only once it is announced.
+    pub announced: bool,
 }
 
 /// Sends `op` to the core that owns its session, finding that core from storage
@@ -226,6 +230,7 @@ fn join(core: &Rc<Core>, sid: &Arc<str>, admin: &AdminRef) {
                 admin_id: admin.id.clone(),
                 name: admin.name.clone(),
                 conns: vec![(admin.core, admin.conn)],
+                announced: false,
             }),
         }
         // The AI stops at once: a running answer is cancelled (it ends with ai_done).
@@ -241,10 +246,37 @@ fn join(core: &Rc<Core>, sid: &Arc<str>, admin: &AdminRef) {
     if newly_human {
         tracing::info!(session = %sid, admin = %admin.id, "human takeover");
     }
-    // The admin gets the transcript first, then everyone hears who joined.
+    // The admin gets the transcript first, then who else is there, then everyone
+    // hears who joined. Each admin learns of each other admin exactly once: from
+    // this list if that admin was announced before, from its announcement if after.
     let (core, sid, admin) = (core.clone(), sid.clone(), admin.clone());
     monoio::spawn(async move {
         resume_now(core.clone(), sid.clone(), Target::of(&admin), None).await;
+        let present: Vec<Arc<str>> = {
+            let mut sessions = core.chat.sessions.borrow_mut();
+            let Some(s) = sessions.get_mut(&sid) else {
+                return;
+            };
+            let mut present = Vec::new();
+            for seat in s.admins.iter_mut() {
+                if seat.admin_id == admin.id {
+                    seat.announced = true;
+                } else if seat.announced {
+                    present.push(seat.name.clone());
+                }
+            }
+            present
+        };
+        for name in present {
+            Target::of(&admin).deliver(
+                &core,
+                ServerFrame::AdminJoined {
+                    session_id: &sid,
+                    admin_name: &name,
+                }
+                .to_json(),
+            );
+        }
         push_session(
             &core,
             &sid,
