@@ -172,6 +172,23 @@ pub struct Config {
     pub llm_context_chars_max: usize,
     /// Admin API requests per admin per minute (burst the same), per core.
     pub admin_rate_limit_per_minute: u32,
+    /// Help requests are POSTed here (https, or http on loopback), signed with
+    /// `notify_webhook_secret` in `X-Chatbox-Signature: sha256=<hex HMAC>`.
+    pub notify_webhook_url: Option<String>,
+    pub notify_webhook_secret: Option<String>,
+    /// Help requests are e-mailed through this SMTP server.
+    pub notify_smtp_host: Option<String>,
+    pub notify_smtp_port: u16,
+    /// `none`, `starttls` or `tls`.
+    pub notify_smtp_tls: String,
+    pub notify_smtp_username: Option<String>,
+    pub notify_smtp_password: Option<String>,
+    pub notify_email_from: Option<String>,
+    pub notify_email_to: Vec<String>,
+    /// Attempts before a notification is dead-lettered.
+    pub notify_max_attempts: u32,
+    /// First retry delay; doubles per attempt (with jitter).
+    pub notify_retry_base_ms: u64,
     /// How long an answer keeps streaming after the user's last connection closed,
     /// so a quick reconnect can resume it; then the upstream request is dropped.
     pub llm_grace_secs: u64,
@@ -231,6 +248,17 @@ impl Default for Config {
             llm_context_chars_max: 24_000,
             llm_grace_secs: 15,
             admin_rate_limit_per_minute: 600,
+            notify_webhook_url: None,
+            notify_webhook_secret: None,
+            notify_smtp_host: None,
+            notify_smtp_port: 587,
+            notify_smtp_tls: "starttls".into(),
+            notify_smtp_username: None,
+            notify_smtp_password: None,
+            notify_email_from: None,
+            notify_email_to: Vec::new(),
+            notify_max_attempts: 8,
+            notify_retry_base_ms: 1000,
             llm: crate::llm::LlmSection::default(),
         }
     }
@@ -250,7 +278,7 @@ macro_rules! from_env_via_parse {
         }
     )*};
 }
-from_env_via_parse!(u32, u64, usize, SocketAddr, PathBuf);
+from_env_via_parse!(u16, u32, u64, usize, SocketAddr, PathBuf);
 
 impl FromEnv for String {
     fn from_env(value: &str) -> Result<Self, String> {
@@ -414,6 +442,17 @@ impl Config {
                 llm_context_chars_max,
                 llm_grace_secs,
                 admin_rate_limit_per_minute,
+                notify_webhook_url,
+                notify_webhook_secret,
+                notify_smtp_host,
+                notify_smtp_port,
+                notify_smtp_tls,
+                notify_smtp_username,
+                notify_smtp_password,
+                notify_email_from,
+                notify_email_to,
+                notify_max_attempts,
+                notify_retry_base_ms,
             ]
         );
         Ok(known.into_iter().collect())
@@ -600,7 +639,10 @@ impl Config {
             self.llm_context_chars_max >= 100,
             "CHATBOX_LLM_CONTEXT_CHARS_MAX must be at least 100".into(),
         );
-        for e in crate::llm::validate(self) {
+        for e in crate::llm::validate(self)
+            .into_iter()
+            .chain(crate::notify::validate(self))
+        {
             check(false, e);
         }
         if errs.is_empty() {

@@ -22,6 +22,8 @@
 //! - [`store`]: the storage trait and the embedded SQLite backend
 //!   ([`store::sqlite`]: one writer with group commit, concurrent readers).
 //! - [`crypto`]: AES-256-GCM per message with key ids for rotation.
+//! - [`notify`]: help-request notifications (signed webhook, SMTP) through a
+//!   durable outbox with retries and dead letters.
 //! - [`llm`]: providers behind one cancellable stream: OpenAI-compatible and
 //!   Anthropic over SSE ([`llm::sse`]) on the blocking pool, and the offline
 //!   [`llm::demo`]; retries, timeouts, fallback, abort.
@@ -42,6 +44,7 @@ pub mod io;
 pub mod llm;
 pub mod mesh;
 pub mod metrics;
+pub mod notify;
 pub mod pool;
 pub mod server;
 pub mod shard;

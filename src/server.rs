@@ -91,6 +91,9 @@ pub struct ServerHandle {
 
 /// Hooks for tests; production passes `Hooks::default()`.
 pub fn start(config: Config, hooks: Hooks) -> Result<ServerHandle, StartError> {
+    // One TLS crypto provider (ring) for every client: LLM providers, webhooks, SMTP.
+    // Installing twice (a second server in one process) is harmless.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let secret = config.jwt_secret.clone().ok_or_else(|| {
         crate::config::ConfigError::Invalid(vec!["CHATBOX_JWT_SECRET is required".into()])
     })?;
@@ -194,18 +197,28 @@ fn chat_shared(config: &Config, pool: crate::pool::BlockingPool) -> Result<ChatS
     })?;
     let keys = KeyRing::new(key, &config.encryption_previous_keys)
         .map_err(|e| crate::config::ConfigError::Invalid(vec![e.to_string()]))?;
-    let store = SqliteStore::open(
-        &config.data_dir,
-        pool.clone(),
-        config.blocking_threads,
-        config.store_queue_max,
-    )
-    .map_err(|source| StartError::Store {
-        dir: config.data_dir.clone(),
-        source,
-    })?;
+    let store: Arc<dyn crate::store::Store> = Arc::new(
+        SqliteStore::open(
+            &config.data_dir,
+            pool.clone(),
+            config.blocking_threads,
+            config.store_queue_max,
+        )
+        .map_err(|source| StartError::Store {
+            dir: config.data_dir.clone(),
+            source,
+        })?,
+    );
+    let notifier = Arc::new(
+        crate::notify::Notifier::new(config, store.clone(), &pool)
+            .map_err(|e| crate::config::ConfigError::Invalid(vec![e]))?,
+    );
+    // The outbox worker runs for the life of the pool (queued rows from before a
+    // restart go out too).
+    pool.spawn(notifier.clone().run())
+        .map_err(|e| StartError::Pool(std::io::Error::other(e)))?;
     Ok(ChatShared {
-        store: Arc::new(store),
+        store,
         keys,
         limits: Limits {
             content_chars_max: config.content_chars_max,
@@ -225,6 +238,7 @@ fn chat_shared(config: &Config, pool: crate::pool::BlockingPool) -> Result<ChatS
         context_messages_max: config.llm_context_messages_max,
         context_chars_max: config.llm_context_chars_max,
         grace: Duration::from_secs(config.llm_grace_secs),
+        notifier,
     })
 }
 

@@ -49,6 +49,7 @@ pub struct ChatShared {
     pub context_chars_max: usize,
     /// How long an answer outlives the user's last connection.
     pub grace: Duration,
+    pub notifier: Arc<crate::notify::Notifier>,
 }
 
 /// Wall-clock milliseconds; the one place chat reads the time.
@@ -1187,9 +1188,32 @@ impl SessionRecord {
     }
 }
 
-/// Where notifications of a help request go out (webhook, e-mail).
-fn notify_help(_core: &Rc<Core>, sid: &Arc<str>, user: &Identity, at: Millis) {
-    tracing::info!(session = %sid, user = %user.user_id, at, "help requested");
+/// Queues the notifications of a help request in the outbox; the notifier's
+/// worker delivers them, so chat never waits on a webhook or a mail server.
+fn notify_help(core: &Rc<Core>, sid: &Arc<str>, user: &Identity, at: Millis) {
+    let notifier = &core.shared.chat.notifier;
+    let event = crate::notify::HelpEvent {
+        session_id: sid.to_string(),
+        user_id: user.user_id.to_string(),
+        user_name: user.name.to_string(),
+        at,
+    };
+    let ops = notifier.enqueue_ops(&event);
+    tracing::info!(session = %sid, user = %user.user_id, channels = ops.len(), "help requested");
+    if ops.is_empty() {
+        return;
+    }
+    let write = core.shared.chat.store.write(ops);
+    let core = core.clone();
+    monoio::spawn(async move {
+        match write.await {
+            Ok(_) => core.shared.chat.notifier.wake(),
+            Err(e) => {
+                core.metrics().store_errors.inc();
+                tracing::error!(error = %e, "queueing help-request notifications failed");
+            }
+        }
+    });
 }
 
 /// Expires idle sessions of this core until the gate closes.

@@ -198,9 +198,9 @@ async fn route(core: &Core, req: Request<hyper::body::Incoming>) -> Response<Bod
                     );
                 }
             }
-            let mut r = Response::new(Full::new(Bytes::from(crate::metrics::render(
-                &shared.metrics,
-            ))));
+            let text =
+                crate::metrics::render(&shared.metrics) + &shared.chat.notifier.render_metrics();
+            let mut r = Response::new(Full::new(Bytes::from(text)));
             r.headers_mut().insert(
                 hyper::header::CONTENT_TYPE,
                 hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),

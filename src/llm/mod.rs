@@ -313,7 +313,6 @@ fn base_url(m: &ModelConfig) -> String {
 impl Models {
     /// Builds every model's HTTP client inside the blocking pool's runtime.
     pub fn new(cfg: &Config, pool: &BlockingPool) -> Result<Models, String> {
-        let _ = rustls::crypto::ring::default_provider().install_default();
         let _rt = pool.enter();
         let mut specs = HashMap::new();
         let mut order = Vec::new();

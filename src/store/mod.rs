@@ -96,6 +96,31 @@ pub enum WriteOp {
     },
     /// Deletes everything stored for a user (sessions, messages, audit trail).
     DeleteUser { user_id: String },
+    /// Queues a notification in the durable outbox.
+    Enqueue {
+        kind: String,
+        payload: String,
+        at: Millis,
+    },
+    /// A notification was delivered.
+    Delivered { id: i64, at: Millis },
+    /// A delivery attempt failed: retry at `next_at`, or give up (`dead`).
+    DeliveryFailed {
+        id: i64,
+        error: String,
+        next_at: Millis,
+        dead: bool,
+    },
+}
+
+/// A queued notification due for delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notification {
+    pub id: i64,
+    pub kind: String,
+    pub payload: String,
+    /// Attempts made so far.
+    pub attempts: u32,
 }
 
 /// Sort keys of the admin session list, translated explicitly to columns; an
@@ -234,4 +259,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreFuture<WindowMetrics>;
     /// Every session of a user with all its messages (at most `sessions_max`).
     fn user_sessions(&self, user_id: &str, sessions_max: usize) -> StoreFuture<Vec<Loaded>>;
+    /// Pending notifications due at `now`, oldest first.
+    fn due_notifications(&self, now: Millis, limit: usize) -> StoreFuture<Vec<Notification>>;
+    /// When the next pending notification is due, if any.
+    fn next_notification_at(&self) -> StoreFuture<Option<Millis>>;
 }

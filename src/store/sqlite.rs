@@ -9,8 +9,9 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
-    CursorKey, Loaded, MessageRecord, Millis, Role, SessionEvent, SessionPage, SessionQuery,
-    SessionRecord, SortBy, Store, StoreError, StoreFuture, WindowMetrics, WriteOp, WriteOutcome,
+    CursorKey, Loaded, MessageRecord, Millis, Notification, Role, SessionEvent, SessionPage,
+    SessionQuery, SessionRecord, SortBy, Store, StoreError, StoreFuture, WindowMetrics, WriteOp,
+    WriteOutcome,
 };
 use crate::crypto::{Sealed, NONCE_BYTES};
 use crate::pool::BlockingPool;
@@ -61,8 +62,21 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX session_events_session ON session_events(session_id, at);
     CREATE INDEX session_events_action ON session_events(action, at);
-    ALTER TABLE sessions ADD COLUMN ended_at INTEGER;
+        ALTER TABLE sessions ADD COLUMN ended_at INTEGER;
     CREATE INDEX sessions_state ON sessions(state);",
+    // 3: the notification outbox (survives restarts; dead letters are kept).
+    "CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_at INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        delivered_at INTEGER,
+        last_error TEXT
+    );
+    CREATE INDEX outbox_due ON outbox(state, next_at);",
 ];
 
 struct Job {
@@ -297,6 +311,33 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<WriteOutcome, rusqlite::Erro
             conn.execute(
                                 "INSERT INTO session_events (session_id, at, actor, action, state) VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![session_id, at, actor, action, state],
+            )?;
+            Ok(WriteOutcome::Done)
+        }
+        WriteOp::Enqueue { kind, payload, at } => {
+            conn.execute(
+                "INSERT INTO outbox (kind, payload, next_at, created_at) VALUES (?1, ?2, ?3, ?3)",
+                params![kind, payload, at],
+            )?;
+            Ok(WriteOutcome::Done)
+        }
+        WriteOp::Delivered { id, at } => {
+            conn.execute(
+                "UPDATE outbox SET state = 'delivered', delivered_at = ?2, attempts = attempts + 1 WHERE id = ?1",
+                params![id, at],
+            )?;
+            Ok(WriteOutcome::Done)
+        }
+        WriteOp::DeliveryFailed {
+            id,
+            error,
+            next_at,
+            dead,
+        } => {
+            conn.execute(
+                "UPDATE outbox SET attempts = attempts + 1, last_error = ?2, next_at = ?3,
+                     state = CASE WHEN ?4 THEN 'dead' ELSE 'pending' END WHERE id = ?1",
+                params![id, error, next_at, dead],
             )?;
             Ok(WriteOutcome::Done)
         }
@@ -578,6 +619,39 @@ impl Store for SqliteStore {
         to: Option<Millis>,
     ) -> StoreFuture<WindowMetrics> {
         self.read(move |c| window(c, from, to).map_err(db_err))
+    }
+
+    fn due_notifications(&self, now: Millis, limit: usize) -> StoreFuture<Vec<Notification>> {
+        self.read(move |c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT id, kind, payload, attempts FROM outbox
+                     WHERE state = 'pending' AND next_at <= ?1 ORDER BY next_at, id LIMIT ?2",
+                )
+                .map_err(db_err)?;
+            let rows = stmt
+                .query_map(params![now, limit as i64], |r| {
+                    Ok(Notification {
+                        id: r.get(0)?,
+                        kind: r.get(1)?,
+                        payload: r.get(2)?,
+                        attempts: r.get(3)?,
+                    })
+                })
+                .map_err(db_err)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(db_err)
+        })
+    }
+
+    fn next_notification_at(&self) -> StoreFuture<Option<Millis>> {
+        self.read(|c| {
+            c.query_row(
+                "SELECT MIN(next_at) FROM outbox WHERE state = 'pending'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(db_err)
+        })
     }
 
     fn user_sessions(&self, user_id: &str, sessions_max: usize) -> StoreFuture<Vec<Loaded>> {

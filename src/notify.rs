@@ -1,0 +1,366 @@
+//! Help-request notifications through a durable outbox: a webhook (body signed with
+//! HMAC-SHA256) and e-mail over SMTP, retried with jittered backoff and
+//! dead-lettered after `notify_max_attempts`.
+//!
+//! Chat only writes an outbox row (in the same commit path as everything else);
+//! a worker on the blocking pool delivers. A slow or broken receiver therefore
+//! never delays a user, and queued notifications survive a restart.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use serde_json::json;
+use sha2::Sha256;
+
+use crate::config::Config;
+use crate::store::{Millis, Notification, Store, WriteOp};
+
+/// Notifications one worker pass takes.
+const BATCH: usize = 32;
+/// The longest the worker sleeps before looking again (new rows also wake it).
+const IDLE_POLL: Duration = Duration::from_secs(5);
+/// One delivery attempt's time limit.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest wait between two attempts.
+const RETRY_WAIT_MAX: Duration = Duration::from_secs(3600);
+
+pub const KIND_WEBHOOK: &str = "webhook";
+pub const KIND_EMAIL: &str = "email";
+
+/// What is known of a help request when it is announced.
+#[derive(Debug, Clone)]
+pub struct HelpEvent {
+    pub session_id: String,
+    pub user_id: String,
+    pub user_name: String,
+    pub at: Millis,
+}
+
+#[derive(Default)]
+pub struct NotifyMetrics {
+    pub delivered: AtomicU64,
+    pub failed_attempts: AtomicU64,
+    pub dead: AtomicU64,
+}
+
+struct Smtp {
+    transport: lettre::AsyncSmtpTransport<lettre::Tokio1Executor>,
+    from: lettre::message::Mailbox,
+    to: Vec<lettre::message::Mailbox>,
+}
+
+pub struct Notifier {
+    store: Arc<dyn Store>,
+    webhook: Option<(String, String, reqwest::Client)>,
+    smtp: Option<Smtp>,
+    max_attempts: u32,
+    retry_base: Duration,
+    wake: tokio::sync::Notify,
+    pub metrics: NotifyMetrics,
+}
+
+/// Problems with the notification settings, for `Config::validate`.
+pub fn validate(cfg: &Config) -> Vec<String> {
+    let mut errs = Vec::new();
+    if let Some(url) = &cfg.notify_webhook_url {
+        if let Err(e) = crate::llm::check_endpoint(url) {
+            errs.push(format!("CHATBOX_NOTIFY_WEBHOOK_URL: {e}"));
+        }
+        if cfg
+            .notify_webhook_secret
+            .as_deref()
+            .is_none_or(|s| s.len() < 16)
+        {
+            errs.push(
+                "CHATBOX_NOTIFY_WEBHOOK_SECRET (16+ characters) is required with a webhook URL"
+                    .into(),
+            );
+        }
+    }
+    if cfg.notify_smtp_host.is_some() {
+        if cfg.notify_email_from.is_none() || cfg.notify_email_to.is_empty() {
+            errs.push("CHATBOX_NOTIFY_EMAIL_FROM and CHATBOX_NOTIFY_EMAIL_TO are required with an SMTP host".into());
+        }
+        for a in cfg.notify_email_from.iter().chain(&cfg.notify_email_to) {
+            if a.parse::<lettre::message::Mailbox>().is_err() {
+                errs.push(format!("{a:?} is not an e-mail address"));
+            }
+        }
+        if !["none", "starttls", "tls"].contains(&cfg.notify_smtp_tls.as_str()) {
+            errs.push("CHATBOX_NOTIFY_SMTP_TLS must be none, starttls or tls".into());
+        }
+    }
+    if cfg.notify_max_attempts == 0 {
+        errs.push("CHATBOX_NOTIFY_MAX_ATTEMPTS must be at least 1".into());
+    }
+    errs
+}
+
+/// The signature header value for `body`: `sha256=<hex HMAC-SHA256>`.
+pub fn signature(secret: &str, body: &[u8]) -> String {
+    let mut mac =
+        Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC accepts any key length");
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+impl Notifier {
+    /// Builds the configured channels (inside the pool's runtime, as reqwest needs).
+    pub fn new(
+        cfg: &Config,
+        store: Arc<dyn Store>,
+        pool: &crate::pool::BlockingPool,
+    ) -> Result<Notifier, String> {
+        let _rt = pool.enter();
+        let webhook = match (&cfg.notify_webhook_url, &cfg.notify_webhook_secret) {
+            (Some(url), Some(secret)) => {
+                let client = reqwest::Client::builder()
+                    .timeout(ATTEMPT_TIMEOUT)
+                    .build()
+                    .map_err(|e| format!("cannot build the webhook client: {e}"))?;
+                Some((url.clone(), secret.clone(), client))
+            }
+            _ => None,
+        };
+        let smtp = match &cfg.notify_smtp_host {
+            Some(host) => Some(smtp(cfg, host)?),
+            None => None,
+        };
+        Ok(Notifier {
+            store,
+            webhook,
+            smtp,
+            max_attempts: cfg.notify_max_attempts,
+            retry_base: Duration::from_millis(cfg.notify_retry_base_ms),
+            wake: tokio::sync::Notify::new(),
+            metrics: NotifyMetrics::default(),
+        })
+    }
+
+    /// The outbox rows that announce `event` on every configured channel.
+    pub fn enqueue_ops(&self, event: &HelpEvent) -> Vec<WriteOp> {
+        let payload = json!({
+            "event": "help_requested",
+            "session_id": event.session_id,
+            "user_id": event.user_id,
+            "user_name": event.user_name,
+            "at": event.at,
+        })
+        .to_string();
+        let kinds = [
+            self.webhook.as_ref().map(|_| KIND_WEBHOOK),
+            self.smtp.as_ref().map(|_| KIND_EMAIL),
+        ];
+        kinds
+            .into_iter()
+            .flatten()
+            .map(|kind| WriteOp::Enqueue {
+                kind: kind.into(),
+                payload: payload.clone(),
+                at: event.at,
+            })
+            .collect()
+    }
+
+    /// Tells the worker new rows are there.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    pub fn render_metrics(&self) -> String {
+        let m = &self.metrics;
+        format!(
+            "# HELP chatbox_notifications_delivered_total Notifications delivered.\n\
+             # TYPE chatbox_notifications_delivered_total counter\n\
+             chatbox_notifications_delivered_total {}\n\
+             # HELP chatbox_notification_failures_total Failed delivery attempts.\n\
+             # TYPE chatbox_notification_failures_total counter\n\
+             chatbox_notification_failures_total {}\n\
+             # HELP chatbox_notifications_dead_total Notifications given up after the last attempt.\n\
+             # TYPE chatbox_notifications_dead_total counter\n\
+             chatbox_notifications_dead_total {}\n",
+            m.delivered.load(Ordering::Relaxed),
+            m.failed_attempts.load(Ordering::Relaxed),
+            m.dead.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The worker: delivers due rows, sleeps until the next is due or it is woken.
+    pub async fn run(self: Arc<Self>) {
+        loop {
+            let now = crate::chat::now_ms();
+            let due = match self.store.due_notifications(now, BATCH).await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the notification outbox");
+                    Vec::new()
+                }
+            };
+            for n in &due {
+                self.attempt(n).await;
+            }
+            if due.len() == BATCH {
+                continue;
+            }
+            let next = self.store.next_notification_at().await.ok().flatten();
+            let wait = next.map_or(IDLE_POLL, |at| {
+                Duration::from_millis((at - crate::chat::now_ms()).max(0) as u64).min(IDLE_POLL)
+            });
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    async fn attempt(&self, n: &Notification) {
+        let result = match n.kind.as_str() {
+            KIND_WEBHOOK => self.post_webhook(n).await,
+            KIND_EMAIL => self.send_email(n).await,
+            other => Err(format!("unknown notification kind {other:?}")),
+        };
+        let now = crate::chat::now_ms();
+        let op = match result {
+            Ok(()) => {
+                self.metrics.delivered.fetch_add(1, Ordering::Relaxed);
+                WriteOp::Delivered { id: n.id, at: now }
+            }
+            Err(error) => {
+                self.metrics.failed_attempts.fetch_add(1, Ordering::Relaxed);
+                let attempts = n.attempts + 1;
+                let dead = attempts >= self.max_attempts;
+                if dead {
+                    self.metrics.dead.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(id = n.id, kind = %n.kind, attempts, %error, "notification dead-lettered");
+                } else {
+                    tracing::warn!(id = n.id, kind = %n.kind, attempts, %error, "notification attempt failed; will retry");
+                }
+                let wait = self.backoff(attempts);
+                WriteOp::DeliveryFailed {
+                    id: n.id,
+                    error,
+                    next_at: now + wait.as_millis() as Millis,
+                    dead,
+                }
+            }
+        };
+        if let Err(e) = self.store.write(vec![op]).await {
+            tracing::error!(id = n.id, error = %e, "cannot record a delivery result");
+        }
+    }
+
+    /// Exponential backoff with jitter: base, 2 x base, 4 x base, ...
+    fn backoff(&self, attempts: u32) -> Duration {
+        let exp = self
+            .retry_base
+            .saturating_mul(1 << attempts.saturating_sub(1).min(20));
+        exp.mul_f64(0.5 + rand::random::<f64>() / 2.0)
+            .min(RETRY_WAIT_MAX)
+    }
+
+    async fn post_webhook(&self, n: &Notification) -> Result<(), String> {
+        let (url, secret, client) = self
+            .webhook
+            .as_ref()
+            .ok_or("no webhook is configured any more")?;
+        let resp = client
+            .post(url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header("X-Chatbox-Event", "help_requested")
+            .header("X-Chatbox-Delivery", n.id.to_string())
+            .header(
+                "X-Chatbox-Signature",
+                signature(secret, n.payload.as_bytes()),
+            )
+            .body(n.payload.clone())
+            .send()
+            .await
+            .map_err(|e| format!("webhook request failed: {e}"))?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(format!("webhook answered {}", resp.status()))
+        }
+    }
+
+    async fn send_email(&self, n: &Notification) -> Result<(), String> {
+        use lettre::AsyncTransport;
+        let smtp = self
+            .smtp
+            .as_ref()
+            .ok_or("no SMTP server is configured any more")?;
+        let v: serde_json::Value = serde_json::from_str(&n.payload).map_err(|e| e.to_string())?;
+        let (sid, user, name) = (
+            v["session_id"].as_str(),
+            v["user_id"].as_str(),
+            v["user_name"].as_str(),
+        );
+        let body = format!(
+            "{} ({}) asked for a human in session {}.\n\nJoin it from the admin console, or with an admin \
+             WebSocket frame: {{\"type\":\"admin_join\",\"session_id\":\"{}\"}}\n",
+            name.unwrap_or("A user"),
+            user.unwrap_or("?"),
+            sid.unwrap_or("?"),
+            sid.unwrap_or("?"),
+        );
+        let mut builder = lettre::Message::builder()
+            .from(smtp.from.clone())
+            .subject(format!("Help requested in session {}", sid.unwrap_or("?")))
+            .header(lettre::message::header::ContentType::TEXT_PLAIN);
+        for to in &smtp.to {
+            builder = builder.to(to.clone());
+        }
+        let email = builder
+            .body(body)
+            .map_err(|e| format!("cannot build the e-mail: {e}"))?;
+        tokio::time::timeout(ATTEMPT_TIMEOUT, smtp.transport.send(email))
+            .await
+            .map_err(|_| "SMTP timed out".to_string())?
+            .map(|_| ())
+            .map_err(|e| format!("SMTP failed: {e}"))
+    }
+}
+
+fn smtp(cfg: &Config, host: &str) -> Result<Smtp, String> {
+    use lettre::transport::smtp::authentication::Credentials;
+    use lettre::AsyncSmtpTransport;
+    let builder = match cfg.notify_smtp_tls.as_str() {
+        "tls" => AsyncSmtpTransport::<lettre::Tokio1Executor>::relay(host),
+        "starttls" => AsyncSmtpTransport::<lettre::Tokio1Executor>::starttls_relay(host),
+        _ => Ok(AsyncSmtpTransport::<lettre::Tokio1Executor>::builder_dangerous(host)),
+    }
+    .map_err(|e| format!("SMTP host {host:?}: {e}"))?;
+    let mut builder = builder
+        .port(cfg.notify_smtp_port)
+        .timeout(Some(ATTEMPT_TIMEOUT));
+    if let (Some(u), Some(p)) = (&cfg.notify_smtp_username, &cfg.notify_smtp_password) {
+        builder = builder.credentials(Credentials::new(u.clone(), p.clone()));
+    }
+    let parse = |a: &str| {
+        a.parse::<lettre::message::Mailbox>()
+            .map_err(|e| format!("{a:?}: {e}"))
+    };
+    Ok(Smtp {
+        transport: builder.build(),
+        from: parse(cfg.notify_email_from.as_deref().unwrap_or_default())?,
+        to: cfg
+            .notify_email_to
+            .iter()
+            .map(|a| parse(a))
+            .collect::<Result<_, _>>()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn signature_is_hmac_sha256_hex() {
+        // RFC 4231 test case 2.
+        assert_eq!(
+            super::signature("Jefe", b"what do ya want for nothing?"),
+            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+}
