@@ -192,8 +192,11 @@ async fn queued_notifications_survive_a_restart() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
+    // Retries stay due soon, so the restarted server delivers promptly whether or
+    // not the first one got to fail an attempt (a failed attempt's next try is
+    // stored and honoured across the restart).
     let cfg = chatbox::Config {
-        notify_retry_base_ms: 60_000,
+        notify_retry_base_ms: 100,
         ..with_webhook(port)
     };
     let server = start(cfg.clone());
@@ -206,15 +209,12 @@ async fn queued_notifications_survive_a_restart() {
         .unwrap()
         .unwrap();
 
-    // The receiver is back; so is the server, with a short retry delay.
+    // The receiver is back, and so is the server.
     let listener = TcpListener::bind(("127.0.0.1", port))
         .await
         .expect("port still free");
     let (_, mut hooks) = receiver(listener, vec![Some(204)]).await;
-    let server = start(chatbox::Config {
-        notify_retry_base_ms: 20,
-        ..cfg
-    });
+    let server = start(cfg);
     let hook = next_hook(&mut hooks).await;
     assert!(hook.body.contains(&sid));
     drop(server);
@@ -237,6 +237,8 @@ async fn a_notification_that_always_fails_is_dead_lettered() {
     for _ in 0..3 {
         next_hook(&mut hooks).await;
     }
+    // The third result is recorded after the receiver answered: wait for it.
+    wait_for_metric(addr, "chatbox_notifications_dead_total 1").await;
     drop(ws);
     server.shutdown();
     tokio::task::spawn_blocking(move || server.join())
@@ -252,6 +254,22 @@ async fn a_notification_that_always_fails_is_dead_lettered() {
     assert_eq!((state.as_str(), attempts), ("dead", 3));
     assert!(error.contains("503"), "{error}");
     assert!(hooks.try_recv().is_err(), "no fourth attempt");
+}
+
+/// Scrapes /metrics until `line` appears (the server's own record of an event).
+async fn wait_for_metric(addr: std::net::SocketAddr, line: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, _, body) = get(addr, "/chatbox/metrics").await;
+        if body.lines().any(|l| l == line) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "metric {line:?} never appeared:\n{body}"
+        );
+        tokio::task::yield_now().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
