@@ -175,7 +175,7 @@ impl Notifier {
             "# HELP chatbox_notifications_delivered_total Notifications delivered.\n\
              # TYPE chatbox_notifications_delivered_total counter\n\
              chatbox_notifications_delivered_total {}\n\
-             # HELP chatbox_notification_failures_total Failed delivery attempts.\n\
+             # HELP chatbox_notification_failures_total Failed delivery attempts that will be retried.\n\
              # TYPE chatbox_notification_failures_total counter\n\
              chatbox_notification_failures_total {}\n\
              # HELP chatbox_notifications_dead_total Notifications given up after the last attempt.\n\
@@ -222,32 +222,42 @@ impl Notifier {
             other => Err(format!("unknown notification kind {other:?}")),
         };
         let now = crate::chat::now_ms();
-        let op = match result {
-            Ok(()) => {
-                self.metrics.delivered.fetch_add(1, Ordering::Relaxed);
-                WriteOp::Delivered { id: n.id, at: now }
-            }
+        let attempts = n.attempts + 1;
+        let (op, counter) = match result {
+            Ok(()) => (
+                WriteOp::Delivered { id: n.id, at: now },
+                &self.metrics.delivered,
+            ),
             Err(error) => {
-                self.metrics.failed_attempts.fetch_add(1, Ordering::Relaxed);
-                let attempts = n.attempts + 1;
                 let dead = attempts >= self.max_attempts;
                 if dead {
-                    self.metrics.dead.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(id = n.id, kind = %n.kind, attempts, %error, "notification dead-lettered");
                 } else {
                     tracing::warn!(id = n.id, kind = %n.kind, attempts, %error, "notification attempt failed; will retry");
                 }
-                let wait = self.backoff(attempts);
-                WriteOp::DeliveryFailed {
-                    id: n.id,
-                    error,
-                    next_at: now + wait.as_millis() as Millis,
-                    dead,
-                }
+                let next_at = now + self.backoff(attempts).as_millis() as Millis;
+                let counter = if dead {
+                    &self.metrics.dead
+                } else {
+                    &self.metrics.failed_attempts
+                };
+                (
+                    WriteOp::DeliveryFailed {
+                        id: n.id,
+                        error,
+                        next_at,
+                        dead,
+                    },
+                    counter,
+                )
             }
         };
-        if let Err(e) = self.store.write(vec![op]).await {
-            tracing::error!(id = n.id, error = %e, "cannot record a delivery result");
+        // Counted once recorded, so the metrics never run ahead of the outbox.
+        match self.store.write(vec![op]).await {
+            Ok(_) => {
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => tracing::error!(id = n.id, error = %e, "cannot record a delivery result"),
         }
     }
 

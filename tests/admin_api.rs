@@ -8,9 +8,7 @@ use std::net::SocketAddr;
 
 use chatbox::auth::now_secs;
 use common::*;
-use futures_util::SinkExt;
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::Message;
 
 fn admin_token() -> String {
     token_with("boss", &["admin"], now_secs() + 3600)
@@ -31,22 +29,6 @@ async fn get(addr: SocketAddr, path: &str) -> (u16, Value) {
     call(addr, "GET", path, Some(&admin_token())).await
 }
 
-async fn send(ws: &mut Ws, v: Value) {
-    ws.send(Message::text(v.to_string())).await.unwrap();
-}
-
-async fn until(ws: &mut Ws, kind: &str) -> Value {
-    loop {
-        let Some(Message::Text(t)) = next_msg(ws).await else {
-            panic!("connection ended")
-        };
-        let v: Value = serde_json::from_str(&t).unwrap();
-        if v["type"] == kind {
-            return v;
-        }
-    }
-}
-
 /// `n` answered messages in a new session of `user`; returns the session id.
 async fn conversation(addr: SocketAddr, user: &str, n: usize) -> String {
     let mut ws = connect_user(addr, user).await;
@@ -58,7 +40,7 @@ async fn conversation(addr: SocketAddr, user: &str, n: usize) -> String {
         }
         send(&mut ws, m).await;
         if sid.is_none() {
-            sid = until(&mut ws, "session").await["session_id"]
+            sid = until(&mut ws, "session").await.0["session_id"]
                 .as_str()
                 .map(str::to_owned);
         }
@@ -354,7 +336,7 @@ async fn a_users_data_is_exported_then_deleted() {
     // The session is gone for its user too.
     let mut ws = connect_user(addr, "frank").await;
     send(&mut ws, json!({"type": "resume", "session_id": sid})).await;
-    assert_eq!(until(&mut ws, "error").await["code"], "forbidden");
+    assert_eq!(until(&mut ws, "error").await.0["code"], "forbidden");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

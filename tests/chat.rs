@@ -12,29 +12,6 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, O
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::Message;
 
-async fn send(ws: &mut Ws, v: Value) {
-    ws.send(Message::text(v.to_string())).await.unwrap();
-}
-
-async fn recv(ws: &mut Ws) -> Value {
-    match next_msg(ws).await {
-        Some(Message::Text(t)) => serde_json::from_str(&t).unwrap(),
-        other => panic!("expected a JSON frame, got {other:?}"),
-    }
-}
-
-/// Reads frames until one of type `kind`, returning it and everything before it.
-async fn until(ws: &mut Ws, kind: &str) -> (Value, Vec<Value>) {
-    let mut before = Vec::new();
-    loop {
-        let v = recv(ws).await;
-        if v["type"] == kind {
-            return (v, before);
-        }
-        before.push(v);
-    }
-}
-
 /// What one message produced: the session id, the ack, the chunks, the done frame.
 struct Exchange {
     session_id: String,

@@ -12,11 +12,9 @@ use std::time::{Duration, Instant};
 use chatbox::config::LlmProvider;
 use chatbox::llm::{LlmSection, ModelConfig};
 use common::*;
-use futures_util::SinkExt;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_tungstenite::tungstenite::Message;
 
 /// How the fake answers one request.
 #[derive(Clone)]
@@ -109,31 +107,8 @@ async fn serve(
     closed: tokio::sync::mpsc::UnboundedSender<(usize, Instant)>,
 ) {
     let (mut rd, mut wr) = sock.into_split();
-    // Read the head and the Content-Length body.
-    let mut buf = Vec::new();
-    let head_end = loop {
-        let mut chunk = [0u8; 4096];
-        let n = rd.read(&mut chunk).await.unwrap();
-        assert!(n > 0, "client closed before sending a request");
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-    };
-    let headers = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
-    let len: usize = headers
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("content-length:")
-                .map(|v| v.trim().parse().unwrap())
-        })
-        .unwrap_or(0);
-    while buf.len() < head_end + len {
-        let mut chunk = [0u8; 4096];
-        let n = rd.read(&mut chunk).await.unwrap();
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let body: Value = serde_json::from_slice(&buf[head_end..head_end + len]).unwrap();
+    let (headers, body) = read_request(&mut rd).await.expect("a request");
+    let body: Value = serde_json::from_slice(&body).unwrap();
     let index = {
         let mut s = seen.lock().unwrap();
         s.push(Seen {
@@ -233,28 +208,6 @@ fn with_models(models: Vec<ModelConfig>) -> chatbox::Config {
         llm: LlmSection { models },
         llm_system_prompt: "Be brief.".into(),
         ..config()
-    }
-}
-
-async fn send(ws: &mut Ws, v: Value) {
-    ws.send(Message::text(v.to_string())).await.unwrap();
-}
-
-async fn recv(ws: &mut Ws) -> Value {
-    match next_msg(ws).await {
-        Some(Message::Text(t)) => serde_json::from_str(&t).unwrap(),
-        other => panic!("expected a JSON frame, got {other:?}"),
-    }
-}
-
-async fn until(ws: &mut Ws, kind: &str) -> (Value, Vec<Value>) {
-    let mut before = Vec::new();
-    loop {
-        let v = recv(ws).await;
-        if v["type"] == kind {
-            return (v, before);
-        }
-        before.push(v);
     }
 }
 

@@ -7,13 +7,11 @@ mod common;
 use std::sync::{Arc, Mutex};
 
 use common::*;
-use futures_util::SinkExt;
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
 use sha2::Sha256;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
-use tokio_tungstenite::tungstenite::Message;
 
 const HOOK_SECRET: &str = "webhook-secret-0123456789";
 
@@ -46,35 +44,13 @@ async fn receiver(
             n += 1;
             let (s, tx) = (s.clone(), tx.clone());
             tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                let head_end = loop {
-                    let Ok(k) = sock.read(&mut chunk).await else {
-                        return;
-                    };
-                    if k == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..k]);
-                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        break i + 4;
-                    }
+                let Some((headers, body)) = read_request(&mut sock).await else {
+                    return;
                 };
-                let headers = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
-                let len: usize = headers
-                    .lines()
-                    .find_map(|l| {
-                        l.strip_prefix("content-length:")
-                            .map(|v| v.trim().parse().unwrap())
-                    })
-                    .unwrap_or(0);
-                while buf.len() < head_end + len {
-                    let k = sock.read(&mut chunk).await.unwrap();
-                    buf.extend_from_slice(&chunk[..k]);
-                }
+                let mut chunk = [0u8; 64];
                 let hook = Hook {
                     headers,
-                    body: String::from_utf8_lossy(&buf[head_end..head_end + len]).into(),
+                    body: String::from_utf8_lossy(&body).into(),
                 };
                 s.lock().unwrap().push(hook.clone());
                 let _ = tx.send(hook);
@@ -105,22 +81,6 @@ fn with_webhook(port: u16) -> chatbox::Config {
     }
 }
 
-async fn send(ws: &mut Ws, v: Value) {
-    ws.send(Message::text(v.to_string())).await.unwrap();
-}
-
-async fn until(ws: &mut Ws, kind: &str) -> Value {
-    loop {
-        let Some(Message::Text(t)) = next_msg(ws).await else {
-            panic!("connection ended")
-        };
-        let v: Value = serde_json::from_str(&t).unwrap();
-        if v["type"] == kind {
-            return v;
-        }
-    }
-}
-
 /// A session for `user` with a help request in it; returns the session id.
 async fn ask_for_help(ws: &mut Ws) -> String {
     send(
@@ -128,7 +88,7 @@ async fn ask_for_help(ws: &mut Ws) -> String {
         json!({"type": "user_message", "content": "I need a person"}),
     )
     .await;
-    let sid = until(ws, "session").await["session_id"]
+    let sid = until(ws, "session").await.0["session_id"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -286,7 +246,7 @@ async fn a_stalled_receiver_does_not_slow_chat() {
         json!({"type": "user_message", "id": "m2", "session_id": sid, "content": "still typing"}),
     )
     .await;
-    assert_eq!(until(&mut ws, "ack").await["id"], "m2");
+    assert_eq!(until(&mut ws, "ack").await.0["id"], "m2");
     until(&mut ws, "ai_done").await;
 }
 

@@ -7,31 +7,7 @@ mod common;
 use chatbox::auth::now_secs;
 use chatbox::mesh::owner_core;
 use common::*;
-use futures_util::SinkExt;
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::Message;
-
-async fn send(ws: &mut Ws, v: Value) {
-    ws.send(Message::text(v.to_string())).await.unwrap();
-}
-
-async fn recv(ws: &mut Ws) -> Value {
-    match next_msg(ws).await {
-        Some(Message::Text(t)) => serde_json::from_str(&t).unwrap(),
-        other => panic!("expected a JSON frame, got {other:?}"),
-    }
-}
-
-async fn until(ws: &mut Ws, kind: &str) -> (Value, Vec<Value>) {
-    let mut before = Vec::new();
-    loop {
-        let v = recv(ws).await;
-        if v["type"] == kind {
-            return (v, before);
-        }
-        before.push(v);
-    }
-}
 
 async fn admin(addr: std::net::SocketAddr, id: &str) -> Ws {
     let t = token_with(id, &["admin"], now_secs() + 3600);

@@ -8,7 +8,8 @@ use std::time::Duration;
 use chatbox::auth::{mint, now_secs, Claims};
 use chatbox::{Config, Hooks, ServerHandle};
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -204,4 +205,62 @@ pub fn error_code(body: &str) -> String {
 /// Sum of one metric over all cores.
 pub fn total(handle: &ServerHandle, f: impl Fn(&chatbox::metrics::CoreMetrics) -> u64) -> u64 {
     handle.metrics().iter().map(f).sum()
+}
+
+/// Sends a JSON frame.
+pub async fn send(ws: &mut Ws, v: Value) {
+    ws.send(Message::text(v.to_string())).await.unwrap();
+}
+
+/// The next JSON frame (skipping pings).
+pub async fn recv(ws: &mut Ws) -> Value {
+    match next_msg(ws).await {
+        Some(Message::Text(t)) => serde_json::from_str(&t).unwrap(),
+        other => panic!("expected a JSON frame, got {other:?}"),
+    }
+}
+
+/// Reads frames until one of type `kind`; returns it and everything before it.
+pub async fn until(ws: &mut Ws, kind: &str) -> (Value, Vec<Value>) {
+    let mut before = Vec::new();
+    loop {
+        let v = recv(ws).await;
+        if v["type"] == kind {
+            return (v, before);
+        }
+        before.push(v);
+    }
+}
+
+/// Reads one HTTP/1.1 request (head and Content-Length body) from a local fake
+/// server's socket: (lower-cased head, body). `None` if the client went away.
+pub async fn read_request(sock: &mut (impl AsyncRead + Unpin)) -> Option<(String, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        let n = sock.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("content-length:")
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0);
+    while buf.len() < head_end + len {
+        let n = sock.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Some((head, buf[head_end..head_end + len].to_vec()))
 }
