@@ -1,55 +1,80 @@
-//! chatbox load harness. Scenario `connect`: ramp N authenticated WebSocket
-//! connections at R per second from many 127.0.0.x source addresses, check that
-//! every one answers a ping with a pong, hold them, ping again, and report.
-//!
-//! Every run is bounded in time (`--deadline-secs`) and stops by itself.
+//! chatbox load harness: scenarios against one server, or `compare` against
+//! chatbox and the tokio-tungstenite baseline in one run. Every run is bounded in
+//! time (`--deadline-secs`) and stops by itself; summaries are printed as JSON and
+//! written to `--out`.
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+mod client;
+mod compare;
+mod scenarios;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
-use chatbox::auth::{mint, now_secs, Claims};
-use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpSocket;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::Message;
+use serde_json::Value;
 
 const USAGE: &str = "\
-usage: loadtest connect --addr HOST:PORT --secret SECRET [options]
+usage: loadtest SCENARIO [options]
 
-  --addr HOST:PORT       server address (default 127.0.0.1:8080)
+scenarios (against --addr):
+  connect   N connections ramped at R/s; each answers a ping after the ramp and after the hold
+  idle      server RSS per idle connection: slope between --sizes A,B (needs --pid)
+  chat      users send user_message and time each to its ack (closed loop, or --msg-rate)
+  compare   run --scenario against chatbox and the baseline, alternating, and print ratios
+
+options:
+  --addr HOST:PORT       server (default 127.0.0.1:8080)
   --prefix PATH          URL prefix (default /chatbox)
-  --secret SECRET        the server's CHATBOX_JWT_SECRET, to mint user tokens
-  --connections N        connections to open (default 1000)
-  --users N              distinct users (default: one per connection)
+  --secret SECRET        the server's JWT secret (compare starts servers with it)
+  --connections N        connect: connections (default 1000)
+  --users N              chat: users, one connection each (default 100); connect: distinct users
   --rate N               new connections per second (default 2000)
-  --hold-secs N          how long to hold them before the second ping (default 5)
-  --sources N            source addresses 127.0.0.2 .. (default 8; ~28k ports each)
-  --deadline-secs N      hard stop for the whole run (default 300)
-  --out FILE             also write the summary as JSON
+  --hold-secs N          connect/idle: hold time (default 5)
+  --sizes A,B            idle: the two connection counts (default 2000,18000)
+  --pid PID              idle: the server's process id
+  --msg-rate N           chat: messages per second in all; 0 = closed loop (default 0)
+  --secs N               chat: measuring time (default 10)
+  --sources N            source addresses 127.0.0.2.. (default 8)
+  --scenario NAME        compare: connect | idle | chat (default chat)
+  --rounds N             compare: rounds, each running both servers (default 2)
+  --server-cores N       compare: cores (threads) each server gets (default 1)
+  --chatbox PATH / --baseline PATH   compare: binaries (default: next to this one)
+  --deadline-secs N      hard stop for the whole run (default 600)
+  --out FILE             also write the summary JSON here
 ";
 
-struct Opts {
-    addr: SocketAddr,
-    prefix: String,
-    secret: String,
-    connections: usize,
-    users: usize,
-    rate: u64,
-    hold: Duration,
-    sources: u8,
-    deadline: Duration,
-    out: Option<String>,
+#[derive(Clone)]
+pub struct Opts {
+    pub addr: SocketAddr,
+    pub prefix: String,
+    pub secret: String,
+    pub connections: usize,
+    pub users: usize,
+    pub rate: u64,
+    pub hold: Duration,
+    pub sizes: Vec<usize>,
+    pub pid: Option<u32>,
+    pub msg_rate: u64,
+    pub secs: u64,
+    pub sources: u8,
+    pub scenario: String,
+    pub rounds: usize,
+    pub server_cores: usize,
+    pub chatbox_bin: Option<PathBuf>,
+    pub baseline_bin: Option<PathBuf>,
+    pub deadline: Duration,
+    pub out: Option<String>,
 }
 
-fn parse() -> anyhow::Result<Opts> {
+fn parse() -> anyhow::Result<(String, Opts)> {
     let mut args = std::env::args().skip(1);
-    match args.next().as_deref() {
-        Some("connect") => {}
-        _ => bail!("{USAGE}"),
-    }
+    let Some(cmd) = args
+        .next()
+        .filter(|c| ["connect", "idle", "chat", "compare"].contains(&c.as_str()))
+    else {
+        bail!("{USAGE}");
+    };
     let mut o = Opts {
         addr: "127.0.0.1:8080".parse()?,
         prefix: "/chatbox".into(),
@@ -58,8 +83,17 @@ fn parse() -> anyhow::Result<Opts> {
         users: 0,
         rate: 2000,
         hold: Duration::from_secs(5),
+        sizes: vec![2000, 18000],
+        pid: None,
+        msg_rate: 0,
+        secs: 10,
         sources: 8,
-        deadline: Duration::from_secs(300),
+        scenario: "chat".into(),
+        rounds: 2,
+        server_cores: 1,
+        chatbox_bin: None,
+        baseline_bin: None,
+        deadline: Duration::from_secs(600),
         out: None,
     };
     while let Some(flag) = args.next() {
@@ -74,246 +108,79 @@ fn parse() -> anyhow::Result<Opts> {
             "--users" => o.users = v.parse()?,
             "--rate" => o.rate = v.parse()?,
             "--hold-secs" => o.hold = Duration::from_secs(v.parse()?),
-            "--sources" => o.sources = v.parse()?,
+            "--sizes" => o.sizes = v.split(',').map(str::parse).collect::<Result<_, _>>()?,
+            "--pid" => o.pid = Some(v.parse()?),
+            "--msg-rate" => o.msg_rate = v.parse()?,
+            "--secs" => o.secs = v.parse()?,
+            "--sources" => o.sources = v.parse::<u8>()?.clamp(1, 250),
+            "--scenario" => o.scenario = v,
+            "--rounds" => o.rounds = v.parse::<usize>()?.max(1),
+            "--server-cores" => o.server_cores = v.parse::<usize>()?.max(1),
+            "--chatbox" => o.chatbox_bin = Some(v.into()),
+            "--baseline" => o.baseline_bin = Some(v.into()),
             "--deadline-secs" => o.deadline = Duration::from_secs(v.parse()?),
             "--out" => o.out = Some(v),
             _ => bail!("unknown flag {flag}\n{USAGE}"),
         }
     }
     if o.secret.is_empty() {
-        bail!("--secret is required\n{USAGE}");
+        if cmd != "compare" {
+            bail!("--secret is required\n{USAGE}");
+        }
+        o.secret = format!("loadtest-secret-{}", std::process::id()).repeat(2);
     }
     if o.users == 0 {
-        o.users = o.connections;
-    }
-    o.sources = o.sources.clamp(1, 250);
-    // This process holds one descriptor per connection; the machine allows 20,000.
-    let limit = fd_limit();
-    if o.connections + 64 > limit {
-        bail!(
-            "{} connections need more open files than this process may have ({limit}); \
-             run several loadtest processes instead",
+        o.users = if cmd == "chat" || o.scenario == "chat" {
+            100
+        } else {
             o.connections
-        );
+        };
     }
-    Ok(o)
+    if o.sizes.len() != 2 || o.sizes[0] >= o.sizes[1] {
+        bail!("--sizes takes two increasing counts, e.g. 2000,18000");
+    }
+    Ok((cmd, o))
 }
 
-fn fd_limit() -> usize {
-    std::fs::read_to_string("/proc/self/limits")
-        .ok()
-        .and_then(|l| {
-            l.lines()
-                .find(|x| x.starts_with("Max open files"))
-                .and_then(|x| x.split_whitespace().nth(3).and_then(|n| n.parse().ok()))
-        })
-        .unwrap_or(1024)
-}
-
-#[derive(Default)]
-struct Counts {
-    connected: AtomicU64,
-    refused: AtomicU64,
-    failed: AtomicU64,
-    pongs_first: AtomicU64,
-    pongs_second: AtomicU64,
-    dropped: AtomicU64,
+pub async fn run_scenario(name: &str, o: &Opts) -> anyhow::Result<Value> {
+    match name {
+        "connect" => scenarios::connect(o).await,
+        "idle" => scenarios::idle(o).await,
+        "chat" => scenarios::chat(o).await,
+        other => bail!("unknown scenario {other:?}"),
+    }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let o = match parse() {
-        Ok(o) => o,
+    let (cmd, o) = match parse() {
+        Ok(x) => x,
         Err(e) => {
             eprintln!("{e}");
             std::process::exit(2);
         }
     };
-    match tokio::time::timeout(o.deadline, connect_scenario(&o)).await {
-        Ok(r) => r,
-        Err(_) => bail!("run exceeded --deadline-secs {}", o.deadline.as_secs()),
-    }
-}
-
-async fn connect_scenario(o: &Opts) -> anyhow::Result<()> {
-    let counts = Arc::new(Counts::default());
-    let exp = now_secs() + 3600;
-    let url = format!("ws://{}{}/ws", o.addr, o.prefix);
-    let started = Instant::now();
-    let (phase_tx, _) = tokio::sync::watch::channel(0u8);
-    let (lat_tx, mut lat_rx) = tokio::sync::mpsc::unbounded_channel::<(u64, bool)>();
-    let mut tasks = Vec::with_capacity(o.connections);
-    let interval = Duration::from_secs_f64(1.0 / o.rate.max(1) as f64);
-    let mut tick = tokio::time::interval(interval);
-    for i in 0..o.connections {
-        tick.tick().await;
-        let user = format!("load-{}", i % o.users);
-        let token = mint(
-            o.secret.as_bytes(),
-            &Claims {
-                sub: user,
-                name: None,
-                roles: vec![],
-                exp,
-            },
-        );
-        let source = Ipv4Addr::new(127, 0, 0, 2 + (i % o.sources as usize) as u8);
-        let (url, addr, counts, lat_tx) = (url.clone(), o.addr, counts.clone(), lat_tx.clone());
-        let mut phase = phase_tx.subscribe();
-        tasks.push(tokio::spawn(async move {
-            let t0 = Instant::now();
-            let ws = match open(&url, addr, source, &token).await {
-                Ok(ws) => ws,
-                Err(refused) => {
-                    let c = if refused {
-                        &counts.refused
-                    } else {
-                        &counts.failed
-                    };
-                    c.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
-            };
-            let _ = lat_tx.send((t0.elapsed().as_micros() as u64, true));
-            counts.connected.fetch_add(1, Ordering::Relaxed);
-            let mut ws = ws;
-            for round in 1..=2u8 {
-                if !idle_until(&mut ws, &mut phase, round).await || !ping_pong(&mut ws).await {
-                    counts.dropped.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
-                let c = if round == 1 {
-                    &counts.pongs_first
-                } else {
-                    &counts.pongs_second
-                };
-                c.fetch_add(1, Ordering::Relaxed);
-            }
-            idle_until(&mut ws, &mut phase, 3).await;
-            let _ = ws.close(None).await;
-        }));
-        if i % 1000 == 999 {
-            eprintln!(
-                "  {} connections opened ({:.1}s)",
-                i + 1,
-                started.elapsed().as_secs_f64()
-            );
+    let run = async {
+        if cmd == "compare" {
+            compare::compare(&o).await
+        } else {
+            run_scenario(&cmd, &o).await
         }
-    }
-    drop(lat_tx);
-    let mut hist = hdrhistogram::Histogram::<u64>::new(3)?;
-    while let Some((us, _)) = lat_rx.recv().await {
-        hist.record(us)?;
-        if hist.len() as usize
-            + (counts.refused.load(Ordering::Relaxed) + counts.failed.load(Ordering::Relaxed))
-                as usize
-            >= o.connections
-        {
-            break;
-        }
-    }
-    let ramp = started.elapsed();
-    eprintln!(
-        "  ramp done: {} connected in {:.1}s; ping round 1",
-        counts.connected.load(Ordering::Relaxed),
-        ramp.as_secs_f64()
-    );
-    phase_tx.send_replace(1);
-    wait_count(
-        &counts.pongs_first,
-        &counts,
-        counts.connected.load(Ordering::Relaxed),
-    )
-    .await;
-    eprintln!("  holding {}s", o.hold.as_secs());
-    tokio::time::sleep(o.hold).await;
-    phase_tx.send_replace(2);
-    let alive = counts.connected.load(Ordering::Relaxed) - counts.dropped.load(Ordering::Relaxed);
-    wait_count(&counts.pongs_second, &counts, alive).await;
-    phase_tx.send_replace(3);
-    for t in tasks {
-        let _ = t.await;
-    }
-    let summary = serde_json::json!({
-        "scenario": "connect",
-        "connections": o.connections,
-        "users": o.users,
-        "connected": counts.connected.load(Ordering::Relaxed),
-        "refused": counts.refused.load(Ordering::Relaxed),
-        "failed": counts.failed.load(Ordering::Relaxed),
-        "pongs_first_round": counts.pongs_first.load(Ordering::Relaxed),
-        "pongs_after_hold": counts.pongs_second.load(Ordering::Relaxed),
-        "dropped": counts.dropped.load(Ordering::Relaxed),
-        "ramp_secs": ramp.as_secs_f64(),
-        "hold_secs": o.hold.as_secs(),
-        "handshake_us": {
-            "p50": hist.value_at_quantile(0.5), "p99": hist.value_at_quantile(0.99),
-            "p999": hist.value_at_quantile(0.999), "max": hist.max(),
-        },
-    });
+    };
+    let summary = tokio::time::timeout(o.deadline, run)
+        .await
+        .map_err(|_| anyhow::anyhow!("run exceeded --deadline-secs {}", o.deadline.as_secs()))??;
     println!("{}", serde_json::to_string_pretty(&summary)?);
     if let Some(path) = &o.out {
         std::fs::write(path, summary.to_string()).with_context(|| format!("writing {path}"))?;
     }
-    let ok = summary["connected"] == o.connections as u64
-        && summary["pongs_after_hold"] == o.connections as u64;
-    if !ok {
-        bail!("not every connection stayed open and answered (see summary)");
+    // A scenario that lost connections or messages fails the run.
+    let lost = |k: &str| summary.get(k).and_then(Value::as_u64).unwrap_or(0);
+    if lost("dropped") + lost("failed") + lost("refused") + lost("errors") > 0 {
+        bail!("errors, refusals or dropped connections (see summary)");
+    }
+    if cmd == "connect" && summary["pongs_after_hold"] != summary["connections"] {
+        bail!("not every connection stayed open and answered");
     }
     Ok(())
-}
-
-/// Waits until `c` (or `c` plus drops) reaches `n`.
-async fn wait_count(c: &AtomicU64, counts: &Counts, n: u64) {
-    while c.load(Ordering::Relaxed) + counts.dropped.load(Ordering::Relaxed) < n {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
-
-/// Opens one connection; `Err(true)` when the server refused it with an HTTP status.
-async fn open(url: &str, addr: SocketAddr, source: Ipv4Addr, token: &str) -> Result<Ws, bool> {
-    let sock = TcpSocket::new_v4().map_err(|_| false)?;
-    sock.bind(SocketAddr::V4(SocketAddrV4::new(source, 0)))
-        .map_err(|_| false)?;
-    let tcp = sock.connect(addr).await.map_err(|_| false)?;
-    let _ = tcp.set_nodelay(true);
-    let mut req = url.into_client_request().map_err(|_| false)?;
-    req.headers_mut().insert(
-        "Authorization",
-        format!("Bearer {token}").parse().map_err(|_| false)?,
-    );
-    match tokio_tungstenite::client_async(req, tcp).await {
-        Ok((ws, _)) => Ok(ws),
-        Err(tokio_tungstenite::tungstenite::Error::Http(_)) => Err(true),
-        Err(_) => Err(false),
-    }
-}
-
-/// Holds the connection (reading, so the server's keep-alive pings are answered)
-/// until the run reaches `phase`. False if the connection died meanwhile.
-async fn idle_until(ws: &mut Ws, phase: &mut tokio::sync::watch::Receiver<u8>, at: u8) -> bool {
-    loop {
-        tokio::select! {
-            r = phase.wait_for(|p| *p >= at) => return r.is_ok(),
-            m = ws.next() => match m {
-                Some(Ok(_)) => {}
-                _ => return false,
-            },
-        }
-    }
-}
-
-async fn ping_pong(ws: &mut Ws) -> bool {
-    if ws.send(Message::Ping(b"lt".to_vec().into())).await.is_err() {
-        return false;
-    }
-    loop {
-        match tokio::time::timeout(Duration::from_secs(30), ws.next()).await {
-            Ok(Some(Ok(Message::Pong(p)))) if p.as_ref() == b"lt" => return true,
-            Ok(Some(Ok(_))) => continue,
-            _ => return false,
-        }
-    }
 }

@@ -1,0 +1,186 @@
+//! `compare`: runs a scenario against chatbox and against the baseline server in
+//! one invocation, alternating which goes first each round, and prints the ratios.
+//! Both get the same cores, the same machine, the same minutes: ratios hold where
+//! absolute numbers drift.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+use serde_json::{json, Value};
+
+use crate::Opts;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Target {
+    Chatbox,
+    Baseline,
+}
+
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+    _data: Option<tempdir::TempDir>,
+}
+
+mod tempdir {
+    /// A directory removed on drop.
+    pub struct TempDir(pub std::path::PathBuf);
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn sibling(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    exe.parent()
+        .map(|d| d.join(name))
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// Starts a server and waits for its readiness line.
+fn spawn(target: Target, o: &Opts) -> anyhow::Result<Server> {
+    let (mut cmd, data) = match target {
+        Target::Chatbox => {
+            let dir = std::env::temp_dir().join(format!(
+                "chatbox-loadtest-{}-{}",
+                std::process::id(),
+                rand_suffix()
+            ));
+            let mut c = Command::new(o.chatbox_bin.clone().unwrap_or_else(|| sibling("chatbox")));
+            c.env_clear()
+                .env("CHATBOX_LISTEN", "127.0.0.1:0")
+                .env("CHATBOX_CORES", o.server_cores.to_string())
+                .env("CHATBOX_JWT_SECRET", &o.secret)
+                .env("CHATBOX_ENCRYPTION_KEY", "5a".repeat(32))
+                .env("CHATBOX_DATA_DIR", &dir)
+                .env("CHATBOX_RATE_LIMIT_PER_MINUTE", "1000000")
+                .env("CHATBOX_WS_FRAMES_PER_MINUTE_MAX", "1000000")
+                .env("RUST_LOG", "warn");
+            (c, Some(tempdir::TempDir(dir)))
+        }
+        Target::Baseline => {
+            let mut c = Command::new(
+                o.baseline_bin
+                    .clone()
+                    .unwrap_or_else(|| sibling("baseline-server")),
+            );
+            c.args(["127.0.0.1:0", &o.secret, &o.server_cores.to_string()]);
+            (c, None)
+        }
+    };
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .stdin(Stdio::null())
+        .spawn()?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let addr = line
+        .trim()
+        .rsplit(' ')
+        .next()
+        .map(|a| a.trim_start_matches("http://").trim_end_matches("/chatbox"))
+        .and_then(|a| a.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("{target:?} did not start: {line:?}"))?;
+    Ok(Server {
+        child,
+        addr,
+        _data: data,
+    })
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// The numbers compared for each scenario, and whether higher is better.
+fn keys(scenario: &str) -> &'static [(&'static str, bool)] {
+    match scenario {
+        "idle" => &[("/bytes_per_connection", false)],
+        "chat" => &[
+            ("/acks_per_sec", true),
+            ("/rtt_us/p50", false),
+            ("/rtt_us/p99", false),
+            ("/rtt_us/p999", false),
+        ],
+        _ => &[("/handshake_us/p50", false), ("/handshake_us/p99", false)],
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+pub async fn compare(o: &Opts) -> anyhow::Result<Value> {
+    let mut runs: Vec<(Target, Value)> = Vec::new();
+    for round in 0..o.rounds {
+        let order = if round % 2 == 0 {
+            [Target::Chatbox, Target::Baseline]
+        } else {
+            [Target::Baseline, Target::Chatbox]
+        };
+        for target in order {
+            eprintln!("round {} of {}: {target:?}", round + 1, o.rounds);
+            let mut server = spawn(target, o)?;
+            let mut so = o.clone();
+            so.addr = server.addr;
+            so.pid = Some(server.child.id());
+            let result = crate::run_scenario(&o.scenario, &so).await;
+            let _ = server.child.kill();
+            let _ = server.child.wait();
+            runs.push((target, result?));
+        }
+    }
+    let mut table = Vec::new();
+    println!(
+        "{:<28} {:>14} {:>14} {:>8}",
+        o.scenario, "chatbox", "baseline", "ratio"
+    );
+    for &(key, higher_better) in keys(&o.scenario) {
+        let pick = |t: Target| {
+            median(
+                runs.iter()
+                    .filter(|(x, _)| *x == t)
+                    .filter_map(|(_, v)| v.pointer(key)?.as_f64())
+                    .collect(),
+            )
+        };
+        let (c, b) = (pick(Target::Chatbox), pick(Target::Baseline));
+        let ratio = c / b;
+        println!(
+            "{:<28} {:>14.1} {:>14.1} {:>8.3}{}",
+            key.trim_start_matches('/'),
+            c,
+            b,
+            ratio,
+            if higher_better {
+                "  (higher is better)"
+            } else {
+                ""
+            }
+        );
+        table.push(json!({"metric": key, "chatbox": c, "baseline": b, "ratio": ratio, "higher_is_better": higher_better}));
+    }
+    let runs: Vec<Value> = runs
+        .into_iter()
+        .map(|(t, v)| json!({"target": format!("{t:?}"), "summary": v}))
+        .collect();
+    Ok(
+        json!({"scenario": "compare", "compared": o.scenario, "rounds": o.rounds, "server_cores": o.server_cores, "ratios": table, "runs": runs}),
+    )
+}

@@ -1,0 +1,314 @@
+//! The scenarios. Each runs against one server address, prints progress on stderr,
+//! and returns its summary as JSON (which `compare` turns into ratios).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::client::{self, check_fd_budget, idle_until, open, ping_pong, rss_kib, source, token};
+use crate::Opts;
+
+fn url(o: &Opts) -> String {
+    format!("ws://{}{}/ws", o.addr, o.prefix)
+}
+
+#[derive(Default)]
+struct Counts {
+    connected: AtomicU64,
+    refused: AtomicU64,
+    failed: AtomicU64,
+    pongs: [AtomicU64; 2],
+    dropped: AtomicU64,
+}
+
+/// Opens connections `range` at `o.rate` per second; each one answers a ping when
+/// the phase reaches 1 and again at 2, then holds until 3 and closes.
+fn open_many(
+    o: &Opts,
+    range: std::ops::Range<usize>,
+    counts: &Arc<Counts>,
+    phase: &tokio::sync::watch::Sender<u8>,
+    handshakes: &tokio::sync::mpsc::UnboundedSender<u64>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let interval = Duration::from_secs_f64(1.0 / o.rate.max(1) as f64);
+    let start = Instant::now();
+    range
+        .map(|i| {
+            let (url, addr, counts, hs) = (url(o), o.addr, counts.clone(), handshakes.clone());
+            let tok = token(&o.secret, &format!("load-{}", i % o.users.max(1)));
+            let src = source(i, o.sources);
+            let mut phase = phase.subscribe();
+            let at = start + interval * (i as u32 % 1_000_000);
+            tokio::spawn(async move {
+                tokio::time::sleep_until(at.into()).await;
+                let t0 = Instant::now();
+                let mut ws = match open(&url, addr, src, &tok).await {
+                    Ok(ws) => ws,
+                    Err(refused) => {
+                        let c = if refused {
+                            &counts.refused
+                        } else {
+                            &counts.failed
+                        };
+                        c.fetch_add(1, Ordering::Relaxed);
+                        let _ = hs.send(0);
+                        return;
+                    }
+                };
+                let _ = hs.send(t0.elapsed().as_micros() as u64 + 1);
+                counts.connected.fetch_add(1, Ordering::Relaxed);
+                for round in 0..2u8 {
+                    if !idle_until(&mut ws, &mut phase, round + 1).await
+                        || !ping_pong(&mut ws).await
+                    {
+                        counts.dropped.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                    counts.pongs[round as usize].fetch_add(1, Ordering::Relaxed);
+                }
+                idle_until(&mut ws, &mut phase, 3).await;
+                let _ = ws.close(None).await;
+            })
+        })
+        .collect()
+}
+
+/// Waits for `n` handshake results; returns a histogram of the successful ones (µs).
+async fn collect_handshakes(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<u64>,
+    n: usize,
+) -> hdrhistogram::Histogram<u64> {
+    let mut h = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
+    for done in 0..n {
+        match rx.recv().await {
+            Some(0) | None => {}
+            Some(us) => {
+                let _ = h.record(us);
+            }
+        }
+        if done % 1000 == 999 {
+            eprintln!("  {} connections opened", done + 1);
+        }
+    }
+    h
+}
+
+async fn wait_count(c: &AtomicU64, counts: &Counts, n: u64) {
+    while c.load(Ordering::Relaxed) + counts.dropped.load(Ordering::Relaxed) < n {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn quantiles(h: &hdrhistogram::Histogram<u64>) -> Value {
+    json!({"p50": h.value_at_quantile(0.5), "p99": h.value_at_quantile(0.99),
+           "p999": h.value_at_quantile(0.999), "max": h.max(), "count": h.len()})
+}
+
+/// `connect`: N connections ramped at R/s; every one must answer a ping right
+/// after the ramp and again after the hold.
+pub async fn connect(o: &Opts) -> anyhow::Result<Value> {
+    check_fd_budget(o.connections)?;
+    let counts = Arc::new(Counts::default());
+    let (phase, _) = tokio::sync::watch::channel(0u8);
+    let (hs_tx, mut hs_rx) = tokio::sync::mpsc::unbounded_channel();
+    let started = Instant::now();
+    let tasks = open_many(o, 0..o.connections, &counts, &phase, &hs_tx);
+    let hist = collect_handshakes(&mut hs_rx, o.connections).await;
+    let ramp = started.elapsed();
+    let connected = counts.connected.load(Ordering::Relaxed);
+    eprintln!(
+        "  ramp done: {connected} connected in {:.1}s",
+        ramp.as_secs_f64()
+    );
+    phase.send_replace(1);
+    wait_count(&counts.pongs[0], &counts, connected).await;
+    tokio::time::sleep(o.hold).await;
+    phase.send_replace(2);
+    wait_count(&counts.pongs[1], &counts, connected).await;
+    phase.send_replace(3);
+    for t in tasks {
+        let _ = t.await;
+    }
+    Ok(json!({
+        "scenario": "connect",
+        "connections": o.connections,
+        "connected": connected,
+        "refused": counts.refused.load(Ordering::Relaxed),
+        "failed": counts.failed.load(Ordering::Relaxed),
+        "pongs_first_round": counts.pongs[0].load(Ordering::Relaxed),
+        "pongs_after_hold": counts.pongs[1].load(Ordering::Relaxed),
+        "dropped": counts.dropped.load(Ordering::Relaxed),
+        "ramp_secs": ramp.as_secs_f64(),
+        "handshake_us": quantiles(&hist),
+    }))
+}
+
+/// `idle`: server memory per idle authenticated connection, as the slope of its
+/// RSS between two connection counts (so fixed costs cancel out).
+pub async fn idle(o: &Opts) -> anyhow::Result<Value> {
+    let pid = o
+        .pid
+        .ok_or_else(|| anyhow::anyhow!("idle needs --pid (the server's process id)"))?;
+    let (small, large) = (o.sizes[0], o.sizes[1]);
+    check_fd_budget(large)?;
+    let counts = Arc::new(Counts::default());
+    let (phase, _) = tokio::sync::watch::channel(0u8);
+    let (hs_tx, mut hs_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut tasks = open_many(o, 0..small, &counts, &phase, &hs_tx);
+    collect_handshakes(&mut hs_rx, small).await;
+    tokio::time::sleep(o.hold).await;
+    let rss_small =
+        rss_kib(pid).ok_or_else(|| anyhow::anyhow!("cannot read /proc/{pid}/status"))?;
+    tasks.extend(open_many(o, small..large, &counts, &phase, &hs_tx));
+    collect_handshakes(&mut hs_rx, large - small).await;
+    tokio::time::sleep(o.hold).await;
+    let rss_large =
+        rss_kib(pid).ok_or_else(|| anyhow::anyhow!("cannot read /proc/{pid}/status"))?;
+    let connected = counts.connected.load(Ordering::Relaxed);
+    phase.send_replace(1);
+    wait_count(&counts.pongs[0], &counts, connected).await;
+    phase.send_replace(2);
+    wait_count(&counts.pongs[1], &counts, connected).await;
+    phase.send_replace(3);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let per_conn = (rss_large as f64 - rss_small as f64) * 1024.0 / (large - small) as f64;
+    eprintln!("  RSS {rss_small} KiB at {small}, {rss_large} KiB at {large}: {per_conn:.0} bytes per connection");
+    Ok(json!({
+        "scenario": "idle",
+        "sizes": [small, large],
+        "connected": connected,
+        "alive_after": counts.pongs[1].load(Ordering::Relaxed),
+        "rss_kib": [rss_small, rss_large],
+        "bytes_per_connection": per_conn,
+    }))
+}
+
+/// `chat`: N users send `user_message`s and time each one to its `ack` (after the
+/// message is durably stored; the baseline acks at once). `--msg-rate 0` is a
+/// closed loop (one message in flight per user: the peak); otherwise open loop.
+pub async fn chat(o: &Opts) -> anyhow::Result<Value> {
+    check_fd_budget(o.users)?;
+    let run = Duration::from_secs(o.secs);
+    let (go_tx, _) = tokio::sync::watch::channel(false);
+    let (res_tx, mut res_rx) =
+        tokio::sync::mpsc::unbounded_channel::<(hdrhistogram::Histogram<u64>, u64, u64)>();
+    let errors = Arc::new(AtomicU64::new(0));
+    let per_user_gap =
+        (o.msg_rate > 0).then(|| Duration::from_secs_f64(o.users as f64 / o.msg_rate as f64));
+    let mut opened = 0;
+    for i in 0..o.users {
+        let Ok(ws) = open(
+            &url(o),
+            o.addr,
+            source(i, o.sources),
+            &token(&o.secret, &format!("chat-{i}")),
+        )
+        .await
+        else {
+            errors.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        opened += 1;
+        let (mut go, res, errors) = (go_tx.subscribe(), res_tx.clone(), errors.clone());
+        tokio::spawn(async move {
+            let _ = go.wait_for(|g| *g).await;
+            let _ = res.send(user_loop(ws, i, run, per_user_gap, &errors).await);
+        });
+    }
+    drop(res_tx);
+    eprintln!("  {opened} users connected; measuring for {}s", o.secs);
+    let started = Instant::now();
+    go_tx.send_replace(true);
+    let mut hist = hdrhistogram::Histogram::<u64>::new(3)?;
+    let (mut acks, mut unanswered) = (0, 0);
+    while let Some((h, a, u)) = res_rx.recv().await {
+        hist.add(h)?;
+        acks += a;
+        unanswered += u;
+    }
+    let secs = started.elapsed().as_secs_f64().max(o.secs as f64);
+    Ok(json!({
+        "scenario": "chat",
+        "users": o.users,
+        "msg_rate_target": o.msg_rate,
+        "acks": acks,
+        "acks_per_sec": acks as f64 / secs,
+        "unanswered_at_end": unanswered,
+        "errors": errors.load(Ordering::Relaxed),
+        "rtt_us": quantiles(&hist),
+    }))
+}
+
+/// One user: sends messages (into one session) and times each to its ack.
+async fn user_loop(
+    ws: client::Ws,
+    i: usize,
+    run: Duration,
+    gap: Option<Duration>,
+    errors: &AtomicU64,
+) -> (hdrhistogram::Histogram<u64>, u64, u64) {
+    let mut hist = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
+    let (mut tx, mut rx) = ws.split();
+    let end = tokio::time::Instant::now() + run;
+    let mut in_flight: HashMap<String, Instant> = HashMap::new();
+    let mut session: Option<String> = None;
+    let (mut n, mut acks) = (0u64, 0u64);
+    let mut next_send = tokio::time::Instant::now();
+    loop {
+        let can_send = match gap {
+            None => in_flight.is_empty(),
+            Some(_) => true,
+        };
+        let send_at = if can_send { next_send } else { end };
+        tokio::select! {
+            _ = tokio::time::sleep_until(end) => break,
+            _ = tokio::time::sleep_until(send_at), if can_send && tokio::time::Instant::now() < end => {
+                n += 1;
+                let id = format!("u{i}-{n}");
+                let mut m = json!({"type": "user_message", "id": id, "content": "Where is my order? It was due yesterday."});
+                if let Some(s) = &session {
+                    m["session_id"] = json!(s);
+                }
+                if tx.send(Message::text(m.to_string())).await.is_err() {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                in_flight.insert(id, Instant::now());
+                next_send = gap.map_or_else(tokio::time::Instant::now, |g| next_send + g);
+            }
+            m = rx.next() => {
+                let Some(Ok(Message::Text(t))) = m else {
+                    if matches!(m, Some(Ok(_))) { continue; }
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    break;
+                };
+                let Ok(v) = serde_json::from_str::<Value>(&t) else { continue };
+                match v["type"].as_str() {
+                    Some("session") => session = v["session_id"].as_str().map(str::to_owned),
+                    Some("ack") => {
+                        if let Some(sent) = v["id"].as_str().and_then(|id| in_flight.remove(id)) {
+                            let _ = hist.record(sent.elapsed().as_micros() as u64);
+                            acks += 1;
+                        }
+                    }
+                    Some("error") => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        if let Some(id) = v["id"].as_str() {
+                            in_flight.remove(id);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    let _ = tx.close().await;
+    (hist, acks, in_flight.len() as u64)
+}
