@@ -27,6 +27,8 @@ pub enum CoreMsg {
     Admin(Box<AdminOp>),
     /// A user's data was deleted: drop their sessions from memory.
     ForgetUser(Arc<str>),
+    /// An admin ended a session the receiving core owns.
+    EndSession(Arc<str>),
 }
 
 pub struct Handover {

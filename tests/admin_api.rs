@@ -290,6 +290,20 @@ async fn transcript_metrics_and_ending_a_session() {
 
     let (s, v) = call(addr, "POST", &format!("/sessions/{sid}/end"), Some(&t)).await;
     assert_eq!((s, v["state"].as_str()), (200, Some("ended")));
+    // The live session stops too: everyone in it hears it, and it takes no more.
+    until(&mut u, "session_ended").await;
+    until(&mut a, "session_ended").await;
+    send(
+        &mut u,
+        json!({"type": "user_message", "id": "late", "session_id": sid, "content": "one more"}),
+    )
+    .await;
+    let (e, _) = until(&mut u, "error").await;
+    assert_eq!(
+        (e["code"].as_str(), e["id"].as_str()),
+        (Some("invalid_message"), Some("late"))
+    );
+    assert!(e["message"].as_str().unwrap().contains("ended"), "{e}");
     let (_, one) = get(addr, &format!("/sessions/{sid}")).await;
     assert_eq!(one["session"]["state"], "ended");
     assert!(one["session"]["end_time"].as_i64().unwrap() > 0);

@@ -130,7 +130,13 @@ fn parse() -> anyhow::Result<(String, Opts)> {
         o.secret = format!("loadtest-secret-{}", std::process::id()).repeat(2);
     }
     if o.users == 0 {
-        o.users = if cmd == "chat" || o.scenario == "chat" {
+        // The scenario that will run: the command itself, or compare's --scenario.
+        let scenario = if cmd == "compare" {
+            o.scenario.as_str()
+        } else {
+            cmd.as_str()
+        };
+        o.users = if scenario == "chat" {
             100
         } else {
             o.connections

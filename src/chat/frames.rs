@@ -376,6 +376,8 @@ pub enum ServerFrame<'a> {
         session_id: &'a str,
         admin_name: &'a str,
     },
+    /// An admin ended the session; it takes no new messages.
+    SessionEnded { session_id: &'a str },
     HelpRequested {
         session_id: &'a str,
         user_id: &'a str,

@@ -305,7 +305,7 @@ impl ChatConn {
                     &self.identity.user_id,
                     session_id.into(),
                     id,
-                    move |core, sid, _, _| takeover::help_request(core, sid, &me),
+                    move |core, sid, conn, _| takeover::help_request(core, sid, &me, conn),
                 );
                 None
             }
@@ -472,6 +472,18 @@ fn forbidden(id: Option<&str>, session_id: Option<&str>) -> String {
         message: "no such session for this user",
         id,
         session_id,
+        retry_after_ms: None,
+    }
+    .to_json()
+}
+
+/// The error for a message to a session an admin ended.
+fn ended_error(id: Option<&str>, sid: &str) -> String {
+    ServerFrame::Error {
+        code: Code::InvalidMessage,
+        message: "this session has ended; start a new one",
+        id,
+        session_id: Some(sid),
         retry_after_ms: None,
     }
     .to_json()
@@ -696,6 +708,15 @@ fn append_user_message(
     new_session: bool,
 ) {
     let Pending { id, content, model } = msg;
+    let ended = core
+        .chat
+        .sessions
+        .borrow()
+        .get(sid)
+        .is_some_and(|s| s.state == State::Ended);
+    if ended {
+        return push_conn(core, conn, ended_error(id.as_deref(), sid));
+    }
     let shared = &core.shared.chat;
     let now = now_ms();
     let message_id = new_id("m");

@@ -24,6 +24,8 @@ pub enum State {
     Ai,
     Waiting,
     Human,
+    /// Ended by an admin: readable, but takes no new messages.
+    Ended,
 }
 
 impl State {
@@ -32,12 +34,14 @@ impl State {
             State::Ai => "ai",
             State::Waiting => "waiting",
             State::Human => "human",
+            State::Ended => "ended",
         }
     }
     pub fn parse(s: &str) -> State {
         match s {
             "waiting" => State::Waiting,
             "human" => State::Human,
+            "ended" => State::Ended,
             _ => State::Ai,
         }
     }
@@ -223,6 +227,11 @@ fn join(core: &Rc<Core>, sid: &Arc<str>, admin: &AdminRef) {
         let Some(s) = sessions.get_mut(sid) else {
             return;
         };
+        if s.state == State::Ended {
+            drop(sessions);
+            let frame = error_frame(Code::InvalidMessage, "this session has ended", None);
+            return Target::of(admin).deliver(core, frame);
+        }
         match s.admins.iter_mut().find(|seat| seat.admin_id == admin.id) {
             Some(seat) if seat.conns.contains(&(admin.core, admin.conn)) => {}
             Some(seat) => seat.conns.push((admin.core, admin.conn)),
@@ -406,12 +415,16 @@ fn leave(core: &Rc<Core>, sid: &Arc<str>, admin: &AdminRef, whole: bool) {
 
 /// A user asks for a human: the session waits (unless a human is already there),
 /// every connected admin is told, and the notifications go out.
-pub fn help_request(core: &Rc<Core>, sid: &Arc<str>, user: &crate::auth::Identity) {
+pub fn help_request(core: &Rc<Core>, sid: &Arc<str>, user: &crate::auth::Identity, conn: ConnId) {
     let changed = {
         let mut sessions = core.chat.sessions.borrow_mut();
         let Some(s) = sessions.get_mut(sid) else {
             return;
         };
+        if s.state == State::Ended {
+            drop(sessions);
+            return push_conn(core, conn, super::ended_error(None, sid));
+        }
         let changed = s.state == State::Ai;
         if changed {
             s.state = State::Waiting;
@@ -451,5 +464,40 @@ pub fn admin_gone(
             action: AdminAction::Gone,
         };
         send_op(core, owner, op, None);
+    }
+}
+
+/// An admin ended the session (admin API): it takes no new messages; a running
+/// answer stops; everyone in it is told, and the admins leave it.
+pub fn end(core: &Rc<Core>, sid: &Arc<str>) {
+    {
+        let mut sessions = core.chat.sessions.borrow_mut();
+        let Some(s) = sessions.get_mut(sid) else {
+            return;
+        };
+        s.state = State::Ended;
+        if let Some(a) = s.answer.as_ref().filter(|a| a.done.is_none()) {
+            a.cancel.cancel();
+        }
+    }
+    push_session(
+        core,
+        sid,
+        ServerFrame::SessionEnded { session_id: sid }.to_json(),
+    );
+    if let Some(s) = core.chat.sessions.borrow_mut().get_mut(sid) {
+        s.admins.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::State;
+
+    #[test]
+    fn states_round_trip_through_storage_names() {
+        for s in [State::Ai, State::Waiting, State::Human, State::Ended] {
+            assert_eq!(State::parse(s.as_str()), s);
+        }
     }
 }

@@ -315,7 +315,7 @@ async fn session(core: &Core, id: &str) -> Result<Value, ApiError> {
 
 async fn end(core: &Core, id: &str, admin: &Identity) -> Result<Value, ApiError> {
     let store = &core.shared.chat.store;
-    store
+    let (rec, _) = store
         .load_session(id, 0)
         .await?
         .ok_or(ApiError::NotFound("no such session"))?;
@@ -327,6 +327,15 @@ async fn end(core: &Core, id: &str, admin: &Identity) -> Result<Value, ApiError>
         at: now_ms(),
     };
     store.write(vec![op]).await?;
+    // The owning core stops taking messages for it now, not only after a restart.
+    let owner = crate::mesh::owner_core(&rec.user_id, core.shared.mesh.cores());
+    if let Err((e, _)) = core
+        .shared
+        .mesh
+        .send(owner, crate::mesh::CoreMsg::EndSession(id.into()))
+    {
+        tracing::warn!(error = %e, session = %id, "the owning core was not told the session ended");
+    }
     Ok(json!({"session_id": id, "state": "ended"}))
 }
 

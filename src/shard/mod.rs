@@ -220,6 +220,7 @@ impl Core {
                     self.registry.borrow().push_admins(&Outgoing::Text(frame));
                 }
                 CoreMsg::Admin(op) => crate::chat::takeover::on_admin_op(&self, *op),
+                CoreMsg::EndSession(sid) => crate::chat::takeover::end(&self, &sid),
                 CoreMsg::ForgetUser(user) => {
                     let n = self.chat.forget_user(&user);
                     tracing::debug!(
