@@ -77,41 +77,30 @@ impl Mesh {
         })
     }
 
+    /// Sends a message made by `make` to every core. Returns the cores that could
+    /// not take it (their queues were full or they had stopped).
+    fn send_all(&self, make: impl Fn() -> CoreMsg) -> Vec<MeshError> {
+        (0..self.cores())
+            .filter_map(|core| self.send(core, make()).err().map(|(e, _)| e))
+            .collect()
+    }
+
     /// Sends `frame` to every admin connection on every core (the help feed).
     pub fn admin_feed(&self, frame: &str) -> Vec<MeshError> {
         let frame: Arc<str> = frame.into();
-        (0..self.cores())
-            .filter_map(|core| {
-                self.send(core, CoreMsg::AdminFeed(frame.clone()))
-                    .err()
-                    .map(|(e, _)| e)
-            })
-            .collect()
+        self.send_all(|| CoreMsg::AdminFeed(frame.clone()))
     }
 
     /// Tells every core to drop a user's sessions from memory.
     pub fn forget_user(&self, user_id: &str) -> Vec<MeshError> {
         let user: Arc<str> = user_id.into();
-        (0..self.cores())
-            .filter_map(|core| {
-                self.send(core, CoreMsg::ForgetUser(user.clone()))
-                    .err()
-                    .map(|(e, _)| e)
-            })
-            .collect()
+        self.send_all(|| CoreMsg::ForgetUser(user.clone()))
     }
 
-    /// Sends `text` to every connection on every core. Returns the cores that
-    /// could not take it (their queues were full or they had stopped).
+    /// Sends `text` to every connection on every core.
     pub fn broadcast(&self, text: &str) -> Vec<MeshError> {
         let text: Arc<str> = text.into();
-        (0..self.cores())
-            .filter_map(|core| {
-                self.send(core, CoreMsg::Broadcast(text.clone()))
-                    .err()
-                    .map(|(e, _)| e)
-            })
-            .collect()
+        self.send_all(|| CoreMsg::Broadcast(text.clone()))
     }
 }
 
