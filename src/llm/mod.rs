@@ -136,6 +136,80 @@ pub enum Piece {
     Done,
 }
 
+/// A remote provider's wire format: how to ask for a streamed answer, and what
+/// each server-sent event means. One implementation per API family.
+pub trait Provider: Send + Sync {
+    /// The streaming request for `turns`, with the system prompt.
+    fn request(
+        &self,
+        client: &reqwest::Client,
+        spec: &ModelSpec,
+        system: &str,
+        turns: &[Turn],
+    ) -> reqwest::RequestBuilder;
+    /// The meaning of one event; an error starting with "provider error" is the
+    /// provider reporting a failure, any other error a malformed event.
+    fn interpret(&self, event: &sse::Event) -> Result<Vec<Piece>, String>;
+}
+
+/// OpenAI-compatible chat completions (also Ollama, vLLM, llama.cpp).
+pub struct OpenAi;
+/// Anthropic's messages API.
+pub struct Anthropic;
+
+impl Provider for OpenAi {
+    fn request(
+        &self,
+        client: &reqwest::Client,
+        spec: &ModelSpec,
+        system: &str,
+        turns: &[Turn],
+    ) -> reqwest::RequestBuilder {
+        let r = client
+            .post(format!("{}/chat/completions", spec.base_url))
+            .json(&openai::body(
+                &spec.upstream_model,
+                system,
+                turns,
+                spec.max_tokens,
+            ));
+        match &spec.api_key {
+            Some(k) => r.bearer_auth(k),
+            None => r,
+        }
+    }
+    fn interpret(&self, event: &sse::Event) -> Result<Vec<Piece>, String> {
+        openai::interpret(&event.data)
+    }
+}
+
+impl Provider for Anthropic {
+    fn request(
+        &self,
+        client: &reqwest::Client,
+        spec: &ModelSpec,
+        system: &str,
+        turns: &[Turn],
+    ) -> reqwest::RequestBuilder {
+        let r = client
+            .post(format!("{}/messages", spec.base_url))
+            .header("anthropic-version", anthropic::API_VERSION)
+            .json(&anthropic::body(
+                &spec.upstream_model,
+                system,
+                turns,
+                spec.max_tokens,
+            ));
+        match &spec.api_key {
+            Some(k) => r.header("x-api-key", k),
+            None => r,
+        }
+    }
+    fn interpret(&self, event: &sse::Event) -> Result<Vec<Piece>, String> {
+        anthropic::interpret(&event.name, &event.data)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
     Connect,
@@ -210,6 +284,16 @@ pub struct ModelSpec {
     max_tokens: u32,
     fallback: Option<String>,
     client: Option<reqwest::Client>,
+}
+
+impl ModelSpec {
+    /// The wire format of this model's provider (remote models only).
+    fn wire(&self) -> &'static dyn Provider {
+        match self.provider {
+            LlmProvider::Anthropic => &Anthropic,
+            _ => &OpenAi,
+        }
+    }
 }
 
 /// Every configured model; built once at start-up.
@@ -582,37 +666,8 @@ async fn attempt_once(
     let first_deadline = start + spec.first_token_timeout;
     let total_deadline = start + spec.total_timeout;
     let system = &models.system_prompt;
-    let request = match spec.provider {
-        LlmProvider::Anthropic => {
-            let mut r = client
-                .post(format!("{}/messages", spec.base_url))
-                .header("anthropic-version", anthropic::API_VERSION)
-                .json(&anthropic::body(
-                    &spec.upstream_model,
-                    system,
-                    turns,
-                    spec.max_tokens,
-                ));
-            if let Some(k) = &spec.api_key {
-                r = r.header("x-api-key", k);
-            }
-            r
-        }
-        _ => {
-            let mut r = client
-                .post(format!("{}/chat/completions", spec.base_url))
-                .json(&openai::body(
-                    &spec.upstream_model,
-                    system,
-                    turns,
-                    spec.max_tokens,
-                ));
-            if let Some(k) = &spec.api_key {
-                r = r.bearer_auth(k);
-            }
-            r
-        }
-    };
+    let wire = spec.wire();
+    let request = wire.request(client, spec, system, turns);
     let mut resp = match tokio::time::timeout_at(first_deadline, request.send()).await {
         Err(_) => {
             return Err(AttemptError::new(
@@ -697,10 +752,7 @@ async fn attempt_once(
             .feed(&bytes)
             .map_err(|e| AttemptError::new(ErrorKind::Provider, e.to_string(), sent_text))?;
         for ev in events {
-            let pieces = match spec.provider {
-                LlmProvider::Anthropic => anthropic::interpret(&ev.name, &ev.data),
-                _ => openai::interpret(&ev.data),
-            };
+            let pieces = wire.interpret(&ev);
             let pieces = match pieces {
                 Ok(p) => p,
                 Err(detail) if detail.starts_with("provider error") => {
