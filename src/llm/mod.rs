@@ -717,7 +717,6 @@ async fn attempt_once(
     let mut parser = sse::Parser::new(SSE_LINE_BYTES_MAX);
     let (mut input, mut output) = (None, None);
     let (mut sent_text, mut malformed, mut chunks) = (false, 0u32, 0u64);
-    let mut input_estimate = 0;
     'read: loop {
         let deadline = if sent_text {
             total_deadline
@@ -785,14 +784,14 @@ async fn attempt_once(
                 }
             }
         }
-        if input_estimate == 0 {
-            input_estimate = turns.iter().map(|t| estimate_tokens(&t.text)).sum::<u64>()
-                + estimate_tokens(system);
-        }
     }
     let _ = tx
         .send(LlmEvent::Done {
-            input_tokens: input.unwrap_or(input_estimate),
+            // Providers that report no usage get an estimate from the text sent.
+            input_tokens: input.unwrap_or_else(|| {
+                turns.iter().map(|t| estimate_tokens(&t.text)).sum::<u64>()
+                    + estimate_tokens(system)
+            }),
             output_tokens: output.unwrap_or(chunks),
             retries,
             malformed,
