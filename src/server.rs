@@ -382,10 +382,28 @@ impl ServerHandle {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+        self.flush_storage();
         if let Some(pool) = self.pool.take() {
             pool.shutdown(Duration::from_secs(1));
         }
         result
+    }
+
+    /// Waits until every write submitted before now is committed: an empty write
+    /// is a barrier, since the writer commits in order. Bounded by a deadline.
+    fn flush_storage(&self) {
+        const FLUSH_WAIT: Duration = Duration::from_secs(5);
+        let barrier = self.shared.chat.store.write(Vec::new());
+        let flushed = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map(|rt| rt.block_on(tokio::time::timeout(FLUSH_WAIT, barrier)));
+        match flushed {
+            Ok(Ok(Ok(_))) => tracing::info!("storage flushed"),
+            Ok(Ok(Err(e))) => tracing::error!(error = %e, "storage flush failed"),
+            Ok(Err(_)) => tracing::error!("storage flush did not finish in time"),
+            Err(e) => tracing::error!(error = %e, "cannot wait for the storage flush"),
+        }
     }
 }
 
