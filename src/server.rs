@@ -397,7 +397,8 @@ impl ServerHandle {
         let flushed = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
-            .map(|rt| rt.block_on(tokio::time::timeout(FLUSH_WAIT, barrier)));
+            // The timer must be created inside the runtime, hence the async block.
+            .map(|rt| rt.block_on(async { tokio::time::timeout(FLUSH_WAIT, barrier).await }));
         match flushed {
             Ok(Ok(Ok(_))) => tracing::info!("storage flushed"),
             Ok(Ok(Err(e))) => tracing::error!(error = %e, "storage flush failed"),
