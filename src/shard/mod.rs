@@ -353,6 +353,9 @@ async fn conn_task(core: Rc<Core>, stream: TcpStream) {
         Ok(up) => up,
         Err(refuse) => return refuse.send(&core, &sock).await,
     };
+    // The head and its buffer (a kilobyte or more, the token included) would
+    // otherwise live in this task for the connection's whole life.
+    drop((head, buf));
     let owner = match &up.identity {
         Some(id) => owner_core(&id.user_id, shared.mesh.cores()),
         None => core.id,
