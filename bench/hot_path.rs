@@ -1,6 +1,7 @@
-//! Micro-benchmarks of the per-message hot path: frame parse + validate (simd-json,
-//! as shipped, against a serde_json baseline doing the same validation), seal/open,
-//! and JWT verification. Run: `cargo bench --bench hot_path`.
+//! Micro-benchmarks of the hot path: frame parse + validate (simd-json, as shipped,
+//! against a serde_json baseline doing the same validation), seal/open, JWT
+//! verification, the rate limiter, a cross-core hop on the mesh's queue type, and
+//! the front door's routing of an upgrade. Run: `cargo bench --bench hot_path`.
 
 use std::hint::black_box;
 
@@ -101,5 +102,91 @@ fn jwt(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, parse, seal_open, jwt);
+fn rate_limiter(c: &mut Criterion) {
+    use chatbox::chat::limiter::Limiter;
+    use std::sync::Arc;
+    let mut g = c.benchmark_group("rate_limiter");
+    // A user already known, refilled between calls (the common case).
+    let mut l = Limiter::new(1_000_000, 100_000);
+    let user: Arc<str> = "user-1".into();
+    let mut now = 0i64;
+    g.bench_function("known_user", |b| {
+        b.iter(|| {
+            now += 1;
+            l.check(black_box(&user), now).unwrap()
+        })
+    });
+    // A stream of new users into a full map (the bound at work).
+    let mut l = Limiter::new(60, 1_000);
+    let users: Vec<Arc<str>> = (0..10_000).map(|i| format!("u{i}").into()).collect();
+    let mut i = 0;
+    g.bench_function("new_users_at_capacity", |b| {
+        b.iter(|| {
+            i += 1;
+            let _ = l.check(&users[i % users.len()], i as i64);
+        })
+    });
+    g.finish();
+}
+
+/// The mesh's queue between two threads: a message there and a reply back.
+fn cross_core_hop(c: &mut Criterion) {
+    let (to_b, at_b) = async_channel::bounded::<u64>(64);
+    let (to_a, at_a) = async_channel::bounded::<u64>(64);
+    let peer = std::thread::spawn(move || {
+        while let Ok(v) = at_b.recv_blocking() {
+            if to_a.send_blocking(v + 1).is_err() {
+                break;
+            }
+        }
+    });
+    c.bench_function("cross_core_round_trip", |b| {
+        b.iter(|| {
+            to_b.send_blocking(black_box(1)).unwrap();
+            at_a.recv_blocking().unwrap()
+        })
+    });
+    drop(to_b);
+    let _ = peer.join();
+}
+
+/// The front door's decision for one upgrade: parse the head, check origin and JWT.
+fn router(c: &mut Criterion) {
+    use chatbox::http::head::Head;
+    use chatbox::ws::handshake::{check, Route};
+    let secret = b"bench-secret-0123456789abcdef0123456789";
+    let token = mint(
+        secret,
+        &Claims {
+            sub: "user-1".into(),
+            name: None,
+            roles: vec![],
+            exp: now_secs() + 3600,
+        },
+    );
+    let raw = format!(
+        "GET /chatbox/ws HTTP/1.1\r\nHost: chat.example\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Origin: https://chat.example\r\nAuthorization: Bearer {token}\r\n\r\n"
+    );
+    let v = Verifier::new(secret);
+    let peer: std::net::SocketAddr = "127.0.0.1:5000".parse().unwrap();
+    let origins = vec!["https://chat.example".to_string()];
+    c.bench_function("upgrade_route_and_check", |b| {
+        b.iter(|| {
+            let head = Head::parse(black_box(raw.as_bytes())).unwrap().unwrap();
+            check(&head, raw.as_bytes(), Route::Chat, &v, &origins, peer).unwrap()
+        })
+    });
+}
+
+criterion_group!(
+    benches,
+    parse,
+    seal_open,
+    jwt,
+    rate_limiter,
+    cross_core_hop,
+    router
+);
 criterion_main!(benches);
