@@ -113,6 +113,7 @@ fn keys(scenario: &str) -> &'static [(&'static str, bool)] {
             ("/rtt_us/p99", false),
             ("/rtt_us/p999", false),
         ],
+        "churn" => &[("/cycles_per_sec", true), ("/handshake_us/p99", false)],
         _ => &[("/handshake_us/p50", false), ("/handshake_us/p99", false)],
     }
 }

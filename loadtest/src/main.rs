@@ -20,7 +20,8 @@ usage: loadtest SCENARIO [options]
 scenarios (against --addr):
   connect   N connections ramped at R/s; each answers a ping after the ramp and after the hold
   idle      server RSS per idle connection: slope between --sizes A,B (needs --pid)
-  chat      users send user_message and time each to its ack (closed loop, or --msg-rate)
+    chat      users send user_message and time each to its ack (closed loop, or --msg-rate)
+  churn     --users workers connect, ping, close, repeatedly for --secs; the server must end at 0 open
   compare   run --scenario against chatbox and the baseline, alternating, and print ratios
 
 options:
@@ -71,7 +72,7 @@ fn parse() -> anyhow::Result<(String, Opts)> {
     let mut args = std::env::args().skip(1);
     let Some(cmd) = args
         .next()
-        .filter(|c| ["connect", "idle", "chat", "compare"].contains(&c.as_str()))
+        .filter(|c| ["connect", "idle", "chat", "churn", "compare"].contains(&c.as_str()))
     else {
         bail!("{USAGE}");
     };
@@ -136,10 +137,10 @@ fn parse() -> anyhow::Result<(String, Opts)> {
         } else {
             cmd.as_str()
         };
-        o.users = if scenario == "chat" {
-            100
-        } else {
-            o.connections
+        o.users = match scenario {
+            "chat" => 100,
+            "churn" => 50,
+            _ => o.connections,
         };
     }
     if o.sizes.len() != 2 || o.sizes[0] >= o.sizes[1] {
@@ -153,6 +154,7 @@ pub async fn run_scenario(name: &str, o: &Opts) -> anyhow::Result<Value> {
         "connect" => scenarios::connect(o).await,
         "idle" => scenarios::idle(o).await,
         "chat" => scenarios::chat(o).await,
+        "churn" => scenarios::churn(o).await,
         other => bail!("unknown scenario {other:?}"),
     }
 }
@@ -184,6 +186,9 @@ async fn main() -> anyhow::Result<()> {
     let lost = |k: &str| summary.get(k).and_then(Value::as_u64).unwrap_or(0);
     if lost("dropped") + lost("failed") + lost("refused") + lost("errors") > 0 {
         bail!("errors, refusals or dropped connections (see summary)");
+    }
+    if summary["open_after"].as_u64().is_some_and(|n| n > 0) {
+        bail!("the server still counts open connections after the storm");
     }
     if cmd == "connect" && summary["pongs_after_hold"] != summary["connections"] {
         bail!("not every connection stayed open and answered");

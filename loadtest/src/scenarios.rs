@@ -312,3 +312,94 @@ async fn user_loop(
     let _ = tx.close().await;
     (hist, acks, in_flight.len() as u64)
 }
+
+/// `churn`: a connect/disconnect storm. `--users` workers each open a connection,
+/// check it with a ping, and close it, over and over for `--secs`. Afterwards the
+/// server must be back to no open WebSocket connections (read from its /metrics;
+/// skipped for servers without one, like the baseline).
+pub async fn churn(o: &Opts) -> anyhow::Result<Value> {
+    check_fd_budget(o.users * 2)?;
+    let end = tokio::time::Instant::now() + Duration::from_secs(o.secs);
+    let (cycles, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (hs_tx, mut hs_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    let mut workers = Vec::new();
+    for w in 0..o.users {
+        let (url, addr, src) = (url(o), o.addr, source(w, o.sources));
+        let tok = token(&o.secret, &format!("churn-{w}"));
+        let (cycles, errors, hs) = (cycles.clone(), errors.clone(), hs_tx.clone());
+        workers.push(tokio::spawn(async move {
+            while tokio::time::Instant::now() < end {
+                let t0 = Instant::now();
+                match open(&url, addr, src, &tok).await {
+                    Ok(mut ws) => {
+                        let _ = hs.send(t0.elapsed().as_micros() as u64);
+                        if ping_pong(&mut ws).await {
+                            cycles.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                        let _ = ws.close(None).await;
+                        // Read to the end, so the server's side is gone too.
+                        while let Some(Ok(_)) = ws.next().await {}
+                    }
+                    Err(_) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    drop(hs_tx);
+    let mut hist = hdrhistogram::Histogram::<u64>::new(3)?;
+    while let Some(us) = hs_rx.recv().await {
+        let _ = hist.record(us);
+    }
+    for w in workers {
+        let _ = w.await;
+    }
+    let open_after = open_connections_settled(o).await;
+    let n = cycles.load(Ordering::Relaxed);
+    Ok(json!({
+        "scenario": "churn",
+        "workers": o.users,
+        "cycles": n,
+        "cycles_per_sec": n as f64 / o.secs.max(1) as f64,
+        "errors": errors.load(Ordering::Relaxed),
+        "open_after": open_after,
+        "handshake_us": quantiles(&hist),
+    }))
+}
+
+/// The server's open WebSocket count once it has caught up (up to 10 s), or
+/// `None` when it has no chatbox /metrics endpoint.
+async fn open_connections_settled(o: &Opts) -> Option<u64> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let open = scrape_open(o).await?;
+        if open == 0 || tokio::time::Instant::now() >= deadline {
+            return Some(open);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn scrape_open(o: &Opts) -> Option<u64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(o.addr).await.ok()?;
+    let req = format!(
+        "GET {}/metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        o.prefix
+    );
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.ok()?;
+    if !body.starts_with("HTTP/1.1 200") {
+        return None;
+    }
+    let open = body
+        .lines()
+        .filter(|l| l.starts_with("chatbox_ws_connections_open{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    Some(open)
+}
