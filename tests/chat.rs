@@ -130,10 +130,7 @@ async fn resume_returns_the_history_on_another_connection_and_after_restart() {
 
     drop((a, b));
     server.shutdown();
-    tokio::task::spawn_blocking(move || server.join())
-        .await
-        .unwrap()
-        .unwrap();
+    stop(server).await;
     // Same data directory and key: everything is still there, decrypted.
     let server = start(cfg);
     let mut c = connect_user(server.local_addr(), "bo").await;
@@ -361,10 +358,7 @@ async fn messages_are_encrypted_on_disk_and_tampering_is_reported() {
     let y = converse(&mut ws, Some(&x.session_id), "c2", "second").await;
     drop(ws);
     server.shutdown();
-    tokio::task::spawn_blocking(move || server.join())
-        .await
-        .unwrap()
-        .unwrap();
+    stop(server).await;
     assert!(
         !files_contain(&dir, marker.as_bytes()),
         "plaintext found on disk"

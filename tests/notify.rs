@@ -164,10 +164,7 @@ async fn queued_notifications_survive_a_restart() {
     let sid = ask_for_help(&mut ws).await;
     drop(ws);
     server.shutdown();
-    tokio::task::spawn_blocking(move || server.join())
-        .await
-        .unwrap()
-        .unwrap();
+    stop(server).await;
 
     // The receiver is back, and so is the server.
     let listener = TcpListener::bind(("127.0.0.1", port))
@@ -201,10 +198,7 @@ async fn a_notification_that_always_fails_is_dead_lettered() {
     wait_for_metric(addr, "chatbox_notifications_dead_total 1").await;
     drop(ws);
     server.shutdown();
-    tokio::task::spawn_blocking(move || server.join())
-        .await
-        .unwrap()
-        .unwrap();
+    stop(server).await;
     let db = rusqlite::Connection::open(dir.join("chatbox.db")).unwrap();
     let (state, attempts, error): (String, i64, String) = db
         .query_row("SELECT state, attempts, last_error FROM outbox", [], |r| {

@@ -237,10 +237,7 @@ async fn the_user_leaving_mid_takeover_finds_the_admin_reply_on_return() {
     // Every transition is stored with who made it.
     drop((u, a));
     server.shutdown();
-    tokio::task::spawn_blocking(move || server.join())
-        .await
-        .unwrap()
-        .unwrap();
+    stop(server).await;
     let db = rusqlite::Connection::open(dir.join("chatbox.db")).unwrap();
     let mut stmt = db.prepare("SELECT actor, action, state FROM session_events WHERE session_id = ?1 ORDER BY at, rowid").unwrap();
     let events: Vec<(String, String, String)> = stmt

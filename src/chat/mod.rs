@@ -114,6 +114,15 @@ struct Session {
 }
 
 impl Session {
+    /// The connections of admins in the session that get its live frames (those
+    /// whose transcript and announcement went out).
+    fn admin_conns(&self) -> impl Iterator<Item = (usize, ConnId)> + '_ {
+        self.admins
+            .iter()
+            .filter(|seat| seat.announced)
+            .flat_map(|seat| seat.conns.iter().copied())
+    }
+
     fn remember(&mut self, role: TurnRole, text: Arc<str>, shared: &ChatShared) {
         self.context.push_back(Turn { role, text });
         let mut chars: usize = self.context.iter().map(|t| t.text.len()).sum();
@@ -544,26 +553,18 @@ impl Target {
 /// Sends a frame to every connection attached to the session.
 fn push_session(core: &Core, sid: &str, frame: String) {
     let frame: Arc<str> = frame.into();
-    let (attached, admins): (Vec<ConnId>, Vec<(usize, ConnId)>) =
-        match core.chat.sessions.borrow().get(sid) {
-            Some(s) => (
-                s.attached.clone(),
-                s.admins
-                    .iter()
-                    .filter(|seat| seat.announced)
-                    .flat_map(|seat| seat.conns.iter().copied())
-                    .collect(),
-            ),
-            None => return,
-        };
+    // Read in place, not copied per frame (this runs for every ai_chunk): pushing
+    // touches the registry, the outboxes and the mesh, never the sessions.
+    let sessions = core.chat.sessions.borrow();
+    let Some(s) = sessions.get(sid) else { return };
     {
         let registry = core.registry.borrow();
-        for conn in attached {
+        for &conn in &s.attached {
             // A connection that just went away is detached by its own drop.
             let _ = registry.push_conn(conn, Outgoing::Text(frame.clone()));
         }
     }
-    for (owner, conn) in admins {
+    for (owner, conn) in s.admin_conns() {
         Target::Remote(owner, conn).deliver_arc(core, frame.clone());
     }
 }
@@ -794,12 +795,7 @@ fn append_user_message(
                     let (human, admins) = match core.chat.sessions.borrow_mut().get_mut(&sid) {
                         Some(s) => {
                             s.remember(TurnRole::User, content.as_str().into(), &core.shared.chat);
-                            let admins: Vec<(usize, ConnId)> = s
-                                .admins
-                                .iter()
-                                .filter(|seat| seat.announced)
-                                .flat_map(|seat| seat.conns.iter().copied())
-                                .collect();
+                            let admins: Vec<(usize, ConnId)> = s.admin_conns().collect();
                             (s.state == State::Human, admins)
                         }
                         None => (false, Vec::new()),

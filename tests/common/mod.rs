@@ -264,3 +264,11 @@ pub async fn read_request(sock: &mut (impl AsyncRead + Unpin)) -> Option<(String
     }
     Some((head, buf[head_end..head_end + len].to_vec()))
 }
+
+/// Graceful shutdown, waited for off the async runtime (join blocks).
+pub async fn stop(server: ServerHandle) {
+    tokio::task::spawn_blocking(move || server.join())
+        .await
+        .unwrap()
+        .expect("clean shutdown");
+}
