@@ -94,10 +94,18 @@ impl Verifier {
             .filter(|ch| !ch.is_control())
             .take(NAME_CHARS_MAX)
             .collect();
+        let user_id: Arc<str> = c.sub.into();
+        // Without a name claim the name is the id: one allocation, not two, on every
+        // connection.
+        let name = if *name == *user_id {
+            user_id.clone()
+        } else {
+            name.into()
+        };
         Ok(Identity {
             admin: c.roles.iter().any(|r| r == "admin"),
-            user_id: c.sub.into(),
-            name: name.into(),
+            user_id,
+            name,
         })
     }
 }

@@ -121,7 +121,7 @@ pub struct Config {
     /// Bytes queued for a slow client before the connection is closed (1013).
     pub ws_write_buffer_bytes_max: usize,
     /// Frames queued for one connection by other tasks before it counts as slow.
-    pub ws_outbox_frames_max: usize,
+    pub ws_outbox_frames_max: u32,
     /// Silence after which the server pings a client.
     pub ws_ping_interval_ms: u64,
     /// Time a client has to answer a ping before it is disconnected.

@@ -19,14 +19,12 @@ use monoio::net::TcpStream;
 /// A connected TCP socket owned by one core.
 pub struct Socket {
     stream: TcpStream,
-    fd: RawFd,
 }
 
 impl Socket {
     pub fn new(stream: TcpStream) -> Socket {
         let _ = stream.set_nodelay(true);
-        let fd = stream.as_raw_fd();
-        Socket { stream, fd }
+        Socket { stream }
     }
 
     /// Adopts a socket handed over from another core.
@@ -41,14 +39,20 @@ impl Socket {
     /// own registration (epoll) on drop, and the duplicate is registered afresh by the
     /// adopting core. Callers must not have an I/O operation in flight on it.
     pub fn into_owned_fd(self) -> io::Result<OwnedFd> {
-        // SAFETY: `self.fd` is open for as long as `self.stream` lives.
-        let dup = unsafe { libc::fcntl(self.fd, libc::F_DUPFD_CLOEXEC, 0) };
+        // SAFETY: the descriptor is open for as long as `self.stream` lives.
+        let dup = unsafe { libc::fcntl(self.fd(), libc::F_DUPFD_CLOEXEC, 0) };
         if dup < 0 {
             return Err(io::Error::last_os_error());
         }
         drop(self.stream);
         // SAFETY: `dup` is a fresh descriptor that nothing else owns.
         Ok(unsafe { OwnedFd::from_raw_fd(dup) })
+    }
+
+    /// The descriptor, for our own non-blocking syscalls (not kept in a field: every
+    /// byte of a socket's struct is paid once per idle connection).
+    fn fd(&self) -> RawFd {
+        self.stream.as_raw_fd()
     }
 
     pub fn peer_addr(&self) -> io::Result<std::net::SocketAddr> {
@@ -70,7 +74,7 @@ impl Socket {
         // SAFETY: `buf` is valid for `buf.len()` writable bytes.
         let n = unsafe {
             libc::recv(
-                self.fd,
+                self.fd(),
                 buf.as_mut_ptr().cast(),
                 buf.len(),
                 libc::MSG_DONTWAIT,
@@ -79,12 +83,32 @@ impl Socket {
         cvt(n)
     }
 
+    /// One non-blocking `recv` of up to `max` bytes appended to `buf` (no zeroing).
+    pub fn try_recv_into(&self, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
+        buf.reserve(max);
+        let spare = buf.spare_capacity_mut();
+        let want = spare.len().min(max);
+        // SAFETY: `spare` is valid for `want` writable bytes; recv writes at most that.
+        let n = unsafe {
+            libc::recv(
+                self.fd(),
+                spare.as_mut_ptr().cast(),
+                want,
+                libc::MSG_DONTWAIT,
+            )
+        };
+        let n = cvt(n)?;
+        // SAFETY: the kernel initialised `n` bytes right after the old length.
+        unsafe { buf.set_len(buf.len() + n) };
+        Ok(n)
+    }
+
     /// One non-blocking `send` (no SIGPIPE); `WouldBlock` when the send buffer is full.
     pub fn try_send(&self, buf: &[u8]) -> io::Result<usize> {
         // SAFETY: `buf` is valid for `buf.len()` readable bytes.
         let n = unsafe {
             libc::send(
-                self.fd,
+                self.fd(),
                 buf.as_ptr().cast(),
                 buf.len(),
                 libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
@@ -108,7 +132,7 @@ impl Socket {
     /// Half-closes the write side so a final response is delivered before close.
     pub fn shutdown_write(&self) {
         // SAFETY: plain syscall on an fd we own.
-        unsafe { libc::shutdown(self.fd, libc::SHUT_WR) };
+        unsafe { libc::shutdown(self.fd(), libc::SHUT_WR) };
     }
 }
 
@@ -227,7 +251,7 @@ impl hyper::rt::Read for HyperIo {
             let dst = unsafe { buf.as_mut() };
             let n = unsafe {
                 libc::recv(
-                    this.sock.fd,
+                    this.sock.fd(),
                     dst.as_mut_ptr().cast(),
                     dst.len(),
                     libc::MSG_DONTWAIT,

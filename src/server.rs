@@ -293,6 +293,7 @@ fn run_core(
         };
         monoio::spawn(core.clone().accept_loop(listener));
         monoio::spawn(core.clone().mesh_loop(mesh_rx));
+        monoio::spawn(core.clone().keepalive_loop());
         monoio::spawn(crate::chat::expiry_loop(core.clone()));
         tracing::info!(core = id, ?driver, "core running");
         let _ = ready.send(Ok(driver));

@@ -229,12 +229,16 @@ impl ChatCore {
 }
 
 /// The per-connection chat state, owned by the connection's handler.
+/// The sessions an admin connection joined, and the core owning each.
+pub type Joined = Rc<RefCell<HashMap<Arc<str>, usize>>>;
+
 pub struct ChatConn {
     pub conn: ConnId,
     pub identity: Identity,
     core: Rc<Core>,
     /// For admins: the sessions this connection joined, and the core owning each.
-    joined: Rc<RefCell<HashMap<Arc<str>, usize>>>,
+    /// Created on an admin's first action, so a user's connection holds no map.
+    joined: std::cell::OnceCell<Joined>,
 }
 
 impl ChatConn {
@@ -243,7 +247,7 @@ impl ChatConn {
             conn,
             identity,
             core,
-            joined: Rc::default(),
+            joined: std::cell::OnceCell::new(),
         }
     }
 
@@ -341,7 +345,7 @@ impl ChatConn {
             admin: self.admin_ref(),
             action,
         };
-        takeover::route(&self.core, &self.joined, op, id);
+        takeover::route(&self.core, self.joined.get_or_init(Rc::default), op, id);
         None
     }
 
@@ -435,7 +439,11 @@ impl ChatConn {
 impl Drop for ChatConn {
     fn drop(&mut self) {
         self.core.chat.detach_conn(self.conn);
-        let joined: Vec<(Arc<str>, usize)> = self.joined.borrow_mut().drain().collect();
+        let joined: Vec<(Arc<str>, usize)> = self
+            .joined
+            .get()
+            .map(|j| j.borrow_mut().drain().collect())
+            .unwrap_or_default();
         if !joined.is_empty() {
             takeover::admin_gone(&self.core, self.admin_ref(), joined);
         }

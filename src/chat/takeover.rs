@@ -90,12 +90,7 @@ pub struct Seat {
 
 /// Sends `op` to the core that owns its session, finding that core from storage
 /// the first time (the session id alone does not say whose it is).
-pub fn route(
-    core: &Rc<Core>,
-    joined: &Rc<std::cell::RefCell<std::collections::HashMap<Arc<str>, usize>>>,
-    op: AdminOp,
-    id: Option<String>,
-) {
+pub fn route(core: &Rc<Core>, joined: &super::Joined, op: AdminOp, id: Option<String>) {
     let known = joined.borrow().get(&op.session_id).copied();
     if let Some(owner) = known {
         if matches!(op.action, AdminAction::Leave) {

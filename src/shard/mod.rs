@@ -172,18 +172,39 @@ impl Core {
 
     /// Runs a connection task under the gate, containing any panic to that task.
     fn spawn_conn(self: &Rc<Self>, task: impl Future<Output = ()> + 'static) {
-        let permit = self.gate.enter();
-        let core = self.clone();
-        monoio::spawn(async move {
-            let _permit = permit;
-            if CatchUnwind(AssertUnwindSafe(task)).await.is_err() {
-                core.metrics().panics.inc();
-                tracing::error!(
-                    core = core.id,
-                    "connection task panicked; only that connection was closed"
-                );
-            }
+        monoio::spawn(Contained {
+            task,
+            core: self.clone(),
+            _permit: self.gate.enter(),
         });
+    }
+
+    /// Keep-alive for every connection of this core from one timer: a connection
+    /// quiet for a ping interval is asked to ping, one that leaves a ping unanswered
+    /// for the pong timeout is closed. A timer per connection would cost each idle
+    /// connection more memory than all its other state (PERF.md).
+    pub async fn keepalive_loop(self: Rc<Self>) {
+        let cfg = &self.shared.config;
+        let ping = Duration::from_millis(cfg.ws_ping_interval_ms);
+        let pong = Duration::from_millis(cfg.ws_pong_timeout_ms);
+        // Pings go out at most a quarter of the shorter period late.
+        let every = (ping.min(pong) / 4).clamp(Duration::from_millis(5), Duration::from_secs(5));
+        let in_sweeps = |d: Duration| {
+            d.as_millis()
+                .div_ceil(every.as_millis())
+                .clamp(1, u16::MAX as u128) as u16
+        };
+        let periods = outbox::Sweeps {
+            ping: in_sweeps(ping),
+            pong: in_sweeps(pong),
+        };
+        loop {
+            monoio::select! {
+                _ = monoio::time::sleep(every) => {}
+                _ = self.gate.closed() => return,
+            }
+            self.registry.borrow().sweep(periods);
+        }
     }
 
     /// Serves messages from other cores until the runtime stops.
@@ -293,7 +314,11 @@ impl Core {
             }
         };
         let reg = Registration::new(id, self.registry.clone());
-        crate::ws::conn::run(self.clone(), sock, up, reg, outbox).await;
+        if let Some(conn) = crate::ws::conn::upgrade(&self, sock, up, reg, outbox).await {
+            // Its own task: an idle connection then costs only the WebSocket loop's
+            // state, not the head reader's or the upgrade's.
+            self.spawn_conn(conn.run());
+        }
     }
 }
 
@@ -398,18 +423,35 @@ async fn hand_over(core: &Core, sock: Socket, up: Upgrade, owner: usize) {
     }
 }
 
-/// `catch_unwind` for a future: a panic while polling becomes `Err`.
-struct CatchUnwind<F>(F);
+/// A connection task holding its gate permit, with any panic contained to it.
+///
+/// A hand-written future rather than an `async` block around the task: such a block
+/// keeps the task twice (captured, and again while awaited), and an idle
+/// connection's task is most of what it costs (PERF.md).
+struct Contained<F> {
+    task: F,
+    core: Rc<Core>,
+    _permit: gate::Permit,
+}
 
-impl<F: Future + std::panic::UnwindSafe> Future for CatchUnwind<F> {
-    type Output = Result<F::Output, ()>;
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        // SAFETY: structural pinning of the only field; it is never moved out.
-        let inner = unsafe { self.map_unchecked_mut(|s| &mut s.0) };
-        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
-            Ok(Poll::Pending) => Poll::Pending,
-            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
-            Err(_) => Poll::Ready(Err(())),
+impl<F: Future<Output = ()>> Future for Contained<F> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        // SAFETY: structural pinning of `task`; it is never moved out. The other
+        // fields are not pinned.
+        let this = unsafe { self.get_unchecked_mut() };
+        // SAFETY: `this` is pinned, so `task` is too (see above).
+        let task = unsafe { Pin::new_unchecked(&mut this.task) };
+        match std::panic::catch_unwind(AssertUnwindSafe(|| task.poll(cx))) {
+            Ok(p) => p,
+            Err(_) => {
+                this.core.metrics().panics.inc();
+                tracing::error!(
+                    core = this.core.id,
+                    "connection task panicked; only that connection was closed"
+                );
+                Poll::Ready(())
+            }
         }
     }
 }

@@ -1,4 +1,5 @@
-//! A connection's bounded inbox of frames queued by other tasks of its core.
+//! A connection's bounded inbox of frames queued by other tasks of its core, and its
+//! keep-alive state, which the core's sweep reads (no timer per connection).
 //!
 //! Pushing never blocks and never panics, even when the connection has just gone
 //! away: a full outbox marks the connection as a slow consumer (it gets closed with
@@ -20,6 +21,16 @@ pub enum Outgoing {
     Shutdown,
 }
 
+/// What the keep-alive sweep asks of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keepalive {
+    Nothing,
+    /// Quiet for a ping interval: send a ping.
+    Ping,
+    /// Pinged and silent for the pong timeout: close.
+    TimedOut,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PushError {
     /// The connection is gone.
@@ -30,21 +41,39 @@ pub enum PushError {
 
 struct Inner {
     queue: VecDeque<Outgoing>,
-    frames_max: usize,
     waker: Option<Waker>,
+    frames_max: u32,
+    /// Keep-alive sweeps since bytes last arrived from the peer (counted, not
+    /// timed: two bytes instead of a timestamp on every idle connection).
+    quiet_sweeps: u16,
+    /// Sweeps since the ping that no bytes have answered yet.
+    ping_sweeps: Option<u16>,
+    keepalive: Keepalive,
     closed: bool,
     overflowed: bool,
+}
+
+/// The keep-alive periods in sweeps of the core's keep-alive loop.
+#[derive(Clone, Copy, Debug)]
+pub struct Sweeps {
+    /// Quiet sweeps before a ping.
+    pub ping: u16,
+    /// Sweeps a ping may stay unanswered.
+    pub pong: u16,
 }
 
 #[derive(Clone)]
 pub struct Outbox(Rc<RefCell<Inner>>);
 
 impl Outbox {
-    pub fn new(frames_max: usize) -> Outbox {
+    pub fn new(frames_max: u32) -> Outbox {
         Outbox(Rc::new(RefCell::new(Inner {
             queue: VecDeque::new(),
-            frames_max,
             waker: None,
+            frames_max,
+            quiet_sweeps: 0,
+            ping_sweeps: None,
+            keepalive: Keepalive::Nothing,
             closed: false,
             overflowed: false,
         })))
@@ -56,7 +85,7 @@ impl Outbox {
             return Err(PushError::Closed);
         }
         // Control messages bypass the bound: shutdown must always get through.
-        if msg != Outgoing::Shutdown && inner.queue.len() >= inner.frames_max {
+        if msg != Outgoing::Shutdown && inner.queue.len() >= inner.frames_max as usize {
             inner.overflowed = true;
             if let Some(w) = inner.waker.take() {
                 w.wake();
@@ -80,11 +109,51 @@ impl Outbox {
         self.0.borrow().overflowed
     }
 
-    /// Resolves when a message is queued or the outbox overflowed. Cancel-safe.
+    /// Bytes arrived from the peer: it is alive.
+    pub fn touch(&self) {
+        let mut inner = self.0.borrow_mut();
+        inner.quiet_sweeps = 0;
+        inner.ping_sweeps = None;
+    }
+
+    /// One keep-alive sweep of the core: flags a connection quiet for `ping` sweeps
+    /// for a ping, and one that left the ping unanswered for `pong` sweeps for
+    /// closing; wakes it if so.
+    pub fn sweep(&self, periods: Sweeps) {
+        let mut inner = self.0.borrow_mut();
+        if inner.closed || inner.keepalive != Keepalive::Nothing {
+            return;
+        }
+        inner.quiet_sweeps = inner.quiet_sweeps.saturating_add(1);
+        inner.keepalive = match inner.ping_sweeps {
+            Some(n) if n + 1 >= periods.pong => Keepalive::TimedOut,
+            Some(n) => {
+                inner.ping_sweeps = Some(n + 1);
+                return;
+            }
+            None if inner.quiet_sweeps >= periods.ping => {
+                inner.ping_sweeps = Some(0);
+                Keepalive::Ping
+            }
+            None => return,
+        };
+        if let Some(w) = inner.waker.take() {
+            w.wake();
+        }
+    }
+
+    /// What the sweep asked for since the last call.
+    pub fn take_keepalive(&self) -> Keepalive {
+        std::mem::replace(&mut self.0.borrow_mut().keepalive, Keepalive::Nothing)
+    }
+
+    /// Resolves when a message is queued, the outbox overflowed or the sweep asked
+    /// for something. Cancel-safe.
     pub async fn ready(&self) {
         poll_fn(|cx| {
             let mut inner = self.0.borrow_mut();
-            if !inner.queue.is_empty() || inner.overflowed {
+            if !inner.queue.is_empty() || inner.overflowed || inner.keepalive != Keepalive::Nothing
+            {
                 Poll::Ready(())
             } else {
                 inner.waker = Some(cx.waker().clone());
@@ -123,5 +192,32 @@ mod tests {
         o.close();
         assert_eq!(o.push(Outgoing::Text("d".into())), Err(PushError::Closed));
         assert_eq!(o.pop(), None);
+    }
+
+    #[test]
+    fn keepalive_pings_once_then_times_out_unless_touched() {
+        let periods = Sweeps { ping: 3, pong: 2 };
+        let o = Outbox::new(2);
+        let sweeps = |n: usize| {
+            (0..n).for_each(|_| o.sweep(periods));
+            o.take_keepalive()
+        };
+        assert_eq!(sweeps(2), Keepalive::Nothing, "not quiet long enough");
+        assert_eq!(sweeps(1), Keepalive::Ping);
+        assert_eq!(sweeps(1), Keepalive::Nothing, "one ping per silence");
+        assert_eq!(sweeps(1), Keepalive::TimedOut);
+
+        // Bytes from the peer reset the count.
+        o.touch();
+        assert_eq!(sweeps(2), Keepalive::Nothing);
+        o.touch();
+        assert_eq!(sweeps(2), Keepalive::Nothing);
+        assert_eq!(sweeps(1), Keepalive::Ping);
+        o.touch();
+        assert_eq!(
+            sweeps(2),
+            Keepalive::Nothing,
+            "an answer cancels the timeout"
+        );
     }
 }

@@ -113,6 +113,13 @@ impl Registry {
             .count()
     }
 
+    /// The keep-alive sweep over every connection (see [`Outbox::sweep`]).
+    pub fn sweep(&self, periods: super::outbox::Sweeps) {
+        for c in self.conns.values() {
+            c.outbox.sweep(periods);
+        }
+    }
+
     /// Queues `msg` on every admin connection; returns how many took it.
     pub fn push_admins(&self, msg: &Outgoing) -> usize {
         self.conns

@@ -28,12 +28,11 @@ pub struct Hooks {
 pub enum Reply {
     None,
     Text(String),
-    Binary(bytes::Bytes),
+    Binary(Vec<u8>),
     Close(CloseCode, &'static str),
 }
 
 pub struct Handler {
-    hooks: Hooks,
     /// Present on the chat route (authenticated); absent on the echo route.
     chat: Option<ChatConn>,
     /// Every frame costs a token; a connection that runs out is flooding.
@@ -49,7 +48,6 @@ impl Handler {
             _ => None,
         };
         Handler {
-            hooks: core.shared.hooks.clone(),
             chat,
             flood: Bucket::full(flood_per_minute, now_ms()),
             flood_per_minute,
@@ -57,9 +55,6 @@ impl Handler {
     }
 
     pub fn on_text(&mut self, text: &str) -> Reply {
-        if let Some(hook) = &self.hooks.on_text {
-            hook(text);
-        }
         let Some(chat) = &self.chat else {
             return Reply::Text(text.to_owned());
         };
@@ -78,9 +73,9 @@ impl Handler {
         }
     }
 
-    pub fn on_binary(&mut self, data: bytes::Bytes) -> Reply {
+    pub fn on_binary(&mut self, data: &[u8]) -> Reply {
         match self.chat {
-            None => Reply::Binary(data),
+            None => Reply::Binary(data.to_vec()),
             Some(_) => Reply::Close(CloseCode::Unsupported, "binary frames are not supported"),
         }
     }
