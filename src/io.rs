@@ -4,9 +4,9 @@
 //! Why not monoio's owned-buffer reads: an io_uring read must own its buffer for as
 //! long as it is pending, so every idle connection would pin a buffer. Waiting for
 //! readiness (an io_uring poll, or epoll in the legacy driver) and then reading
-//! without blocking keeps an idle connection free of read buffers, lets tungstenite
-//! read straight into its own buffer (no extra copy), and makes every wait safe to
-//! cancel in `select!` (a cancelled poll consumes no data).
+//! without blocking keeps an idle connection free of read buffers, lets the WebSocket
+//! codec read straight into its own buffer (no extra copy), and makes every wait safe
+//! to cancel in `select!` (a cancelled poll consumes no data).
 
 use std::future::Future;
 use std::io;
@@ -145,58 +145,6 @@ fn cvt(n: isize) -> io::Result<usize> {
         Err(e)
     } else {
         Ok(n as usize)
-    }
-}
-
-/// The `Read + Write` view of a socket that tungstenite drives.
-///
-/// After a short read the socket is taken as drained, so the next read reports
-/// `WouldBlock` without a syscall that would only return `EAGAIN`; the next
-/// readiness wait resets it (the wait itself is level-triggered, so nothing is missed).
-pub struct NonBlocking<'a> {
-    pub sock: &'a Socket,
-    pub drained: bool,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-}
-
-impl<'a> NonBlocking<'a> {
-    pub fn new(sock: &'a Socket) -> Self {
-        NonBlocking {
-            sock,
-            drained: false,
-            bytes_in: 0,
-            bytes_out: 0,
-        }
-    }
-}
-
-impl io::Read for NonBlocking<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.drained {
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        let n = self.sock.try_recv(buf).inspect_err(|e| {
-            if e.kind() == io::ErrorKind::WouldBlock {
-                self.drained = true;
-            }
-        })?;
-        if n < buf.len() && n > 0 {
-            self.drained = true;
-        }
-        self.bytes_in += n as u64;
-        Ok(n)
-    }
-}
-
-impl io::Write for NonBlocking<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.sock.try_send(buf)?;
-        self.bytes_out += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
     }
 }
 

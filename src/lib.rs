@@ -13,7 +13,8 @@
 //! - [`http`]: the front door: request [`http::head`] reading and routing, plain
 //!   endpoints served by hyper, JSON errors.
 //! - [`ws`]: the upgrade decision ([`ws::handshake`]: origin, JWT), the connection
-//!   driver ([`ws::conn`]: tungstenite, ping/pong, close codes) and what a
+//!   driver ([`ws::conn`]: keep-alive, close codes), the RFC 6455 codec
+//!   ([`ws::codec`]: buffers only while bytes move) and what a
 //!   connection does with messages ([`ws::handler`]).
 //! - [`io`]: readiness-driven non-blocking socket I/O shared by all of the above.
 //! - [`chat`]: sessions owned by the user's core: the message pipeline (validated
