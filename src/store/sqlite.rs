@@ -911,6 +911,47 @@ mod tests {
     }
 
     #[test]
+    fn a_failing_job_fails_alone_in_its_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open(&dir.path().join("t.db")).unwrap();
+        migrate(&mut conn).unwrap();
+        let ring = KeyRing::new(&"33".repeat(32), &[]).unwrap();
+        let job = |ops: Vec<WriteOp>| Job {
+            ops,
+            reply: tokio::sync::oneshot::channel().0,
+        };
+        let append = |seq: u64, id: &str| WriteOp::AppendMessage {
+            user_id: "u1".into(),
+            message: msg(&ring, "s1", seq, id, None, "x"),
+        };
+        let batch = [
+            job(vec![WriteOp::CreateSession(session("s1")), append(1, "m1")]),
+            // Same (session, seq) as m1: a primary key violation.
+            job(vec![append(2, "m2"), append(1, "m-clash")]),
+            job(vec![append(3, "m3")]),
+        ];
+        let results = apply_batch(&mut conn, &batch).unwrap();
+        assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
+        assert!(results[1].is_err(), "{results:?}");
+        let stored: Vec<String> = conn
+            .prepare("SELECT message_id FROM messages ORDER BY seq")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(stored, ["m1", "m3"], "the failing job left nothing behind");
+        let count: i64 = conn
+            .query_row(
+                "SELECT message_count FROM sessions WHERE id = 's1'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(count, 2);
+    }
+
+    #[test]
     fn newer_schema_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let (_rt, pool) = PoolRuntime::start(1, 8).unwrap();
