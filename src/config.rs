@@ -220,7 +220,7 @@ impl Default for Config {
             ws_frame_bytes_max: 64 * 1024,
             ws_message_bytes_max: 64 * 1024,
             ws_write_buffer_bytes_max: 1024 * 1024,
-            ws_outbox_frames_max: 256,
+            ws_outbox_frames_max: 4096,
             ws_ping_interval_ms: 30_000,
             ws_pong_timeout_ms: 10_000,
             http_head_timeout_ms: 10_000,
@@ -559,8 +559,8 @@ impl Config {
             "CHATBOX_WS_WRITE_BUFFER_BYTES_MAX must be at least 65536".into(),
         );
         check(
-            self.ws_outbox_frames_max >= 1,
-            "CHATBOX_WS_OUTBOX_FRAMES_MAX must be at least 1".into(),
+            (1..=1_000_000).contains(&self.ws_outbox_frames_max),
+            "CHATBOX_WS_OUTBOX_FRAMES_MAX must be between 1 and 1000000".into(),
         );
         check(
             self.ws_ping_interval_ms >= 10,

@@ -25,6 +25,19 @@ pub fn token(secret: &str, user: &str) -> String {
     )
 }
 
+/// An admin's token (role `admin`), valid for an hour.
+pub fn admin_token(secret: &str, admin: &str) -> String {
+    mint(
+        secret.as_bytes(),
+        &Claims {
+            sub: admin.into(),
+            name: None,
+            roles: vec!["admin".into()],
+            exp: now_secs() + 3600,
+        },
+    )
+}
+
 /// The i-th source address: 127.0.0.2, .3, ... (about 28k ports each).
 pub fn source(i: usize, sources: u8) -> Ipv4Addr {
     Ipv4Addr::new(127, 0, 0, 2 + (i % sources.max(1) as usize) as u8)

@@ -41,6 +41,16 @@ fn sibling(name: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(name))
 }
 
+/// The baseline's pause between answer chunks. Only `stream` compares streaming;
+/// elsewhere the baseline does not stream at all (plain echo, as the chat target is
+/// stated), while chatbox keeps its default demo pace.
+fn stream_pause(o: &Opts) -> u64 {
+    match o.scenario.as_str() {
+        "stream" => o.chunk_ms,
+        _ => 0,
+    }
+}
+
 /// Starts a server and waits for its readiness line.
 fn spawn(target: Target, o: &Opts) -> anyhow::Result<Server> {
     let (mut cmd, data) = match target {
@@ -60,6 +70,9 @@ fn spawn(target: Target, o: &Opts) -> anyhow::Result<Server> {
                 .env("CHATBOX_RATE_LIMIT_PER_MINUTE", "1000000")
                 .env("CHATBOX_WS_FRAMES_PER_MINUTE_MAX", "1000000")
                 .env("RUST_LOG", "warn");
+            if o.scenario == "stream" {
+                c.env("CHATBOX_DEMO_CHUNK_DELAY_MS", o.chunk_ms.to_string());
+            }
             (c, Some(tempdir::TempDir(dir)))
         }
         Target::Baseline => {
@@ -68,7 +81,12 @@ fn spawn(target: Target, o: &Opts) -> anyhow::Result<Server> {
                     .clone()
                     .unwrap_or_else(|| sibling("baseline-server")),
             );
-            c.args(["127.0.0.1:0", &o.secret, &o.server_cores.to_string()]);
+            c.args([
+                "127.0.0.1:0",
+                &o.secret,
+                &o.server_cores.to_string(),
+                &stream_pause(o).to_string(),
+            ]);
             (c, None)
         }
     };
@@ -114,6 +132,17 @@ fn keys(scenario: &str) -> &'static [(&'static str, bool)] {
             ("/rtt_us/p999", false),
         ],
         "churn" => &[("/cycles_per_sec", true), ("/handshake_us/p99", false)],
+        "stream" => &[
+            ("/chunks_per_sec", true),
+            ("/first_chunk_us/p50", false),
+            ("/first_chunk_us/p99", false),
+            ("/chunk_gap_us/p99", false),
+        ],
+        "takeover" => &[
+            ("/messages_per_sec", true),
+            ("/delivery_us/p50", false),
+            ("/delivery_us/p99", false),
+        ],
         _ => &[("/handshake_us/p50", false), ("/handshake_us/p99", false)],
     }
 }

@@ -5,6 +5,7 @@
 
 mod client;
 mod compare;
+mod push;
 mod scenarios;
 
 use std::net::SocketAddr;
@@ -20,8 +21,10 @@ usage: loadtest SCENARIO [options]
 scenarios (against --addr):
   connect   N connections ramped at R/s; each answers a ping after the ramp and after the hold
   idle      server RSS per idle connection: slope between --sizes A,B (needs --pid)
-    chat      users send user_message and time each to its ack (closed loop, or --msg-rate)
+  chat      users send user_message and time each to its ack (closed loop, or --msg-rate)
   churn     --users workers connect, ping, close, repeatedly for --secs; the server must end at 0 open
+  stream    --users users ask and read whole streamed answers (paced at --chunk-ms), again and again
+  takeover  --admins admins join --users users' sessions and write into them at --msg-rate
   compare   run --scenario against chatbox and the baseline, alternating, and print ratios
 
 options:
@@ -37,7 +40,9 @@ options:
   --msg-rate N           chat: messages per second in all; 0 = closed loop (default 0)
   --secs N               chat: measuring time (default 10)
   --sources N            source addresses 127.0.0.2.. (default 8)
-  --scenario NAME        compare: connect | idle | chat (default chat)
+  --chunk-ms N           stream: pause between answer chunks (compare sets it on both servers; default 40)
+  --admins N             takeover: admin connections (default 10)
+  --scenario NAME        compare: connect | idle | chat | churn | stream | takeover (default chat)
   --rounds N             compare: rounds, each running both servers (default 2)
   --server-cores N       compare: cores (threads) each server gets (default 1)
   --chatbox PATH / --baseline PATH   compare: binaries (default: next to this one)
@@ -57,6 +62,8 @@ pub struct Opts {
     pub sizes: Vec<usize>,
     pub pid: Option<u32>,
     pub msg_rate: u64,
+    pub chunk_ms: u64,
+    pub admins: usize,
     pub secs: u64,
     pub sources: u8,
     pub scenario: String,
@@ -70,10 +77,12 @@ pub struct Opts {
 
 fn parse() -> anyhow::Result<(String, Opts)> {
     let mut args = std::env::args().skip(1);
-    let Some(cmd) = args
-        .next()
-        .filter(|c| ["connect", "idle", "chat", "churn", "compare"].contains(&c.as_str()))
-    else {
+    let Some(cmd) = args.next().filter(|c| {
+        [
+            "connect", "idle", "chat", "churn", "stream", "takeover", "compare",
+        ]
+        .contains(&c.as_str())
+    }) else {
         bail!("{USAGE}");
     };
     let mut o = Opts {
@@ -87,6 +96,8 @@ fn parse() -> anyhow::Result<(String, Opts)> {
         sizes: vec![2000, 18000],
         pid: None,
         msg_rate: 0,
+        chunk_ms: 40,
+        admins: 10,
         secs: 10,
         sources: 8,
         scenario: "chat".into(),
@@ -112,6 +123,8 @@ fn parse() -> anyhow::Result<(String, Opts)> {
             "--sizes" => o.sizes = v.split(',').map(str::parse).collect::<Result<_, _>>()?,
             "--pid" => o.pid = Some(v.parse()?),
             "--msg-rate" => o.msg_rate = v.parse()?,
+            "--chunk-ms" => o.chunk_ms = v.parse()?,
+            "--admins" => o.admins = v.parse::<usize>()?.max(1),
             "--secs" => o.secs = v.parse()?,
             "--sources" => o.sources = v.parse::<u8>()?.clamp(1, 250),
             "--scenario" => o.scenario = v,
@@ -157,6 +170,8 @@ pub async fn run_scenario(name: &str, o: &Opts) -> anyhow::Result<Value> {
         "idle" => scenarios::idle(o).await,
         "chat" => scenarios::chat(o).await,
         "churn" => scenarios::churn(o).await,
+        "stream" => push::stream(o).await,
+        "takeover" => push::takeover(o).await,
         other => bail!("unknown scenario {other:?}"),
     }
 }
@@ -199,8 +214,8 @@ async fn main() -> anyhow::Result<()> {
 /// Fails on errors, refusals, dropped connections or connections left open.
 fn check(summary: &Value) -> anyhow::Result<()> {
     let lost = |k: &str| summary.get(k).and_then(Value::as_u64).unwrap_or(0);
-    if lost("dropped") + lost("failed") + lost("refused") + lost("errors") > 0 {
-        bail!("errors, refusals or dropped connections (see summary)");
+    if lost("dropped") + lost("failed") + lost("refused") + lost("errors") + lost("lost") > 0 {
+        bail!("errors, refusals, dropped connections or lost messages (see summary)");
     }
     if summary["open_after"].as_u64().is_some_and(|n| n > 0) {
         bail!("the server still counts open connections after the storm");

@@ -13,7 +13,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::client::{self, check_fd_budget, idle_until, open, ping_pong, rss_kib, source, token};
 use crate::Opts;
 
-fn url(o: &Opts) -> String {
+pub fn url(o: &Opts) -> String {
     format!("ws://{}{}/ws", o.addr, o.prefix)
 }
 
@@ -104,7 +104,7 @@ async fn wait_count(c: &AtomicU64, counts: &Counts, n: u64) {
     }
 }
 
-fn quantiles(h: &hdrhistogram::Histogram<u64>) -> Value {
+pub fn quantiles(h: &hdrhistogram::Histogram<u64>) -> Value {
     json!({"p50": h.value_at_quantile(0.5), "p99": h.value_at_quantile(0.99),
            "p999": h.value_at_quantile(0.999), "max": h.max(), "count": h.len()})
 }

@@ -101,7 +101,13 @@ impl Outbox {
 
     /// Takes the next queued message.
     pub fn pop(&self) -> Option<Outgoing> {
-        self.0.borrow_mut().queue.pop_front()
+        let mut inner = self.0.borrow_mut();
+        let out = inner.queue.pop_front();
+        // A burst's queue is freed once drained: idle connections hold none.
+        if out.is_none() && inner.queue.capacity() > 0 {
+            inner.queue = VecDeque::new();
+        }
+        out
     }
 
     /// True once a push was refused for lack of room.

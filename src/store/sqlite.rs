@@ -18,7 +18,7 @@ use crate::pool::BlockingPool;
 
 /// How often the checkpointer moves the WAL into the database file.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
-/// WAL frames (pages) after which the checkpointer restarts the WAL: 16 MiB.
+/// WAL frames (pages) after which the writer completes a checkpoint: 16 MiB.
 const WAL_FRAMES_RESTART: i64 = 4096;
 /// Bytes the WAL file is trimmed to when it starts over.
 const WAL_BYTES_KEPT: i64 = 32 * 1024 * 1024;
@@ -174,10 +174,14 @@ impl SqliteStore {
             .pragma_update(None, "journal_size_limit", WAL_BYTES_KEPT)
             .map_err(db_err)?;
         let checkpointer = open(&path)?;
+        // Set by the checkpointer when the WAL is long; the writer then finishes
+        // the checkpoint itself (see `checkpoint_loop`).
+        let wal_big = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let wal_big_seen = wal_big.clone();
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
         std::thread::Builder::new()
             .name("chatbox-sqlite-checkpoint".into())
-            .spawn(move || checkpoint_loop(checkpointer, stopped))
+            .spawn(move || checkpoint_loop(checkpointer, stopped, wal_big))
             .map_err(|e| {
                 StoreError::Database(format!("cannot start the checkpoint thread: {e}"))
             })?;
@@ -187,7 +191,7 @@ impl SqliteStore {
         let (jobs, rx) = sync_channel(queue_max);
         std::thread::Builder::new()
             .name("chatbox-sqlite-writer".into())
-            .spawn(move || writer_loop(writer, rx))
+            .spawn(move || writer_loop(writer, rx, wal_big_seen))
             .map_err(|e| StoreError::Database(format!("cannot start the writer thread: {e}")))?;
         Ok(SqliteStore {
             jobs,
@@ -228,28 +232,26 @@ impl SqliteStore {
 
 /// Checkpoints every [`CHECKPOINT_EVERY`] until the store is dropped, then once
 /// more, so a clean shutdown leaves the WAL folded into the database.
-fn checkpoint_loop(conn: Connection, stopped: std::sync::mpsc::Receiver<()>) {
-    let frames = |mode: &str| {
-        conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
-            r.get::<_, i64>(1)
-        })
-    };
+fn checkpoint_loop(
+    conn: Connection,
+    stopped: std::sync::mpsc::Receiver<()>,
+    wal_big: Arc<std::sync::atomic::AtomicBool>,
+) {
     loop {
         // Anything but a timeout means the store is gone (or going).
         let last = !matches!(
             stopped.recv_timeout(CHECKPOINT_EVERY),
             Err(std::sync::mpsc::RecvTimeoutError::Timeout)
         );
-        // PASSIVE never waits, so under constant writes it never catches up and the
-        // WAL never starts over: it grew by 100 MB/s under the chat load. Past a
-        // bound, a RESTART (which copies only what arrived since the PASSIVE one,
-        // and holds writers that long) makes the next commit reuse the file from its
-        // start; `journal_size_limit` then trims it.
-        match frames("PASSIVE") {
-            Ok(n) if n >= WAL_FRAMES_RESTART => {
-                if let Err(e) = frames("RESTART") {
-                    tracing::warn!(error = %e, "WAL restart failed");
-                }
+        // PASSIVE never waits, so under constant writes it never copies the last
+        // frames and the WAL never starts over: it grew by 100 MB/s under the chat
+        // load. When it is long, the writer finishes the job right after a commit
+        // (when nothing newer exists), so its next commit starts the WAL over. A
+        // RESTART here instead made writers wait in SQLite's busy handler (sleeps
+        // of up to 100 ms: 1.2 s stalls in the takeover scenario).
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1)) {
+            Ok(frames) if frames >= WAL_FRAMES_RESTART => {
+                wal_big.store(true, std::sync::atomic::Ordering::Relaxed)
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
@@ -262,7 +264,11 @@ fn checkpoint_loop(conn: Connection, stopped: std::sync::mpsc::Receiver<()>) {
 
 /// Takes every job waiting, applies them in one transaction, commits once, then
 /// replies. One job's failure does not fail the others (see `apply_batch`).
-fn writer_loop(mut conn: Connection, rx: Receiver<Job>) {
+fn writer_loop(
+    mut conn: Connection,
+    rx: Receiver<Job>,
+    wal_big: Arc<std::sync::atomic::AtomicBool>,
+) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < GROUP_COMMIT_JOBS_MAX {
@@ -284,6 +290,11 @@ fn writer_loop(mut conn: Connection, rx: Receiver<Job>) {
                     let _ = job.reply.send(Err(StoreError::Database(e.to_string())));
                 }
             }
+        }
+        if wal_big.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            // Copies only what the checkpointer has not (it did the rest); busy
+            // (the checkpointer is at it) just means the next signal retries.
+            let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
         }
     }
     tracing::debug!("sqlite writer stopped");

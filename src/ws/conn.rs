@@ -140,10 +140,8 @@ impl Conn {
             // 1. Everything readable now.
             let mut got = 0;
             loop {
-                match read_all(&self.gauge.0, &mut self.codec, &mut self.handler) {
-                    Ok(None) => {}
-                    Ok(Some(end)) => return end,
-                    Err(e) => return e.into(),
+                if let Some(end) = self.read_all() {
+                    return end;
                 }
                 if self.codec.is_closed() {
                     let _ = self.codec.flush(&self.sock);
@@ -188,6 +186,24 @@ impl Conn {
                 Wake::Readable(false) | Wake::Writable(false) => return End::Done,
                 Wake::Readable(true) => drained = false,
                 Wake::Writable(true) | Wake::Outbox => {}
+            }
+        }
+    }
+
+    /// Handles every complete message received so far; `Some(end)` to stop. What
+    /// each message queued for this connection moves to the codec right away, so a
+    /// burst of our own requests (an admin joining a hundred sessions) cannot
+    /// overflow the outbox and be taken for a slow reader.
+    fn read_all(&mut self) -> Option<End> {
+        loop {
+            match read_one(&self.gauge.0, &mut self.codec, &mut self.handler) {
+                Ok(None) => return None,
+                Ok(Some(Reply::Close(code, reason))) => return Some(End::Fail(code, reason)),
+                Ok(Some(_)) => {}
+                Err(e) => return Some(e.into()),
+            }
+            if let Some(end) = self.take_outbox() {
+                return Some(end);
             }
         }
     }
@@ -275,47 +291,45 @@ async fn wait_rw(sock: &Socket, outbox: &Outbox) -> Wake {
     }
 }
 
-/// Handles every complete message received so far; `Some(end)` to stop.
-fn read_all(core: &Core, codec: &mut Codec, handler: &mut Handler) -> Result<Option<End>, WsError> {
+/// Handles the next complete message received; `Ok(None)` when there is none.
+fn read_one(
+    core: &Core,
+    codec: &mut Codec,
+    handler: &mut Handler,
+) -> Result<Option<Reply>, WsError> {
     let m = core.metrics();
-    loop {
-        let reply = match codec.read()? {
-            None => return Ok(None),
-            Some(Msg::Close) => return Ok(None),
-            Some(Msg::Text(t)) => {
-                m.frames_in.inc();
-                let hook = core.shared.hooks.on_text.as_ref();
-                let handle = || {
-                    if let Some(hook) = hook {
-                        hook(t);
-                    }
-                    handler.on_text(t)
-                };
-                match catch_unwind(AssertUnwindSafe(handle)) {
-                    Ok(r) => r,
-                    Err(_) => {
-                        m.panics.inc();
-                        tracing::error!("message handler panicked; closing this connection only");
-                        return Ok(Some(End::Fail(CloseCode::Error, "internal error")));
-                    }
+    let reply = match codec.read()? {
+        None | Some(Msg::Close) => return Ok(None),
+        Some(Msg::Text(t)) => {
+            m.frames_in.inc();
+            let hook = core.shared.hooks.on_text.as_ref();
+            let handle = || {
+                if let Some(hook) = hook {
+                    hook(t);
                 }
-            }
-            Some(Msg::Binary(b)) => {
-                m.frames_in.inc();
-                handler.on_binary(b)
-            }
-        };
-        match reply {
-            Reply::None => {}
-            Reply::Text(t) => {
-                m.frames_out.inc();
-                codec.send_text(&t)?;
-            }
-            Reply::Binary(b) => {
-                m.frames_out.inc();
-                codec.send_binary(&b)?;
-            }
-            Reply::Close(code, reason) => return Ok(Some(End::Fail(code, reason))),
+                handler.on_text(t)
+            };
+            catch_unwind(AssertUnwindSafe(handle)).unwrap_or_else(|_| {
+                m.panics.inc();
+                tracing::error!("message handler panicked; closing this connection only");
+                Reply::Close(CloseCode::Error, "internal error")
+            })
         }
+        Some(Msg::Binary(b)) => {
+            m.frames_in.inc();
+            handler.on_binary(b)
+        }
+    };
+    match &reply {
+        Reply::Text(t) => {
+            m.frames_out.inc();
+            codec.send_text(t)?;
+        }
+        Reply::Binary(b) => {
+            m.frames_out.inc();
+            codec.send_binary(b)?;
+        }
+        Reply::None | Reply::Close(..) => {}
     }
+    Ok(Some(reply))
 }
