@@ -97,8 +97,17 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// Embedded store directory.
     pub data_dir: PathBuf,
-    /// Use MongoDB instead of the embedded store.
+    /// Use MongoDB instead of the embedded store (`mongodb://host:port,...`;
+    /// `mongodb+srv://` needs DNS lookups this build does not include).
     pub mongo_uri: Option<String>,
+    /// The MongoDB database chatbox uses.
+    pub mongo_database: String,
+    /// How many nodes acknowledge a write before its ack: `majority` or a number.
+    pub mongo_write_concern: String,
+    /// How long writes are retried while MongoDB is unreachable before they fail.
+    pub mongo_write_retry_secs: u64,
+    /// How long start-up and health checks wait to reach MongoDB.
+    pub mongo_connect_timeout_ms: u64,
     pub llm_provider: LlmProvider,
     pub llm_base_url: Option<String>,
     pub llm_api_key: Option<String>,
@@ -208,6 +217,10 @@ impl Default for Config {
             allowed_origins: Vec::new(),
             data_dir: PathBuf::from("./data"),
             mongo_uri: None,
+            mongo_database: "chatbox".into(),
+            mongo_write_concern: "majority".into(),
+            mongo_write_retry_secs: 30,
+            mongo_connect_timeout_ms: 5000,
             llm_provider: LlmProvider::Demo,
             llm_base_url: None,
             llm_api_key: None,
@@ -402,6 +415,10 @@ impl Config {
                 allowed_origins,
                 data_dir,
                 mongo_uri,
+                mongo_database,
+                mongo_write_concern,
+                mongo_write_retry_secs,
+                mongo_connect_timeout_ms,
                 llm_provider,
                 llm_base_url,
                 llm_api_key,
@@ -467,6 +484,37 @@ impl Config {
                 errs.push(msg);
             }
         };
+        if let Some(uri) = &self.mongo_uri {
+            check(
+                uri.starts_with("mongodb://"),
+                "CHATBOX_MONGO_URI must start with mongodb:// (mongodb+srv:// is not supported)"
+                    .into(),
+            );
+        }
+        check(
+            self.mongo_write_concern == "majority"
+                || self
+                    .mongo_write_concern
+                    .parse::<u32>()
+                    .is_ok_and(|n| n >= 1),
+            "CHATBOX_MONGO_WRITE_CONCERN must be majority or a number of nodes (>= 1)".into(),
+        );
+        check(
+            !self.mongo_database.is_empty()
+                && self.mongo_database.len() <= 63
+                && !self
+                    .mongo_database
+                    .contains(['/', '\\', '.', ' ', '"', '$']),
+            "CHATBOX_MONGO_DATABASE must be 1-63 characters without / \\ . space \" $".into(),
+        );
+        check(
+            (1..=3600).contains(&self.mongo_write_retry_secs),
+            "CHATBOX_MONGO_WRITE_RETRY_SECS must be between 1 and 3600".into(),
+        );
+        check(
+            (100..=120_000).contains(&self.mongo_connect_timeout_ms),
+            "CHATBOX_MONGO_CONNECT_TIMEOUT_MS must be between 100 and 120000".into(),
+        );
         match &self.jwt_secret {
             None if !dev => check(
                 false,

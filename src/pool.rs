@@ -116,6 +116,12 @@ impl BlockingPool {
         Ok(task.abort_handle())
     }
 
+    /// Runs `work` on the pool's runtime and waits for it, from a thread outside
+    /// every runtime (start-up, command-line tools). Never call it from a core.
+    pub fn block_on<T>(&self, work: impl Future<Output = T>) -> T {
+        self.handle.block_on(work)
+    }
+
     /// Enters the pool's runtime, for building clients that must be created in it.
     pub fn enter(&self) -> tokio::runtime::EnterGuard<'_> {
         self.handle.enter()

@@ -37,6 +37,12 @@ pub enum StartError {
         #[source]
         source: crate::store::StoreError,
     },
+    #[error("cannot open MongoDB database {database}: {source}")]
+    Mongo {
+        database: String,
+        #[source]
+        source: crate::store::StoreError,
+    },
     #[error("cannot start the blocking pool: {0}")]
     Pool(#[source] std::io::Error),
     #[error("core {core} failed to start: {reason}")]
@@ -197,18 +203,32 @@ fn chat_shared(config: &Config, pool: crate::pool::BlockingPool) -> Result<ChatS
     })?;
     let keys = KeyRing::new(key, &config.encryption_previous_keys)
         .map_err(|e| crate::config::ConfigError::Invalid(vec![e.to_string()]))?;
-    let store: Arc<dyn crate::store::Store> = Arc::new(
-        SqliteStore::open(
-            &config.data_dir,
-            pool.clone(),
-            config.blocking_threads,
-            config.store_queue_max,
-        )
-        .map_err(|source| StartError::Store {
-            dir: config.data_dir.clone(),
-            source,
-        })?,
-    );
+    let store: Arc<dyn crate::store::Store> =
+        match crate::store::mongo::MongoSettings::from_config(config) {
+            Some(settings) => Arc::new(
+                crate::store::mongo::MongoStore::open(
+                    &settings,
+                    pool.clone(),
+                    config.store_queue_max,
+                )
+                .map_err(|source| StartError::Mongo {
+                    database: settings.database.clone(),
+                    source,
+                })?,
+            ),
+            None => Arc::new(
+                SqliteStore::open(
+                    &config.data_dir,
+                    pool.clone(),
+                    config.blocking_threads,
+                    config.store_queue_max,
+                )
+                .map_err(|source| StartError::Store {
+                    dir: config.data_dir.clone(),
+                    source,
+                })?,
+            ),
+        };
     let notifier = Arc::new(
         crate::notify::Notifier::new(config, store.clone(), &pool)
             .map_err(|e| crate::config::ConfigError::Invalid(vec![e]))?,

@@ -4,6 +4,7 @@
 //! hand results back as `Send` futures that a core can await without blocking.
 //! Message content reaches a backend only sealed ([`crate::crypto::Sealed`]).
 
+pub mod mongo;
 pub mod sqlite;
 
 use std::future::Future;
