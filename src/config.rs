@@ -364,7 +364,11 @@ macro_rules! env_overrides {
 }
 
 /// Environment variables that belong to the process, not to the config file.
-const ENV_NOT_CONFIG: &[&str] = &["CHATBOX_CONFIG", "CHATBOX_TEST_MONGO_URI"];
+const ENV_NOT_CONFIG: &[&str] = &[
+    "CHATBOX_CONFIG",
+    "CHATBOX_TEST_MONGO_URI",
+    "CHATBOX_TEST_STORE",
+];
 
 impl Config {
     /// Loads the file (if any), then applies the process environment.

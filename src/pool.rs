@@ -116,10 +116,18 @@ impl BlockingPool {
         Ok(task.abort_handle())
     }
 
-    /// Runs `work` on the pool's runtime and waits for it, from a thread outside
-    /// every runtime (start-up, command-line tools). Never call it from a core.
-    pub fn block_on<T>(&self, work: impl Future<Output = T>) -> T {
-        self.handle.block_on(work)
+    /// Runs `work` on the pool's runtime and blocks this thread until it is done
+    /// (start-up, command-line tools; also from inside another runtime, as tests
+    /// start servers). Never call it from a core.
+    pub fn block_on<T: Send + 'static>(
+        &self,
+        work: impl Future<Output = T> + Send + 'static,
+    ) -> Result<T, PoolError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.handle.spawn(async move {
+            let _ = tx.send(work.await);
+        });
+        rx.recv().map_err(|_| PoolError::Dropped)
     }
 
     /// Enters the pool's runtime, for building clients that must be created in it.

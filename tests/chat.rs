@@ -349,6 +349,9 @@ fn files_contain(dir: &std::path::Path, needle: &[u8]) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_are_encrypted_on_disk_and_tampering_is_reported() {
+    if mongo().is_some() {
+        return eprintln!("skipped on MongoDB: this test reads the SQLite file");
+    }
     let cfg = config();
     let dir = cfg.data_dir.clone();
     let server = start(cfg.clone());
@@ -512,9 +515,16 @@ async fn crash_loses_nothing_acked() {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
     let dir = data_dir();
+    // On MongoDB (CHATBOX_TEST_STORE=mongo) both runs use one fresh database.
+    let (mongo_uri, mongo_db) = mongo().unzip();
     let spawn = || {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_chatbox"))
-            .env_clear()
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_chatbox"));
+        cmd.env_clear();
+        if let (Some(uri), Some(db)) = (&mongo_uri, &mongo_db) {
+            cmd.env("CHATBOX_MONGO_URI", uri)
+                .env("CHATBOX_MONGO_DATABASE", db);
+        }
+        let mut child = cmd
             .env("CHATBOX_LISTEN", "127.0.0.1:0")
             .env("CHATBOX_CORES", "2")
             .env("CHATBOX_JWT_SECRET", SECRET)

@@ -204,8 +204,7 @@ async fn two_admins_and_the_ai_returns_only_when_the_last_leaves() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_user_leaving_mid_takeover_finds_the_admin_reply_on_return() {
     let cfg = config();
-    let dir = cfg.data_dir.clone();
-    let server = start(cfg);
+    let server = start(cfg.clone());
     let addr = server.local_addr();
     let admin_id = "agent-z";
     let user = user_on(false, admin_id);
@@ -238,12 +237,13 @@ async fn the_user_leaving_mid_takeover_finds_the_admin_reply_on_return() {
     drop((u, a));
     server.shutdown();
     stop(server).await;
-    let db = rusqlite::Connection::open(dir.join("chatbox.db")).unwrap();
-    let mut stmt = db.prepare("SELECT actor, action, state FROM session_events WHERE session_id = ?1 ORDER BY at, rowid").unwrap();
-    let events: Vec<(String, String, String)> = stmt
-        .query_map([&sid], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+    let (pool, store) = open_store(&cfg);
+    let events: Vec<(String, String, String)> = store
+        .session_events(&sid)
+        .await
         .unwrap()
-        .map(Result::unwrap)
+        .into_iter()
+        .map(|e| (e.actor, e.action, e.state))
         .collect();
     let expect = [
         (user.as_str(), "help_request", "waiting"),
@@ -254,12 +254,10 @@ async fn the_user_leaving_mid_takeover_finds_the_admin_reply_on_return() {
         events,
         expect.map(|(a, b, c)| (a.to_owned(), b.to_owned(), c.to_owned()))
     );
-    let state: String = db
-        .query_row("SELECT state FROM sessions WHERE id = ?1", [&sid], |r| {
-            r.get(0)
-        })
-        .unwrap();
-    assert_eq!(state, "ai");
+    let (session, _) = store.load_session(&sid, 0).await.unwrap().unwrap();
+    assert_eq!(session.state, "ai");
+    // A runtime may only be dropped where blocking is allowed.
+    tokio::task::block_in_place(move || drop((store, pool)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

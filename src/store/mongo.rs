@@ -184,7 +184,7 @@ impl MongoStore {
                 .map_err(|e| StoreError::Database(format!("cannot reach MongoDB at {uri}: {e}")))?;
             ensure_indexes(&db).await?;
             Ok::<_, StoreError>((client, db))
-        })?;
+        })??;
         let (client, db) = db;
         let (jobs, rx) = mpsc::channel(queue_max.max(1));
         let writer = Writer {

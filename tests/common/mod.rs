@@ -33,17 +33,55 @@ pub fn data_dir() -> std::path::PathBuf {
 }
 
 pub fn config() -> Config {
+    let (mongo_uri, mongo_database) = match mongo() {
+        Some((uri, db)) => (Some(uri), db),
+        None => (None, Config::default().mongo_database),
+    };
     Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         cores: 2,
         jwt_secret: Some(SECRET.into()),
         encryption_key: Some(KEY.into()),
         data_dir: data_dir(),
+        mongo_uri,
+        mongo_database,
         demo_chunk_delay_ms: 1,
         echo_path: Some("/echo".into()),
         shutdown_timeout_secs: 10,
         ..Config::default()
     }
+}
+
+/// The store a stopped server used (SQLite or MongoDB, as `cfg` says), to check
+/// what it left behind.
+pub fn open_store(
+    cfg: &Config,
+) -> (
+    chatbox::pool::PoolRuntime,
+    std::sync::Arc<dyn chatbox::store::Store>,
+) {
+    let (rt, pool) = chatbox::pool::PoolRuntime::start(1, 64).unwrap();
+    let store: std::sync::Arc<dyn chatbox::store::Store> =
+        match chatbox::store::mongo::MongoSettings::from_config(cfg) {
+            Some(s) => {
+                std::sync::Arc::new(chatbox::store::mongo::MongoStore::open(&s, pool, 64).unwrap())
+            }
+            None => std::sync::Arc::new(
+                chatbox::store::sqlite::SqliteStore::open(&cfg.data_dir, pool, 1, 64).unwrap(),
+            ),
+        };
+    (rt, store)
+}
+
+/// With `CHATBOX_TEST_STORE=mongo`, end-to-end tests store in MongoDB at
+/// `CHATBOX_TEST_MONGO_URI` (a fresh database per call) instead of SQLite.
+pub fn mongo() -> Option<(String, String)> {
+    if std::env::var("CHATBOX_TEST_STORE").as_deref() != Ok("mongo") {
+        return None;
+    }
+    let uri = std::env::var("CHATBOX_TEST_MONGO_URI")
+        .expect("CHATBOX_TEST_STORE=mongo needs CHATBOX_TEST_MONGO_URI");
+    Some((uri, format!("chatbox_e2e_{:016x}", rand::random::<u64>())))
 }
 
 pub fn start(config: Config) -> ServerHandle {
