@@ -9,6 +9,14 @@ use chatbox::config::{Config, LogFormat};
 
 const USAGE: &str = "\
 usage: chatbox [--config FILE] [--dev] [--check-config]
+       chatbox migrate [--config FILE]
+       chatbox copy --from sqlite|mongo --to sqlite|mongo [--config FILE]
+
+  migrate          create or update the configured store's schema (SQLite tables,
+                   MongoDB indexes) and exit; idempotent, and every start does it too
+  copy             copy every session (messages stay sealed), audit trail and
+                   pending notification from one store to the other; sessions the
+                   target has already are left alone, so it can be run again
 
   --config FILE    read settings from a TOML file (CHATBOX_* variables override it;
                    CHATBOX_CONFIG=FILE works too)
@@ -21,6 +29,16 @@ struct Args {
     config: Option<PathBuf>,
     dev: bool,
     check: bool,
+    command: Command,
+}
+
+enum Command {
+    Serve,
+    Migrate,
+    Copy {
+        from: chatbox::store::Backend,
+        to: chatbox::store::Backend,
+    },
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -28,16 +46,51 @@ fn parse_args() -> Result<Args, String> {
         config: std::env::var_os("CHATBOX_CONFIG").map(PathBuf::from),
         dev: false,
         check: false,
+        command: Command::Serve,
     };
-    let mut it = std::env::args().skip(1);
+    let backend = |v: Option<String>| {
+        v.as_deref()
+            .and_then(chatbox::store::Backend::parse)
+            .ok_or("--from and --to take sqlite or mongo")
+    };
+    let (mut from, mut to) = (None, None);
+    let mut it = std::env::args().skip(1).peekable();
+    match it.peek().map(String::as_str) {
+        Some("migrate") => args.command = Command::Migrate,
+        Some("copy") => {
+            args.command = Command::Copy {
+                from: chatbox::store::Backend::Sqlite,
+                to: chatbox::store::Backend::Mongo,
+            }
+        }
+        _ => {}
+    }
+    if !matches!(args.command, Command::Serve) {
+        it.next();
+    }
     while let Some(a) = it.next() {
         match a.as_str() {
+            "--from" if matches!(args.command, Command::Copy { .. }) => {
+                from = Some(backend(it.next())?)
+            }
+            "--to" if matches!(args.command, Command::Copy { .. }) => {
+                to = Some(backend(it.next())?)
+            }
             "--config" => args.config = Some(it.next().ok_or("--config needs a file")?.into()),
             "--dev" => args.dev = true,
             "--check-config" | "--test" => args.check = true,
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),
         }
+    }
+    if let Command::Copy { .. } = args.command {
+        let (Some(from), Some(to)) = (from, to) else {
+            return Err("copy needs --from and --to".into());
+        };
+        if from == to {
+            return Err("copy needs two different stores".into());
+        }
+        args.command = Command::Copy { from, to };
     }
     Ok(args)
 }
@@ -53,8 +106,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Storage commands need no JWT secret or key: messages are copied sealed.
+    let lenient = args.dev || !matches!(args.command, Command::Serve);
     let mut config =
-        match Config::load(args.config.as_deref()).and_then(|c| c.validate(args.dev).map(|_| c)) {
+        match Config::load(args.config.as_deref()).and_then(|c| c.validate(lenient).map(|_| c)) {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("chatbox: {e}");
@@ -62,6 +117,11 @@ fn main() -> ExitCode {
             }
         };
     init_logging(config.log_format);
+    match args.command {
+        Command::Serve => {}
+        Command::Migrate => return report(storage(&config, None)),
+        Command::Copy { from, to } => return report(storage(&config, Some((from, to)))),
+    }
     if args.check {
         println!(
             "configuration OK: listen {} with {} cores, prefix {:?}, {} connections per user, provider {:?}",
@@ -87,6 +147,58 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+fn report(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("chatbox: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `migrate` (no stores given) or `copy` (from, to).
+fn storage(
+    config: &Config,
+    copy: Option<(chatbox::store::Backend, chatbox::store::Backend)>,
+) -> anyhow::Result<()> {
+    use chatbox::store::{open, Backend};
+    let (_rt, pool) = chatbox::pool::PoolRuntime::start(2, 1024).context("blocking pool")?;
+    let name = |b: Backend| match b {
+        Backend::Sqlite => format!("the embedded store in {}", config.data_dir.display()),
+        Backend::Mongo => format!("MongoDB database {}", config.mongo_database),
+    };
+    let Some((from, to)) = copy else {
+        let backend = Backend::configured(config);
+        open(config, backend, pool).with_context(|| format!("migrating {}", name(backend)))?;
+        say(&format!(
+            "{} is ready (schema and indexes up to date)",
+            name(backend)
+        ));
+        return Ok(());
+    };
+    let source =
+        open(config, from, pool.clone()).with_context(|| format!("opening {}", name(from)))?;
+    let target = open(config, to, pool.clone()).with_context(|| format!("opening {}", name(to)))?;
+    let done = pool
+        .block_on(async move { chatbox::store::copy::copy(&*source, &*target).await })
+        .context("blocking pool")?
+        .with_context(|| format!("copying {} to {}", name(from), name(to)))?;
+    say(&format!(
+        "copied {} sessions ({} messages, {} audit entries) and {} pending notifications from {} to {}; \
+         {} sessions were there already, {} audit entries of unknown kinds skipped",
+        done.sessions,
+        done.messages,
+        done.events,
+        done.notifications,
+        name(from),
+        name(to),
+        done.sessions_present,
+        done.events_unknown
+    ));
+    Ok(())
 }
 
 fn run(config: Config, dev: bool) -> anyhow::Result<()> {

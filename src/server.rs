@@ -16,7 +16,6 @@ use crate::crypto::KeyRing;
 use crate::mesh::{mesh, Mesh, MeshError};
 use crate::pool::PoolRuntime;
 use crate::shard::{Core, Shared};
-use crate::store::sqlite::SqliteStore;
 use crate::ws::handler::Hooks;
 
 #[derive(Debug, thiserror::Error)]
@@ -203,32 +202,18 @@ fn chat_shared(config: &Config, pool: crate::pool::BlockingPool) -> Result<ChatS
     })?;
     let keys = KeyRing::new(key, &config.encryption_previous_keys)
         .map_err(|e| crate::config::ConfigError::Invalid(vec![e.to_string()]))?;
-    let store: Arc<dyn crate::store::Store> =
-        match crate::store::mongo::MongoSettings::from_config(config) {
-            Some(settings) => Arc::new(
-                crate::store::mongo::MongoStore::open(
-                    &settings,
-                    pool.clone(),
-                    config.store_queue_max,
-                )
-                .map_err(|source| StartError::Mongo {
-                    database: settings.database.clone(),
-                    source,
-                })?,
-            ),
-            None => Arc::new(
-                SqliteStore::open(
-                    &config.data_dir,
-                    pool.clone(),
-                    config.blocking_threads,
-                    config.store_queue_max,
-                )
-                .map_err(|source| StartError::Store {
-                    dir: config.data_dir.clone(),
-                    source,
-                })?,
-            ),
-        };
+    let backend = crate::store::Backend::configured(config);
+    let store =
+        crate::store::open(config, backend, pool.clone()).map_err(|source| match backend {
+            crate::store::Backend::Mongo => StartError::Mongo {
+                database: config.mongo_database.clone(),
+                source,
+            },
+            crate::store::Backend::Sqlite => StartError::Store {
+                dir: config.data_dir.clone(),
+                source,
+            },
+        })?;
     let notifier = Arc::new(
         crate::notify::Notifier::new(config, store.clone(), &pool)
             .map_err(|e| crate::config::ConfigError::Invalid(vec![e]))?,

@@ -577,3 +577,73 @@ fn the_notification_outbox_is_durable_and_ordered() {
         );
     }
 }
+
+#[test]
+fn copy_moves_everything_and_can_run_again() {
+    let ring = ring();
+    let (_rt, p) = pool();
+    let dir = tempfile::tempdir().unwrap();
+    let source: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path(), p, 1, 256).unwrap());
+    seed(&source, &ring);
+    block(source.write(vec![
+        state("b", "ended", "end", 950),
+        WriteOp::Enqueue {
+            kind: "webhook".into(),
+            payload: "{}".into(),
+            at: 10,
+        },
+    ]))
+    .unwrap();
+    let everything = |s: &Arc<dyn Store>| {
+        let page = block(s.list_sessions(query(SortBy::StartTime, false, 100))).unwrap();
+        page.sessions
+            .into_iter()
+            .map(|rec| {
+                let (_, msgs) = block(s.load_session(&rec.id, 100)).unwrap().unwrap();
+                let texts: Vec<String> = msgs
+                    .iter()
+                    .map(|m| ring.open(&rec.id, &m.message_id, &m.sealed).unwrap())
+                    .collect();
+                let events = block(s.session_events(&rec.id)).unwrap();
+                (rec, texts, events)
+            })
+            .collect::<Vec<_>>()
+    };
+    for b in backends() {
+        let copy = |from: &Arc<dyn Store>, to: &Arc<dyn Store>| {
+            let (from, to) = (from.clone(), to.clone());
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(async move { chatbox::store::copy::copy(&*from, &*to).await })
+                .unwrap()
+        };
+        let first = copy(&source, &b.store);
+        assert_eq!(
+            (first.sessions, first.messages, first.notifications),
+            (6, 11, 1),
+            "{}",
+            b.name
+        );
+        assert_eq!(
+            everything(&b.store),
+            everything(&source),
+            "{}: the same sessions, texts and trails",
+            b.name
+        );
+        assert_eq!(
+            block(b.store.due_notifications(100, 10)).unwrap().len(),
+            1,
+            "{}",
+            b.name
+        );
+        let again = copy(&source, &b.store);
+        assert_eq!(
+            (again.sessions, again.sessions_present),
+            (0, 6),
+            "{}: nothing twice",
+            b.name
+        );
+    }
+}

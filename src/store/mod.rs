@@ -4,11 +4,13 @@
 //! hand results back as `Send` futures that a core can await without blocking.
 //! Message content reaches a backend only sealed ([`crate::crypto::Sealed`]).
 
+pub mod copy;
 pub mod mongo;
 pub mod sqlite;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use crate::crypto::Sealed;
 
@@ -264,4 +266,57 @@ pub trait Store: Send + Sync + 'static {
     fn due_notifications(&self, now: Millis, limit: usize) -> StoreFuture<Vec<Notification>>;
     /// When the next pending notification is due, if any.
     fn next_notification_at(&self) -> StoreFuture<Option<Millis>>;
+}
+
+/// Which backend to open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The embedded store in `data_dir`.
+    Sqlite,
+    /// MongoDB at `mongo_uri`.
+    Mongo,
+}
+
+impl Backend {
+    /// The backend the configuration selects: MongoDB when `mongo_uri` is set.
+    pub fn configured(config: &crate::config::Config) -> Backend {
+        match config.mongo_uri {
+            Some(_) => Backend::Mongo,
+            None => Backend::Sqlite,
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Backend> {
+        match name {
+            "sqlite" | "embedded" => Some(Backend::Sqlite),
+            "mongo" | "mongodb" => Some(Backend::Mongo),
+            _ => None,
+        }
+    }
+}
+
+/// Opens a backend, creating or migrating its schema (SQLite tables, MongoDB
+/// indexes) first; idempotent, so it is also `chatbox migrate`.
+pub fn open(
+    config: &crate::config::Config,
+    backend: Backend,
+    pool: crate::pool::BlockingPool,
+) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(match backend {
+        Backend::Sqlite => Arc::new(sqlite::SqliteStore::open(
+            &config.data_dir,
+            pool,
+            config.blocking_threads,
+            config.store_queue_max,
+        )?),
+        Backend::Mongo => {
+            let settings = mongo::MongoSettings::from_config(config)
+                .ok_or_else(|| StoreError::Database("MongoDB needs CHATBOX_MONGO_URI".into()))?;
+            Arc::new(mongo::MongoStore::open(
+                &settings,
+                pool,
+                config.store_queue_max,
+            )?)
+        }
+    })
 }

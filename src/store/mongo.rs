@@ -274,22 +274,26 @@ impl Writer {
     async fn commit(&self, batch: &[Job]) -> Result<Vec<JobResult>, mongodb::error::Error> {
         let mut s = self.client.start_session().await?;
         s.start_transaction().with_options(self.txn.clone()).await?;
-        let mut results = Vec::with_capacity(batch.len());
-        for job in batch {
-            match apply_all(&self.colls, &mut s, &job.ops).await {
-                Ok(outcomes) => results.push(Ok(outcomes)),
-                Err(e) if retryable(&e) => {
-                    let _ = s.abort_transaction().await;
+        // Every job's changes in order, applied as one run: the messages of the
+        // whole batch go in with one insert_many.
+        let ops: Vec<&WriteOp> = batch.iter().flat_map(|j| &j.ops).collect();
+        match apply_all(&self.colls, &mut s, &ops).await {
+            Ok(outcomes) => {
+                commit(&mut s).await?;
+                let mut outcomes = outcomes.into_iter();
+                Ok(batch
+                    .iter()
+                    .map(|j| Ok(outcomes.by_ref().take(j.ops.len()).collect()))
+                    .collect())
+            }
+            Err(e) => {
+                let _ = s.abort_transaction().await;
+                if retryable(&e) {
                     return Err(e);
                 }
-                Err(_) => {
-                    let _ = s.abort_transaction().await;
-                    return self.commit_each(batch).await;
-                }
+                self.commit_each(batch).await
             }
         }
-        commit(&mut s).await?;
-        Ok(results)
     }
 
     async fn commit_each(&self, batch: &[Job]) -> Result<Vec<JobResult>, mongodb::error::Error> {
@@ -297,7 +301,8 @@ impl Writer {
         for job in batch {
             let mut s = self.client.start_session().await?;
             s.start_transaction().with_options(self.txn.clone()).await?;
-            match apply_all(&self.colls, &mut s, &job.ops).await {
+            let ops: Vec<&WriteOp> = job.ops.iter().collect();
+            match apply_all(&self.colls, &mut s, &ops).await {
                 Ok(outcomes) => {
                     commit(&mut s).await?;
                     results.push(Ok(outcomes));
@@ -338,16 +343,132 @@ fn retryable(e: &mongodb::error::Error) -> bool {
         )
 }
 
+/// Applies `ops` in order. Consecutive appends are applied together: one query for
+/// resent client ids, one `insert_many`, one counter update per session.
 async fn apply_all(
     c: &Colls,
     s: &mut ClientSession,
-    ops: &[WriteOp],
+    ops: &[&WriteOp],
 ) -> Result<Vec<WriteOutcome>, mongodb::error::Error> {
     let mut out = Vec::with_capacity(ops.len());
-    for op in ops {
-        out.push(apply(c, s, op).await?);
+    let mut i = 0;
+    while i < ops.len() {
+        let run = ops[i..]
+            .iter()
+            .take_while(|op| matches!(op, WriteOp::AppendMessage { .. }))
+            .count();
+        if run == 0 {
+            out.push(apply(c, s, ops[i]).await?);
+            i += 1;
+        } else {
+            out.extend(append_many(c, s, &ops[i..i + run]).await?);
+            i += run;
+        }
     }
     Ok(out)
+}
+
+/// Per session: messages added, tokens in, tokens out, latest time.
+type Counters<'a> = Vec<(&'a str, i64, i64, i64, Millis)>;
+
+/// A run of `AppendMessage` ops (others are ignored).
+async fn append_many(
+    c: &Colls,
+    s: &mut ClientSession,
+    ops: &[&WriteOp],
+) -> Result<Vec<WriteOutcome>, mongodb::error::Error> {
+    let appends: Vec<(&String, &MessageRecord)> = ops
+        .iter()
+        .filter_map(|op| match op {
+            WriteOp::AppendMessage { user_id, message } => Some((user_id, message)),
+            _ => None,
+        })
+        .collect();
+    // Client ids already stored (a resend is answered with the original).
+    let keyed: Vec<Document> = appends
+        .iter()
+        .filter_map(|(u, m)| {
+            Some(doc! {"user_id": u.as_str(), "client_id": m.client_id.as_deref()?})
+        })
+        .collect();
+    let mut known: std::collections::HashMap<(String, String), (String, String)> =
+        Default::default();
+    if !keyed.is_empty() {
+        let mut found = c
+            .messages
+            .find(doc! {"$or": keyed})
+            .projection(doc! {"session_id": 1, "user_id": 1, "client_id": 1})
+            .session(&mut *s)
+            .await?;
+        while let Some(d) = found.next(&mut *s).await.transpose()? {
+            let get = |k: &str| d.get_str(k).unwrap_or_default().to_owned();
+            known.insert(
+                (get("user_id"), get("client_id")),
+                (get("_id"), get("session_id")),
+            );
+        }
+    }
+    let mut outcomes = Vec::with_capacity(appends.len());
+    let mut docs = Vec::new();
+    let mut counters: Counters = Vec::new();
+    for (user_id, m) in appends {
+        if let Some(cid) = &m.client_id {
+            let key = (user_id.clone(), cid.clone());
+            if let Some((message_id, session_id)) = known.get(&key) {
+                outcomes.push(WriteOutcome::Duplicate {
+                    message_id: message_id.clone(),
+                    session_id: session_id.clone(),
+                });
+                continue;
+            }
+            // A later resend of it within this run is a duplicate of this one.
+            known.insert(key, (m.message_id.clone(), m.session_id.clone()));
+        }
+        docs.push(message_doc(user_id, m));
+        let (tin, tout) = (i64_of(m.tokens_in), i64_of(m.tokens_out));
+        match counters.iter_mut().find(|x| x.0 == m.session_id) {
+            Some(x) => {
+                x.1 += 1;
+                x.2 += tin;
+                x.3 += tout;
+                x.4 = x.4.max(m.created_at);
+            }
+            None => counters.push((&m.session_id, 1, tin, tout, m.created_at)),
+        }
+        outcomes.push(WriteOutcome::Done);
+    }
+    if !docs.is_empty() {
+        c.messages.insert_many(docs).session(&mut *s).await?;
+    }
+    for (sid, n, tin, tout, at) in counters {
+        c.sessions
+            .update_one(
+                doc! {"_id": sid},
+                doc! {
+                    "$inc": {"message_count": n, "tokens_in": tin, "tokens_out": tout,
+                             "total_tokens": tin + tout},
+                    "$max": {"last_activity": at},
+                },
+            )
+            .session(&mut *s)
+            .await?;
+    }
+    Ok(outcomes)
+}
+
+fn message_doc(user_id: &str, m: &MessageRecord) -> Document {
+    let mut d = doc! {
+        "_id": &m.message_id, "session_id": &m.session_id, "seq": i64_of(m.seq),
+        "role": m.role.as_str(), "author": &m.author, "user_id": user_id,
+        "key_id": i64::from(m.sealed.key_id), "nonce": binary(&m.sealed.nonce),
+        "ciphertext": binary(&m.sealed.ciphertext), "created_at": m.created_at,
+        "tokens_in": i64_of(m.tokens_in), "tokens_out": i64_of(m.tokens_out),
+        "cancelled": m.cancelled,
+    };
+    if let Some(client_id) = &m.client_id {
+        d.insert("client_id", client_id);
+    }
+    d
 }
 
 fn binary(bytes: &[u8]) -> Bson {
@@ -382,49 +503,9 @@ async fn apply(
                 .session(&mut *s)
                 .await?;
         }
-        WriteOp::AppendMessage {
-            user_id,
-            message: m,
-        } => {
-            // A resend of a stored client id is answered with the original.
-            if let Some(client_id) = &m.client_id {
-                let found = c
-                    .messages
-                    .find_one(doc! {"user_id": user_id, "client_id": client_id})
-                    .projection(doc! {"session_id": 1})
-                    .session(&mut *s)
-                    .await?;
-                if let Some(d) = found {
-                    return Ok(WriteOutcome::Duplicate {
-                        message_id: d.get_str("_id").unwrap_or_default().to_owned(),
-                        session_id: d.get_str("session_id").unwrap_or_default().to_owned(),
-                    });
-                }
-            }
-            let mut d = doc! {
-                "_id": &m.message_id, "session_id": &m.session_id, "seq": i64_of(m.seq),
-                "role": m.role.as_str(), "author": &m.author, "user_id": user_id,
-                "key_id": i64::from(m.sealed.key_id), "nonce": binary(&m.sealed.nonce),
-                "ciphertext": binary(&m.sealed.ciphertext), "created_at": m.created_at,
-                "tokens_in": i64_of(m.tokens_in), "tokens_out": i64_of(m.tokens_out),
-                "cancelled": m.cancelled,
-            };
-            if let Some(client_id) = &m.client_id {
-                d.insert("client_id", client_id);
-            }
-            c.messages.insert_one(d).session(&mut *s).await?;
-            let (tin, tout) = (i64_of(m.tokens_in), i64_of(m.tokens_out));
-            c.sessions
-                .update_one(
-                    doc! {"_id": &m.session_id},
-                    doc! {
-                        "$inc": {"message_count": 1i64, "tokens_in": tin, "tokens_out": tout,
-                                 "total_tokens": tin + tout},
-                        "$max": {"last_activity": m.created_at},
-                    },
-                )
-                .session(&mut *s)
-                .await?;
+        WriteOp::AppendMessage { .. } => {
+            let outcomes = append_many(c, s, &[op]).await?;
+            return Ok(outcomes.into_iter().next().unwrap_or(WriteOutcome::Done));
         }
         WriteOp::SetState {
             session_id,
