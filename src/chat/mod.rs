@@ -23,7 +23,9 @@ use crate::llm::{ErrorKind, LlmEvent, LlmStream, ModelSpec, Models, Turn, TurnRo
 use crate::shard::outbox::Outgoing;
 use crate::shard::registry::ConnId;
 use crate::shard::Core;
-use crate::store::{MessageRecord, Millis, Role, SessionRecord, Store, WriteOp, WriteOutcome};
+use crate::store::{
+    MessageRecord, Millis, Role, SessionRecord, Store, StoreError, WriteOp, WriteOutcome,
+};
 use frames::{error_frame, ClientFrame, Code, HistoryItem, Incoming, ServerFrame, Usage};
 use limiter::Limiter;
 use takeover::{AdminAction, AdminOp, AdminRef, Seat, State};
@@ -51,6 +53,9 @@ pub struct ChatShared {
     pub grace: Duration,
     pub notifier: Arc<crate::notify::Notifier>,
 }
+
+/// When a client whose message met a full storage queue should send it again.
+const STORE_RETRY_AFTER_MS: u64 = 1000;
 
 /// Wall-clock milliseconds; the one place chat reads the time.
 pub fn now_ms() -> Millis {
@@ -834,15 +839,29 @@ fn append_user_message(
             Err(e) => {
                 core.metrics().store_errors.inc();
                 tracing::error!(session = %sid, error = %e, "storing a user message failed");
+                // A full write queue (storage slow or away) is backpressure: say so,
+                // and when to try again.
+                let (code, message, retry_after_ms) = match e {
+                    StoreError::Overloaded(_) => (
+                        Code::Overloaded,
+                        "storage is busy; the message was not stored: send it again with the same id",
+                        Some(STORE_RETRY_AFTER_MS),
+                    ),
+                    _ => (
+                        Code::Internal,
+                        "the message was not stored; send it again with the same id",
+                        None,
+                    ),
+                };
                 push_conn(
                     &core,
                     conn,
                     ServerFrame::Error {
-                        code: Code::Internal,
-                        message: "the message was not stored; send it again with the same id",
+                        code,
+                        message,
                         id: id.as_deref(),
                         session_id: Some(&sid),
-                        retry_after_ms: None,
+                        retry_after_ms,
                     }
                     .to_json(),
                 );
