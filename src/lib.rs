@@ -20,8 +20,10 @@
 //! - [`chat`]: sessions owned by the user's core: the message pipeline (validated
 //!   [`chat::frames`], per-user [`chat::limiter`], durable ack, streamed answer from
 //!   the offline [`chat::demo`] provider), resume with history, idle expiry.
-//! - [`store`]: the storage trait and the embedded SQLite backend
-//!   ([`store::sqlite`]: one writer with group commit, concurrent readers).
+//! - [`store`]: the storage trait and its backends: embedded SQLite
+//!   ([`store::sqlite`]: one writer with group commit, concurrent readers) and
+//!   MongoDB ([`store::mongo`]: one writer, a transaction per batch, held writes
+//!   while it is away), and [`store::copy`] between them.
 //! - [`crypto`]: AES-256-GCM per message with key ids for rotation.
 //! - [`notify`]: help-request notifications (signed webhook, SMTP) through a
 //!   durable outbox with retries and dead letters.

@@ -30,13 +30,13 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot open storage in {dir}: {source}")]
+    #[error("cannot open storage in {dir}")]
     Store {
         dir: std::path::PathBuf,
         #[source]
         source: crate::store::StoreError,
     },
-    #[error("cannot open MongoDB database {database}: {source}")]
+    #[error("cannot open MongoDB database {database}")]
     Mongo {
         database: String,
         #[source]

@@ -70,6 +70,12 @@ fn spawn(target: Target, o: &Opts) -> anyhow::Result<Server> {
                 .env("CHATBOX_RATE_LIMIT_PER_MINUTE", "1000000")
                 .env("CHATBOX_WS_FRAMES_PER_MINUTE_MAX", "1000000")
                 .env("RUST_LOG", "warn");
+            if let Some(uri) = &o.mongo_uri {
+                c.env("CHATBOX_MONGO_URI", uri).env(
+                    "CHATBOX_MONGO_DATABASE",
+                    format!("chatbox_loadtest_{}", rand_suffix()),
+                );
+            }
             if o.scenario == "stream" {
                 c.env("CHATBOX_DEMO_CHUNK_DELAY_MS", o.chunk_ms.to_string());
             }

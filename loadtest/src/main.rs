@@ -42,6 +42,7 @@ options:
   --sources N            source addresses 127.0.0.2.. (default 8)
   --chunk-ms N           stream: pause between answer chunks (compare sets it on both servers; default 40)
   --admins N             takeover: admin connections (default 10)
+  --mongo-uri URI        compare: chatbox stores in MongoDB (a fresh database) instead of SQLite
   --scenario NAME        compare: connect | idle | chat | churn | stream | takeover (default chat)
   --rounds N             compare: rounds, each running both servers (default 2)
   --server-cores N       compare: cores (threads) each server gets (default 1)
@@ -64,6 +65,7 @@ pub struct Opts {
     pub msg_rate: u64,
     pub chunk_ms: u64,
     pub admins: usize,
+    pub mongo_uri: Option<String>,
     pub secs: u64,
     pub sources: u8,
     pub scenario: String,
@@ -98,6 +100,7 @@ fn parse() -> anyhow::Result<(String, Opts)> {
         msg_rate: 0,
         chunk_ms: 40,
         admins: 10,
+        mongo_uri: None,
         secs: 10,
         sources: 8,
         scenario: "chat".into(),
@@ -125,6 +128,7 @@ fn parse() -> anyhow::Result<(String, Opts)> {
             "--msg-rate" => o.msg_rate = v.parse()?,
             "--chunk-ms" => o.chunk_ms = v.parse()?,
             "--admins" => o.admins = v.parse::<usize>()?.max(1),
+            "--mongo-uri" => o.mongo_uri = Some(v),
             "--secs" => o.secs = v.parse()?,
             "--sources" => o.sources = v.parse::<u8>()?.clamp(1, 250),
             "--scenario" => o.scenario = v,

@@ -72,6 +72,7 @@ fn db_err(e: mongodb::error::Error) -> StoreError {
 /// The collections, typed once.
 #[derive(Clone)]
 struct Colls {
+    db: Database,
     sessions: Collection<Document>,
     messages: Collection<Document>,
     events: Collection<Document>,
@@ -82,6 +83,7 @@ struct Colls {
 impl Colls {
     fn new(db: &Database) -> Colls {
         Colls {
+            db: db.clone(),
             sessions: db.collection("sessions"),
             messages: db.collection("messages"),
             events: db.collection("session_events"),
@@ -440,18 +442,29 @@ async fn append_many(
     if !docs.is_empty() {
         c.messages.insert_many(docs).session(&mut *s).await?;
     }
-    for (sid, n, tin, tout, at) in counters {
-        c.sessions
-            .update_one(
-                doc! {"_id": sid},
-                doc! {
+    if !counters.is_empty() {
+        // Every session's counters in one `update` command (one round trip, any
+        // server version), not one update_one per session.
+        let updates: Vec<Document> = counters
+            .into_iter()
+            .map(|(sid, n, tin, tout, at)| {
+                doc! {"q": {"_id": sid}, "u": {
                     "$inc": {"message_count": n, "tokens_in": tin, "tokens_out": tout,
                              "total_tokens": tin + tout},
                     "$max": {"last_activity": at},
-                },
-            )
+                }}
+            })
+            .collect();
+        let reply = c
+            .db
+            .run_command(doc! {"update": c.sessions.name(), "updates": updates, "ordered": true})
             .session(&mut *s)
             .await?;
+        if let Ok(errors) = reply.get_array("writeErrors") {
+            return Err(mongodb::error::Error::custom(format!(
+                "updating session counters: {errors:?}"
+            )));
+        }
     }
     Ok(outcomes)
 }
