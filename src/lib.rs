@@ -19,7 +19,7 @@
 //! - [`io`]: readiness-driven non-blocking socket I/O shared by all of the above.
 //! - [`chat`]: sessions owned by the user's core: the message pipeline (validated
 //!   [`chat::frames`], per-user [`chat::limiter`], durable ack, streamed answer from
-//!   the offline [`chat::demo`] provider), resume with history, idle expiry.
+//!   the offline [`llm::demo`] provider), resume with history, idle expiry.
 //! - [`store`]: the storage trait and its backends: embedded SQLite
 //!   ([`store::sqlite`]: one writer with group commit, concurrent readers) and
 //!   MongoDB ([`store::mongo`]: one writer, a transaction per batch, held writes
