@@ -133,6 +133,20 @@ async fn answers_done(ws: &mut Ws, n: usize) {
     }
 }
 
+/// A server on `cfg`, and a user's connection with a session (message `m0`).
+async fn session(cfg: &chatbox::Config, user: &str) -> (chatbox::ServerHandle, Ws, String) {
+    let server = start(cfg.clone());
+    let mut ws = connect_user(server.local_addr(), user).await;
+    send(
+        &mut ws,
+        json!({"type": "user_message", "id": "m0", "content": "hello"}),
+    )
+    .await;
+    let (ack, _) = until(&mut ws, "ack").await;
+    let sid = ack["session_id"].as_str().unwrap().to_owned();
+    (server, ws, sid)
+}
+
 /// The user messages stored in `sid`, by client id (duplicates show as counts > 1).
 async fn stored(cfg: &chatbox::Config, sid: &str) -> std::collections::HashMap<String, usize> {
     let (pool, store) = open_store(cfg);
@@ -153,16 +167,8 @@ async fn mongodb_stopped_mid_load_and_restarted_loses_no_acked_message() {
         return;
     };
     let cfg = mongo_config(&mongod, 4096);
-    let server = start(cfg.clone());
+    let (server, mut ws, sid) = session(&cfg, "faulty").await;
     let addr = server.local_addr();
-    let mut ws = connect_user(addr, "faulty").await;
-    send(
-        &mut ws,
-        json!({"type": "user_message", "id": "m0", "content": "hello"}),
-    )
-    .await;
-    let (ack, _) = until(&mut ws, "ack").await;
-    let sid = ack["session_id"].as_str().unwrap().to_owned();
 
     // Half the messages while MongoDB is up...
     let first: Vec<String> = (1..=20).map(|i| format!("m{i}")).collect();
@@ -202,16 +208,7 @@ async fn a_full_write_queue_reaches_the_client_as_a_clear_error() {
         return;
     };
     let cfg = mongo_config(&mongod, 4);
-    let server = start(cfg.clone());
-    let addr = server.local_addr();
-    let mut ws = connect_user(addr, "patient").await;
-    send(
-        &mut ws,
-        json!({"type": "user_message", "id": "m0", "content": "hello"}),
-    )
-    .await;
-    let (ack, _) = until(&mut ws, "ack").await;
-    let sid = ack["session_id"].as_str().unwrap().to_owned();
+    let (server, mut ws, sid) = session(&cfg, "patient").await;
     // Let the first answer finish, so only this test's writes fill the queue.
     until(&mut ws, "ai_done").await;
 

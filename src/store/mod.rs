@@ -158,6 +158,20 @@ impl SortBy {
     }
 }
 
+impl SortBy {
+    /// The value `s` sorts by (a session without an end sorts as ended at 0).
+    pub fn key_of(self, s: &SessionRecord) -> CursorKey {
+        let int = |n: u64| CursorKey::Int(i64::try_from(n).unwrap_or(i64::MAX));
+        match self {
+            SortBy::StartTime => CursorKey::Int(s.created_at),
+            SortBy::EndTime => CursorKey::Int(s.ended_at.unwrap_or(0)),
+            SortBy::MessageCount => int(s.message_count),
+            SortBy::TotalTokens => int(s.tokens_in + s.tokens_out),
+            SortBy::UserId => CursorKey::Text(s.user_id.clone()),
+        }
+    }
+}
+
 /// A position in a sorted list: the sort key's value and the session id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CursorKey {

@@ -618,6 +618,18 @@ async fn apply(
 }
 
 /// The fields a session list needs (explicit projection).
+/// Runs a query and collects every document it returns.
+async fn collect(
+    query: impl std::future::IntoFuture<Output = mongodb::error::Result<mongodb::Cursor<Document>>>,
+) -> Result<Vec<Document>, StoreError> {
+    query
+        .await
+        .map_err(db_err)?
+        .try_collect()
+        .await
+        .map_err(db_err)
+}
+
 fn session_projection() -> Document {
     doc! {"user_id": 1, "created_at": 1, "last_activity": 1, "state": 1, "message_count": 1,
     "tokens_in": 1, "tokens_out": 1, "ended_at": 1}
@@ -634,8 +646,8 @@ fn get_i64(d: &Document, k: &str) -> i64 {
 
 fn session_from(d: &Document) -> SessionRecord {
     SessionRecord {
-        id: d.get_str("_id").unwrap_or_default().to_owned(),
-        user_id: d.get_str("user_id").unwrap_or_default().to_owned(),
+        id: text(d, "_id"),
+        user_id: text(d, "user_id"),
         created_at: get_i64(d, "created_at"),
         last_activity: get_i64(d, "last_activity"),
         state: d.get_str("state").unwrap_or("ai").to_owned(),
@@ -649,6 +661,12 @@ fn session_from(d: &Document) -> SessionRecord {
     }
 }
 
+/// A string field, empty when absent (the schema requires it; a corrupt document
+/// then fails where it is used, not here).
+fn text(d: &Document, k: &str) -> String {
+    d.get_str(k).unwrap_or_default().to_owned()
+}
+
 fn bytes_of(d: &Document, k: &str) -> Vec<u8> {
     match d.get(k) {
         Some(Bson::Binary(b)) => b.bytes.clone(),
@@ -659,12 +677,12 @@ fn bytes_of(d: &Document, k: &str) -> Vec<u8> {
 fn message_from(d: &Document) -> MessageRecord {
     let nonce = bytes_of(d, "nonce");
     MessageRecord {
-        session_id: d.get_str("session_id").unwrap_or_default().to_owned(),
-        message_id: d.get_str("_id").unwrap_or_default().to_owned(),
+        session_id: text(d, "session_id"),
+        message_id: text(d, "_id"),
         seq: get_i64(d, "seq").max(0) as u64,
         // An unknown role or a malformed nonce is corruption: it will fail to open.
         role: Role::parse(d.get_str("role").unwrap_or_default()).unwrap_or(Role::System),
-        author: d.get_str("author").unwrap_or_default().to_owned(),
+        author: text(d, "author"),
         client_id: d.get_str("client_id").ok().map(str::to_owned),
         sealed: Sealed {
             key_id: u32::try_from(get_i64(d, "key_id")).unwrap_or(0),
@@ -716,16 +734,6 @@ fn sort_field(by: SortBy) -> &'static str {
     }
 }
 
-fn sort_key(by: SortBy, s: &SessionRecord) -> CursorKey {
-    match by {
-        SortBy::StartTime => CursorKey::Int(s.created_at),
-        SortBy::EndTime => CursorKey::Int(s.ended_at.unwrap_or(0)),
-        SortBy::MessageCount => CursorKey::Int(i64_of(s.message_count)),
-        SortBy::TotalTokens => CursorKey::Int(i64_of(s.tokens_in + s.tokens_out)),
-        SortBy::UserId => CursorKey::Text(s.user_id.clone()),
-    }
-}
-
 async fn list(c: Colls, q: SessionQuery) -> Result<SessionPage, StoreError> {
     let key = sort_field(q.sort_by);
     let mut filter = session_filter(&q.user_id, &q.state, q.from, q.to);
@@ -748,23 +756,18 @@ async fn list(c: Colls, q: SessionQuery) -> Result<SessionPage, StoreError> {
             ],
         );
     }
-    let docs: Vec<Document> = c
-        .sessions
-        .find(filter)
-        .projection(session_projection())
-        .sort(doc! {key: dir, "_id": dir})
-        .limit(i64_of(q.limit as u64 + 1))
-        .await
-        .map_err(db_err)?
-        .try_collect()
-        .await
-        .map_err(db_err)?;
+    let docs: Vec<Document> = collect(
+        c.sessions
+            .find(filter)
+            .projection(session_projection())
+            .sort(doc! {key: dir, "_id": dir})
+            .limit(i64_of(q.limit as u64 + 1)),
+    )
+    .await?;
     let mut sessions: Vec<SessionRecord> = docs.iter().map(session_from).collect();
     let next = if sessions.len() > q.limit {
         sessions.truncate(q.limit);
-        sessions
-            .last()
-            .map(|s| (sort_key(q.sort_by, s), s.id.clone()))
+        sessions.last().map(|s| (q.sort_by.key_of(s), s.id.clone()))
     } else {
         None
     };
@@ -781,19 +784,16 @@ async fn load(c: Colls, id: String, messages_max: usize) -> Result<Option<Loaded
     else {
         return Ok(None);
     };
-    let mut messages: Vec<MessageRecord> = c
-        .messages
-        .find(doc! {"session_id": &id})
-        .sort(doc! {"seq": -1})
-        .limit(i64_of(messages_max as u64))
-        .await
-        .map_err(db_err)?
-        .try_collect::<Vec<Document>>()
-        .await
-        .map_err(db_err)?
-        .iter()
-        .map(message_from)
-        .collect();
+    let mut messages: Vec<MessageRecord> = collect(
+        c.messages
+            .find(doc! {"session_id": &id})
+            .sort(doc! {"seq": -1})
+            .limit(i64_of(messages_max as u64)),
+    )
+    .await?
+    .iter()
+    .map(message_from)
+    .collect();
     messages.reverse();
     Ok(Some((session_from(&session), messages)))
 }
@@ -808,15 +808,8 @@ async fn window(
 ) -> Result<WindowMetrics, StoreError> {
     let mut m = WindowMetrics::default();
     let scope = session_filter(&None, &None, from, to);
-    let ids: Vec<Bson> = c
-        .sessions
-        .find(scope.clone())
-        .projection(doc! {"_id": 1})
-        .await
-        .map_err(db_err)?
-        .try_collect::<Vec<Document>>()
-        .await
-        .map_err(db_err)?
+    let ids: Vec<Bson> = collect(c.sessions.find(scope.clone()).projection(doc! {"_id": 1}))
+        .await?
         .into_iter()
         .filter_map(|d| d.get("_id").cloned())
         .collect();
@@ -932,23 +925,20 @@ impl Store for MongoStore {
     fn session_events(&self, id: &str) -> StoreFuture<Vec<SessionEvent>> {
         let (c, id) = (self.colls(), id.to_owned());
         self.read(async move {
-            let docs: Vec<Document> = c
-                .events
-                .find(doc! {"session_id": &id})
-                .projection(doc! {"at": 1, "actor": 1, "action": 1, "state": 1})
-                .sort(doc! {"at": 1, "_id": 1})
-                .await
-                .map_err(db_err)?
-                .try_collect()
-                .await
-                .map_err(db_err)?;
+            let docs: Vec<Document> = collect(
+                c.events
+                    .find(doc! {"session_id": &id})
+                    .projection(doc! {"at": 1, "actor": 1, "action": 1, "state": 1})
+                    .sort(doc! {"at": 1, "_id": 1}),
+            )
+            .await?;
             Ok(docs
                 .iter()
                 .map(|d| SessionEvent {
                     at: get_i64(d, "at"),
-                    actor: d.get_str("actor").unwrap_or_default().to_owned(),
-                    action: d.get_str("action").unwrap_or_default().to_owned(),
-                    state: d.get_str("state").unwrap_or_default().to_owned(),
+                    actor: text(d, "actor"),
+                    action: text(d, "action"),
+                    state: text(d, "state"),
                 })
                 .collect())
         })
@@ -965,20 +955,17 @@ impl Store for MongoStore {
     fn user_sessions(&self, user_id: &str, sessions_max: usize) -> StoreFuture<Vec<Loaded>> {
         let (c, user) = (self.colls(), user_id.to_owned());
         self.read(async move {
-            let ids: Vec<String> = c
-                .sessions
-                .find(doc! {"user_id": &user})
-                .projection(doc! {"_id": 1})
-                .sort(doc! {"created_at": 1, "_id": 1})
-                .limit(i64_of(sessions_max as u64))
-                .await
-                .map_err(db_err)?
-                .try_collect::<Vec<Document>>()
-                .await
-                .map_err(db_err)?
-                .iter()
-                .filter_map(|d| d.get_str("_id").ok().map(str::to_owned))
-                .collect();
+            let ids: Vec<String> = collect(
+                c.sessions
+                    .find(doc! {"user_id": &user})
+                    .projection(doc! {"_id": 1})
+                    .sort(doc! {"created_at": 1, "_id": 1})
+                    .limit(i64_of(sessions_max as u64)),
+            )
+            .await?
+            .iter()
+            .filter_map(|d| d.get_str("_id").ok().map(str::to_owned))
+            .collect();
             let mut out = Vec::with_capacity(ids.len());
             for id in ids {
                 if let Some(l) = load(c.clone(), id, usize::MAX / 2).await? {
@@ -992,23 +979,20 @@ impl Store for MongoStore {
     fn due_notifications(&self, now: Millis, limit: usize) -> StoreFuture<Vec<Notification>> {
         let c = self.colls();
         self.read(async move {
-            let docs: Vec<Document> = c
-                .outbox
-                .find(doc! {"state": "pending", "next_at": {"$lte": now}})
-                .projection(doc! {"kind": 1, "payload": 1, "attempts": 1})
-                .sort(doc! {"next_at": 1, "_id": 1})
-                .limit(i64_of(limit as u64))
-                .await
-                .map_err(db_err)?
-                .try_collect()
-                .await
-                .map_err(db_err)?;
+            let docs: Vec<Document> = collect(
+                c.outbox
+                    .find(doc! {"state": "pending", "next_at": {"$lte": now}})
+                    .projection(doc! {"kind": 1, "payload": 1, "attempts": 1})
+                    .sort(doc! {"next_at": 1, "_id": 1})
+                    .limit(i64_of(limit as u64)),
+            )
+            .await?;
             Ok(docs
                 .iter()
                 .map(|d| Notification {
                     id: get_i64(d, "_id"),
-                    kind: d.get_str("kind").unwrap_or_default().to_owned(),
-                    payload: d.get_str("payload").unwrap_or_default().to_owned(),
+                    kind: text(d, "kind"),
+                    payload: text(d, "payload"),
                     attempts: u32::try_from(get_i64(d, "attempts")).unwrap_or(u32::MAX),
                 })
                 .collect())

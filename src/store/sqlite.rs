@@ -537,16 +537,6 @@ fn sort_expr(by: SortBy) -> &'static str {
     }
 }
 
-fn sort_key(by: SortBy, s: &SessionRecord) -> CursorKey {
-    match by {
-        SortBy::StartTime => CursorKey::Int(s.created_at),
-        SortBy::EndTime => CursorKey::Int(s.ended_at.unwrap_or(0)),
-        SortBy::MessageCount => CursorKey::Int(s.message_count as i64),
-        SortBy::TotalTokens => CursorKey::Int((s.tokens_in + s.tokens_out) as i64),
-        SortBy::UserId => CursorKey::Text(s.user_id.clone()),
-    }
-}
-
 /// `WHERE` clause and parameters for the admin filters (values are bound, never
 /// spliced into the SQL).
 fn session_filter(
@@ -602,9 +592,7 @@ fn list(conn: &Connection, q: &SessionQuery) -> Result<SessionPage, rusqlite::Er
         .collect::<Result<Vec<_>, _>>()?;
     let next = if sessions.len() > q.limit {
         sessions.truncate(q.limit);
-        sessions
-            .last()
-            .map(|s| (sort_key(q.sort_by, s), s.id.clone()))
+        sessions.last().map(|s| (q.sort_by.key_of(s), s.id.clone()))
     } else {
         None
     };
