@@ -92,9 +92,9 @@ impl Drop for Mongod {
     }
 }
 
-fn mongo_config(m: &Mongod, queue_max: usize) -> chatbox::Config {
+fn mongo_config(uri: String, queue_max: usize) -> chatbox::Config {
     chatbox::Config {
-        mongo_uri: Some(m.uri()),
+        mongo_uri: Some(uri),
         mongo_database: format!("chatbox_fault_{:016x}", rand::random::<u64>()),
         mongo_write_retry_secs: 120,
         mongo_connect_timeout_ms: 1000,
@@ -166,7 +166,7 @@ async fn mongodb_stopped_mid_load_and_restarted_loses_no_acked_message() {
     let Some(mut mongod) = Mongod::start() else {
         return;
     };
-    let cfg = mongo_config(&mongod, 4096);
+    let cfg = mongo_config(mongod.uri(), 4096);
     let (server, mut ws, sid) = session(&cfg, "faulty").await;
     let addr = server.local_addr();
 
@@ -207,48 +207,112 @@ async fn a_full_write_queue_reaches_the_client_as_a_clear_error() {
     let Some(mut mongod) = Mongod::start() else {
         return;
     };
-    let cfg = mongo_config(&mongod, 4);
+    let cfg = mongo_config(mongod.uri(), 4);
     let (server, mut ws, sid) = session(&cfg, "patient").await;
     // Let the first answer finish, so only this test's writes fill the queue.
     until(&mut ws, "ai_done").await;
-
     mongod.stop();
+    let ids = burst(&mut ws, &sid).await;
+    mongod.restart();
+    refused_then_stored(&mut ws, &sid, &ids).await;
+    drop(ws);
+    server.shutdown();
+    stop(server).await;
+    assert_stored_once(&cfg, &sid, &ids).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_mongodb_reaches_the_client_as_a_clear_error() {
+    let Some(mongod) = Mongod::start() else {
+        return;
+    };
+    // Every chunk MongoDB sends or receives is held 50 ms: each batch takes a few
+    // hundred milliseconds, and a burst of messages outruns a queue of 4.
+    let slow = slow_proxy(mongod.port, Duration::from_millis(50)).await;
+    let cfg = mongo_config(format!("mongodb://127.0.0.1:{slow}"), 4);
+    let (server, mut ws, sid) = session(&cfg, "rushed").await;
+    until(&mut ws, "ai_done").await;
+    let ids = burst(&mut ws, &sid).await;
+    refused_then_stored(&mut ws, &sid, &ids).await;
+    drop(ws);
+    server.shutdown();
+    stop(server).await;
+    assert_stored_once(&cfg, &sid, &ids).await;
+}
+
+/// Sends 30 messages at once; returns their ids.
+async fn burst(ws: &mut Ws, sid: &str) -> Vec<String> {
     let ids: Vec<String> = (1..=30).map(|i| format!("m{i}")).collect();
     for id in &ids {
-        send(&mut ws, user_message(id, &sid)).await;
+        send(ws, user_message(id, sid)).await;
     }
-    mongod.restart();
-    // Every message gets one answer: the few the queue held are acked once
-    // MongoDB is back; the rest were refused at once, each with a reason and when
-    // to retry, and the connection stayed.
-    let (first, done) = answers(&mut ws, &ids).await;
+    ids
+}
+
+/// Every message of the burst gets one answer: the few the queue held are acked;
+/// the rest are refused at once, each with a reason and when to retry, and the
+/// connection stays. Sent again one at a time, each refused one is stored.
+async fn refused_then_stored(ws: &mut Ws, sid: &str, ids: &[String]) {
+    let (first, done) = answers(ws, ids).await;
     let refused: Vec<&String> = ids
         .iter()
         .filter(|id| first[*id]["type"] == "error")
         .collect();
-    assert!(
-        refused.len() >= ids.len() - 4 - 4,
-        "a queue of 4 held more: {first:?}"
-    );
+    assert!(!refused.is_empty(), "a queue of 4 held all 30: {first:?}");
     for id in &refused {
         let e = &first[*id];
         assert_eq!(e["code"], "overloaded", "{e}");
         assert!(e["retry_after_ms"].as_u64().is_some(), "{e}");
     }
-    // Once the held messages are answered (their answers stored too), the queue is
-    // free: sent again with the same ids, one at a time, each is stored.
-    answers_done(&mut ws, ids.len() - refused.len() - done).await;
+    // Once the held messages are answered (their answers stored too), the queue
+    // is free again.
+    answers_done(ws, ids.len() - refused.len() - done).await;
     for id in refused {
-        send(&mut ws, user_message(id, &sid)).await;
-        let (again, done) = answers(&mut ws, std::slice::from_ref(id)).await;
+        send(ws, user_message(id, sid)).await;
+        let (again, done) = answers(ws, std::slice::from_ref(id)).await;
         assert_eq!(again[id]["type"], "ack", "{again:?}");
-        answers_done(&mut ws, 1 - done).await;
+        answers_done(ws, 1 - done).await;
     }
-    drop(ws);
-    server.shutdown();
-    stop(server).await;
-    let stored = stored(&cfg, &sid).await;
-    for id in &ids {
+}
+
+async fn assert_stored_once(cfg: &chatbox::Config, sid: &str, ids: &[String]) {
+    let stored = stored(cfg, sid).await;
+    for id in ids {
         assert_eq!(stored.get(id), Some(&1), "{id} stored exactly once");
     }
+}
+
+/// A TCP proxy to `port` that holds every chunk for `delay`, both ways: a slow
+/// MongoDB (the real one behind it).
+async fn slow_proxy(port: u16, delay: Duration) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let local = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+                    return;
+                };
+                let ((cr, cw), (sr, sw)) = (client.into_split(), server.into_split());
+                tokio::join!(pump(cr, sw, delay), pump(sr, cw, delay));
+            });
+        }
+    });
+    local
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay: Duration,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    while let Ok(n @ 1..) = from.read(&mut buf).await {
+        tokio::time::sleep(delay).await;
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
 }
