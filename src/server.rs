@@ -249,8 +249,12 @@ fn chat_shared(config: &Config, pool: crate::pool::BlockingPool) -> Result<ChatS
 
 /// Binds one SO_REUSEPORT listener per core on the same port.
 ///
-/// A plain probe bind comes first: SO_REUSEPORT would otherwise let us silently
-/// share a port with another process of the same user instead of failing.
+/// For a given port, a plain probe bind comes first: SO_REUSEPORT would otherwise
+/// let us silently share a port with another process of the same user instead of
+/// failing. For port 0 the first listener takes whatever port the kernel picks and
+/// holds it while the others join: a probe released before they bind left a window
+/// in which an outgoing connection's ephemeral port could take it (seen in CI as
+/// AddrInUse on 127.0.0.1:0).
 fn bind(addr: SocketAddr, cores: usize) -> Result<Vec<std::net::TcpListener>, StartError> {
     use socket2::{Domain, Socket, Type};
     let err = |source: std::io::Error| {
@@ -260,20 +264,25 @@ fn bind(addr: SocketAddr, cores: usize) -> Result<Vec<std::net::TcpListener>, St
             StartError::Bind { addr, source }
         }
     };
-    let probe = std::net::TcpListener::bind(addr).map_err(err)?;
-    let port_addr = probe.local_addr().map_err(err)?;
-    drop(probe);
-    (0..cores)
-        .map(|_| {
-            let s = Socket::new(Domain::for_address(port_addr), Type::STREAM, None).map_err(err)?;
-            s.set_reuse_address(true).map_err(err)?;
-            s.set_reuse_port(true).map_err(err)?;
-            s.set_nonblocking(true).map_err(err)?;
-            s.bind(&port_addr.into()).map_err(err)?;
-            s.listen(4096).map_err(err)?;
-            Ok(s.into())
-        })
-        .collect()
+    let listen = |at: SocketAddr| -> Result<std::net::TcpListener, StartError> {
+        let s = Socket::new(Domain::for_address(at), Type::STREAM, None).map_err(err)?;
+        s.set_reuse_address(true).map_err(err)?;
+        s.set_reuse_port(true).map_err(err)?;
+        s.set_nonblocking(true).map_err(err)?;
+        s.bind(&at.into()).map_err(err)?;
+        s.listen(4096).map_err(err)?;
+        Ok(s.into())
+    };
+    if addr.port() != 0 {
+        drop(std::net::TcpListener::bind(addr).map_err(err)?);
+    }
+    let first = listen(addr)?;
+    let port_addr = first.local_addr().map_err(err)?;
+    let mut all = vec![first];
+    for _ in 1..cores {
+        all.push(listen(port_addr)?);
+    }
+    Ok(all)
 }
 
 /// The body of one core thread.
