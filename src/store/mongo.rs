@@ -36,6 +36,8 @@ const GROUP_COMMIT_JOBS_MAX: usize = 256;
 /// up to [`RETRY_PAUSE_MAX`].
 const RETRY_PAUSE_FIRST: Duration = Duration::from_millis(50);
 const RETRY_PAUSE_MAX: Duration = Duration::from_secs(2);
+/// Times a commit with an unknown result is tried before the batch is retried.
+const COMMIT_TRIES_MAX: u32 = 3;
 
 /// How to reach MongoDB and how durable a write must be before its ack.
 #[derive(Debug, Clone)]
@@ -179,11 +181,14 @@ impl MongoStore {
             opts.connect_timeout = Some(timeout);
             opts.write_concern = Some(wc_client);
             opts.app_name = Some("chatbox".into());
+            // Hosts only: the URI may carry a password, which must not reach logs.
+            let hosts: Vec<String> = opts.hosts.iter().map(ToString::to_string).collect();
+            let hosts = hosts.join(",");
             let client = Client::with_options(opts).map_err(db_err)?;
             let db = client.database(&name);
-            db.run_command(doc! {"ping": 1})
-                .await
-                .map_err(|e| StoreError::Database(format!("cannot reach MongoDB at {uri}: {e}")))?;
+            db.run_command(doc! {"ping": 1}).await.map_err(|e| {
+                StoreError::Database(format!("cannot reach MongoDB at {hosts}: {e}"))
+            })?;
             ensure_indexes(&db).await?;
             Ok::<_, StoreError>((client, db))
         })??;
@@ -322,10 +327,16 @@ impl Writer {
 
 /// Commits, retrying a commit whose result is unknown (the driver's advice).
 async fn commit(s: &mut ClientSession) -> Result<(), mongodb::error::Error> {
+    let mut tries = 1;
     loop {
         match s.commit_transaction().await {
-            Err(e) if e.contains_label(mongodb::error::UNKNOWN_TRANSACTION_COMMIT_RESULT) => {
-                continue
+            // Bounded: with MongoDB gone every try fails alike, and the error must
+            // reach the batch's retry loop, which has the deadline.
+            Err(e)
+                if e.contains_label(mongodb::error::UNKNOWN_TRANSACTION_COMMIT_RESULT)
+                    && tries < COMMIT_TRIES_MAX =>
+            {
+                tries += 1;
             }
             r => return r,
         }
@@ -516,6 +527,8 @@ async fn apply(
                 .session(&mut *s)
                 .await?;
         }
+        // `apply_all` sends runs of appends to `append_many` directly; this arm keeps
+        // `apply` whole for any other caller.
         WriteOp::AppendMessage { .. } => {
             let outcomes = append_many(c, s, &[op]).await?;
             return Ok(outcomes.into_iter().next().unwrap_or(WriteOutcome::Done));

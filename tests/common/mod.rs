@@ -61,15 +61,8 @@ pub fn open_store(
     std::sync::Arc<dyn chatbox::store::Store>,
 ) {
     let (rt, pool) = chatbox::pool::PoolRuntime::start(1, 64).unwrap();
-    let store: std::sync::Arc<dyn chatbox::store::Store> =
-        match chatbox::store::mongo::MongoSettings::from_config(cfg) {
-            Some(s) => {
-                std::sync::Arc::new(chatbox::store::mongo::MongoStore::open(&s, pool, 64).unwrap())
-            }
-            None => std::sync::Arc::new(
-                chatbox::store::sqlite::SqliteStore::open(&cfg.data_dir, pool, 1, 64).unwrap(),
-            ),
-        };
+    let backend = chatbox::store::Backend::configured(cfg);
+    let store = chatbox::store::open(cfg, backend, pool).unwrap();
     (rt, store)
 }
 
