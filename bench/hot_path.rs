@@ -5,8 +5,8 @@
 
 use std::hint::black_box;
 
+use chatbox::app::frames::{self, Limits};
 use chatbox::auth::{mint, now_secs, Claims, Verifier};
-use chatbox::chat::frames::{self, Limits};
 use chatbox::crypto::KeyRing;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
@@ -103,7 +103,7 @@ fn jwt(c: &mut Criterion) {
 }
 
 fn rate_limiter(c: &mut Criterion) {
-    use chatbox::chat::limiter::Limiter;
+    use chatbox::limiter::Limiter;
     use std::sync::Arc;
     let mut g = c.benchmark_group("rate_limiter");
     // A user already known, refilled between calls (the common case).
@@ -152,8 +152,8 @@ fn cross_core_hop(c: &mut Criterion) {
 
 /// The front door's decision for one upgrade: parse the head, check origin and JWT.
 fn router(c: &mut Criterion) {
-    use chatbox::http::head::Head;
-    use chatbox::ws::handshake::{check, Route};
+    use chatbox::runtime::http::head::Head;
+    use chatbox::runtime::ws::handshake::{check, Route};
     let secret = b"bench-secret-0123456789abcdef0123456789";
     let token = mint(
         secret,

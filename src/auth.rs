@@ -120,11 +120,14 @@ pub fn mint(secret: &[u8], claims: &Claims) -> String {
     .expect("HS256 signing of plain claims cannot fail")
 }
 
-/// Seconds since the Unix epoch.
-pub fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+pub use crate::clock::now_secs;
+
+/// The token of an `Authorization: Bearer <token>` header value (the scheme is
+/// case-insensitive); `None` for any other scheme or an empty token.
+pub fn bearer(header: &str) -> Option<&str> {
+    let (scheme, token) = header.trim_start().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 #[cfg(test)]
@@ -132,6 +135,15 @@ mod tests {
     use super::*;
 
     const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn bearer_takes_the_token_of_the_bearer_scheme_only() {
+        assert_eq!(bearer("Bearer abc"), Some("abc"));
+        assert_eq!(bearer("bearer  abc "), Some("abc"));
+        assert_eq!(bearer("Basic abc"), None);
+        assert_eq!(bearer("Bearer "), None);
+        assert_eq!(bearer("Bearer"), None);
+    }
 
     fn claims(sub: &str, exp: u64) -> Claims {
         Claims {

@@ -2,58 +2,44 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: the one typed configuration (TOML + `CHATBOX_*`), validated at start.
-//! - [`server`]: binds one SO_REUSEPORT listener per core, starts the core threads
-//!   and the blocking pool, and stops them all (graceful shutdown, core death).
-//! - [`shard`]: one core's runtime and everything it owns: the accept loop, the
-//!   connection [`shard::registry`] with the per-user cap, per-connection
-//!   [`shard::outbox`]es, and the shutdown [`shard::gate`].
-//! - [`mesh`]: the typed cross-core messages (socket handover, broadcast) over
-//!   bounded queues; the only way cores talk.
-//! - [`http`]: the front door: request [`http::head`] reading and routing, plain
-//!   endpoints served by hyper, JSON errors.
-//! - [`ws`]: the upgrade decision ([`ws::handshake`]: origin, JWT), the connection
-//!   driver ([`ws::conn`]: keep-alive, close codes), the RFC 6455 codec
-//!   ([`ws::codec`]: buffers only while bytes move) and what a
-//!   connection does with messages ([`ws::handler`]).
-//! - [`io`]: readiness-driven non-blocking socket I/O shared by all of the above.
-//! - [`chat`]: sessions owned by the user's core: the message pipeline (validated
-//!   [`chat::frames`], per-user [`chat::limiter`], durable ack, streamed answer from
-//!   the offline [`llm::demo`] provider), resume with history, idle expiry.
-//! - [`store`]: the storage trait and its backends: embedded SQLite
-//!   ([`store::sqlite`]: one writer with group commit, concurrent readers) and
-//!   MongoDB ([`store::mongo`]: one writer, a transaction per batch, held writes
-//!   while it is away), and [`store::copy`] between them.
-//! - [`crypto`]: AES-256-GCM per message with key ids for rotation.
-//! - [`notify`]: help-request notifications (signed webhook, SMTP) through a
-//!   durable outbox with retries and dead letters.
-//! - [`llm`]: providers behind one cancellable stream: OpenAI-compatible and
-//!   Anthropic over SSE ([`llm::sse`]) on the blocking pool, and the offline
-//!   [`llm::demo`]; retries, timeouts, fallback, abort.
-//! - [`auth`]: HS256 JWT verification and minting.
-//! - [`pool`]: the blocking pool (tokio) and its typed request/reply bridge.
-//! - [`metrics`]: per-core single-writer counters rendered for Prometheus.
+//! Layers, lowest first; a layer imports only from layers below it (and a module
+//! never reaches itself: `tests/layers.rs` keeps both rules). docs/ARCHITECTURE.md
+//! says the rest.
+//!
+//! 1. Leaves, importing no other layer:
+//!    [`clock`] (time, ids), [`config`] (the one typed configuration),
+//!    [`crypto`] (AES-256-GCM per message, key ids for rotation), [`auth`] (HS256
+//!    JWTs, bearer tokens), [`limiter`] (token buckets), [`metrics`] (per-core
+//!    single-writer counters, Prometheus text), [`pool`] (the blocking pool).
+//! 2. [`runtime`]: thread-per-core machinery that knows nothing of chat: one
+//!    SO_REUSEPORT listener and accept loop per core, the socket handover to the
+//!    core that owns the user, the per-core connection registry and outboxes, the
+//!    cross-core mesh, the WebSocket codec and connection loop, the HTTP front
+//!    door. An application plugs in through [`runtime::App`].
+//! 3. Services: [`store`] (embedded SQLite or MongoDB), [`llm`] (model providers
+//!    behind one cancellable stream), [`notify`] (help-request webhooks and
+//!    e-mail through a durable outbox).
+//! 4. [`app`]: the chat application: sessions owned by the user's core (a state
+//!    machine that decides, executors that act), human takeover, the admin API.
+//! 5. The binary (`src/main.rs`): command line, logging, signals.
 //!
 //! A connection is accepted by whichever core the kernel picks; once its JWT names
 //! the user, the socket moves to core `hash(user) % cores`, which owns that user's
-//! connections for their whole life. No lock is taken on the way.
+//! connections and sessions for their whole life. No lock is taken on the way.
 
+pub mod app;
 pub mod auth;
-pub mod chat;
+pub mod clock;
 pub mod config;
 pub mod crypto;
-pub mod http;
-pub mod io;
+pub mod limiter;
 pub mod llm;
-pub mod mesh;
 pub mod metrics;
 pub mod notify;
 pub mod pool;
-pub mod server;
-pub mod shard;
+pub mod runtime;
 pub mod store;
-pub mod ws;
 
+pub use app::{start, ServerHandle};
 pub use config::Config;
-pub use server::{start, ServerHandle, ShutdownTrigger};
-pub use ws::handler::Hooks;
+pub use runtime::{Hooks, ShutdownTrigger};

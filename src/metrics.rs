@@ -102,6 +102,19 @@ impl Refusal {
     }
 }
 
+/// The kinds of failed answers, as labelled in `/metrics`. They live here, below
+/// the LLM providers, so that metrics import nothing above them; `llm::ErrorKind`
+/// indexes this list and a compile-time assertion there keeps the two in step.
+pub const LLM_ERROR_LABELS: [&str; 7] = [
+    "connect",
+    "timeout",
+    "rate_limited",
+    "server_error",
+    "client_error",
+    "provider",
+    "stream_ended",
+];
+
 /// The counters of one core.
 #[derive(Default)]
 #[repr(align(64))]
@@ -147,7 +160,7 @@ pub struct CoreMetrics {
     pub llm_tokens_out: Counter,
     pub llm_first_token_ms: Histogram,
     pub llm_total_ms: Histogram,
-    llm_errors: [Counter; crate::llm::ErrorKind::ALL.len()],
+    llm_errors: [Counter; LLM_ERROR_LABELS.len()],
     refused: [Counter; Refusal::ALL.len()],
 }
 
@@ -158,11 +171,14 @@ impl CoreMetrics {
     pub fn refused_count(&self, why: Refusal) -> u64 {
         self.refused[why as usize].get()
     }
-    pub fn llm_error(&self, kind: crate::llm::ErrorKind) {
-        self.llm_errors[kind as usize].inc();
+    /// Counts a failed answer; `kind` indexes [`LLM_ERROR_LABELS`].
+    pub fn llm_error(&self, kind: usize) {
+        if let Some(c) = self.llm_errors.get(kind) {
+            c.inc();
+        }
     }
-    pub fn llm_error_count(&self, kind: crate::llm::ErrorKind) -> u64 {
-        self.llm_errors[kind as usize].get()
+    pub fn llm_error_count(&self, kind: usize) -> u64 {
+        self.llm_errors.get(kind).map_or(0, Counter::get)
     }
 }
 
@@ -255,9 +271,9 @@ pub fn render(cores: &[CoreMetrics]) -> String {
         out,
         "# HELP {name} Failed answers, by kind.\n# TYPE {name} counter"
     );
-    for kind in crate::llm::ErrorKind::ALL {
+    for (kind, label) in LLM_ERROR_LABELS.iter().enumerate() {
         let total: u64 = cores.iter().map(|m| m.llm_error_count(kind)).sum();
-        let _ = writeln!(out, "{name}{{kind=\"{}\"}} {total}", kind.label());
+        let _ = writeln!(out, "{name}{{kind=\"{label}\"}} {total}");
     }
     let name = "chatbox_refused_total";
     let _ = writeln!(

@@ -190,7 +190,7 @@ impl Notifier {
     /// The worker: delivers due rows, sleeps until the next is due or it is woken.
     pub async fn run(self: Arc<Self>) {
         loop {
-            let now = crate::chat::now_ms();
+            let now = crate::clock::now_ms();
             let due = match self.store.due_notifications(now, BATCH).await {
                 Ok(d) => d,
                 Err(e) => {
@@ -206,7 +206,7 @@ impl Notifier {
             }
             let next = self.store.next_notification_at().await.ok().flatten();
             let wait = next.map_or(IDLE_POLL, |at| {
-                Duration::from_millis((at - crate::chat::now_ms()).max(0) as u64).min(IDLE_POLL)
+                Duration::from_millis((at - crate::clock::now_ms()).max(0) as u64).min(IDLE_POLL)
             });
             tokio::select! {
                 _ = self.wake.notified() => {}
@@ -221,7 +221,7 @@ impl Notifier {
             KIND_EMAIL => self.send_email(n).await,
             other => Err(format!("unknown notification kind {other:?}")),
         };
-        let now = crate::chat::now_ms();
+        let now = crate::clock::now_ms();
         let attempts = n.attempts + 1;
         let (op, counter) = match result {
             Ok(()) => (

@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 
 use chatbox::config::IoDriver;
-use chatbox::mesh::owner_core;
+use chatbox::runtime::mesh::owner_core;
 use common::*;
 use futures_util::SinkExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -227,7 +227,7 @@ async fn epoll_driver_serves_the_same_machinery() {
     assert!(server
         .drivers()
         .iter()
-        .all(|d| *d == chatbox::server::Driver::Epoll));
+        .all(|d| *d == chatbox::runtime::Driver::Epoll));
     let addr = server.local_addr();
     let mut ws = connect(addr, "/echo", None, None).await.unwrap();
     for i in 0..50 {

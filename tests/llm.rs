@@ -482,7 +482,7 @@ async fn persistent_failure_is_llm_unavailable_and_the_fallback_model_is_tried()
     );
     assert_eq!(
         total(&server, |m| m
-            .llm_error_count(chatbox::llm::ErrorKind::ServerError)),
+            .llm_error_count(chatbox::llm::ErrorKind::ServerError.index())),
         1
     );
     // The connection is fine.
@@ -527,7 +527,7 @@ async fn a_stalled_stream_times_out_and_a_broken_one_keeps_its_partial_text() {
     assert_eq!(err["code"], "llm_unavailable");
     assert_eq!(
         total(&server, |m| m
-            .llm_error_count(chatbox::llm::ErrorKind::Timeout)),
+            .llm_error_count(chatbox::llm::ErrorKind::Timeout.index())),
         1
     );
 

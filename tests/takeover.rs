@@ -5,7 +5,7 @@
 mod common;
 
 use chatbox::auth::now_secs;
-use chatbox::mesh::owner_core;
+use chatbox::runtime::mesh::owner_core;
 use common::*;
 use serde_json::{json, Value};
 

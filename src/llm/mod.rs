@@ -125,6 +125,12 @@ pub struct Turn {
     pub text: Arc<str>,
 }
 
+/// Longest model id a client may name (`model_id`) or a configuration may declare.
+pub const MODEL_ID_CHARS_MAX: usize = 64;
+
+// The metrics' labels follow the kinds one to one.
+const _: () = assert!(ErrorKind::ALL.len() == crate::metrics::LLM_ERROR_LABELS.len());
+
 /// What a provider event means.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Piece {
@@ -231,16 +237,12 @@ impl ErrorKind {
         ErrorKind::Provider,
         ErrorKind::StreamEnded,
     ];
+    /// Its position in [`crate::metrics::LLM_ERROR_LABELS`] (and in `ALL`).
+    pub fn index(self) -> usize {
+        self as usize
+    }
     pub fn label(self) -> &'static str {
-        match self {
-            ErrorKind::Connect => "connect",
-            ErrorKind::Timeout => "timeout",
-            ErrorKind::RateLimited => "rate_limited",
-            ErrorKind::ServerError => "server_error",
-            ErrorKind::ClientError => "client_error",
-            ErrorKind::Provider => "provider",
-            ErrorKind::StreamEnded => "stream_ended",
-        }
+        crate::metrics::LLM_ERROR_LABELS[self.index()]
     }
     fn retryable(self) -> bool {
         matches!(
@@ -354,7 +356,7 @@ pub fn validate(cfg: &Config) -> Vec<String> {
     let mut errs = Vec::new();
     let ids: Vec<&str> = models.iter().map(|m| m.id.as_str()).collect();
     for (i, m) in models.iter().enumerate() {
-        if m.id.is_empty() || m.id.chars().count() > crate::chat::frames::MODEL_ID_CHARS_MAX {
+        if m.id.is_empty() || m.id.chars().count() > MODEL_ID_CHARS_MAX {
             errs.push(format!("llm model id {:?} must be 1..=64 characters", m.id));
         }
         if ids[..i].contains(&m.id.as_str()) {

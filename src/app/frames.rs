@@ -25,7 +25,7 @@ impl Default for Limits {
 
 pub const SESSION_ID_CHARS_MAX: usize = 128;
 pub const CLIENT_ID_CHARS_MAX: usize = 64;
-pub const MODEL_ID_CHARS_MAX: usize = 64;
+pub use crate::llm::MODEL_ID_CHARS_MAX;
 pub const FILE_ID_CHARS_MAX: usize = 128;
 pub const FILE_URL_CHARS_MAX: usize = 2048;
 /// Nesting beyond this is refused before parsing: it is an attack, not a message.

@@ -7,12 +7,12 @@
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
-use crate::chat::takeover::AdminOp;
-use crate::shard::registry::ConnId;
-use crate::ws::handshake::Upgrade;
+use super::registry::ConnId;
+use super::ws::handshake::Upgrade;
 
-/// Everything one core can ask of another.
-pub enum CoreMsg {
+/// Everything one core can ask of another: the runtime's own requests, and the
+/// application's message type `M`.
+pub enum CoreMsg<M> {
     /// A WebSocket upgrade accepted by another core for a user this core owns.
     /// The socket moves here; the upgrade response has not been written yet.
     Handover(Box<Handover>),
@@ -23,12 +23,8 @@ pub enum CoreMsg {
     Deliver { conn: ConnId, frame: Arc<str> },
     /// Send a frame to every admin connection of the receiving core.
     AdminFeed(Arc<str>),
-    /// An admin's action on a session that the receiving core owns.
-    Admin(Box<AdminOp>),
-    /// A user's data was deleted: drop their sessions from memory.
-    ForgetUser(Arc<str>),
-    /// An admin ended a session the receiving core owns.
-    EndSession(Arc<str>),
+    /// The application's own message (see [`super::App::on_msg`]).
+    App(M),
 }
 
 pub struct Handover {
@@ -45,13 +41,23 @@ pub enum MeshError {
 }
 
 /// The sending half to every core. Cheap to clone, `Send`.
-#[derive(Clone)]
-pub struct Mesh {
-    senders: Arc<[async_channel::Sender<CoreMsg>]>,
+pub struct Mesh<M> {
+    senders: Arc<[async_channel::Sender<CoreMsg<M>>]>,
 }
 
+impl<M> Clone for Mesh<M> {
+    fn clone(&self) -> Self {
+        Mesh {
+            senders: self.senders.clone(),
+        }
+    }
+}
+
+/// The receiving end of one core's queue.
+pub type Inbox<M> = async_channel::Receiver<CoreMsg<M>>;
+
 /// Creates the mesh and the receiving end of each core's queue.
-pub fn mesh(cores: usize, queue_max: usize) -> (Mesh, Vec<async_channel::Receiver<CoreMsg>>) {
+pub fn mesh<M>(cores: usize, queue_max: usize) -> (Mesh<M>, Vec<Inbox<M>>) {
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..cores)
         .map(|_| async_channel::bounded(queue_max))
         .unzip();
@@ -63,14 +69,14 @@ pub fn mesh(cores: usize, queue_max: usize) -> (Mesh, Vec<async_channel::Receive
     )
 }
 
-impl Mesh {
+impl<M> Mesh<M> {
     pub fn cores(&self) -> usize {
         self.senders.len()
     }
 
     /// Queues `msg` for `core`; on failure the message comes back so the caller
     /// can still answer the client (for a handover, through its socket).
-    pub fn send(&self, core: usize, msg: CoreMsg) -> Result<(), (MeshError, CoreMsg)> {
+    pub fn send(&self, core: usize, msg: CoreMsg<M>) -> Result<(), (MeshError, CoreMsg<M>)> {
         self.senders[core].try_send(msg).map_err(|e| match e {
             async_channel::TrySendError::Full(m) => (MeshError::Full(core), m),
             async_channel::TrySendError::Closed(m) => (MeshError::Stopped(core), m),
@@ -79,7 +85,7 @@ impl Mesh {
 
     /// Sends a message made by `make` to every core. Returns the cores that could
     /// not take it (their queues were full or they had stopped).
-    fn send_all(&self, make: impl Fn() -> CoreMsg) -> Vec<MeshError> {
+    pub fn send_all(&self, make: impl Fn() -> CoreMsg<M>) -> Vec<MeshError> {
         (0..self.cores())
             .filter_map(|core| self.send(core, make()).err().map(|(e, _)| e))
             .collect()
@@ -89,12 +95,6 @@ impl Mesh {
     pub fn admin_feed(&self, frame: &str) -> Vec<MeshError> {
         let frame: Arc<str> = frame.into();
         self.send_all(|| CoreMsg::AdminFeed(frame.clone()))
-    }
-
-    /// Tells every core to drop a user's sessions from memory.
-    pub fn forget_user(&self, user_id: &str) -> Vec<MeshError> {
-        let user: Arc<str> = user_id.into();
-        self.send_all(|| CoreMsg::ForgetUser(user.clone()))
     }
 
     /// Sends `text` to every connection on every core.
@@ -131,7 +131,7 @@ mod tests {
 
     #[test]
     fn full_queue_returns_the_message() {
-        let (mesh, rx) = mesh(2, 1);
+        let (mesh, rx) = mesh::<()>(2, 1);
         assert!(mesh.send(1, CoreMsg::Broadcast("a".into())).is_ok());
         match mesh.send(1, CoreMsg::Broadcast("b".into())) {
             Err((MeshError::Full(1), CoreMsg::Broadcast(t))) => assert_eq!(&*t, "b"),

@@ -1,11 +1,7 @@
-//! One core: its runtime thread, listener, connections and the state it alone owns.
+//! One core: its accept loop, connections, mesh inbox and the state it alone owns.
 //!
 //! Everything here is `!Send` by construction (`Rc`, `RefCell`, `Cell`) and lives
 //! on one thread. Work for another core travels through the mesh as a `CoreMsg`.
-
-pub mod gate;
-pub mod outbox;
-pub mod registry;
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -19,47 +15,43 @@ use std::time::Duration;
 use monoio::net::{TcpListener, TcpStream};
 use monoio::time::Instant;
 
+use super::app::{App, Hooks};
+use super::gate::{self, Gate};
+use super::http::head::{read_head, HeadError};
+use super::http::Refuse;
+use super::io::Socket;
+use super::mesh::{owner_core, CoreMsg, Handover, Mesh, MeshError};
+use super::outbox::{Outbox, Outgoing};
+use super::registry::{ConnId, RegisterError, Registration, Registry};
+use super::ws::handshake::{self, Route, Upgrade};
 use crate::auth::Verifier;
-use crate::chat::{ChatCore, ChatShared};
 use crate::config::Config;
-use crate::http::head::{read_head, HeadError};
-use crate::http::Refuse;
-use crate::io::Socket;
-use crate::mesh::{owner_core, CoreMsg, Handover, Mesh};
 use crate::metrics::{CoreMetrics, Refusal};
 use crate::pool::BlockingPool;
-use crate::ws::handler::Hooks;
-use crate::ws::handshake::{self, Route, Upgrade};
-use gate::Gate;
-use outbox::{Outbox, Outgoing};
-use registry::{RegisterError, Registration, Registry};
-
-/// Admins whose admin-API rate-limit state a core keeps.
-const ADMIN_LIMITER_USERS_MAX: usize = 10_000;
 
 /// What every core shares, read-only after start-up.
-pub struct Shared {
+pub struct Shared<A: App> {
     pub config: Config,
     pub verifier: Verifier,
     pub metrics: Box<[CoreMetrics]>,
-    pub mesh: Mesh,
+    pub mesh: Mesh<A::Msg>,
     pub pool: BlockingPool,
     pub hooks: Hooks,
-    pub chat: ChatShared,
+    pub app: A::Shared,
     /// `{prefix}/ws` and `{prefix}{echo_path}`, precomputed for routing.
     ws_path: String,
     echo_path: Option<String>,
 }
 
-impl Shared {
+impl<A: App> Shared<A> {
     pub fn new(
         config: Config,
         verifier: Verifier,
-        mesh: Mesh,
+        mesh: Mesh<A::Msg>,
         pool: BlockingPool,
         hooks: Hooks,
-        chat: ChatShared,
-    ) -> Shared {
+        app: A::Shared,
+    ) -> Shared<A> {
         let cores = mesh.cores();
         Shared {
             ws_path: format!("{}/ws", config.path_prefix),
@@ -73,25 +65,24 @@ impl Shared {
             mesh,
             pool,
             hooks,
-            chat,
+            app,
         }
     }
 }
 
 /// The state one core owns.
-pub struct Core {
+pub struct Core<A: App> {
     pub id: usize,
-    pub shared: Arc<Shared>,
+    pub shared: Arc<Shared<A>>,
     pub gate: Rc<Gate>,
     pub registry: Rc<RefCell<Registry>>,
-    pub chat: ChatCore,
-    /// The admin API's rate limit, per admin, on this core.
-    admin_limiter: RefCell<crate::chat::limiter::Limiter>,
+    /// The application's state on this core.
+    pub app: A::CoreState,
     shutdown_deadline: Cell<Option<Instant>>,
 }
 
-impl Core {
-    pub fn new(id: usize, shared: Arc<Shared>) -> Core {
+impl<A: App> Core<A> {
+    pub fn new(id: usize, shared: Arc<Shared<A>>) -> Core<A> {
         let cfg = &shared.config;
         let registry = Registry::new(
             id,
@@ -102,23 +93,56 @@ impl Core {
             id,
             gate: Rc::new(Gate::default()),
             registry: Rc::new(RefCell::new(registry)),
-            chat: ChatCore::default(),
-            admin_limiter: RefCell::new(crate::chat::limiter::Limiter::new(
-                cfg.admin_rate_limit_per_minute,
-                ADMIN_LIMITER_USERS_MAX,
-            )),
+            app: A::core_state(&shared.app, id),
             shutdown_deadline: Cell::new(None),
             shared,
         }
     }
 
-    /// Takes a token from `admin`'s admin-API bucket, or says when to retry (ms).
-    pub fn admin_rate_check(&self, admin: &Arc<str>, now_ms: i64) -> Result<(), u64> {
-        self.admin_limiter.borrow_mut().check(admin, now_ms)
-    }
-
     pub fn metrics(&self) -> &CoreMetrics {
         &self.shared.metrics[self.id]
+    }
+
+    /// Queues a frame for a connection of this core; one that just went away is
+    /// skipped (its own drop detaches it everywhere).
+    pub fn push_conn(&self, conn: ConnId, frame: Arc<str>) {
+        let _ = self
+            .registry
+            .borrow()
+            .push_conn(conn, Outgoing::Text(frame));
+    }
+
+    /// Queues a frame for a connection on any core: this one directly, another
+    /// through the mesh (a full queue drops it and counts the drop).
+    pub fn deliver(&self, owner: usize, conn: ConnId, frame: Arc<str>) {
+        if owner == self.id {
+            return self.push_conn(conn, frame);
+        }
+        if self
+            .shared
+            .mesh
+            .send(owner, CoreMsg::Deliver { conn, frame })
+            .is_err()
+        {
+            self.metrics().mesh_dropped.inc();
+        }
+    }
+
+    /// Sends an application message to `owner`, handled at once when that is this
+    /// core. A refusal (full queue, stopped core) is counted and returned so the
+    /// caller can answer its client.
+    pub fn send_app(self: &Rc<Self>, owner: usize, msg: A::Msg) -> Result<(), MeshError> {
+        if owner == self.id {
+            A::on_msg(self, msg);
+            return Ok(());
+        }
+        self.shared
+            .mesh
+            .send(owner, CoreMsg::App(msg))
+            .map_err(|(e, _)| {
+                self.metrics().mesh_dropped.inc();
+                e
+            })
     }
 
     /// When the current shutdown must be finished, once one has begun.
@@ -194,7 +218,7 @@ impl Core {
                 .div_ceil(every.as_millis())
                 .clamp(1, u16::MAX as u128) as u16
         };
-        let periods = outbox::Sweeps {
+        let periods = super::outbox::Sweeps {
             ping: in_sweeps(ping),
             pong: in_sweeps(pong),
         };
@@ -208,7 +232,7 @@ impl Core {
     }
 
     /// Serves messages from other cores until the runtime stops.
-    pub async fn mesh_loop(self: Rc<Self>, rx: async_channel::Receiver<CoreMsg>) {
+    pub async fn mesh_loop(self: Rc<Self>, rx: async_channel::Receiver<CoreMsg<A::Msg>>) {
         while let Ok(msg) = rx.recv().await {
             match msg {
                 CoreMsg::Handover(h) => {
@@ -230,26 +254,12 @@ impl Core {
                     let n = self.registry.borrow().push_all(&Outgoing::Text(text));
                     tracing::debug!(core = self.id, connections = n, "broadcast delivered");
                 }
-                CoreMsg::Deliver { conn, frame } => {
-                    // The connection may have gone meanwhile; that is fine.
-                    let _ = self
-                        .registry
-                        .borrow()
-                        .push_conn(conn, Outgoing::Text(frame));
-                }
+                // The connection may have gone meanwhile; that is fine.
+                CoreMsg::Deliver { conn, frame } => self.push_conn(conn, frame),
                 CoreMsg::AdminFeed(frame) => {
                     self.registry.borrow().push_admins(&Outgoing::Text(frame));
                 }
-                CoreMsg::Admin(op) => crate::chat::takeover::on_admin_op(&self, *op),
-                CoreMsg::EndSession(sid) => crate::chat::takeover::end(&self, &sid),
-                CoreMsg::ForgetUser(user) => {
-                    let n = self.chat.forget_user(&user);
-                    tracing::debug!(
-                        core = self.id,
-                        sessions = n,
-                        "forgot a deleted user's sessions"
-                    );
-                }
+                CoreMsg::App(msg) => A::on_msg(&self, msg),
             }
         }
     }
@@ -278,7 +288,7 @@ impl Core {
                 "server is shutting down",
                 Refusal::ShuttingDown,
             )
-            .send(&self, &sock)
+            .send(self.metrics(), &sock)
             .await;
         }
         let outbox = Outbox::new(self.shared.config.ws_outbox_frames_max);
@@ -298,7 +308,7 @@ impl Core {
                     msg,
                     Refusal::TooManyConnections,
                 )
-                .send(&self, &sock)
+                .send(self.metrics(), &sock)
                 .await;
             }
             Err(RegisterError::CoreFull) => {
@@ -309,12 +319,12 @@ impl Core {
                     Refusal::Overloaded,
                 )
                 .header("Retry-After", "5")
-                .send(&self, &sock)
+                .send(self.metrics(), &sock)
                 .await;
             }
         };
         let reg = Registration::new(id, self.registry.clone());
-        if let Some(conn) = crate::ws::conn::upgrade(&self, sock, up, reg, outbox).await {
+        if let Some(conn) = super::ws::conn::upgrade(&self, sock, up, reg, outbox).await {
             // Its own task: an idle connection then costs only the WebSocket loop's
             // state, not the head reader's or the upgrade's.
             self.spawn_conn(conn.run());
@@ -323,7 +333,7 @@ impl Core {
 }
 
 /// One accepted TCP connection: read the head, then route it.
-async fn conn_task(core: Rc<Core>, stream: TcpStream) {
+async fn conn_task<A: App>(core: Rc<Core<A>>, stream: TcpStream) {
     let sock = Socket::new(stream);
     let peer = match sock.peer_addr() {
         Ok(p) => p,
@@ -356,7 +366,7 @@ async fn conn_task(core: Rc<Core>, stream: TcpStream) {
                 ),
                 HeadError::Closed | HeadError::Io(_) => return,
             };
-            return refuse.send(&core, &sock).await;
+            return refuse.send(core.metrics(), &sock).await;
         }
     };
     let shared = &core.shared;
@@ -365,7 +375,7 @@ async fn conn_task(core: Rc<Core>, stream: TcpStream) {
     } else if shared.echo_path.as_deref() == Some(head.path.as_str()) {
         Route::Echo
     } else {
-        return crate::http::serve(core.clone(), sock, buf).await;
+        return super::http::serve(core.clone(), sock, buf).await;
     };
     let up = match handshake::check(
         &head,
@@ -376,7 +386,7 @@ async fn conn_task(core: Rc<Core>, stream: TcpStream) {
         peer,
     ) {
         Ok(up) => up,
-        Err(refuse) => return refuse.send(&core, &sock).await,
+        Err(refuse) => return refuse.send(core.metrics(), &sock).await,
     };
     // The head and its buffer (a kilobyte or more, the token included) would
     // otherwise live in this task for the connection's whole life.
@@ -393,7 +403,7 @@ async fn conn_task(core: Rc<Core>, stream: TcpStream) {
 
 /// Moves an authenticated upgrade to the core that owns its user. The socket itself
 /// moves; no bytes are ever proxied between cores.
-async fn hand_over(core: &Core, sock: Socket, up: Upgrade, owner: usize) {
+async fn hand_over<A: App>(core: &Core<A>, sock: Socket, up: Upgrade, owner: usize) {
     let fd = match sock.into_owned_fd() {
         Ok(fd) => fd,
         Err(e) => {
@@ -416,7 +426,7 @@ async fn hand_over(core: &Core, sock: Socket, up: Upgrade, owner: usize) {
                     Refusal::Overloaded,
                 )
                 .header("Retry-After", "1")
-                .send(core, &sock)
+                .send(core.metrics(), &sock)
                 .await;
             }
         }
@@ -428,13 +438,13 @@ async fn hand_over(core: &Core, sock: Socket, up: Upgrade, owner: usize) {
 /// A hand-written future rather than an `async` block around the task: such a block
 /// keeps the task twice (captured, and again while awaited), and an idle
 /// connection's task is most of what it costs (PERF.md).
-struct Contained<F> {
+struct Contained<F, A: App> {
     task: F,
-    core: Rc<Core>,
+    core: Rc<Core<A>>,
     _permit: gate::Permit,
 }
 
-impl<F: Future<Output = ()>> Future for Contained<F> {
+impl<F: Future<Output = ()>, A: App> Future for Contained<F, A> {
     type Output = ();
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         // SAFETY: structural pinning of `task`; it is never moved out. The other

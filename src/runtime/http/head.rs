@@ -5,7 +5,8 @@
 
 use std::io;
 
-use crate::io::Socket;
+use crate::runtime::gate::Gate;
+use crate::runtime::io::Socket;
 
 /// Headers a request may carry; more is refused with 431.
 const HEADERS_MAX: usize = 64;
@@ -92,14 +93,9 @@ impl Head {
 
     /// The value of query parameter `name`, percent-decoded.
     pub fn query_param(&self, name: &str) -> Option<String> {
-        self.query.as_deref()?.split('&').find_map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (k == name).then(|| {
-                percent_encoding::percent_decode_str(&v.replace('+', " "))
-                    .decode_utf8_lossy()
-                    .into_owned()
-            })
-        })
+        form_urlencoded::parse(self.query.as_deref()?.as_bytes())
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.into_owned())
     }
 }
 
@@ -114,7 +110,7 @@ pub async fn read_head(
     sock: &Socket,
     bytes_max: usize,
     deadline: monoio::time::Instant,
-    gate: &crate::shard::gate::Gate,
+    gate: &Gate,
 ) -> Result<(Vec<u8>, Head), HeadError> {
     let mut buf: Vec<u8> = Vec::with_capacity(1024.min(bytes_max));
     loop {

@@ -14,12 +14,13 @@ use monoio::time::Instant;
 use tungstenite::protocol::frame::coding::CloseCode;
 
 use super::codec::{Codec, Limits, Msg, WsError};
-use super::handler::{Handler, Reply};
-use super::handshake::Upgrade;
-use crate::io::Socket;
-use crate::shard::outbox::{Keepalive, Outbox, Outgoing};
-use crate::shard::registry::Registration;
-use crate::shard::Core;
+use super::handler::Handler;
+use super::handshake::{Route, Upgrade};
+use crate::runtime::app::{App, Reply};
+use crate::runtime::core::Core;
+use crate::runtime::io::Socket;
+use crate::runtime::outbox::{Keepalive, Outbox, Outgoing};
+use crate::runtime::registry::Registration;
 
 /// How long we wait for the peer's answer to our close frame.
 const CLOSE_REPLY_WAIT: Duration = Duration::from_secs(2);
@@ -47,8 +48,8 @@ impl From<WsError> for End {
 }
 
 /// Keeps the open-connection gauge right however the task ends.
-struct OpenGauge(Rc<Core>);
-impl Drop for OpenGauge {
+struct OpenGauge<A: App>(Rc<Core<A>>);
+impl<A: App> Drop for OpenGauge<A> {
     fn drop(&mut self) {
         self.0.metrics().ws_open.dec();
     }
@@ -57,25 +58,25 @@ impl Drop for OpenGauge {
 /// An upgraded connection: everything an idle WebSocket holds between bursts. It
 /// runs as a task of its own, so an idle connection costs this and the wait in
 /// [`Conn::run`], not the state of the handshake that led to it.
-pub struct Conn {
+pub struct Conn<A: App> {
     // Fields drop in this order if the task unwinds: the registry entry goes
     // before the socket closes.
-    gauge: OpenGauge,
+    gauge: OpenGauge<A>,
     reg: Registration,
     outbox: Outbox,
-    handler: Handler,
+    handler: Handler<A::Conn>,
     codec: Codec,
     sock: Socket,
 }
 
 /// Sends the 101 and sets the connection up; `None` if the client is already gone.
-pub async fn upgrade(
-    core: &Rc<Core>,
+pub async fn upgrade<A: App>(
+    core: &Rc<Core<A>>,
     sock: Socket,
     up: Upgrade,
     reg: Registration,
     outbox: Outbox,
-) -> Option<Box<Conn>> {
+) -> Option<Box<Conn<A>>> {
     // Counted before the 101 leaves, so a client that is connected is always counted.
     let m = core.metrics();
     m.ws_open.inc();
@@ -91,9 +92,13 @@ pub async fn upgrade(
     );
     let user = up.identity.as_ref().map_or("-", |i| &*i.user_id);
     tracing::debug!(conn = reg.id, core = core.id, user, peer = %up.peer, "websocket open");
+    let app = match (up.route, up.identity) {
+        (Route::Chat, Some(identity)) => Some(A::open(core, reg.id, identity)),
+        _ => None,
+    };
     Some(Box::new(Conn {
         gauge,
-        handler: Handler::new(core, reg.id, up.route, up.identity),
+        handler: Handler::new(app, cfg.ws_frames_per_minute_max),
         codec: Codec::new(up.leftover, limits),
         reg,
         outbox,
@@ -101,7 +106,7 @@ pub async fn upgrade(
     }))
 }
 
-impl Conn {
+impl<A: App> Conn<A> {
     /// Boxed: an `async fn` keeps its arguments twice, and this one is the state of
     /// every idle connection.
     pub async fn run(mut self: Box<Self>) {
@@ -292,10 +297,10 @@ async fn wait_rw(sock: &Socket, outbox: &Outbox) -> Wake {
 }
 
 /// Handles the next complete message received; `Ok(None)` when there is none.
-fn read_one(
-    core: &Core,
+fn read_one<A: App>(
+    core: &Core<A>,
     codec: &mut Codec,
-    handler: &mut Handler,
+    handler: &mut Handler<A::Conn>,
 ) -> Result<Option<Reply>, WsError> {
     let m = core.metrics();
     let reply = match codec.read()? {

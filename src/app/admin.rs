@@ -6,18 +6,19 @@
 //! against a list per endpoint: an unknown parameter, sort key or value is a 400
 //! that lists the valid ones, never a silent default.
 
-use bytes::Bytes;
-use http_body_util::Full;
+use std::rc::Rc;
+
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
 
-use super::{error, json as json_response};
-use crate::auth::Identity;
-use crate::chat::now_ms;
-use crate::shard::Core;
+use super::{ChatMsg, Core};
+use crate::auth::{bearer, Identity};
+use crate::clock::now_ms;
+use crate::runtime::http::{error, json as json_response};
+use crate::runtime::mesh::{owner_core, CoreMsg};
 use crate::store::{CursorKey, Millis, SessionQuery, SessionRecord, SortBy, StoreError, WriteOp};
 
-type Body = Full<Bytes>;
+use crate::runtime::app::Body;
 
 /// Page size bounds of the session list.
 const PAGE_DEFAULT: usize = 50;
@@ -83,7 +84,7 @@ fn bad(message: impl Into<String>) -> ApiError {
 type Params = [(String, String)];
 
 pub async fn handle(
-    core: &Core,
+    core: &Rc<Core>,
     req: &Request<hyper::body::Incoming>,
     path: &str,
 ) -> Response<Body> {
@@ -94,7 +95,7 @@ pub async fn handle(
 }
 
 async fn route(
-    core: &Core,
+    core: &Rc<Core>,
     req: &Request<hyper::body::Incoming>,
     path: &str,
 ) -> Result<Value, ApiError> {
@@ -119,10 +120,7 @@ fn authorize(core: &Core, req: &Request<hyper::body::Incoming>) -> Result<Identi
     let token = req
         .headers()
         .get(hyper::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, t)| t.trim())
+        .and_then(|v| bearer(v.to_str().ok()?))
         .ok_or(ApiError::Unauthorized)?;
     let id = core
         .shared
@@ -132,7 +130,8 @@ fn authorize(core: &Core, req: &Request<hyper::body::Incoming>) -> Result<Identi
     if !id.admin {
         return Err(ApiError::Forbidden);
     }
-    core.admin_rate_check(&id.user_id, now_ms())
+    core.app
+        .admin_rate_check(&id.user_id, now_ms())
         .map_err(|wait_ms| ApiError::RateLimited {
             retry_after_secs: wait_ms.div_ceil(1000),
         })?;
@@ -140,18 +139,7 @@ fn authorize(core: &Core, req: &Request<hyper::body::Incoming>) -> Result<Identi
 }
 
 fn parse_query(q: &str) -> Vec<(String, String)> {
-    q.split('&')
-        .filter(|p| !p.is_empty())
-        .map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let dec = |s: &str| {
-                percent_encoding::percent_decode_str(&s.replace('+', " "))
-                    .decode_utf8_lossy()
-                    .into_owned()
-            };
-            (dec(k), dec(v))
-        })
-        .collect()
+    form_urlencoded::parse(q.as_bytes()).into_owned().collect()
 }
 
 /// Checks that only `allowed` parameters appear, each once.
@@ -267,21 +255,21 @@ async fn list(core: &Core, params: &Params) -> Result<Value, ApiError> {
         limit,
         after,
     };
-    let page = core.shared.chat.store.list_sessions(query).await?;
+    let page = core.shared.app.store.list_sessions(query).await?;
     let next = page.next.map(|(k, id)| encode_cursor(&k, &id));
     let sessions: Vec<Value> = page.sessions.iter().map(session_json).collect();
     Ok(json!({"sessions": sessions, "next_cursor": next}))
 }
 
 async fn session(core: &Core, id: &str) -> Result<Value, ApiError> {
-    let store = &core.shared.chat.store;
+    let store = &core.shared.app.store;
     let (loaded, events) = (
         store.load_session(id, TRANSCRIPT_MESSAGES_MAX),
         store.session_events(id),
     );
     let (rec, messages) = loaded.await?.ok_or(ApiError::NotFound("no such session"))?;
     let events = events.await?;
-    let keys = &core.shared.chat.keys;
+    let keys = &core.shared.app.keys;
     let transcript: Vec<Value> = messages
         .iter()
         .map(|m| {
@@ -313,8 +301,8 @@ async fn session(core: &Core, id: &str) -> Result<Value, ApiError> {
     Ok(json!({"session": session_json(&rec), "messages": transcript, "events": events}))
 }
 
-async fn end(core: &Core, id: &str, admin: &Identity) -> Result<Value, ApiError> {
-    let store = &core.shared.chat.store;
+async fn end(core: &Rc<Core>, id: &str, admin: &Identity) -> Result<Value, ApiError> {
+    let store = &core.shared.app.store;
     let (rec, _) = store
         .load_session(id, 0)
         .await?
@@ -328,12 +316,8 @@ async fn end(core: &Core, id: &str, admin: &Identity) -> Result<Value, ApiError>
     };
     store.write(vec![op]).await?;
     // The owning core stops taking messages for it now, not only after a restart.
-    let owner = crate::mesh::owner_core(&rec.user_id, core.shared.mesh.cores());
-    if let Err((e, _)) = core
-        .shared
-        .mesh
-        .send(owner, crate::mesh::CoreMsg::EndSession(id.into()))
-    {
+    let owner = owner_core(&rec.user_id, core.shared.mesh.cores());
+    if let Err(e) = core.send_app(owner, ChatMsg::EndSession(id.into())) {
         tracing::warn!(error = %e, session = %id, "the owning core was not told the session ended");
     }
     Ok(json!({"session_id": id, "state": "ended"}))
@@ -342,15 +326,15 @@ async fn end(core: &Core, id: &str, admin: &Identity) -> Result<Value, ApiError>
 async fn metrics(core: &Core, params: &Params) -> Result<Value, ApiError> {
     check_params(params, &["from", "to"])?;
     let (from, to) = (millis(params, "from")?, millis(params, "to")?);
-    let m = core.shared.chat.store.window_metrics(from, to).await?;
+    let m = core.shared.app.store.window_metrics(from, to).await?;
     Ok(json!({"from": from, "to": to, "metrics": m}))
 }
 
 async fn export(core: &Core, user_id: &str) -> Result<Value, ApiError> {
-    let keys = &core.shared.chat.keys;
+    let keys = &core.shared.app.keys;
     let all = core
         .shared
-        .chat
+        .app
         .store
         .user_sessions(user_id, EXPORT_SESSIONS_MAX)
         .await?;
@@ -375,10 +359,15 @@ async fn delete_user(core: &Core, user_id: &str, admin: &Identity) -> Result<Val
     let op = WriteOp::DeleteUser {
         user_id: user_id.to_owned(),
     };
-    core.shared.chat.store.write(vec![op]).await?;
+    core.shared.app.store.write(vec![op]).await?;
     tracing::info!(user = %user_id, admin = %admin.user_id, "user data deleted");
     // Sessions still in memory go too.
-    for e in core.shared.mesh.forget_user(user_id) {
+    let user: std::sync::Arc<str> = user_id.into();
+    let sent = core
+        .shared
+        .mesh
+        .send_all(|| CoreMsg::App(ChatMsg::ForgetUser(user.clone())));
+    for e in sent {
         tracing::warn!(error = %e, "a core did not get the forget-user message");
     }
     Ok(json!({"user_id": user_id, "deleted": true}))

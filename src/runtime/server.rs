@@ -1,5 +1,5 @@
-//! Starts the server: listeners, the blocking pool, the mesh and one runtime thread
-//! per core; and the handle that stops it and reports how it ended.
+//! Starts the runtime: listeners, the blocking pool, the mesh and one thread per
+//! core; and the handle that stops it and reports how it ended.
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -8,15 +8,12 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use super::app::{App, Hooks};
+use super::core::{Core, Shared};
+use super::mesh::{mesh, Inbox, Mesh, MeshError};
 use crate::auth::Verifier;
-use crate::chat::frames::Limits;
-use crate::chat::ChatShared;
 use crate::config::{Config, IoDriver};
-use crate::crypto::KeyRing;
-use crate::mesh::{mesh, Mesh, MeshError};
-use crate::pool::PoolRuntime;
-use crate::shard::{Core, Shared};
-use crate::ws::handler::Hooks;
+use crate::pool::{BlockingPool, PoolRuntime};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -30,18 +27,9 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot open storage in {dir}")]
-    Store {
-        dir: std::path::PathBuf,
-        #[source]
-        source: crate::store::StoreError,
-    },
-    #[error("cannot open MongoDB database {database}")]
-    Mongo {
-        database: String,
-        #[source]
-        source: crate::store::StoreError,
-    },
+    /// The application could not start (its storage, say).
+    #[error(transparent)]
+    App(Box<dyn std::error::Error + Send + Sync>),
     #[error("cannot start the blocking pool: {0}")]
     Pool(#[source] std::io::Error),
     #[error("core {core} failed to start: {reason}")]
@@ -84,18 +72,24 @@ struct CoreExit {
     panicked: bool,
 }
 
-pub struct ServerHandle {
+pub struct ServerHandle<A: App> {
     addr: SocketAddr,
     drivers: Vec<Driver>,
     trigger: ShutdownTrigger,
-    shared: Arc<Shared>,
+    shared: Arc<Shared<A>>,
     threads: Vec<JoinHandle<()>>,
     exits: mpsc::Receiver<CoreExit>,
     pool: Option<PoolRuntime>,
 }
 
-/// Hooks for tests; production passes `Hooks::default()`.
-pub fn start(config: Config, hooks: Hooks) -> Result<ServerHandle, StartError> {
+/// Starts the runtime serving application `A`, whose shared state `make_app`
+/// builds once the listeners are bound and the blocking pool runs. `hooks` are for
+/// tests; production passes `Hooks::default()`.
+pub fn start<A, F>(config: Config, hooks: Hooks, make_app: F) -> Result<ServerHandle<A>, StartError>
+where
+    A: App,
+    F: FnOnce(&Config, &BlockingPool) -> Result<A::Shared, StartError>,
+{
     // One TLS crypto provider (ring) for every client: LLM providers, webhooks, SMTP.
     // Installing twice (a second server in one process) is harmless.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -112,7 +106,7 @@ pub fn start(config: Config, hooks: Hooks) -> Result<ServerHandle, StartError> {
         })?;
     let (pool_rt, pool) = PoolRuntime::start(config.blocking_threads, config.blocking_queue_max)
         .map_err(StartError::Pool)?;
-    let (mesh, mesh_rxs) = mesh(cores, config.mesh_queue_max);
+    let (mesh, mesh_rxs) = mesh::<A::Msg>(cores, config.mesh_queue_max);
     let (stop_txs, stop_rxs): (Vec<_>, Vec<_>) =
         (0..cores).map(|_| async_channel::bounded(1)).unzip();
     let trigger = ShutdownTrigger {
@@ -121,14 +115,14 @@ pub fn start(config: Config, hooks: Hooks) -> Result<ServerHandle, StartError> {
         triggered: Arc::new(AtomicBool::new(false)),
     };
     let io_driver = config.io_driver;
-    let chat = chat_shared(&config, pool.clone())?;
-    let shared = Arc::new(Shared::new(
+    let app = make_app(&config, &pool)?;
+    let shared = Arc::new(Shared::<A>::new(
         config,
         Verifier::new(secret.as_bytes()),
         mesh,
         pool,
         hooks,
-        chat,
+        app,
     ));
 
     let (ready_tx, ready_rx) = mpsc::channel::<Result<Driver, String>>();
@@ -193,60 +187,6 @@ pub fn start(config: Config, hooks: Hooks) -> Result<ServerHandle, StartError> {
     })
 }
 
-/// Opens storage and the key ring: everything chat needs that outlives a core.
-fn chat_shared(config: &Config, pool: crate::pool::BlockingPool) -> Result<ChatShared, StartError> {
-    let key = config.encryption_key.as_deref().ok_or_else(|| {
-        crate::config::ConfigError::Invalid(vec![
-            "CHATBOX_ENCRYPTION_KEY is required; make one with `openssl rand -hex 32`".into(),
-        ])
-    })?;
-    let keys = KeyRing::new(key, &config.encryption_previous_keys)
-        .map_err(|e| crate::config::ConfigError::Invalid(vec![e.to_string()]))?;
-    let backend = crate::store::Backend::configured(config);
-    let store =
-        crate::store::open(config, backend, pool.clone()).map_err(|source| match backend {
-            crate::store::Backend::Mongo => StartError::Mongo {
-                database: config.mongo_database.clone(),
-                source,
-            },
-            crate::store::Backend::Sqlite => StartError::Store {
-                dir: config.data_dir.clone(),
-                source,
-            },
-        })?;
-    let notifier = Arc::new(
-        crate::notify::Notifier::new(config, store.clone(), &pool)
-            .map_err(|e| crate::config::ConfigError::Invalid(vec![e]))?,
-    );
-    // The outbox worker runs for the life of the pool (queued rows from before a
-    // restart go out too).
-    pool.spawn(notifier.clone().run())
-        .map_err(|e| StartError::Pool(std::io::Error::other(e)))?;
-    Ok(ChatShared {
-        store,
-        keys,
-        limits: Limits {
-            content_chars_max: config.content_chars_max,
-            metadata_bytes_max: config.metadata_bytes_max,
-            ..Limits::default()
-        },
-        rate_limit_per_minute: config.rate_limit_per_minute,
-        history_messages_max: config.history_messages_max,
-        session_idle: Duration::from_secs(config.session_idle_secs),
-        sessions_per_user_max: config.sessions_per_user_max,
-        answer_bytes_max: config.answer_bytes_max,
-        demo_chunk_delay: Duration::from_millis(config.demo_chunk_delay_ms),
-        models: Arc::new(
-            crate::llm::Models::new(config, &pool)
-                .map_err(|e| crate::config::ConfigError::Invalid(vec![e]))?,
-        ),
-        context_messages_max: config.llm_context_messages_max,
-        context_chars_max: config.llm_context_chars_max,
-        grace: Duration::from_secs(config.llm_grace_secs),
-        notifier,
-    })
-}
-
 /// Binds one SO_REUSEPORT listener per core on the same port.
 ///
 /// For a given port, a plain probe bind comes first: SO_REUSEPORT would otherwise
@@ -286,11 +226,11 @@ fn bind(addr: SocketAddr, cores: usize) -> Result<Vec<std::net::TcpListener>, St
 }
 
 /// The body of one core thread.
-fn run_core(
+fn run_core<A: App>(
     id: usize,
-    shared: Arc<Shared>,
+    shared: Arc<Shared<A>>,
     listener: std::net::TcpListener,
-    mesh_rx: async_channel::Receiver<crate::mesh::CoreMsg>,
+    mesh_rx: Inbox<A::Msg>,
     stop_rx: async_channel::Receiver<Duration>,
     ready: mpsc::Sender<Result<Driver, String>>,
     io_driver: IoDriver,
@@ -308,7 +248,7 @@ fn run_core(
         monoio::spawn(core.clone().accept_loop(listener));
         monoio::spawn(core.clone().mesh_loop(mesh_rx));
         monoio::spawn(core.clone().keepalive_loop());
-        monoio::spawn(crate::chat::expiry_loop(core.clone()));
+        A::spawn_tasks(&core);
         tracing::info!(core = id, ?driver, "core running");
         let _ = ready.send(Ok(driver));
         let timeout = stop_rx.recv().await.unwrap_or(Duration::ZERO);
@@ -343,7 +283,7 @@ fn run_core(
     }
 }
 
-impl ServerHandle {
+impl<A: App> ServerHandle<A> {
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
     }
@@ -362,13 +302,18 @@ impl ServerHandle {
         self.trigger.shutdown();
     }
 
-    pub fn mesh(&self) -> &Mesh {
+    pub fn mesh(&self) -> &Mesh<A::Msg> {
         &self.shared.mesh
     }
 
     /// Sends a text frame to every connection on every core.
     pub fn broadcast(&self, text: &str) -> Vec<MeshError> {
         self.shared.mesh.broadcast(text)
+    }
+
+    /// What every core shares, the application's part included.
+    pub fn shared(&self) -> &Shared<A> {
+        &self.shared
     }
 
     /// The Prometheus text of all cores.
@@ -397,33 +342,15 @@ impl ServerHandle {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
-        self.flush_storage();
+        A::stopped(&self.shared.app);
         if let Some(pool) = self.pool.take() {
             pool.shutdown(Duration::from_secs(1));
         }
         result
     }
-
-    /// Waits until every write submitted before now is committed: an empty write
-    /// is a barrier, since the writer commits in order. Bounded by a deadline.
-    fn flush_storage(&self) {
-        const FLUSH_WAIT: Duration = Duration::from_secs(5);
-        let barrier = self.shared.chat.store.write(Vec::new());
-        let flushed = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            // The timer must be created inside the runtime, hence the async block.
-            .map(|rt| rt.block_on(async { tokio::time::timeout(FLUSH_WAIT, barrier).await }));
-        match flushed {
-            Ok(Ok(Ok(_))) => tracing::info!("storage flushed"),
-            Ok(Ok(Err(e))) => tracing::error!(error = %e, "storage flush failed"),
-            Ok(Err(_)) => tracing::error!("storage flush did not finish in time"),
-            Err(e) => tracing::error!(error = %e, "cannot wait for the storage flush"),
-        }
-    }
 }
 
-impl Drop for ServerHandle {
+impl<A: App> Drop for ServerHandle<A> {
     /// A handle dropped without `join` (a failed test, say) still stops the server.
     fn drop(&mut self) {
         if !self.threads.is_empty() {

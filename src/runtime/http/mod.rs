@@ -1,7 +1,7 @@
 //! The HTTP front door: reads a request head, routes it, and serves plain HTTP
-//! endpoints with hyper (health, readiness, metrics, JSON errors).
+//! endpoints with hyper (health, readiness, metrics, JSON errors); every other
+//! path goes to the application.
 
-pub mod admin;
 pub mod head;
 
 use std::convert::Infallible;
@@ -11,9 +11,10 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
 
-use crate::io::{HyperIo, Socket};
+use super::app::{App, Body};
+use super::core::Core;
+use super::io::{HyperIo, Socket};
 use crate::metrics::Refusal;
-use crate::shard::Core;
 
 /// `{"error":{"code":..,"message":..}}`, the one error body of every endpoint.
 pub fn error_body(code: &str, message: &str) -> String {
@@ -72,16 +73,14 @@ impl Refuse {
     }
 
     /// Writes the response, counts the refusal, and half-closes the socket.
-    pub async fn send(&self, core: &Core, sock: &Socket) {
-        core.metrics().refused(self.why);
+    pub async fn send(&self, metrics: &crate::metrics::CoreMetrics, sock: &Socket) {
+        metrics.refused(self.why);
         let _ = sock.send_all(&self.to_http()).await;
         sock.shutdown_write();
     }
 }
 
-type Body = Full<Bytes>;
-
-pub(crate) fn json(status: StatusCode, body: String) -> Response<Body> {
+pub fn json(status: StatusCode, body: String) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -91,14 +90,14 @@ pub(crate) fn json(status: StatusCode, body: String) -> Response<Body> {
     r
 }
 
-pub(crate) fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+pub fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
     json(status, error_body(code, message))
 }
 
 /// Serves one plain HTTP connection with hyper, replaying the bytes already read.
 /// Keep-alive is off: every request comes through the head reader, so routing,
 /// limits and timeouts are decided in one place.
-pub async fn serve(core: Rc<Core>, sock: Socket, replay: Vec<u8>) {
+pub async fn serve<A: App>(core: Rc<Core<A>>, sock: Socket, replay: Vec<u8>) {
     let io = HyperIo::new(Rc::new(sock), replay);
     let cfg = &core.shared.config;
     let timeout = std::time::Duration::from_millis(cfg.http_request_timeout_ms);
@@ -120,35 +119,24 @@ pub async fn serve(core: Rc<Core>, sock: Socket, replay: Vec<u8>) {
     }
 }
 
-async fn route(core: &Core, req: Request<hyper::body::Incoming>) -> Response<Body> {
+async fn route<A: App>(core: &Rc<Core<A>>, req: Request<hyper::body::Incoming>) -> Response<Body> {
     core.metrics().http_requests.inc();
-    let shared = &core.shared;
-    let Some(path) = req
-        .uri()
-        .path()
-        .strip_prefix(shared.config.path_prefix.as_str())
-    else {
+    let config = &core.shared.config;
+    let Some(path) = req.uri().path().strip_prefix(config.path_prefix.as_str()) else {
         core.metrics().refused(Refusal::NotFound);
-        return error(StatusCode::NOT_FOUND, "not_found", "no such endpoint");
+        return not_found();
     };
+    let path = path.to_owned();
     let declared = req
         .headers()
         .get(hyper::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > shared.config.http_body_bytes_max as u64) {
+    if declared.is_some_and(|n| n > config.http_body_bytes_max as u64) {
         core.metrics().refused(Refusal::BadRequest);
-        let msg = format!(
-            "request body over {} bytes",
-            shared.config.http_body_bytes_max
-        );
+        let msg = format!("request body over {} bytes", config.http_body_bytes_max);
         return error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", &msg);
     }
-    if let Some(rest) = path.strip_prefix("/admin") {
-        if rest.is_empty() || rest.starts_with('/') {
-            return admin::handle(core, &req, rest).await;
-        }
-    }
-    let known = matches!(path, "/healthz" | "/readyz" | "/metrics");
+    let known = matches!(path.as_str(), "/healthz" | "/readyz" | "/metrics");
     if known && req.method() != hyper::Method::GET && req.method() != hyper::Method::HEAD {
         let mut r = error(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -161,60 +149,62 @@ async fn route(core: &Core, req: Request<hyper::body::Incoming>) -> Response<Bod
         );
         return r;
     }
-    match path {
+    match path.as_str() {
         "/healthz" => json(StatusCode::OK, r#"{"status":"ok"}"#.into()),
-        "/readyz" => {
-            if core.gate.is_closing() {
-                return error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "shutting_down",
-                    "server is shutting down",
-                );
-            }
-            match shared.chat.store.ping().await {
-                Ok(()) => json(StatusCode::OK, r#"{"status":"ready"}"#.into()),
-                Err(e) => {
-                    tracing::warn!(error = %e, "not ready");
-                    error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "not_ready",
-                        "storage unavailable",
-                    )
-                }
-            }
-        }
-        "/metrics" => {
-            if let Some(token) = &shared.config.metrics_token {
-                let given = req
-                    .headers()
-                    .get(hyper::header::AUTHORIZATION)
-                    .and_then(|v| v.to_str().ok());
-                if given != Some(format!("Bearer {token}").as_str()) {
-                    core.metrics().refused(Refusal::Unauthorized);
-                    return error(
-                        StatusCode::UNAUTHORIZED,
-                        "unauthorized",
-                        "metrics need the metrics token",
-                    );
-                }
-            }
-            let text =
-                crate::metrics::render(&shared.metrics) + &shared.chat.notifier.render_metrics();
-            let mut r = Response::new(Full::new(Bytes::from(text)));
-            r.headers_mut().insert(
-                hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
-            );
-            r
-        }
+        "/readyz" => ready(core).await,
+        "/metrics" => metrics(core, &req),
         "/ws" => error(
             StatusCode::UPGRADE_REQUIRED,
             "upgrade_required",
             "this endpoint speaks WebSocket only",
         ),
-        _ => {
-            core.metrics().refused(Refusal::NotFound);
-            error(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+        _ => A::http(core, req, &path).await,
+    }
+}
+
+/// The one 404 of every endpoint.
+pub fn not_found() -> Response<Body> {
+    error(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+}
+
+async fn ready<A: App>(core: &Rc<Core<A>>) -> Response<Body> {
+    if core.gate.is_closing() {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "server is shutting down",
+        );
+    }
+    match A::ready(core).await {
+        Ok(()) => json(StatusCode::OK, r#"{"status":"ready"}"#.into()),
+        Err(reason) => {
+            tracing::warn!(%reason, "not ready");
+            error(StatusCode::SERVICE_UNAVAILABLE, "not_ready", &reason)
         }
     }
+}
+
+fn metrics<A: App>(core: &Core<A>, req: &Request<hyper::body::Incoming>) -> Response<Body> {
+    let shared = &core.shared;
+    if let Some(token) = &shared.config.metrics_token {
+        let given = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| crate::auth::bearer(v.to_str().ok()?));
+        if given != Some(token.as_str()) {
+            core.metrics().refused(Refusal::Unauthorized);
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "metrics need the metrics token",
+            );
+        }
+    }
+    let text = crate::metrics::render(&shared.metrics) + &A::render_metrics(&shared.app);
+    let mut r = Response::new(Full::new(Bytes::from(text)));
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    r
 }

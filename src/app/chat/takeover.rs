@@ -7,16 +7,23 @@
 //! owning core, and the frames of the session travel back to the admin's
 //! connection as `Deliver` messages. No state is shared between cores.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use super::frames::{error_frame, Code, ServerFrame};
-use super::{now_ms, push_conn, push_session, resume_now, Target};
+use super::effects::{deliver, perform, push_session, reply};
+use super::rehydrate;
+use super::resume::resume_now;
+use super::session::{refusal_frame, NewMessage, Target};
+use crate::app::frames::{error_frame, Code, ServerFrame, Usage};
+use crate::app::{ChatMsg, Core};
+use crate::auth::Identity;
+use crate::clock::{new_id, now_ms};
 use crate::llm::TurnRole;
-use crate::mesh::{owner_core, CoreMsg};
-use crate::shard::registry::ConnId;
-use crate::shard::Core;
-use crate::store::{MessageRecord, Role, WriteOp};
+use crate::runtime::mesh::owner_core;
+use crate::runtime::ConnId;
+use crate::store::{Role, WriteOp};
 
 /// Where a session stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,9 +95,13 @@ pub struct Seat {
     pub announced: bool,
 }
 
+/// An admin connection's sessions and the core owning each. Created on an
+/// admin's first action, so a user's connection holds no map.
+pub type Joined = Rc<RefCell<HashMap<Arc<str>, usize>>>;
+
 /// Sends `op` to the core that owns its session, finding that core from storage
 /// the first time (the session id alone does not say whose it is).
-pub fn route(core: &Rc<Core>, joined: &super::Joined, op: AdminOp, id: Option<String>) {
+pub fn route(core: &Rc<Core>, joined: &Joined, op: AdminOp, id: Option<String>) {
     let known = joined.borrow().get(&op.session_id).copied();
     if let Some(owner) = known {
         if matches!(op.action, AdminAction::Leave) {
@@ -100,48 +111,37 @@ pub fn route(core: &Rc<Core>, joined: &super::Joined, op: AdminOp, id: Option<St
     }
     if !matches!(op.action, AdminAction::Join) {
         let frame = error_frame(Code::Forbidden, "join the session first", id.as_deref());
-        return push_conn(core, op.admin.conn, frame);
+        return reply(core, op.admin.conn, frame);
     }
-    let load = core.shared.chat.store.load_session(&op.session_id, 1);
-    let core = core.clone();
-    let joined = joined.clone();
+    let load = core.shared.app.store.load_session(&op.session_id, 1);
+    let (core, joined) = (core.clone(), joined.clone());
     monoio::spawn(async move {
+        let conn = op.admin.conn;
         match load.await {
             Ok(Some((rec, _))) => {
                 let owner = owner_core(&rec.user_id, core.shared.mesh.cores());
                 joined.borrow_mut().insert(op.session_id.clone(), owner);
                 send_op(&core, owner, op, id);
             }
-            Ok(None) => push_conn(
+            Ok(None) => reply(
                 &core,
-                op.admin.conn,
+                conn,
                 error_frame(Code::NotFound, "no such session", id.as_deref()),
             ),
             Err(e) => {
                 tracing::error!(error = %e, "looking up a session for an admin failed");
-                push_conn(
-                    &core,
-                    op.admin.conn,
-                    error_frame(
-                        Code::Internal,
-                        "could not look up the session; retry",
-                        id.as_deref(),
-                    ),
-                );
+                let msg = "could not look up the session; retry";
+                reply(&core, conn, error_frame(Code::Internal, msg, id.as_deref()));
             }
         }
     });
 }
 
 fn send_op(core: &Rc<Core>, owner: usize, op: AdminOp, id: Option<String>) {
-    if owner == core.id {
-        return on_admin_op(core, op);
-    }
     let conn = op.admin.conn;
-    if let Err((e, _)) = core.shared.mesh.send(owner, CoreMsg::Admin(Box::new(op))) {
-        core.metrics().mesh_dropped.inc();
+    if let Err(e) = core.send_app(owner, ChatMsg::Admin(Box::new(op))) {
         tracing::warn!(error = %e, "admin action not delivered");
-        push_conn(
+        reply(
             core,
             conn,
             error_frame(Code::Overloaded, "server busy; retry", id.as_deref()),
@@ -151,30 +151,32 @@ fn send_op(core: &Rc<Core>, owner: usize, op: AdminOp, id: Option<String>) {
 
 /// The owning core's side of an admin action.
 pub fn on_admin_op(core: &Rc<Core>, op: AdminOp) {
-    let in_memory = core.chat.sessions.borrow().contains_key(&op.session_id);
+    let in_memory = core.app.sessions.borrow().contains_key(&op.session_id);
     if in_memory {
         return apply(core, op);
     }
-    let shared = &core.shared.chat;
+    let shared = &core.shared.app;
     let load = shared
         .store
-        .load_session(&op.session_id, shared.context_messages_max);
+        .load_session(&op.session_id, shared.context.messages_max);
     let core = core.clone();
     monoio::spawn(async move {
+        let to = Target::of(&op.admin);
         match load.await {
             Ok(Some((rec, msgs))) => {
-                super::rehydrate(&core, &op.session_id, rec, &msgs);
+                rehydrate(&core, &op.session_id, &rec, &msgs);
                 apply(&core, op);
             }
             Ok(None) | Err(_) if matches!(op.action, AdminAction::Gone | AdminAction::Leave) => {}
-            Ok(None) => Target::of(&op.admin)
-                .deliver(&core, error_frame(Code::NotFound, "no such session", None)),
+            Ok(None) => deliver(
+                &core,
+                to,
+                error_frame(Code::NotFound, "no such session", None).into(),
+            ),
             Err(e) => {
                 tracing::error!(error = %e, "loading a session for an admin failed");
-                Target::of(&op.admin).deliver(
-                    &core,
-                    error_frame(Code::Internal, "could not load the session; retry", None),
-                );
+                let frame = error_frame(Code::Internal, "could not load the session; retry", None);
+                deliver(&core, to, frame.into());
             }
         }
     });
@@ -196,57 +198,25 @@ fn apply(core: &Rc<Core>, op: AdminOp) {
     }
 }
 
-/// Persists a state change with who made it.
-fn record_state(core: &Rc<Core>, sid: &Arc<str>, state: State, actor: &str, action: &'static str) {
-    let op = WriteOp::SetState {
-        session_id: sid.to_string(),
-        state: state.as_str(),
-        actor: actor.to_owned(),
-        action,
-        at: now_ms(),
-    };
-    let write = core.shared.chat.store.write(vec![op]);
-    let core = core.clone();
-    let sid = sid.clone();
-    monoio::spawn(async move {
-        if let Err(e) = write.await {
-            core.metrics().store_errors.inc();
-            tracing::error!(session = %sid, error = %e, "recording a session state failed");
-        }
-    });
-}
-
 fn join(core: &Rc<Core>, sid: &Arc<str>, admin: &AdminRef) {
-    let newly_human = {
-        let mut sessions = core.chat.sessions.borrow_mut();
-        let Some(s) = sessions.get_mut(sid) else {
-            return;
-        };
-        if s.state == State::Ended {
-            drop(sessions);
-            let frame = error_frame(Code::InvalidMessage, "this session has ended", None);
-            return Target::of(admin).deliver(core, frame);
+    let decided = match core.app.sessions.borrow_mut().get_mut(sid) {
+        Some(s) => s.join(admin),
+        None => return,
+    };
+    let newly_human = match decided {
+        Ok((newly_human, effects)) => {
+            perform(core, sid, &admin.id, effects);
+            newly_human
         }
-        match s.admins.iter_mut().find(|seat| seat.admin_id == admin.id) {
-            Some(seat) if seat.conns.contains(&(admin.core, admin.conn)) => {}
-            Some(seat) => seat.conns.push((admin.core, admin.conn)),
-            None => s.admins.push(Seat {
-                admin_id: admin.id.clone(),
-                name: admin.name.clone(),
-                conns: vec![(admin.core, admin.conn)],
-                announced: false,
-            }),
+        Err(why) => {
+            return deliver(
+                core,
+                Target::of(admin),
+                refusal_frame(why, sid, None).into(),
+            )
         }
-        // The AI stops at once: a running answer is cancelled (it ends with ai_done).
-        if let Some(a) = s.answer.as_ref().filter(|a| a.done.is_none()) {
-            a.cancel.cancel();
-        }
-        let was = s.state;
-        s.state = State::Human;
-        was != State::Human
     };
     core.metrics().takeovers.inc();
-    record_state(core, sid, State::Human, &admin.id, "admin_join");
     if newly_human {
         tracing::info!(session = %sid, admin = %admin.id, "human takeover");
     }
@@ -256,40 +226,27 @@ fn join(core: &Rc<Core>, sid: &Arc<str>, admin: &AdminRef) {
     let (core, sid, admin) = (core.clone(), sid.clone(), admin.clone());
     monoio::spawn(async move {
         resume_now(core.clone(), sid.clone(), Target::of(&admin), None).await;
-        let present: Vec<Arc<str>> = {
-            let mut sessions = core.chat.sessions.borrow_mut();
-            let Some(s) = sessions.get_mut(&sid) else {
-                return;
-            };
-            let mut present = Vec::new();
-            for seat in s.admins.iter_mut() {
-                if seat.admin_id == admin.id {
-                    seat.announced = true;
-                } else if seat.announced {
-                    present.push(seat.name.clone());
-                }
-            }
-            present
+        let Some(present) = core
+            .app
+            .sessions
+            .borrow_mut()
+            .get_mut(&sid)
+            .map(|s| s.announce(&admin.id))
+        else {
+            return;
         };
         for name in present {
-            Target::of(&admin).deliver(
-                &core,
-                ServerFrame::AdminJoined {
-                    session_id: &sid,
-                    admin_name: &name,
-                }
-                .to_json(),
-            );
-        }
-        push_session(
-            &core,
-            &sid,
-            ServerFrame::AdminJoined {
+            let frame = ServerFrame::AdminJoined {
                 session_id: &sid,
-                admin_name: &admin.name,
-            }
-            .to_json(),
-        );
+                admin_name: &name,
+            };
+            deliver(&core, Target::of(&admin), frame.to_json().into());
+        }
+        let frame = ServerFrame::AdminJoined {
+            session_id: &sid,
+            admin_name: &admin.name,
+        };
+        push_session(&core, &sid, frame.to_json());
     });
 }
 
@@ -300,48 +257,35 @@ fn message(
     content: String,
     client_id: Option<String>,
 ) {
-    let shared = &core.shared.chat;
-    let now = now_ms();
-    let message_id = super::new_id("m");
-    let (seq, user) = {
-        let mut sessions = core.chat.sessions.borrow_mut();
+    let shared = &core.shared.app;
+    let message_id = new_id("m");
+    let op = {
+        let mut sessions = core.app.sessions.borrow_mut();
         let Some(s) = sessions.get_mut(sid) else {
             return;
         };
-        if !s.admins.iter().any(|seat| seat.admin_id == admin.id) {
+        if let Err(why) = s.seated(&admin.id) {
             drop(sessions);
-            let frame = error_frame(
-                Code::Forbidden,
-                "join the session first",
-                client_id.as_deref(),
-            );
-            return Target::of(admin).deliver(core, frame);
+            let frame = refusal_frame(why, sid, client_id.as_deref());
+            return deliver(core, Target::of(admin), frame.into());
         }
-        s.next_seq += 1;
-        s.last_activity = now;
-        s.remember(TurnRole::Assistant, content.as_str().into(), shared);
-        (s.next_seq - 1, s.user_id.clone())
-    };
-    let op = WriteOp::AppendMessage {
-        user_id: user.to_string(),
-        message: MessageRecord {
-            session_id: sid.to_string(),
-            message_id: message_id.to_string(),
-            seq,
+        s.remember(TurnRole::Assistant, content.as_str().into(), shared.context);
+        let new = NewMessage {
+            message_id: &message_id,
             role: Role::Admin,
-            author: admin.id.to_string(),
+            author: &admin.id,
             client_id: None,
-            sealed: shared.keys.seal(sid, &message_id, &content),
-            created_at: now,
-            tokens_in: 0,
-            tokens_out: 0,
+            text: &content,
+            usage: Usage::default(),
             cancelled: false,
-        },
+        };
+        WriteOp::AppendMessage {
+            user_id: s.user_id.to_string(),
+            message: s.record(sid, new, &shared.keys, now_ms()),
+        }
     };
     let write = shared.store.write(vec![op]);
-    let core = core.clone();
-    let sid = sid.clone();
-    let admin = admin.clone();
+    let (core, sid, admin) = (core.clone(), sid.clone(), admin.clone());
     monoio::spawn(async move {
         match write.await {
             Ok(_) => {
@@ -357,12 +301,9 @@ fn message(
             Err(e) => {
                 core.metrics().store_errors.inc();
                 tracing::error!(session = %sid, error = %e, "storing an admin message failed");
-                let frame = error_frame(
-                    Code::Internal,
-                    "the message was not stored; send it again",
-                    client_id.as_deref(),
-                );
-                Target::of(&admin).deliver(&core, frame);
+                let msg = "the message was not stored; send it again";
+                let frame = error_frame(Code::Internal, msg, client_id.as_deref());
+                deliver(&core, Target::of(&admin), frame.into());
             }
         }
     });
@@ -370,64 +311,34 @@ fn message(
 
 /// `whole`: the admin leaves (all its connections); otherwise one connection went.
 fn leave(core: &Rc<Core>, sid: &Arc<str>, admin: &AdminRef, whole: bool) {
-    let (left, back_to_ai) = {
-        let mut sessions = core.chat.sessions.borrow_mut();
-        let Some(s) = sessions.get_mut(sid) else {
-            return;
-        };
-        let Some(i) = s.admins.iter().position(|seat| seat.admin_id == admin.id) else {
-            return;
-        };
-        let seat = &mut s.admins[i];
-        seat.conns.retain(|c| *c != (admin.core, admin.conn));
-        let left = whole || seat.conns.is_empty();
-        if left {
-            s.admins.remove(i);
-        }
-        let back = left && s.admins.is_empty() && s.state == State::Human;
-        if back {
-            s.state = State::Ai;
-        }
-        (left, back)
+    let Some(effects) = core
+        .app
+        .sessions
+        .borrow_mut()
+        .get_mut(sid)
+        .map(|s| s.leave(sid, admin, whole))
+    else {
+        return;
     };
-    if left {
-        // The leaving admin hears it too, though no longer seated.
-        let frame = ServerFrame::AdminLeft {
-            session_id: sid,
-            admin_name: &admin.name,
-        }
-        .to_json();
-        if whole {
-            Target::of(admin).deliver(core, frame.clone());
-        }
-        push_session(core, sid, frame);
-    }
+    let back_to_ai = effects
+        .iter()
+        .any(|e| matches!(e, super::session::Effect::Record { .. }));
+    perform(core, sid, &admin.id, effects);
     if back_to_ai {
-        record_state(core, sid, State::Ai, &admin.id, "admin_leave");
         tracing::info!(session = %sid, "handed back to the AI");
     }
 }
 
 /// A user asks for a human: the session waits (unless a human is already there),
 /// every connected admin is told, and the notifications go out.
-pub fn help_request(core: &Rc<Core>, sid: &Arc<str>, user: &crate::auth::Identity, conn: ConnId) {
-    let changed = {
-        let mut sessions = core.chat.sessions.borrow_mut();
-        let Some(s) = sessions.get_mut(sid) else {
-            return;
-        };
-        if s.state == State::Ended {
-            drop(sessions);
-            return push_conn(core, conn, super::ended_error(None, sid));
-        }
-        let changed = s.state == State::Ai;
-        if changed {
-            s.state = State::Waiting;
-        }
-        changed
+pub fn help_request(core: &Rc<Core>, sid: &Arc<str>, user: &Identity, conn: ConnId) {
+    let decided = match core.app.sessions.borrow_mut().get_mut(sid) {
+        Some(s) => s.help(),
+        None => return,
     };
-    if changed {
-        record_state(core, sid, State::Waiting, &user.user_id, "help_request");
+    match decided {
+        Ok(effects) => perform(core, sid, &user.user_id, effects),
+        Err(why) => return reply(core, conn, refusal_frame(why, sid, None)),
     }
     core.metrics().help_requests.inc();
     let at = now_ms();
@@ -443,7 +354,35 @@ pub fn help_request(core: &Rc<Core>, sid: &Arc<str>, user: &crate::auth::Identit
         core.metrics().mesh_dropped.inc();
         tracing::warn!(error = %e, "help request not delivered to one core's admins");
     }
-    super::notify_help(core, sid, user, at);
+    notify_help(core, sid, user, at);
+}
+
+/// Queues the notifications of a help request in the outbox; the notifier's
+/// worker delivers them, so chat never waits on a webhook or a mail server.
+fn notify_help(core: &Rc<Core>, sid: &Arc<str>, user: &Identity, at: crate::clock::Millis) {
+    let notifier = &core.shared.app.notifier;
+    let event = crate::notify::HelpEvent {
+        session_id: sid.to_string(),
+        user_id: user.user_id.to_string(),
+        user_name: user.name.to_string(),
+        at,
+    };
+    let ops = notifier.enqueue_ops(&event);
+    tracing::info!(session = %sid, user = %user.user_id, channels = ops.len(), "help requested");
+    if ops.is_empty() {
+        return;
+    }
+    let write = core.shared.app.store.write(ops);
+    let core = core.clone();
+    monoio::spawn(async move {
+        match write.await {
+            Ok(_) => core.shared.app.notifier.wake(),
+            Err(e) => {
+                core.metrics().store_errors.inc();
+                tracing::error!(error = %e, "queueing help-request notifications failed");
+            }
+        }
+    });
 }
 
 /// Tells the owning cores that an admin connection closed.
@@ -465,24 +404,16 @@ pub fn admin_gone(
 /// An admin ended the session (admin API): it takes no new messages; a running
 /// answer stops; everyone in it is told, and the admins leave it.
 pub fn end(core: &Rc<Core>, sid: &Arc<str>) {
-    {
-        let mut sessions = core.chat.sessions.borrow_mut();
-        let Some(s) = sessions.get_mut(sid) else {
-            return;
-        };
-        s.state = State::Ended;
-        if let Some(a) = s.answer.as_ref().filter(|a| a.done.is_none()) {
-            a.cancel.cancel();
-        }
-    }
-    push_session(
-        core,
-        sid,
-        ServerFrame::SessionEnded { session_id: sid }.to_json(),
-    );
-    if let Some(s) = core.chat.sessions.borrow_mut().get_mut(sid) {
-        s.admins.clear();
-    }
+    let Some(effects) = core
+        .app
+        .sessions
+        .borrow_mut()
+        .get_mut(sid)
+        .map(|s| s.end(sid))
+    else {
+        return;
+    };
+    perform(core, sid, "", effects);
 }
 
 #[cfg(test)]

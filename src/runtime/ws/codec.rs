@@ -17,7 +17,7 @@ use tungstenite::error::ProtocolError;
 use tungstenite::protocol::frame::coding::{CloseCode, Control, Data, OpCode};
 use tungstenite::protocol::frame::FrameHeader;
 
-use crate::io::Socket;
+use crate::runtime::io::Socket;
 
 /// Bytes asked of the kernel per `recv`: large enough that a burst of pipelined
 /// frames arrives in one call; the buffer is freed again once it is consumed.

@@ -4,10 +4,10 @@
 
 use std::net::SocketAddr;
 
-use crate::auth::{AuthError, Identity, Verifier};
-use crate::http::head::{has_token, Head};
-use crate::http::Refuse;
+use crate::auth::{bearer, AuthError, Identity, Verifier};
 use crate::metrics::Refusal;
+use crate::runtime::http::head::{has_token, Head};
+use crate::runtime::http::Refuse;
 
 /// Which connection machinery serves the socket after the upgrade.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,13 +115,9 @@ pub fn check(
 /// The token from `Authorization: Bearer`, else from `?token=` (browsers cannot set
 /// headers on a WebSocket).
 fn authenticate(head: &Head, verifier: &Verifier) -> Result<Identity, Refuse> {
-    let from_header = head.authorization.as_deref().and_then(|v| {
-        let (scheme, token) = v.split_once(' ')?;
-        scheme
-            .eq_ignore_ascii_case("bearer")
-            .then(|| token.trim().to_owned())
-    });
+    let from_header = head.authorization.as_deref().and_then(bearer);
     let token = from_header
+        .map(str::to_owned)
         .or_else(|| head.query_param("token"))
         .ok_or(AuthError::Missing);
     let unauthorized = |e: AuthError| {

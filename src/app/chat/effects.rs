@@ -1,0 +1,85 @@
+//! Performs what sessions decide: frames to connections here or on other cores,
+//! state changes to storage, answers to stop.
+
+use std::rc::Rc;
+use std::sync::Arc;
+
+use super::session::{Effect, Target};
+use super::takeover::State;
+use crate::app::Core;
+use crate::clock::now_ms;
+use crate::runtime::ConnId;
+use crate::store::WriteOp;
+
+/// Performs `effects` of session `sid` in order; `actor` made the change.
+pub fn perform(core: &Rc<Core>, sid: &Arc<str>, actor: &str, effects: Vec<Effect>) {
+    for effect in effects {
+        match effect {
+            Effect::Cancel(flag) => flag.cancel(),
+            Effect::Record { state, action } => record_state(core, sid, state, actor, action),
+            Effect::Send(targets, frame) => {
+                let frame: Arc<str> = frame.into();
+                for to in targets {
+                    deliver(core, to, frame.clone());
+                }
+            }
+        }
+    }
+}
+
+/// Performs a cancel decided where no core is at hand (inside a borrow of the
+/// sessions); any other effect would be a logic error there and is ignored.
+pub fn cancel_now(effect: Effect) {
+    if let Effect::Cancel(flag) = effect {
+        flag.cancel();
+    }
+}
+
+/// Sends a frame to one connection of this core.
+pub fn reply(core: &Core, conn: ConnId, frame: String) {
+    core.push_conn(conn, frame.into());
+}
+
+/// Sends a frame to a connection here or, through the mesh, on another core.
+pub fn deliver(core: &Core, to: Target, frame: Arc<str>) {
+    match to {
+        Target::Local(conn) => core.push_conn(conn, frame),
+        Target::Remote(owner, conn) => core.deliver(owner, conn, frame),
+    }
+}
+
+/// Sends a frame to every connection attached to the session. This runs for every
+/// `ai_chunk`: the session is read in place, never copied per frame, and pushing
+/// touches the registry, the outboxes and the mesh, never the sessions.
+pub fn push_session(core: &Core, sid: &str, frame: String) {
+    let frame: Arc<str> = frame.into();
+    let sessions = core.app.sessions.borrow();
+    let Some(s) = sessions.get(sid) else { return };
+    for &conn in &s.attached {
+        core.push_conn(conn, frame.clone());
+    }
+    for (owner, conn) in s.admin_conns() {
+        core.deliver(owner, conn, frame.clone());
+    }
+}
+
+/// Persists a state change with who made it; a failure is counted and logged
+/// (the change already holds in memory).
+fn record_state(core: &Rc<Core>, sid: &Arc<str>, state: State, actor: &str, action: &'static str) {
+    let op = WriteOp::SetState {
+        session_id: sid.to_string(),
+        state: state.as_str(),
+        actor: actor.to_owned(),
+        action,
+        at: now_ms(),
+    };
+    let write = core.shared.app.store.write(vec![op]);
+    let core = core.clone();
+    let sid = sid.clone();
+    monoio::spawn(async move {
+        if let Err(e) = write.await {
+            core.metrics().store_errors.inc();
+            tracing::error!(session = %sid, error = %e, "recording a session state failed");
+        }
+    });
+}

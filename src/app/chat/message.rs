@@ -1,0 +1,243 @@
+//! A user message: rate limit, session (new, in memory, or loaded), a durable
+//! `ack` once stored, then the answer, unless a human has the session.
+
+use std::rc::Rc;
+use std::sync::Arc;
+
+use super::effects::{deliver, push_session, reply};
+use super::session::{refusal_frame, NewMessage, Refusal, Target};
+use super::takeover::State;
+use super::{answer, forbidden, with_session};
+use crate::app::frames::{error_frame, Code, ServerFrame, Usage};
+use crate::app::Core;
+use crate::clock::{new_id, now_ms};
+use crate::llm::{ModelSpec, TurnRole};
+use crate::runtime::ConnId;
+use crate::store::{Role, SessionRecord, StoreError, WriteOp, WriteOutcome};
+
+/// When a client whose message met a full storage queue should send it again.
+const STORE_RETRY_AFTER_MS: u64 = 1000;
+
+/// A user message on its way to storage and to the model.
+pub struct Pending {
+    /// The client's `id`.
+    pub id: Option<String>,
+    pub content: String,
+    pub model: Arc<ModelSpec>,
+}
+
+/// Handles a `user_message` of `user` from `conn`. Returns an immediate reply for
+/// the connection; everything else arrives through the session's outboxes.
+pub fn user_message(
+    core: &Rc<Core>,
+    conn: ConnId,
+    user: &Arc<str>,
+    session_id: Option<String>,
+    msg: Pending,
+) -> Option<String> {
+    let now = now_ms();
+    if let Err(wait) = core.app.rate_check(user, now) {
+        core.metrics().rate_limited.inc();
+        let message = format!("rate limit reached; retry in {wait} ms");
+        let frame = ServerFrame::Error {
+            code: Code::RateLimited,
+            message: &message,
+            id: msg.id.as_deref(),
+            session_id: session_id.as_deref(),
+            retry_after_ms: Some(wait),
+        };
+        return Some(frame.to_json());
+    }
+    if let Some(sid) = session_id {
+        let user2 = user.clone();
+        let id = msg.id.clone();
+        with_session(core, conn, user, sid.into(), id, move |core, sid| {
+            append(core, sid, conn, &user2, msg, false)
+        });
+        return None;
+    }
+    let sid = new_id("s");
+    let max = core.shared.app.sessions_per_user_max;
+    match core.app.create(user, sid.clone(), now, max) {
+        Ok(in_memory) => {
+            core.metrics().sessions_created.inc();
+            core.metrics().sessions_in_memory.set(in_memory as u64);
+        }
+        Err(why) => return Some(error_frame(Code::InvalidMessage, why, msg.id.as_deref())),
+    }
+    core.app.attach(&sid, conn);
+    let frame = ServerFrame::Session {
+        session_id: &sid,
+        created: true,
+        messages: None,
+    };
+    reply(core, conn, frame.to_json());
+    append(core, &sid, conn, user, msg, true);
+    None
+}
+
+/// Seals the message into the session and submits it (with the session itself
+/// when it is new); the ack and the answer follow the commit.
+fn append(
+    core: &Rc<Core>,
+    sid: &Arc<str>,
+    conn: ConnId,
+    user: &Arc<str>,
+    msg: Pending,
+    new_session: bool,
+) {
+    let shared = &core.shared.app;
+    let now = now_ms();
+    let message_id = new_id("m");
+    let (record, created_at) = {
+        let mut sessions = core.app.sessions.borrow_mut();
+        let Some(s) = sessions.get_mut(sid) else {
+            return;
+        };
+        if s.state == State::Ended {
+            drop(sessions);
+            return reply(
+                core,
+                conn,
+                refusal_frame(Refusal::Ended, sid, msg.id.as_deref()),
+            );
+        }
+        let new = NewMessage {
+            message_id: &message_id,
+            role: Role::User,
+            author: user,
+            client_id: msg.id.clone(),
+            text: &msg.content,
+            usage: Usage::default(),
+            cancelled: false,
+        };
+        (s.record(sid, new, &shared.keys, now), s.created_at)
+    };
+    let mut ops = Vec::with_capacity(2);
+    if new_session {
+        ops.push(WriteOp::CreateSession(SessionRecord {
+            id: sid.to_string(),
+            user_id: user.to_string(),
+            created_at,
+            last_activity: now,
+            state: State::Ai.as_str().into(),
+            message_count: 0,
+            tokens_in: 0,
+            tokens_out: 0,
+            ended_at: None,
+        }));
+    }
+    ops.push(WriteOp::AppendMessage {
+        user_id: user.to_string(),
+        message: record,
+    });
+    core.metrics().messages_in.inc();
+    let write = shared.store.write(ops);
+    let (core, sid, user) = (core.clone(), sid.clone(), user.clone());
+    monoio::spawn(async move {
+        match write.await {
+            Ok(outcomes) => match outcomes.last() {
+                Some(WriteOutcome::Duplicate {
+                    message_id,
+                    session_id,
+                }) => acked_again(&core, conn, msg.id.as_deref(), session_id, message_id),
+                _ => stored(&core, &sid, &user, &message_id, msg),
+            },
+            Err(e) => not_stored(&core, &sid, conn, msg.id.as_deref(), e),
+        }
+    });
+}
+
+/// A resend: the original was stored (and answered) already; only the sender
+/// hears the original ack again.
+fn acked_again(core: &Core, conn: ConnId, id: Option<&str>, sid: &str, message_id: &str) {
+    core.metrics().duplicates.inc();
+    let ack = ServerFrame::Ack {
+        id,
+        session_id: sid,
+        message_id,
+        duplicate: true,
+    };
+    reply(core, conn, ack.to_json());
+}
+
+/// The message is durable: everyone in the session gets the ack, admins see
+/// what the user wrote, and the AI answers unless a human has the session.
+fn stored(core: &Rc<Core>, sid: &Arc<str>, user: &str, message_id: &str, msg: Pending) {
+    core.metrics().acks.inc();
+    let ack = ServerFrame::Ack {
+        id: msg.id.as_deref(),
+        session_id: sid,
+        message_id,
+        duplicate: false,
+    };
+    push_session(core, sid, ack.to_json());
+    let (human, admins) = match core.app.sessions.borrow_mut().get_mut(sid) {
+        Some(s) => {
+            s.remember(
+                TurnRole::User,
+                msg.content.as_str().into(),
+                core.shared.app.context,
+            );
+            let admins: Vec<(usize, ConnId)> = s.admin_conns().collect();
+            (s.state == State::Human, admins)
+        }
+        None => (false, Vec::new()),
+    };
+    if !admins.is_empty() {
+        let relay: Arc<str> = ServerFrame::UserMessage {
+            session_id: sid,
+            message_id,
+            user_id: user,
+            content: &msg.content,
+        }
+        .to_json()
+        .into();
+        for (owner, conn) in admins {
+            deliver(core, Target::Remote(owner, conn), relay.clone());
+        }
+    }
+    // While a human has the session, the AI stays silent.
+    if !human {
+        answer::start(core, sid, msg.model);
+    }
+}
+
+/// The write failed: one error to the sender. A full write queue (storage slow or
+/// away) is backpressure: say so, and when to try again.
+fn not_stored(core: &Core, sid: &str, conn: ConnId, id: Option<&str>, e: StoreError) {
+    core.metrics().store_errors.inc();
+    tracing::error!(session = %sid, error = %e, "storing a user message failed");
+    let (code, message, retry_after_ms) = match e {
+        StoreError::Overloaded(_) => (
+            Code::Overloaded,
+            "storage is busy; the message was not stored: send it again with the same id",
+            Some(STORE_RETRY_AFTER_MS),
+        ),
+        _ => (
+            Code::Internal,
+            "the message was not stored; send it again with the same id",
+            None,
+        ),
+    };
+    let frame = ServerFrame::Error {
+        code,
+        message,
+        id,
+        session_id: Some(sid),
+        retry_after_ms,
+    };
+    reply(core, conn, frame.to_json());
+}
+
+/// A user's `cancel`; only the session's own user may cancel.
+pub fn cancel(core: &Rc<Core>, user: &str, sid: &str, id: Option<&str>) -> Option<String> {
+    let sessions = core.app.sessions.borrow();
+    match sessions.get(sid) {
+        Some(s) if *s.user_id == *user => {
+            s.cancel().into_iter().for_each(super::effects::cancel_now);
+            None
+        }
+        _ => Some(forbidden(id, Some(sid))),
+    }
+}

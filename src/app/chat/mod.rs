@@ -1,0 +1,357 @@
+//! Chat sessions owned by a core: the state a core keeps for them and the commands
+//! that act on them, one file per concern.
+//!
+//! - [`session`]: one session's state machine; decides and returns effects.
+//! - [`effects`]: performs those effects and delivers frames, here or on another core.
+//! - [`message`]: a user message, from a valid frame to a durable `ack`.
+//! - [`answer`]: the model's streamed answer, stored when it ends.
+//! - [`resume`]: history and the missed chunks of a running answer.
+//! - [`takeover`]: admins joining, writing in and leaving a session; help requests.
+//!
+//! A session lives on the core of its user (every connection of that user is
+//! there), so its state is plain `RefCell` data. Borrows never cross an `.await`:
+//! each step borrows, decides, releases, and only then awaits storage.
+
+pub mod answer;
+pub mod effects;
+pub mod message;
+pub mod resume;
+pub mod session;
+pub mod takeover;
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::frames::{self, error_frame, Code};
+use super::Core;
+use crate::clock::{now_ms, Millis};
+use crate::config::Config;
+use crate::crypto::KeyRing;
+use crate::limiter::Limiter;
+use crate::llm::Models;
+use crate::notify::Notifier;
+use crate::pool::BlockingPool;
+use crate::runtime::ConnId;
+use crate::store::{MessageRecord, SessionRecord, Store};
+use session::{ContextLimits, Session};
+
+/// Sessions one connection may be attached to; the oldest is detached beyond it.
+const SESSIONS_PER_CONNECTION_MAX: usize = 64;
+/// Users whose rate-limit state a core keeps (see [`Limiter`]).
+const LIMITER_USERS_MAX: usize = 100_000;
+/// Admins whose admin-API rate-limit state a core keeps.
+const ADMIN_LIMITER_USERS_MAX: usize = 10_000;
+
+/// Read-only chat settings and services, shared by every core.
+pub struct ChatShared {
+    pub store: Arc<dyn Store>,
+    pub keys: KeyRing,
+    pub limits: frames::Limits,
+    pub rate_limit_per_minute: u32,
+    pub admin_rate_limit_per_minute: u32,
+    pub history_messages_max: usize,
+    pub session_idle: Duration,
+    pub sessions_per_user_max: usize,
+    pub answer_bytes_max: usize,
+    pub demo_chunk_delay: Duration,
+    pub models: Arc<Models>,
+    pub context: ContextLimits,
+    /// How long an answer outlives the user's last connection.
+    pub grace: Duration,
+    pub notifier: Arc<Notifier>,
+    pub pool: BlockingPool,
+}
+
+impl ChatShared {
+    pub fn new(
+        config: &Config,
+        store: Arc<dyn Store>,
+        keys: KeyRing,
+        models: Arc<Models>,
+        notifier: Arc<Notifier>,
+        pool: BlockingPool,
+    ) -> ChatShared {
+        ChatShared {
+            store,
+            keys,
+            limits: frames::Limits {
+                content_chars_max: config.content_chars_max,
+                metadata_bytes_max: config.metadata_bytes_max,
+                ..frames::Limits::default()
+            },
+            rate_limit_per_minute: config.rate_limit_per_minute,
+            admin_rate_limit_per_minute: config.admin_rate_limit_per_minute,
+            history_messages_max: config.history_messages_max,
+            session_idle: Duration::from_secs(config.session_idle_secs),
+            sessions_per_user_max: config.sessions_per_user_max,
+            answer_bytes_max: config.answer_bytes_max,
+            demo_chunk_delay: Duration::from_millis(config.demo_chunk_delay_ms),
+            models,
+            context: ContextLimits {
+                messages_max: config.llm_context_messages_max,
+                chars_max: config.llm_context_chars_max,
+            },
+            grace: Duration::from_secs(config.llm_grace_secs),
+            notifier,
+            pool,
+        }
+    }
+}
+
+/// The chat state one core owns (`!Send`: it never leaves its core).
+pub struct ChatCore {
+    pub(crate) sessions: RefCell<HashMap<Arc<str>, Session>>,
+    conn_sessions: RefCell<HashMap<ConnId, Vec<Arc<str>>>>,
+    limiter: RefCell<Limiter>,
+    /// The admin API's rate limit, per admin, on this core.
+    admin_limiter: RefCell<Limiter>,
+    scratch: RefCell<(Vec<u8>, simd_json::Buffers)>,
+}
+
+impl ChatCore {
+    pub fn new(shared: &ChatShared) -> ChatCore {
+        ChatCore {
+            sessions: RefCell::default(),
+            conn_sessions: RefCell::default(),
+            limiter: RefCell::new(Limiter::new(
+                shared.rate_limit_per_minute,
+                LIMITER_USERS_MAX,
+            )),
+            admin_limiter: RefCell::new(Limiter::new(
+                shared.admin_rate_limit_per_minute,
+                ADMIN_LIMITER_USERS_MAX,
+            )),
+            scratch: RefCell::default(),
+        }
+    }
+
+    pub fn sessions_in_memory(&self) -> usize {
+        self.sessions.borrow().len()
+    }
+
+    /// Parses a frame with the core's reusable buffers.
+    pub fn parse(
+        &self,
+        text: &str,
+        limits: &frames::Limits,
+    ) -> Result<frames::Incoming, frames::Refused> {
+        let mut s = self.scratch.borrow_mut();
+        let (buf, buffers) = &mut *s;
+        frames::parse(text, limits, buf, buffers)
+    }
+
+    /// Takes a token from `user`'s message bucket, or says when to retry (ms).
+    pub fn rate_check(&self, user: &Arc<str>, now: Millis) -> Result<(), u64> {
+        self.limiter.borrow_mut().check(user, now)
+    }
+
+    /// Takes a token from `admin`'s admin-API bucket, or says when to retry (ms).
+    pub fn admin_rate_check(&self, admin: &Arc<str>, now: Millis) -> Result<(), u64> {
+        self.admin_limiter.borrow_mut().check(admin, now)
+    }
+
+    /// Attaches a connection to a session: it gets the session's frames from now.
+    pub fn attach(&self, sid: &Arc<str>, conn: ConnId) {
+        let mut sessions = self.sessions.borrow_mut();
+        let Some(s) = sessions.get_mut(sid) else {
+            return;
+        };
+        if !s.attached.contains(&conn) {
+            s.attached.push(conn);
+        }
+        let mut cs = self.conn_sessions.borrow_mut();
+        let list = cs.entry(conn).or_default();
+        if !list.contains(sid) {
+            list.push(sid.clone());
+            if list.len() > SESSIONS_PER_CONNECTION_MAX {
+                let old = list.remove(0);
+                if let Some(s) = sessions.get_mut(&old) {
+                    s.attached.retain(|c| *c != conn);
+                }
+            }
+        }
+    }
+
+    /// Forgets a closed connection everywhere it was attached.
+    pub fn detach_conn(&self, conn: ConnId) {
+        let Some(list) = self.conn_sessions.borrow_mut().remove(&conn) else {
+            return;
+        };
+        let mut sessions = self.sessions.borrow_mut();
+        for sid in list {
+            if let Some(s) = sessions.get_mut(&sid) {
+                s.attached.retain(|c| *c != conn);
+            }
+        }
+    }
+
+    /// Drops every session of `user` from memory (their data was deleted),
+    /// stopping any answer still running.
+    pub fn forget_user(&self, user: &str) -> usize {
+        let mut sessions = self.sessions.borrow_mut();
+        let before = sessions.len();
+        sessions.retain(|_, s| {
+            let keep = &*s.user_id != user;
+            if !keep {
+                for effect in s.cancel() {
+                    effects::cancel_now(effect);
+                }
+            }
+            keep
+        });
+        before - sessions.len()
+    }
+
+    /// Drops idle sessions (no connection, no running answer) not active for
+    /// `idle_ms`; they stay in storage and come back on `resume`.
+    pub fn expire(&self, now: Millis, idle_ms: i64) -> usize {
+        let mut sessions = self.sessions.borrow_mut();
+        let before = sessions.len();
+        sessions.retain(|_, s| !(s.idle() && now - s.last_activity >= idle_ms));
+        before - sessions.len()
+    }
+
+    /// Adds a new session of `user`, making room among the user's idle sessions
+    /// (they stay stored) when the per-user bound is reached.
+    pub fn create(
+        &self,
+        user: &Arc<str>,
+        sid: Arc<str>,
+        now: Millis,
+        max: usize,
+    ) -> Result<usize, &'static str> {
+        let mut sessions = self.sessions.borrow_mut();
+        let mine = |sessions: &HashMap<Arc<str>, Session>| {
+            sessions.values().filter(|s| s.user_id == *user).count()
+        };
+        if mine(&sessions) >= max {
+            sessions.retain(|_, s| s.user_id != *user || !s.idle());
+            if mine(&sessions) >= max {
+                return Err("too many open sessions; close or finish one first");
+            }
+        }
+        sessions.insert(sid, Session::new(user.clone(), now));
+        Ok(sessions.len())
+    }
+
+    /// Puts a stored session back in memory, unless a load that finished first
+    /// already did. Returns the number of sessions in memory.
+    pub fn restore(
+        &self,
+        sid: &Arc<str>,
+        rec: &SessionRecord,
+        messages: &[MessageRecord],
+        shared: &ChatShared,
+    ) -> usize {
+        let mut sessions = self.sessions.borrow_mut();
+        if !sessions.contains_key(sid) {
+            // A message that fails authentication is reported on resume, not used here.
+            let opened = messages.iter().filter_map(|m| {
+                let text = shared
+                    .keys
+                    .open(&m.session_id, &m.message_id, &m.sealed)
+                    .ok()?;
+                Some((m.role, text))
+            });
+            let last_seq = messages.last().map_or(0, |m| m.seq);
+            let session = Session::restore(rec, last_seq, opened, shared.context);
+            sessions.insert(sid.clone(), session);
+        }
+        sessions.len()
+    }
+}
+
+/// Runs `then` once the session is in memory and known to belong to `user`,
+/// loading it from storage first if needed. Refuses with `forbidden` otherwise.
+pub fn with_session(
+    core: &Rc<Core>,
+    conn: ConnId,
+    user: &Arc<str>,
+    sid: Arc<str>,
+    id: Option<String>,
+    then: impl FnOnce(&Rc<Core>, &Arc<str>) + 'static,
+) {
+    let owner = core
+        .app
+        .sessions
+        .borrow()
+        .get(&sid)
+        .map(|s| s.user_id.clone());
+    match owner {
+        Some(o) if o == *user => {
+            core.app.attach(&sid, conn);
+            then(core, &sid)
+        }
+        Some(_) => effects::reply(core, conn, forbidden(id.as_deref(), Some(&sid))),
+        None => {
+            let core = core.clone();
+            let user = user.clone();
+            let shared = &core.shared.app;
+            let load = shared.store.load_session(&sid, shared.context.messages_max);
+            monoio::spawn(async move {
+                match load.await {
+                    Ok(Some((rec, msgs))) if *rec.user_id == *user => {
+                        rehydrate(&core, &sid, &rec, &msgs);
+                        core.app.attach(&sid, conn);
+                        then(&core, &sid)
+                    }
+                    Ok(_) => effects::reply(&core, conn, forbidden(id.as_deref(), Some(&sid))),
+                    Err(e) => {
+                        core.metrics().store_errors.inc();
+                        tracing::error!(session = %sid, error = %e, "loading a session failed");
+                        let msg = "could not load the session; retry";
+                        effects::reply(
+                            &core,
+                            conn,
+                            error_frame(Code::Internal, msg, id.as_deref()),
+                        );
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// Puts a stored session back in memory and counts it.
+pub fn rehydrate(core: &Core, sid: &Arc<str>, rec: &SessionRecord, messages: &[MessageRecord]) {
+    let n = core.app.restore(sid, rec, messages, &core.shared.app);
+    core.metrics().sessions_in_memory.set(n as u64);
+}
+
+/// The refusal for a session that is someone else's or does not exist: the same
+/// answer for both, so ids cannot be probed.
+pub fn forbidden(id: Option<&str>, session_id: Option<&str>) -> String {
+    super::frames::ServerFrame::Error {
+        code: Code::Forbidden,
+        message: "no such session for this user",
+        id,
+        session_id,
+        retry_after_ms: None,
+    }
+    .to_json()
+}
+
+/// Expires idle sessions of this core until the gate closes.
+pub async fn expiry_loop(core: Rc<Core>) {
+    let idle = core.shared.app.session_idle;
+    let every = (idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(60));
+    loop {
+        monoio::select! {
+            _ = monoio::time::sleep(every) => {}
+            _ = core.gate.closed() => return,
+        }
+        let n = core.app.expire(now_ms(), idle.as_millis() as i64);
+        core.metrics()
+            .sessions_in_memory
+            .set(core.app.sessions_in_memory() as u64);
+        if n > 0 {
+            tracing::debug!(core = core.id, expired = n, "idle sessions left memory");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

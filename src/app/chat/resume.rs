@@ -1,0 +1,110 @@
+//! `resume`: the stored history (decrypted), then the missed chunks of the answer
+//! still running and, live, the rest.
+
+use std::rc::Rc;
+use std::sync::Arc;
+
+use super::effects::deliver;
+use super::session::Target;
+use crate::app::frames::{error_frame, Code, HistoryItem, ServerFrame};
+use crate::app::Core;
+use crate::store::MessageRecord;
+
+/// Sends the history and the running answer to `to`, in the background.
+pub fn resume(core: &Rc<Core>, sid: &Arc<str>, to: Target, after_seq: Option<u64>) {
+    monoio::spawn(resume_now(core.clone(), sid.clone(), to, after_seq));
+}
+
+/// [`resume`], awaited: returns once every frame is queued for `to`.
+pub async fn resume_now(core: Rc<Core>, sid: Arc<str>, to: Target, after_seq: Option<u64>) {
+    let shared = &core.shared.app;
+    let send = |frame: String| deliver(&core, to, frame.into());
+    let messages = match shared
+        .store
+        .load_session(&sid, shared.history_messages_max)
+        .await
+    {
+        Ok(Some((_, messages))) => messages,
+        Ok(None) => Vec::new(),
+        Err(e) => {
+            core.metrics().store_errors.inc();
+            tracing::error!(session = %sid, error = %e, "loading history failed");
+            return send(error_frame(
+                Code::Internal,
+                "could not load the history; retry",
+                None,
+            ));
+        }
+    };
+    let (history, withheld) = open_history(&core, &sid, &messages);
+    // From here on everything is synchronous: no chunk can slip in between.
+    let frame = ServerFrame::Session {
+        session_id: &sid,
+        created: false,
+        messages: Some(&history),
+    };
+    send(frame.to_json());
+    if withheld > 0 {
+        core.metrics().integrity_failures.add(withheld);
+        let msg =
+            format!("{withheld} stored message(s) failed their integrity check and were withheld");
+        send(error_frame(Code::Internal, &msg, None));
+    }
+    let replay = core.app.sessions.borrow().get(&sid).and_then(|s| {
+        let a = s.answer.as_ref()?;
+        let stored = history.iter().any(|h| *h.message_id == *a.message_id);
+        (!stored).then(|| (a.message_id.clone(), a.chunks.clone(), a.done))
+    });
+    let Some((message_id, chunks, done)) = replay else {
+        return;
+    };
+    let from = after_seq.unwrap_or(0);
+    for (i, content) in chunks.iter().enumerate().skip(from as usize) {
+        let seq = i as u64 + 1;
+        send(
+            ServerFrame::AiChunk {
+                session_id: &sid,
+                message_id: &message_id,
+                seq,
+                content,
+            }
+            .to_json(),
+        );
+    }
+    if let Some((usage, cancelled)) = done {
+        send(
+            ServerFrame::AiDone {
+                session_id: &sid,
+                message_id: &message_id,
+                usage,
+                cancelled,
+            }
+            .to_json(),
+        );
+    }
+}
+
+/// Decrypts stored messages; those that fail authentication are withheld,
+/// counted and logged (never shown as if nothing were wrong).
+fn open_history(core: &Core, sid: &str, messages: &[MessageRecord]) -> (Vec<HistoryItem>, u64) {
+    let keys = &core.shared.app.keys;
+    let mut withheld = 0;
+    let history = messages
+        .iter()
+        .filter_map(|m| match keys.open(&m.session_id, &m.message_id, &m.sealed) {
+            Ok(content) => Some(HistoryItem {
+                message_id: m.message_id.clone(),
+                role: m.role.as_str(),
+                content,
+                created_at: m.created_at,
+                cancelled: m.cancelled,
+            }),
+            Err(e) => {
+                withheld += 1;
+                tracing::error!(session = %sid, message = %m.message_id, error = %e, "stored message failed its integrity check");
+                None
+            }
+        })
+        .collect();
+    (history, withheld)
+}

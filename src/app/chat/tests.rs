@@ -1,0 +1,195 @@
+//! Unit tests of the per-core session bookkeeping and of the session state
+//! machine's transitions, without a running core.
+
+use std::rc::Rc;
+use std::sync::Arc;
+
+use super::session::{CancelFlag, Effect, Refusal, Session, Target};
+use super::takeover::{AdminRef, State};
+use super::ChatCore;
+use crate::limiter::Limiter;
+
+fn core_state() -> ChatCore {
+    ChatCore {
+        sessions: Default::default(),
+        conn_sessions: Default::default(),
+        limiter: std::cell::RefCell::new(Limiter::new(60, 10)),
+        admin_limiter: std::cell::RefCell::new(Limiter::new(60, 10)),
+        scratch: Default::default(),
+    }
+}
+
+fn session(user: &str, last: i64, attached: Vec<u64>) -> Session {
+    let mut s = Session::new(user.into(), 0);
+    s.last_activity = last;
+    s.attached = attached;
+    s
+}
+
+fn admin(id: &str, core: usize, conn: u64) -> AdminRef {
+    AdminRef {
+        id: id.into(),
+        name: format!("{id} name").into(),
+        core,
+        conn,
+    }
+}
+
+#[test]
+fn expiry_keeps_attached_and_recent_sessions() {
+    let chat = core_state();
+    {
+        let mut s = chat.sessions.borrow_mut();
+        s.insert("old".into(), session("u", 0, vec![]));
+        s.insert("recent".into(), session("u", 9_000, vec![]));
+        s.insert("attached".into(), session("u", 0, vec![7]));
+    }
+    assert_eq!(chat.expire(10_000, 5_000), 1);
+    let s = chat.sessions.borrow();
+    assert!(!s.contains_key("old") && s.contains_key("recent") && s.contains_key("attached"));
+}
+
+#[test]
+fn detach_forgets_a_connection_everywhere() {
+    let chat = core_state();
+    chat.sessions
+        .borrow_mut()
+        .insert("a".into(), session("u", 0, vec![]));
+    chat.sessions
+        .borrow_mut()
+        .insert("b".into(), session("u", 0, vec![]));
+    chat.attach(&"a".into(), 1);
+    chat.attach(&"b".into(), 1);
+    chat.attach(&"b".into(), 2);
+    chat.detach_conn(1);
+    let s = chat.sessions.borrow();
+    assert!(s["a"].attached.is_empty());
+    assert_eq!(s["b"].attached, [2]);
+    assert!(chat.conn_sessions.borrow().get(&1).is_none());
+}
+
+#[test]
+fn the_per_user_bound_makes_room_among_idle_sessions_only() {
+    let chat = core_state();
+    let u: Arc<str> = "u".into();
+    assert!(chat.create(&u, "a".into(), 0, 2).is_ok());
+    assert!(chat.create(&u, "b".into(), 0, 2).is_ok());
+    chat.attach(&"a".into(), 1);
+    chat.attach(&"b".into(), 1);
+    assert!(
+        chat.create(&u, "c".into(), 0, 2).is_err(),
+        "both are in use"
+    );
+    chat.detach_conn(1);
+    assert_eq!(
+        chat.create(&u, "c".into(), 0, 2),
+        Ok(1),
+        "idle ones made room"
+    );
+}
+
+#[test]
+fn an_admin_joining_stops_the_answer_and_records_the_takeover() {
+    let mut s = session("u", 0, vec![1]);
+    let flag = Rc::new(CancelFlag::default());
+    let _ = s.begin_answer("m1".into(), flag.clone());
+    let (newly_human, effects) = s.join(&admin("a", 1, 9)).expect("open session");
+    assert!(newly_human);
+    assert_eq!(s.state, State::Human);
+    assert!(matches!(&effects[0], Effect::Cancel(f) if Rc::ptr_eq(f, &flag)));
+    assert!(matches!(
+        effects[1],
+        Effect::Record {
+            state: State::Human,
+            action: "admin_join"
+        }
+    ));
+    // Joining again from the same connection changes nothing more.
+    let (again, _) = s.join(&admin("a", 1, 9)).expect("still open");
+    assert!(!again);
+    assert_eq!(s.admins.len(), 1);
+}
+
+#[test]
+fn a_seat_gets_live_frames_only_once_announced() {
+    let mut s = session("u", 0, vec![1]);
+    s.join(&admin("a", 1, 9)).expect("open");
+    assert_eq!(s.everyone(), [Target::Local(1)]);
+    assert!(s.announce("a").is_empty());
+    s.join(&admin("b", 0, 5)).expect("open");
+    assert_eq!(
+        s.announce("b"),
+        [Arc::<str>::from("a name")],
+        "b is told about a"
+    );
+    assert_eq!(
+        s.everyone(),
+        [Target::Local(1), Target::Remote(1, 9), Target::Remote(0, 5)]
+    );
+}
+
+#[test]
+fn the_last_admin_out_hands_back_to_the_ai() {
+    let mut s = session("u", 0, vec![1]);
+    for (id, conn) in [("a", 9), ("b", 8)] {
+        s.join(&admin(id, 0, conn)).expect("open");
+        s.announce(id);
+    }
+    let first = s.leave("s1", &admin("a", 0, 9), true);
+    assert_eq!(s.state, State::Human, "b is still there");
+    assert!(!first.iter().any(|e| matches!(e, Effect::Record { .. })));
+    // One connection of b going is b leaving when it was its only one.
+    let last = s.leave("s1", &admin("b", 0, 8), false);
+    assert_eq!(s.state, State::Ai);
+    assert!(last.iter().any(|e| matches!(
+        e,
+        Effect::Record {
+            state: State::Ai,
+            ..
+        }
+    )));
+    assert!(
+        s.leave("s1", &admin("b", 0, 8), true).is_empty(),
+        "not seated: nothing"
+    );
+}
+
+#[test]
+fn help_waits_once_and_an_ended_session_refuses_everything() {
+    let mut s = session("u", 0, vec![1]);
+    assert_eq!(s.help().map(|e| e.len()), Ok(1));
+    assert_eq!(s.state, State::Waiting);
+    assert_eq!(
+        s.help().map(|e| e.len()),
+        Ok(0),
+        "already waiting: no new record"
+    );
+    let effects = s.end("s1");
+    assert!(matches!(&effects[..], [Effect::Send(to, _)] if to == &[Target::Local(1)]));
+    assert_eq!(s.help().err(), Some(Refusal::Ended));
+    assert_eq!(s.join(&admin("a", 0, 1)).err(), Some(Refusal::Ended));
+    assert_eq!(s.seated("a"), Err(Refusal::NotJoined));
+}
+
+#[test]
+fn records_take_consecutive_places() {
+    let keys = crate::crypto::KeyRing::new(&"11".repeat(32), &[]).expect("valid key");
+    let mut s = session("u", 0, vec![]);
+    let msg = |id: &'static str| super::session::NewMessage {
+        message_id: id,
+        role: crate::store::Role::User,
+        author: "u",
+        client_id: None,
+        text: "hello",
+        usage: Default::default(),
+        cancelled: false,
+    };
+    let a = s.record("s1", msg("m1"), &keys, 5);
+    let b = s.record("s1", msg("m2"), &keys, 7);
+    assert_eq!((a.seq, b.seq), (1, 2));
+    assert_eq!(s.last_activity, 7);
+    assert_eq!(
+        keys.open("s1", "m2", &b.sealed).ok().as_deref(),
+        Some("hello")
+    );
+}

@@ -1,0 +1,158 @@
+//! One authenticated WebSocket connection's chat state: parses each text frame
+//! and dispatches it to the command that handles it.
+
+use std::cell::OnceCell;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use super::chat::message::{self, Pending};
+use super::chat::session::Target;
+use super::chat::takeover::{self, AdminAction, AdminOp, AdminRef, Joined};
+use super::chat::{resume, with_session};
+use super::frames::{error_frame, ClientFrame, Code, Incoming, Refused};
+use super::Core;
+use crate::auth::Identity;
+use crate::runtime::{AppConn, ConnId, Reply};
+use tungstenite::protocol::frame::coding::CloseCode;
+
+pub struct ChatConn {
+    pub conn: ConnId,
+    pub identity: Identity,
+    core: Rc<Core>,
+    /// For admins: the sessions this connection joined, and the core owning each.
+    joined: OnceCell<Joined>,
+}
+
+impl AppConn for ChatConn {
+    fn on_text(&mut self, text: &str) -> Reply {
+        let core = &self.core;
+        match core.app.parse(text, &core.shared.app.limits) {
+            Err(Refused::TooDeep) => Reply::Close(CloseCode::Policy, "JSON nested too deeply"),
+            Err(Refused::Error { id, message }) => {
+                core.metrics().invalid_frames.inc();
+                Reply::Text(error_frame(Code::InvalidMessage, &message, id.as_deref()))
+            }
+            Ok(incoming) => self.dispatch(incoming).map_or(Reply::None, Reply::Text),
+        }
+    }
+}
+
+impl ChatConn {
+    pub fn new(core: Rc<Core>, conn: ConnId, identity: Identity) -> ChatConn {
+        ChatConn {
+            conn,
+            identity,
+            core,
+            joined: OnceCell::new(),
+        }
+    }
+
+    /// Handles one valid frame. Returns an immediate reply for this connection;
+    /// everything else arrives through the outboxes of the session's connections.
+    fn dispatch(&self, inc: Incoming) -> Option<String> {
+        let (core, user, id) = (&self.core, &self.identity.user_id, inc.id);
+        match inc.frame {
+            ClientFrame::UserMessage {
+                session_id,
+                content,
+                model_id,
+                ..
+            } => match core.shared.app.models.pick(model_id.as_deref()) {
+                Ok(model) => {
+                    let msg = Pending { id, content, model };
+                    message::user_message(core, self.conn, user, session_id, msg)
+                }
+                Err(why) => Some(error_frame(Code::InvalidMessage, &why, id.as_deref())),
+            },
+            ClientFrame::Resume {
+                session_id,
+                after_seq,
+            } => {
+                let to = Target::Local(self.conn);
+                with_session(
+                    core,
+                    self.conn,
+                    user,
+                    session_id.into(),
+                    id,
+                    move |core, sid| resume::resume(core, sid, to, after_seq),
+                );
+                None
+            }
+            ClientFrame::Cancel { session_id } => {
+                message::cancel(core, user, &session_id, id.as_deref())
+            }
+            ClientFrame::AdminJoin { .. }
+            | ClientFrame::AdminMessage { .. }
+            | ClientFrame::AdminLeave { .. }
+                if !self.identity.admin =>
+            {
+                Some(error_frame(
+                    Code::Forbidden,
+                    "admin frames need the admin role",
+                    id.as_deref(),
+                ))
+            }
+            ClientFrame::AdminJoin { session_id } => self.admin(session_id, AdminAction::Join, id),
+            ClientFrame::AdminMessage {
+                session_id,
+                content,
+            } => {
+                let action = AdminAction::Message {
+                    content,
+                    client_id: id.clone(),
+                };
+                self.admin(session_id, action, id)
+            }
+            ClientFrame::AdminLeave { session_id } => {
+                self.admin(session_id, AdminAction::Leave, id)
+            }
+            ClientFrame::HelpRequest { session_id } => {
+                let (me, conn) = (self.identity.clone(), self.conn);
+                with_session(core, conn, user, session_id.into(), id, move |core, sid| {
+                    takeover::help_request(core, sid, &me, conn)
+                });
+                None
+            }
+            ClientFrame::FileMessage { .. } => Some(error_frame(
+                Code::InvalidMessage,
+                "file and voice messages are not available yet",
+                id.as_deref(),
+            )),
+        }
+    }
+
+    fn admin_ref(&self) -> AdminRef {
+        AdminRef {
+            id: self.identity.user_id.clone(),
+            name: self.identity.name.clone(),
+            core: self.core.id,
+            conn: self.conn,
+        }
+    }
+
+    fn admin(&self, session_id: String, action: AdminAction, id: Option<String>) -> Option<String> {
+        let op = AdminOp {
+            session_id: session_id.into(),
+            admin: self.admin_ref(),
+            action,
+        };
+        takeover::route(&self.core, self.joined.get_or_init(Rc::default), op, id);
+        None
+    }
+}
+
+impl Drop for ChatConn {
+    fn drop(&mut self) {
+        self.core.app.detach_conn(self.conn);
+        let joined: Vec<(Arc<str>, usize)> = self
+            .joined
+            .get()
+            .map(|j| j.borrow_mut().drain().collect())
+            .unwrap_or_default();
+        if !joined.is_empty() {
+            takeover::admin_gone(&self.core, self.admin_ref(), joined);
+        }
+        super::chat::answer::orphaned(&self.core);
+    }
+}

@@ -1,0 +1,203 @@
+//! The application: chat sessions, human takeover and the admin API, plugged into
+//! the runtime as [`ChatApp`].
+//!
+//! Sessions live on the core of their user; [`ChatMsg`] is what one core asks of
+//! another on their behalf. [`start`] opens storage, the key ring, the models and
+//! the notifier, and starts the runtime with them.
+
+pub mod admin;
+pub mod chat;
+pub mod conn;
+pub mod frames;
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::{Request, Response};
+
+use crate::auth::Identity;
+use crate::config::{Config, ConfigError};
+use crate::crypto::KeyRing;
+use crate::pool::BlockingPool;
+use crate::runtime::app::Body;
+use crate::runtime::{App, ConnId, Hooks, StartError};
+use crate::store::{Backend, StoreError};
+use chat::takeover::{self, AdminOp};
+use chat::{ChatCore, ChatShared};
+use conn::ChatConn;
+
+/// One core of the chat application.
+pub type Core = crate::runtime::Core<ChatApp>;
+/// The running server.
+pub type ServerHandle = crate::runtime::ServerHandle<ChatApp>;
+
+/// The chat application, as the runtime sees it.
+pub struct ChatApp;
+
+/// What one core asks of another about the sessions it owns.
+pub enum ChatMsg {
+    /// An admin's action on a session that the receiving core owns.
+    Admin(Box<AdminOp>),
+    /// A user's data was deleted: drop their sessions from memory.
+    ForgetUser(Arc<str>),
+    /// An admin ended a session the receiving core owns.
+    EndSession(Arc<str>),
+}
+
+impl App for ChatApp {
+    type Shared = ChatShared;
+    type CoreState = ChatCore;
+    type Msg = ChatMsg;
+    type Conn = ChatConn;
+
+    fn core_state(shared: &ChatShared, _core_id: usize) -> ChatCore {
+        ChatCore::new(shared)
+    }
+
+    fn spawn_tasks(core: &Rc<Core>) {
+        monoio::spawn(chat::expiry_loop(core.clone()));
+    }
+
+    fn open(core: &Rc<Core>, conn: ConnId, identity: Identity) -> ChatConn {
+        ChatConn::new(core.clone(), conn, identity)
+    }
+
+    fn on_msg(core: &Rc<Core>, msg: ChatMsg) {
+        match msg {
+            ChatMsg::Admin(op) => takeover::on_admin_op(core, *op),
+            ChatMsg::EndSession(sid) => takeover::end(core, &sid),
+            ChatMsg::ForgetUser(user) => {
+                let n = core.app.forget_user(&user);
+                tracing::debug!(
+                    core = core.id,
+                    sessions = n,
+                    "forgot a deleted user's sessions"
+                );
+            }
+        }
+    }
+
+    async fn ready(core: &Rc<Core>) -> Result<(), String> {
+        core.shared.app.store.ping().await.map_err(|e| {
+            tracing::warn!(error = %e, "storage unreachable");
+            "storage unavailable".to_owned()
+        })
+    }
+
+    async fn http(
+        core: &Rc<Core>,
+        req: Request<hyper::body::Incoming>,
+        path: &str,
+    ) -> Response<Body> {
+        match path.strip_prefix("/admin") {
+            Some(rest) if rest.is_empty() || rest.starts_with('/') => {
+                admin::handle(core, &req, rest).await
+            }
+            _ => {
+                core.metrics().refused(crate::metrics::Refusal::NotFound);
+                crate::runtime::http::not_found()
+            }
+        }
+    }
+
+    fn render_metrics(shared: &ChatShared) -> String {
+        shared.notifier.render_metrics()
+    }
+
+    fn stopped(shared: &ChatShared) {
+        flush_storage(shared);
+    }
+}
+
+/// Why the application could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AppStartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot open storage in {dir}")]
+    Store {
+        dir: std::path::PathBuf,
+        #[source]
+        source: StoreError,
+    },
+    #[error("cannot open MongoDB database {database}")]
+    Mongo {
+        database: String,
+        #[source]
+        source: StoreError,
+    },
+    #[error("cannot start the notifier: {0}")]
+    Pool(String),
+}
+
+impl From<AppStartError> for StartError {
+    fn from(e: AppStartError) -> StartError {
+        match e {
+            AppStartError::Config(c) => StartError::Config(c),
+            other => StartError::App(Box::new(other)),
+        }
+    }
+}
+
+/// Starts chatbox: the runtime, serving the chat application.
+pub fn start(config: Config, hooks: Hooks) -> Result<ServerHandle, StartError> {
+    crate::runtime::start::<ChatApp, _>(config, hooks, |config, pool| {
+        Ok(chat_shared(config, pool)?)
+    })
+}
+
+/// Opens storage and the key ring: everything chat needs that outlives a core.
+fn chat_shared(config: &Config, pool: &BlockingPool) -> Result<ChatShared, AppStartError> {
+    let invalid = |e: String| ConfigError::Invalid(vec![e]);
+    let key = config.encryption_key.as_deref().ok_or_else(|| {
+        invalid("CHATBOX_ENCRYPTION_KEY is required; make one with `openssl rand -hex 32`".into())
+    })?;
+    let keys =
+        KeyRing::new(key, &config.encryption_previous_keys).map_err(|e| invalid(e.to_string()))?;
+    let backend = Backend::configured(config);
+    let store =
+        crate::store::open(config, backend, pool.clone()).map_err(|source| match backend {
+            Backend::Mongo => AppStartError::Mongo {
+                database: config.mongo_database.clone(),
+                source,
+            },
+            Backend::Sqlite => AppStartError::Store {
+                dir: config.data_dir.clone(),
+                source,
+            },
+        })?;
+    let notifier =
+        Arc::new(crate::notify::Notifier::new(config, store.clone(), pool).map_err(invalid)?);
+    // The outbox worker runs for the life of the pool (queued rows from before a
+    // restart go out too).
+    pool.spawn(notifier.clone().run())
+        .map_err(|e| AppStartError::Pool(e.to_string()))?;
+    let models = crate::llm::Models::new(config, pool).map_err(invalid)?;
+    Ok(ChatShared::new(
+        config,
+        store,
+        keys,
+        Arc::new(models),
+        notifier,
+        pool.clone(),
+    ))
+}
+
+/// Waits until every write submitted before now is committed: an empty write is
+/// a barrier, since the writer commits in order. Bounded by a deadline.
+fn flush_storage(shared: &ChatShared) {
+    const FLUSH_WAIT: Duration = Duration::from_secs(5);
+    let barrier = shared.store.write(Vec::new());
+    let flushed = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        // The timer must be created inside the runtime, hence the async block.
+        .map(|rt| rt.block_on(async { tokio::time::timeout(FLUSH_WAIT, barrier).await }));
+    match flushed {
+        Ok(Ok(Ok(_))) => tracing::info!("storage flushed"),
+        Ok(Ok(Err(e))) => tracing::error!(error = %e, "storage flush failed"),
+        Ok(Err(_)) => tracing::error!("storage flush did not finish in time"),
+        Err(e) => tracing::error!(error = %e, "cannot wait for the storage flush"),
+    }
+}
