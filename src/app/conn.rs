@@ -47,6 +47,7 @@ impl ChatConn {
         }
     }
 
+    // Long: one arm per client frame type, the dispatch table of the protocol.
     /// Handles one valid frame. Returns an immediate reply for this connection;
     /// everything else arrives through the outboxes of the session's connections.
     fn dispatch(&self, inc: Incoming) -> Option<String> {

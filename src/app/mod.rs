@@ -32,6 +32,15 @@ pub type Core = crate::runtime::Core<ChatApp>;
 /// The running server.
 pub type ServerHandle = crate::runtime::ServerHandle<ChatApp>;
 
+// Per-core state stays on its core; what crosses cores can.
+crate::runtime::rules::assert_not_send!(Core);
+crate::runtime::rules::assert_not_send!(ChatCore);
+crate::runtime::rules::assert_not_send!(chat::session::Session);
+crate::runtime::rules::assert_not_send!(ChatConn);
+crate::runtime::rules::assert_send!(ChatMsg);
+crate::runtime::rules::assert_send!(crate::runtime::mesh::CoreMsg<ChatMsg>);
+crate::runtime::rules::assert_send!(ChatShared);
+
 /// The chat application, as the runtime sees it.
 pub struct ChatApp;
 
@@ -51,8 +60,8 @@ impl App for ChatApp {
     type Msg = ChatMsg;
     type Conn = ChatConn;
 
-    fn core_state(shared: &ChatShared, _core_id: usize) -> ChatCore {
-        ChatCore::new(shared)
+    fn core_state(shared: &ChatShared, core_id: usize) -> ChatCore {
+        ChatCore::new(shared, core_id)
     }
 
     fn spawn_tasks(core: &Rc<Core>) {
@@ -142,6 +151,9 @@ impl From<AppStartError> for StartError {
 
 /// Starts chatbox: the runtime, serving the chat application.
 pub fn start(config: Config, hooks: Hooks) -> Result<ServerHandle, StartError> {
+    // One TLS crypto provider (ring) for every client: LLM providers, webhooks, SMTP.
+    // Installing twice (a second server in one process) is harmless.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     crate::runtime::start::<ChatApp, _>(config, hooks, |config, pool| {
         Ok(chat_shared(config, pool)?)
     })

@@ -15,6 +15,7 @@ pub mod io;
 pub mod mesh;
 pub mod outbox;
 pub mod registry;
+pub(crate) mod rules;
 pub mod server;
 pub mod ws;
 

@@ -90,9 +90,6 @@ where
     A: App,
     F: FnOnce(&Config, &BlockingPool) -> Result<A::Shared, StartError>,
 {
-    // One TLS crypto provider (ring) for every client: LLM providers, webhooks, SMTP.
-    // Installing twice (a second server in one process) is harmless.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let secret = config.jwt_secret.clone().ok_or_else(|| {
         crate::config::ConfigError::Invalid(vec!["CHATBOX_JWT_SECRET is required".into()])
     })?;
@@ -114,7 +111,6 @@ where
         timeout: config.shutdown_timeout(),
         triggered: Arc::new(AtomicBool::new(false)),
     };
-    let io_driver = config.io_driver;
     let app = make_app(&config, &pool)?;
     let shared = Arc::new(Shared::<A>::new(
         config,
@@ -125,57 +121,12 @@ where
         app,
     ));
 
-    let (ready_tx, ready_rx) = mpsc::channel::<Result<Driver, String>>();
-    let (exit_tx, exits) = mpsc::channel();
-    let mut threads = Vec::with_capacity(cores);
-    for (id, ((listener, mesh_rx), stop_rx)) in listeners
-        .into_iter()
-        .zip(mesh_rxs)
-        .zip(stop_rxs)
-        .enumerate()
-    {
-        let shared = shared.clone();
-        let ready = ready_tx.clone();
-        let exit = exit_tx.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("chatbox-core-{id}"))
-            .spawn(move || {
-                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    run_core(id, shared, listener, mesh_rx, stop_rx, ready, io_driver)
-                }));
-                let _ = exit.send(CoreExit {
-                    core: id,
-                    panicked: run.is_err(),
-                });
-            });
-        match spawned {
-            Ok(t) => threads.push(t),
-            Err(e) => {
-                return Err(StartError::Core {
-                    core: id,
-                    reason: e.to_string(),
-                })
-            }
-        }
-    }
-    drop(ready_tx);
-    let mut drivers = Vec::with_capacity(cores);
-    for core in 0..cores {
-        match ready_rx.recv() {
-            Ok(Ok(d)) => drivers.push(d),
-            Ok(Err(reason)) => {
-                trigger.shutdown();
-                return Err(StartError::Core { core, reason });
-            }
-            Err(_) => {
-                trigger.shutdown();
-                return Err(StartError::Core {
-                    core,
-                    reason: "thread exited during start-up".into(),
-                });
-            }
-        }
-    }
+    let Cores {
+        threads,
+        exits,
+        ready,
+    } = spawn_cores(&shared, listeners, mesh_rxs, stop_rxs)?;
+    let drivers = await_cores(cores, &ready).inspect_err(|_| trigger.shutdown())?;
     Ok(ServerHandle {
         addr,
         drivers,
@@ -185,6 +136,65 @@ where
         exits,
         pool: Some(pool_rt),
     })
+}
+
+type Ready = mpsc::Receiver<Result<Driver, String>>;
+
+/// The running core threads, how each ended, and their start-up reports.
+struct Cores {
+    threads: Vec<JoinHandle<()>>,
+    exits: mpsc::Receiver<CoreExit>,
+    ready: Ready,
+}
+
+/// Starts one thread per core, each with its listener, mesh inbox and stop signal.
+fn spawn_cores<A: App>(
+    shared: &Arc<Shared<A>>,
+    listeners: Vec<std::net::TcpListener>,
+    inboxes: Vec<Inbox<A::Msg>>,
+    stops: Vec<async_channel::Receiver<Duration>>,
+) -> Result<Cores, StartError> {
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let (exit_tx, exits) = mpsc::channel();
+    let io_driver = shared.config.io_driver;
+    let mut threads = Vec::with_capacity(listeners.len());
+    let per_core = listeners.into_iter().zip(inboxes).zip(stops);
+    for (id, ((listener, inbox), stop)) in per_core.enumerate() {
+        let (shared, ready, exit) = (shared.clone(), ready_tx.clone(), exit_tx.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("chatbox-core-{id}"))
+            .spawn(move || {
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run_core(id, shared, listener, inbox, stop, ready, io_driver)
+                }));
+                let panicked = run.is_err();
+                let _ = exit.send(CoreExit { core: id, panicked });
+            });
+        let thread = spawned.map_err(|e| StartError::Core {
+            core: id,
+            reason: e.to_string(),
+        })?;
+        threads.push(thread);
+    }
+    Ok(Cores {
+        threads,
+        exits,
+        ready: ready_rx,
+    })
+}
+
+/// Waits until every core runs; returns the driver each one chose.
+fn await_cores(cores: usize, ready: &Ready) -> Result<Vec<Driver>, StartError> {
+    (0..cores)
+        .map(|core| match ready.recv() {
+            Ok(Ok(driver)) => Ok(driver),
+            Ok(Err(reason)) => Err(StartError::Core { core, reason }),
+            Err(_) => Err(StartError::Core {
+                core,
+                reason: "thread exited during start-up".into(),
+            }),
+        })
+        .collect()
 }
 
 /// Binds one SO_REUSEPORT listener per core on the same port.

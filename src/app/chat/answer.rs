@@ -125,29 +125,28 @@ async fn stream_chunks(
         }
         said.chunks += 1;
         said.text.push_str(&chunk);
-        let chunk: Arc<str> = chunk.into();
-        let frame = ServerFrame::AiChunk {
-            session_id: sid,
-            message_id,
-            seq: said.chunks,
-            content: &chunk,
-        };
-        let frame = frame.to_json();
-        if let Some(a) = core
-            .app
-            .sessions
-            .borrow_mut()
-            .get_mut(sid)
-            .and_then(|s| s.answer.as_mut())
-        {
-            if a.message_id == *message_id {
-                a.chunks.push(chunk);
-            }
-        }
-        m.answer_chunks.inc();
-        push_session(core, sid, frame);
+        relay(core, sid, message_id, said.chunks, chunk.into());
     };
     (said, ending)
+}
+
+/// Sends chunk `seq` to the session and keeps it for `resume`.
+fn relay(core: &Core, sid: &Arc<str>, message_id: &Arc<str>, seq: u64, chunk: Arc<str>) {
+    let frame = ServerFrame::AiChunk {
+        session_id: sid,
+        message_id,
+        seq,
+        content: &chunk,
+    }
+    .to_json();
+    let mut sessions = core.app.sessions.borrow_mut();
+    let answer = sessions.get_mut(sid).and_then(|s| s.answer.as_mut());
+    if let Some(a) = answer.filter(|a| a.message_id == *message_id) {
+        a.chunks.push(chunk);
+    }
+    drop(sessions);
+    core.metrics().answer_chunks.inc();
+    push_session(core, sid, frame);
 }
 
 /// Counts the ending, stores what was said, and closes the answer with
@@ -159,37 +158,7 @@ async fn finish(
     said: Said,
     ending: Ending,
 ) {
-    let m = core.metrics();
-    let partial = Usage {
-        input_tokens: 0,
-        output_tokens: said.chunks,
-    };
-    let (usage, cancelled, failed) = match ending {
-        Ending::Finished {
-            input_tokens,
-            output_tokens,
-        } => {
-            m.answers_done.inc();
-            (
-                Usage {
-                    input_tokens,
-                    output_tokens,
-                },
-                false,
-                false,
-            )
-        }
-        Ending::Cancelled => {
-            m.answers_cancelled.inc();
-            (partial, true, false)
-        }
-        Ending::Failed(kind) => {
-            m.llm_error(kind.index());
-            (partial, true, true)
-        }
-    };
-    m.llm_tokens_in.add(usage.input_tokens);
-    m.llm_tokens_out.add(usage.output_tokens);
+    let (usage, cancelled, failed) = count(core, &ending, said.chunks);
     if failed && said.chunks == 0 {
         // Nothing was said: no answer to store or close, just the error.
         if let Some(s) = core.app.sessions.borrow_mut().get_mut(sid) {
@@ -219,7 +188,7 @@ async fn finish(
         push_session(core, sid, unavailable(sid));
     }
     if let Err(e) = stored {
-        m.store_errors.inc();
+        core.metrics().store_errors.inc();
         tracing::error!(session = %sid, error = %e, "storing an answer failed");
         let frame = ServerFrame::Error {
             code: Code::Internal,
@@ -230,6 +199,40 @@ async fn finish(
         };
         push_session(core, sid, frame.to_json());
     }
+}
+
+/// Counts how the answer ended; returns its usage, whether it counts as
+/// cancelled, and whether it failed.
+fn count(core: &Core, ending: &Ending, chunks: u64) -> (Usage, bool, bool) {
+    let m = core.metrics();
+    let partial = Usage {
+        input_tokens: 0,
+        output_tokens: chunks,
+    };
+    let counted = match *ending {
+        Ending::Finished {
+            input_tokens,
+            output_tokens,
+        } => {
+            m.answers_done.inc();
+            let usage = Usage {
+                input_tokens,
+                output_tokens,
+            };
+            (usage, false, false)
+        }
+        Ending::Cancelled => {
+            m.answers_cancelled.inc();
+            (partial, true, false)
+        }
+        Ending::Failed(kind) => {
+            m.llm_error(kind.index());
+            (partial, true, true)
+        }
+    };
+    m.llm_tokens_in.add(counted.0.input_tokens);
+    m.llm_tokens_out.add(counted.0.output_tokens);
+    counted
 }
 
 fn unavailable(sid: &str) -> String {

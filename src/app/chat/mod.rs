@@ -63,6 +63,8 @@ pub struct ChatShared {
     pub grace: Duration,
     pub notifier: Arc<Notifier>,
     pub pool: BlockingPool,
+    /// Core threads; sessions are sharded over them by user.
+    pub cores: usize,
 }
 
 impl ChatShared {
@@ -97,6 +99,7 @@ impl ChatShared {
             grace: Duration::from_secs(config.llm_grace_secs),
             notifier,
             pool,
+            cores: config.core_count(),
         }
     }
 }
@@ -109,11 +112,17 @@ pub struct ChatCore {
     /// The admin API's rate limit, per admin, on this core.
     admin_limiter: RefCell<Limiter>,
     scratch: RefCell<(Vec<u8>, simd_json::Buffers)>,
+    /// This core, and how many there are: every session here must be of a user
+    /// this core owns (checked in debug builds wherever a session is touched).
+    core_id: usize,
+    cores: usize,
 }
 
 impl ChatCore {
-    pub fn new(shared: &ChatShared) -> ChatCore {
+    pub fn new(shared: &ChatShared, core_id: usize) -> ChatCore {
         ChatCore {
+            core_id,
+            cores: shared.cores,
             sessions: RefCell::default(),
             conn_sessions: RefCell::default(),
             limiter: RefCell::new(Limiter::new(
@@ -126,6 +135,16 @@ impl ChatCore {
             )),
             scratch: RefCell::default(),
         }
+    }
+
+    /// Debug builds: `user`'s sessions belong on this core and nowhere else.
+    pub fn assert_owner(&self, user: &str) {
+        debug_assert_eq!(
+            crate::runtime::mesh::owner_core(user, self.cores),
+            self.core_id,
+            "a session of user {user} touched on core {} that does not own it",
+            self.core_id
+        );
     }
 
     pub fn sessions_in_memory(&self) -> usize {
@@ -159,6 +178,7 @@ impl ChatCore {
         let Some(s) = sessions.get_mut(sid) else {
             return;
         };
+        self.assert_owner(&s.user_id);
         if !s.attached.contains(&conn) {
             s.attached.push(conn);
         }
@@ -223,6 +243,7 @@ impl ChatCore {
         now: Millis,
         max: usize,
     ) -> Result<usize, &'static str> {
+        self.assert_owner(user);
         let mut sessions = self.sessions.borrow_mut();
         let mine = |sessions: &HashMap<Arc<str>, Session>| {
             sessions.values().filter(|s| s.user_id == *user).count()
@@ -246,6 +267,7 @@ impl ChatCore {
         messages: &[MessageRecord],
         shared: &ChatShared,
     ) -> usize {
+        self.assert_owner(&rec.user_id);
         let mut sessions = self.sessions.borrow_mut();
         if !sessions.contains_key(sid) {
             // A message that fails authentication is reported on resume, not used here.

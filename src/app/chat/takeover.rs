@@ -183,6 +183,9 @@ pub fn on_admin_op(core: &Rc<Core>, op: AdminOp) {
 }
 
 fn apply(core: &Rc<Core>, op: AdminOp) {
+    if let Some(s) = core.app.sessions.borrow().get(&op.session_id) {
+        core.app.assert_owner(&s.user_id);
+    }
     let AdminOp {
         session_id: sid,
         admin,
