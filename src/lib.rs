@@ -2,7 +2,9 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: the one typed configuration (TOML + `CHATBOX_*`), validated at start.
+//! - [`config`]: the one typed configuration (TOML + `CHATBOX_*`), every key declared
+//!   once; a leaf that uses nothing else of the crate. [`check_config`] composes its
+//!   validation with the checks of the modules that use it.
 //! - [`server`]: binds one SO_REUSEPORT listener per core, starts the core threads
 //!   and the blocking pool, and stops them all (graceful shutdown, core death).
 //! - [`shard`]: one core's runtime and everything it owns: the accept loop, the
@@ -57,3 +59,18 @@ pub mod ws;
 pub use config::Config;
 pub use server::{start, ServerHandle, ShutdownTrigger};
 pub use ws::handler::Hooks;
+
+/// Every start-up check of a configuration, reported together: the configuration's
+/// own rules, then the model list ([`llm::validate`]) and the notification channels
+/// ([`notify::validate`]), which need those modules and so cannot live in `config`.
+/// `dev` relaxes the secrets that `--dev` generates itself. [`start`] runs it too.
+pub fn check_config(config: &Config, dev: bool) -> Result<(), config::ConfigError> {
+    let mut problems = config.problems(dev);
+    problems.extend(llm::validate(config));
+    problems.extend(notify::validate(config));
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(config::ConfigError::Invalid(problems))
+    }
+}

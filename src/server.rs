@@ -99,6 +99,8 @@ pub fn start(config: Config, hooks: Hooks) -> Result<ServerHandle, StartError> {
     // One TLS crypto provider (ring) for every client: LLM providers, webhooks, SMTP.
     // Installing twice (a second server in one process) is harmless.
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // A library caller may not have validated; a half-valid server is worse than none.
+    crate::check_config(&config, false)?;
     let secret = config.jwt_secret.clone().ok_or_else(|| {
         crate::config::ConfigError::Invalid(vec!["CHATBOX_JWT_SECRET is required".into()])
     })?;
