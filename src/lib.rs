@@ -40,6 +40,6 @@ pub mod pool;
 pub mod runtime;
 pub mod store;
 
-pub use app::{start, ServerHandle};
+pub use app::{check_config, start, ServerHandle};
 pub use config::Config;
 pub use runtime::{Hooks, ShutdownTrigger};

@@ -1,128 +1,104 @@
 //! The `chatbox` binary: command line, logging, signals; the server is the library.
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 use chatbox::auth::{mint, now_secs, Claims};
-use chatbox::config::{Config, LogFormat};
+use chatbox::config::{render, Config, LogFormat};
+use chatbox::store::Backend;
+use clap::{CommandFactory as _, Parser, Subcommand};
 
-const USAGE: &str = "\
-usage: chatbox [--config FILE] [--dev] [--check-config]
-       chatbox migrate [--config FILE]
-       chatbox copy --from sqlite|mongo --to sqlite|mongo [--config FILE]
+const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-  migrate          create or update the configured store's schema (SQLite tables,
-                   MongoDB indexes) and exit; idempotent, and every start does it too
-  copy             copy every session (messages stay sealed), audit trail and
-                   pending notification from one store to the other; sessions the
-                   target has already are left alone, so it can be run again
-
-  --config FILE    read settings from a TOML file (CHATBOX_* variables override it;
-                   CHATBOX_CONFIG=FILE works too)
-  --dev            development mode: generates a JWT secret and an encryption key
-                   if none are set, and prints ready-made user and admin tokens
-  --check-config   validate the configuration, print a summary, and exit
-";
-
-struct Args {
-    config: Option<PathBuf>,
+/// Thread-per-core WebSocket chat backend for AI customer support.
+///
+/// Without a subcommand, serves. Settings come from the configuration file, then
+/// from CHATBOX_* environment variables, which win.
+#[derive(Parser)]
+#[command(
+    name = "chatbox",
+    version,
+    after_help = "Every configuration key is also an environment variable, CHATBOX_<KEY>; \
+                  `chatbox --help` lists them, `chatbox genconfig` prints them as a file.",
+    after_long_help = render::env_help()
+)]
+struct Cli {
+    /// Read settings from this TOML file (CHATBOX_* variables override it)
+    // An OsString parser, so that an empty CHATBOX_CONFIG means no file (as an empty
+    // value unsets every other optional key) rather than a parse error.
+    #[arg(long, value_name = "FILE", env = "CHATBOX_CONFIG", global = true,
+          value_parser = clap::builder::ValueParser::os_string())]
+    config: Option<std::ffi::OsString>,
+    /// Development mode: generates a JWT secret and an encryption key if none are
+    /// set, and prints ready-made user and admin tokens
+    #[arg(long)]
     dev: bool,
-    check: bool,
-    command: Command,
+    /// Validate the configuration, print a summary and exit (2 with a list of what
+    /// to fix)
+    #[arg(long, alias = "test")]
+    check_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
 }
 
+#[derive(Subcommand)]
 enum Command {
-    Serve,
+    /// Create or update the configured store's schema (SQLite tables, MongoDB
+    /// indexes) and exit; idempotent, and every start does it too
     Migrate,
+    /// Copy every session (messages stay sealed), audit trail and pending
+    /// notification from one store to the other; sessions the target has already
+    /// are left alone, so it can be run again
     Copy {
-        from: chatbox::store::Backend,
-        to: chatbox::store::Backend,
+        /// The store to read: sqlite or mongo
+        #[arg(long, value_parser = backend)]
+        from: Backend,
+        /// The store to write: sqlite or mongo
+        #[arg(long, value_parser = backend)]
+        to: Backend,
+    },
+    /// Print a commented TOML configuration file with every key at its default
+    Genconfig {
+        /// Print README.md's configuration table instead
+        #[arg(long)]
+        markdown: bool,
     },
 }
 
-fn parse_args() -> Result<Args, String> {
-    let mut args = Args {
-        config: std::env::var_os("CHATBOX_CONFIG").map(PathBuf::from),
-        dev: false,
-        check: false,
-        command: Command::Serve,
-    };
-    let backend = |v: Option<String>| {
-        v.as_deref()
-            .and_then(chatbox::store::Backend::parse)
-            .ok_or("--from and --to take sqlite or mongo")
-    };
-    let (mut from, mut to) = (None, None);
-    let mut it = std::env::args().skip(1).peekable();
-    match it.peek().map(String::as_str) {
-        Some("migrate") => args.command = Command::Migrate,
-        Some("copy") => {
-            args.command = Command::Copy {
-                from: chatbox::store::Backend::Sqlite,
-                to: chatbox::store::Backend::Mongo,
-            }
-        }
-        _ => {}
-    }
-    if !matches!(args.command, Command::Serve) {
-        it.next();
-    }
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--from" if matches!(args.command, Command::Copy { .. }) => {
-                from = Some(backend(it.next())?)
-            }
-            "--to" if matches!(args.command, Command::Copy { .. }) => {
-                to = Some(backend(it.next())?)
-            }
-            "--config" => args.config = Some(it.next().ok_or("--config needs a file")?.into()),
-            "--dev" => args.dev = true,
-            "--check-config" | "--test" => args.check = true,
-            "-h" | "--help" => return Err(String::new()),
-            other => return Err(format!("unknown argument {other:?}")),
-        }
-    }
-    if let Command::Copy { .. } = args.command {
-        let (Some(from), Some(to)) = (from, to) else {
-            return Err("copy needs --from and --to".into());
-        };
-        if from == to {
-            return Err("copy needs two different stores".into());
-        }
-        args.command = Command::Copy { from, to };
-    }
-    Ok(args)
+fn backend(name: &str) -> Result<Backend, String> {
+    Backend::parse(name).ok_or_else(|| "expected sqlite or mongo".to_owned())
 }
 
 fn main() -> ExitCode {
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(msg) => {
-            if !msg.is_empty() {
-                eprintln!("chatbox: {msg}");
-            }
-            eprint!("{USAGE}");
-            return ExitCode::from(2);
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Genconfig { markdown }) => {
+            say(&if markdown {
+                render::markdown_table()
+            } else {
+                render::genconfig()
+            });
+            return ExitCode::SUCCESS;
         }
-    };
-    // Storage commands need no JWT secret or key: messages are copied sealed.
-    let lenient = args.dev || !matches!(args.command, Command::Serve);
-    let mut config =
-        match Config::load(args.config.as_deref()).and_then(|c| c.validate(lenient).map(|_| c)) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("chatbox: {e}");
-                return ExitCode::from(2);
-            }
-        };
-    init_logging(config.log_format);
-    match args.command {
-        Command::Serve => {}
-        Command::Migrate => return report(storage(&config, None)),
-        Command::Copy { from, to } => return report(storage(&config, Some((from, to)))),
+        Some(Command::Copy { from, to }) if from == to => Cli::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "copy needs two different stores",
+            )
+            .exit(),
+        _ => {}
     }
-    if args.check {
+    let mut config = match load(&cli) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match cli.command {
+        Some(Command::Migrate) => return report(storage(&config, None)),
+        Some(Command::Copy { from, to }) => return report(storage(&config, Some((from, to)))),
+        Some(Command::Genconfig { .. }) | None => {}
+    }
+    if cli.check_config {
         println!(
             "configuration OK: listen {} with {} cores, prefix {:?}, {} connections per user, provider {:?}",
             config.listen,
@@ -133,13 +109,13 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    if args.dev {
+    if cli.dev {
         if let Err(e) = dev_defaults(&mut config) {
             eprintln!("chatbox: {e:#}");
             return ExitCode::from(1);
         }
     }
-    match run(config, args.dev) {
+    match run(config, cli.dev) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -147,6 +123,35 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Loads and checks the configuration, starting the log on the way (its format is
+/// a key); on failure, says why on stderr and returns the exit code (2).
+fn load(cli: &Cli) -> Result<Config, ExitCode> {
+    let file = cli
+        .config
+        .as_deref()
+        .filter(|f| !f.is_empty())
+        .map(Path::new);
+    let loaded = Config::load(file).map_err(|e| {
+        eprintln!("chatbox: {e}");
+        ExitCode::from(2)
+    })?;
+    // Loading ran before there was a log: what it noticed is logged now.
+    init_logging(loaded.config.log_format);
+    for warning in &loaded.warnings {
+        tracing::warn!("{warning}");
+    }
+    for derived in &loaded.derived {
+        tracing::info!("{derived}");
+    }
+    // Storage commands need no JWT secret or key: messages are copied sealed.
+    let lenient = cli.dev || cli.command.is_some();
+    chatbox::check_config(&loaded.config, lenient).map_err(|e| {
+        eprintln!("chatbox: {e}");
+        ExitCode::from(2)
+    })?;
+    Ok(loaded.config)
 }
 
 fn report(r: anyhow::Result<()>) -> ExitCode {
@@ -160,11 +165,8 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
 }
 
 /// `migrate` (no stores given) or `copy` (from, to).
-fn storage(
-    config: &Config,
-    copy: Option<(chatbox::store::Backend, chatbox::store::Backend)>,
-) -> anyhow::Result<()> {
-    use chatbox::store::{open, Backend};
+fn storage(config: &Config, copy: Option<(Backend, Backend)>) -> anyhow::Result<()> {
+    use chatbox::store::open;
     let (_rt, pool) = chatbox::pool::PoolRuntime::start(2, 1024).context("blocking pool")?;
     let name = |b: Backend| match b {
         Backend::Sqlite => format!("the embedded store in {}", config.data_dir.display()),
@@ -232,7 +234,7 @@ fn run(config: Config, dev: bool) -> anyhow::Result<()> {
         .context("cannot start the signal thread")?;
 
     let addr = server.local_addr();
-    tracing::info!(%addr, drivers = ?server.drivers(), "chatbox started");
+    tracing::info!(%addr, drivers = ?server.drivers(), "chatbox {VERSION} started");
     // One line on stdout that scripts and tests can wait for.
     say(&format!("chatbox listening on http://{addr}{prefix}"));
     if dev {

@@ -61,7 +61,7 @@ pub struct Notifier {
     pub metrics: NotifyMetrics,
 }
 
-/// Problems with the notification settings, for `Config::validate`.
+/// Problems with the notification settings, for `crate::check_config`.
 pub fn validate(cfg: &Config) -> Vec<String> {
     let mut errs = Vec::new();
     if let Some(url) = &cfg.notify_webhook_url {

@@ -656,6 +656,6 @@ fn plain_http_endpoints_are_refused_unless_loopback() {
     let mut m = ModelConfig::new("remote", LlmProvider::Openai);
     m.base_url = Some("http://api.example.com/v1".into());
     let cfg = with_models(vec![m]);
-    let e = cfg.validate(false).unwrap_err().to_string();
+    let e = chatbox::check_config(&cfg, false).unwrap_err().to_string();
     assert!(e.contains("must be https"), "{e}");
 }

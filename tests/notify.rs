@@ -332,7 +332,7 @@ fn notification_settings_are_validated() {
         notify_email_to: vec!["not an address".into()],
         ..config()
     };
-    let e = cfg.validate(false).unwrap_err().to_string();
+    let e = chatbox::check_config(&cfg, false).unwrap_err().to_string();
     for needle in [
         "must be https",
         "CHATBOX_NOTIFY_WEBHOOK_SECRET",

@@ -149,8 +149,26 @@ impl From<AppStartError> for StartError {
     }
 }
 
+/// Every start-up check of a configuration, reported together: the configuration's
+/// own rules, then the model list ([`crate::llm::validate`]) and the notification
+/// channels ([`crate::notify::validate`]), which need those modules and so cannot
+/// live in `config`. `dev` relaxes the secrets that `--dev` generates itself.
+/// [`start`] runs it too.
+pub fn check_config(config: &Config, dev: bool) -> Result<(), ConfigError> {
+    let mut problems = config.problems(dev);
+    problems.extend(crate::llm::validate(config));
+    problems.extend(crate::notify::validate(config));
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid(problems))
+    }
+}
+
 /// Starts chatbox: the runtime, serving the chat application.
 pub fn start(config: Config, hooks: Hooks) -> Result<ServerHandle, StartError> {
+    // A library caller may not have validated; a half-valid server is worse than none.
+    check_config(&config, false)?;
     // One TLS crypto provider (ring) for every client: LLM providers, webhooks, SMTP.
     // Installing twice (a second server in one process) is harmless.
     let _ = rustls::crypto::ring::default_provider().install_default();

@@ -16,9 +16,10 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Deserialize;
-
 use crate::config::{Config, LlmProvider};
+// The model list is plain configuration data; it lives in `config`, which
+// depends on nothing else, and is re-exported here where it is used.
+pub use crate::config::{LlmSection, ModelConfig};
 use crate::pool::BlockingPool;
 
 /// Events the stream's channel holds before the provider task waits for the core.
@@ -29,79 +30,6 @@ const SSE_LINE_BYTES_MAX: usize = 1024 * 1024;
 const ERROR_BODY_BYTES_MAX: usize = 2048;
 /// Longest wait between retries, whatever Retry-After says.
 const RETRY_WAIT_MAX: Duration = Duration::from_secs(10);
-
-/// One model as configured in `[[llm.models]]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelConfig {
-    /// The name clients use as `model_id`.
-    pub id: String,
-    pub provider: LlmProvider,
-    /// API base, e.g. `https://api.openai.com/v1` or `http://127.0.0.1:11434/v1`.
-    pub base_url: Option<String>,
-    pub api_key: Option<String>,
-    /// Read the key from this environment variable instead.
-    pub api_key_env: Option<String>,
-    /// The provider's model name; defaults to `id`.
-    pub model: Option<String>,
-    #[serde(default = "defaults::connect_timeout_ms")]
-    pub connect_timeout_ms: u64,
-    #[serde(default = "defaults::first_token_timeout_ms")]
-    pub first_token_timeout_ms: u64,
-    #[serde(default = "defaults::total_timeout_ms")]
-    pub total_timeout_ms: u64,
-    #[serde(default = "defaults::max_retries")]
-    pub max_retries: u32,
-    #[serde(default = "defaults::max_tokens")]
-    pub max_tokens: u32,
-    /// Another model's `id`, tried when this one fails before its first chunk.
-    pub fallback: Option<String>,
-}
-
-impl ModelConfig {
-    /// A model with the documented defaults.
-    pub fn new(id: &str, provider: LlmProvider) -> ModelConfig {
-        ModelConfig {
-            id: id.to_owned(),
-            provider,
-            base_url: None,
-            api_key: None,
-            api_key_env: None,
-            model: None,
-            connect_timeout_ms: defaults::connect_timeout_ms(),
-            first_token_timeout_ms: defaults::first_token_timeout_ms(),
-            total_timeout_ms: defaults::total_timeout_ms(),
-            max_retries: defaults::max_retries(),
-            max_tokens: defaults::max_tokens(),
-            fallback: None,
-        }
-    }
-}
-
-mod defaults {
-    pub fn connect_timeout_ms() -> u64 {
-        5_000
-    }
-    pub fn first_token_timeout_ms() -> u64 {
-        30_000
-    }
-    pub fn total_timeout_ms() -> u64 {
-        180_000
-    }
-    pub fn max_retries() -> u32 {
-        2
-    }
-    pub fn max_tokens() -> u32 {
-        1024
-    }
-}
-
-/// The `[llm]` table.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LlmSection {
-    pub models: Vec<ModelConfig>,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TurnRole {
@@ -350,7 +278,7 @@ pub fn model_configs(cfg: &Config) -> Vec<ModelConfig> {
     vec![m]
 }
 
-/// Problems with the model list, for `Config::validate`.
+/// Problems with the model list, for `crate::check_config`.
 pub fn validate(cfg: &Config) -> Vec<String> {
     let models = model_configs(cfg);
     let mut errs = Vec::new();

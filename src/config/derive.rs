@@ -1,0 +1,217 @@
+//! Defaults that follow other keys. A limit that must stay on one side of another
+//! takes its default from it when nobody set it, so raising one setting alone never
+//! stops start-up; only a pair set explicitly against each other is refused (by
+//! validation, with a message naming both).
+
+use super::Config;
+
+/// The frame flood guard when it is not set: room for the chat traffic the rate
+/// limit allows plus the frames that are not messages (pings, resumes, cancels).
+pub fn frames_per_minute_for(rate_limit_per_minute: u32) -> u32 {
+    rate_limit_per_minute.saturating_mul(10).max(600)
+}
+
+/// The SMTP port when it is not set: 465 is the port of implicit TLS, which 587
+/// (submission with STARTTLS) does not speak.
+pub fn smtp_port_for(tls: &str) -> Option<u16> {
+    (tls == "tls").then_some(465)
+}
+
+/// Returns `(low, high)` for a pair that must satisfy `low <= high`, moving the one
+/// that was not set towards the one that was; when both or neither were set it
+/// leaves them alone (validation reports a contradiction).
+pub fn ordered_pair<T: Ord + Copy>(low: T, low_set: bool, high: T, high_set: bool) -> (T, T) {
+    match (low_set, high_set) {
+        (true, false) => (low, high.max(low)),
+        (false, true) => (low.min(high), high),
+        _ => (low, high),
+    }
+}
+
+impl Config {
+    /// Fills in the defaults that depend on other keys, for the keys not in `set`
+    /// (those the file or the environment gave). Returns one line per value that
+    /// differs from its static default, for the log.
+    pub(super) fn derive_defaults(&mut self, set: &[&str]) -> Vec<String> {
+        let given = |field: &str| set.contains(&field);
+        let mut notes = Vec::new();
+        let mut note = |field: &str, value: String, from: &str| {
+            notes.push(format!("{field} = {value} (derived from {from})"));
+        };
+        if !given("ws_frames_per_minute_max") {
+            let frames = frames_per_minute_for(self.rate_limit_per_minute);
+            if frames != self.ws_frames_per_minute_max {
+                self.ws_frames_per_minute_max = frames;
+                note(
+                    "ws_frames_per_minute_max",
+                    frames.to_string(),
+                    "rate_limit_per_minute",
+                );
+            }
+        }
+        let (frame, message) = ordered_pair(
+            self.ws_frame_bytes_max,
+            given("ws_frame_bytes_max"),
+            self.ws_message_bytes_max,
+            given("ws_message_bytes_max"),
+        );
+        if (frame, message) != (self.ws_frame_bytes_max, self.ws_message_bytes_max) {
+            let (field, value, from) = if frame != self.ws_frame_bytes_max {
+                ("ws_frame_bytes_max", frame, "ws_message_bytes_max")
+            } else {
+                ("ws_message_bytes_max", message, "ws_frame_bytes_max")
+            };
+            (self.ws_frame_bytes_max, self.ws_message_bytes_max) = (frame, message);
+            note(field, value.to_string(), from);
+        }
+        let (head, request) = ordered_pair(
+            self.http_head_timeout_ms,
+            given("http_head_timeout_ms"),
+            self.http_request_timeout_ms,
+            given("http_request_timeout_ms"),
+        );
+        if (head, request) != (self.http_head_timeout_ms, self.http_request_timeout_ms) {
+            let (field, value, from) = if head != self.http_head_timeout_ms {
+                ("http_head_timeout_ms", head, "http_request_timeout_ms")
+            } else {
+                ("http_request_timeout_ms", request, "http_head_timeout_ms")
+            };
+            (self.http_head_timeout_ms, self.http_request_timeout_ms) = (head, request);
+            note(field, value.to_string(), from);
+        }
+        if !given("notify_smtp_port") {
+            if let Some(port) = smtp_port_for(&self.notify_smtp_tls) {
+                self.notify_smtp_port = port;
+                note("notify_smtp_port", port.to_string(), "notify_smtp_tls");
+            }
+        }
+        notes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn derived(set: &[&str], cfg: Config) -> (Config, Vec<String>) {
+        let mut cfg = cfg;
+        let notes = cfg.derive_defaults(set);
+        (cfg, notes)
+    }
+
+    #[test]
+    fn frame_guard_follows_the_rate_limit() {
+        assert_eq!(frames_per_minute_for(1), 600);
+        assert_eq!(frames_per_minute_for(60), 600);
+        assert_eq!(frames_per_minute_for(61), 610);
+        assert_eq!(frames_per_minute_for(100_000), 1_000_000);
+        assert_eq!(frames_per_minute_for(u32::MAX), u32::MAX);
+        let raised = Config {
+            rate_limit_per_minute: 1000,
+            ..Config::default()
+        };
+        let (c, notes) = derived(&["rate_limit_per_minute"], raised.clone());
+        assert_eq!(c.ws_frames_per_minute_max, 10_000);
+        assert!(
+            notes[0].contains("ws_frames_per_minute_max = 10000"),
+            "{notes:?}"
+        );
+        c.validate(true).unwrap();
+        // Set explicitly, the guard is left as it is, and a contradiction is refused.
+        let both = Config {
+            ws_frames_per_minute_max: 700,
+            ..raised
+        };
+        let (c, notes) = derived(&["rate_limit_per_minute", "ws_frames_per_minute_max"], both);
+        assert_eq!(c.ws_frames_per_minute_max, 700);
+        assert!(notes.is_empty());
+        let e = c.validate(true).unwrap_err().to_string();
+        assert!(e.contains("CHATBOX_WS_FRAMES_PER_MINUTE_MAX (700)"), "{e}");
+    }
+
+    #[test]
+    fn defaults_derive_nothing() {
+        let (c, notes) = derived(&[], Config::default());
+        assert!(notes.is_empty(), "{notes:?}");
+        assert_eq!(c.ws_frames_per_minute_max, 600);
+        assert_eq!(c.notify_smtp_port, 587);
+    }
+
+    #[test]
+    fn ordered_pairs_move_the_side_nobody_set() {
+        assert_eq!(ordered_pair(10, true, 5, false), (10, 10));
+        assert_eq!(ordered_pair(10, false, 5, true), (5, 5));
+        assert_eq!(ordered_pair(10, true, 5, true), (10, 5));
+        assert_eq!(ordered_pair(10, false, 5, false), (10, 5));
+        assert_eq!(ordered_pair(3, true, 5, false), (3, 5));
+    }
+
+    #[test]
+    fn frame_and_message_sizes_follow_each_other() {
+        let big_frame = Config {
+            ws_frame_bytes_max: 1 << 20,
+            ..Config::default()
+        };
+        let (c, _) = derived(&["ws_frame_bytes_max"], big_frame);
+        assert_eq!(c.ws_message_bytes_max, 1 << 20);
+        c.validate(true).unwrap();
+        let small_message = Config {
+            ws_message_bytes_max: 1000,
+            ..Config::default()
+        };
+        let (c, notes) = derived(&["ws_message_bytes_max"], small_message);
+        assert_eq!(c.ws_frame_bytes_max, 1000);
+        assert!(
+            notes[0].starts_with("ws_frame_bytes_max = 1000"),
+            "{notes:?}"
+        );
+        c.validate(true).unwrap();
+        let contradiction = Config {
+            ws_frame_bytes_max: 2000,
+            ws_message_bytes_max: 1000,
+            ..Config::default()
+        };
+        let (c, _) = derived(
+            &["ws_frame_bytes_max", "ws_message_bytes_max"],
+            contradiction,
+        );
+        let e = c.validate(true).unwrap_err().to_string();
+        assert!(e.contains("CHATBOX_WS_MESSAGE_BYTES_MAX (1000)"), "{e}");
+    }
+
+    #[test]
+    fn head_and_request_timeouts_follow_each_other() {
+        let slow_head = Config {
+            http_head_timeout_ms: 60_000,
+            ..Config::default()
+        };
+        let (c, _) = derived(&["http_head_timeout_ms"], slow_head);
+        assert_eq!(c.http_request_timeout_ms, 60_000);
+        c.validate(true).unwrap();
+        let quick_request = Config {
+            http_request_timeout_ms: 2_000,
+            ..Config::default()
+        };
+        let (c, _) = derived(&["http_request_timeout_ms"], quick_request);
+        assert_eq!(c.http_head_timeout_ms, 2_000);
+        c.validate(true).unwrap();
+    }
+
+    #[test]
+    fn implicit_tls_uses_its_own_port_unless_one_is_given() {
+        let tls = Config {
+            notify_smtp_tls: "tls".into(),
+            ..Config::default()
+        };
+        let (c, _) = derived(&["notify_smtp_tls"], tls.clone());
+        assert_eq!(c.notify_smtp_port, 465);
+        let (c, _) = derived(
+            &["notify_smtp_tls", "notify_smtp_port"],
+            Config {
+                notify_smtp_port: 2465,
+                ..tls
+            },
+        );
+        assert_eq!(c.notify_smtp_port, 2465);
+    }
+}

@@ -1,0 +1,339 @@
+//! Every configuration key, declared once: name, type, default, bounds with their
+//! unit, one line of documentation. The [`Config`] struct, the `CHATBOX_*`
+//! overrides, the bound checks, `chatbox genconfig` and README.md's table all come
+//! from the declarations at the bottom of this file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::env::FromEnv;
+use super::models::LlmSection;
+use super::{ConfigError, IoDriver, LlmProvider, LogFormat};
+
+/// The upper bound of a key that only has a lower one.
+const NO_MAX: u64 = u64::MAX;
+
+/// What is known about one key, for messages, `genconfig` and the README.
+#[derive(Debug)]
+pub struct Key {
+    /// The field of [`Config`], and the key in the TOML file.
+    pub field: &'static str,
+    /// How the file spells it where that is not `field` (`llm.models`).
+    pub shown: &'static str,
+    /// The variable when it is not `CHATBOX_<FIELD>`; empty otherwise.
+    env_name: &'static str,
+    doc: &'static str,
+    /// What the number counts (`ms`, `bytes`, ...); empty for non-numbers.
+    pub unit: &'static str,
+    /// Inclusive bounds; the upper one is [`NO_MAX`] when there is none.
+    pub bounds: Option<(u64, u64)>,
+    /// How the default follows other keys when this one is not set; empty when
+    /// it does not.
+    pub derived: &'static str,
+}
+
+impl Key {
+    /// The environment variable that overrides this key.
+    pub fn env(&self) -> String {
+        if self.env_name.is_empty() {
+            format!("CHATBOX_{}", self.field.to_ascii_uppercase())
+        } else {
+            self.env_name.to_owned()
+        }
+    }
+
+    /// The one line of documentation.
+    pub fn doc(&self) -> &'static str {
+        self.doc.trim()
+    }
+
+    /// `1..=3600 s`, `>= 10 ms`, or just the unit.
+    pub fn bounds_text(&self) -> String {
+        let text = match self.bounds {
+            Some((lo, NO_MAX)) => format!(">= {lo} {}", self.unit),
+            Some((lo, hi)) => format!("{lo}..={hi} {}", self.unit),
+            None => self.unit.to_owned(),
+        };
+        text.trim().to_owned()
+    }
+
+    /// The message for a value outside the bounds, naming the variable.
+    fn out_of_bounds(&self, value: u64) -> Option<String> {
+        let (lo, hi) = self.bounds?;
+        if (lo..=hi).contains(&value) {
+            return None;
+        }
+        let unit = if self.unit.is_empty() {
+            String::new()
+        } else {
+            format!(" {}", self.unit)
+        };
+        let range = if hi == NO_MAX {
+            format!("at least {lo}{unit}")
+        } else {
+            format!("between {lo} and {hi}{unit}")
+        };
+        Some(format!("{} must be {range}; it is {value}", self.env()))
+    }
+}
+
+/// The declaration of `field` (every field has one: the struct and the table come
+/// from the same macro input).
+fn key(field: &str) -> &'static Key {
+    KEYS.iter()
+        .find(|k| k.field == field)
+        .expect("every Config field is declared in KEYS")
+}
+
+/// A bounded number, widened for comparison with [`Key::bounds`].
+trait Widen {
+    fn widen(&self) -> u64;
+}
+
+impl Widen for u16 {
+    fn widen(&self) -> u64 {
+        u64::from(*self)
+    }
+}
+
+impl Widen for u32 {
+    fn widen(&self) -> u64 {
+        u64::from(*self)
+    }
+}
+
+impl Widen for u64 {
+    fn widen(&self) -> u64 {
+        *self
+    }
+}
+
+impl Widen for usize {
+    fn widen(&self) -> u64 {
+        // usize is at most 64 bits on every target chatbox builds for.
+        u64::try_from(*self).unwrap_or(u64::MAX)
+    }
+}
+
+/// The first argument, or the fallback when the optional one was not given.
+macro_rules! first {
+    ($given:expr, $fallback:expr) => {
+        $given
+    };
+    ($fallback:expr) => {
+        $fallback
+    };
+}
+
+/// Declares the keys: see the invocation below.
+macro_rules! declare_config {
+    ($(
+        #[doc = $doc:literal]
+        $field:ident : $ty:ty = $default:expr
+        $(, range($lo:expr, $hi:expr))?
+        $(, unit $unit:literal)?
+        $(, derived $derived:literal)?
+        $(, file $shown:literal, env $env:literal)?
+        ;
+    )*) => {
+        /// The whole configuration: one field per entry of [`KEYS`], with the
+        /// defaults declared there.
+        #[derive(Debug, Clone, Deserialize, Serialize)]
+        #[serde(default, deny_unknown_fields)]
+        pub struct Config {
+            $(#[doc = $doc] pub $field: $ty,)*
+        }
+
+        impl Default for Config {
+            fn default() -> Self {
+                Config { $($field: $default,)* }
+            }
+        }
+
+        /// Every key in declaration order, which is the order of `chatbox genconfig`.
+        pub static KEYS: &[Key] = &[$(
+            Key {
+                field: stringify!($field),
+                shown: first!($($shown,)? stringify!($field)),
+                env_name: first!($($env,)? ""),
+                doc: $doc,
+                unit: first!($($unit,)? ""),
+                bounds: first!($(Some(($lo, $hi)),)? None),
+                derived: first!($($derived,)? ""),
+            },
+        )*];
+
+        impl Config {
+            /// Applies every override `lookup` finds; returns the keys it set.
+            pub(super) fn apply_env_with(
+                &mut self,
+                lookup: &dyn Fn(&str) -> Option<String>,
+            ) -> Result<Vec<&'static str>, ConfigError> {
+                let mut set = Vec::new();
+                $(
+                    let var = key(stringify!($field)).env();
+                    if let Some(value) = lookup(&var) {
+                        self.$field = FromEnv::from_env(&value)
+                            .map_err(|reason| ConfigError::Env { var, value, reason })?;
+                        set.push(stringify!($field));
+                    }
+                )*
+                Ok(set)
+            }
+
+            /// Every value outside its declared bounds, each message naming its variable.
+            pub(super) fn bound_problems(&self) -> Vec<String> {
+                let mut problems = Vec::new();
+                $($(
+                    let _declared: (u64, u64) = ($lo, $hi);
+                    problems.extend(key(stringify!($field)).out_of_bounds(self.$field.widen()));
+                )?)*
+                problems
+            }
+
+            /// Each key with its value as TOML (`None` for an unset optional key).
+            pub fn values(&self) -> Vec<(&'static Key, Option<toml::Value>)> {
+                vec![$((key(stringify!($field)), toml::Value::try_from(&self.$field).ok()),)*]
+            }
+        }
+    };
+}
+
+declare_config! {
+    /// Address and port every core listens on (SO_REUSEPORT).
+    listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 8080));
+    /// Core threads; 0 means one per available CPU.
+    cores: usize = 0, range(0, 1024), unit "threads";
+    /// URL prefix of every endpoint, e.g. `/chatbox`; empty for none.
+    path_prefix: String = "/chatbox".into();
+    /// HMAC secret for HS256 JWTs, at least 32 bytes, required outside `--dev` (`openssl rand -hex 32`).
+    jwt_secret: Option<String> = None;
+    /// 64 hex characters (32 bytes) for AES-256-GCM at rest, required outside `--dev` (`openssl rand -hex 32`).
+    encryption_key: Option<String> = None;
+    /// Earlier encryption keys (comma list), still used to read what they encrypted (rotation).
+    encryption_previous_keys: Vec<String> = Vec::new();
+    /// Origins allowed to open a WebSocket from a browser (comma list); `*` allows all, empty none.
+    allowed_origins: Vec<String> = Vec::new();
+    /// Embedded store directory.
+    data_dir: PathBuf = PathBuf::from("./data");
+    /// Use MongoDB instead of the embedded store: `mongodb://host:port,...` (`mongodb+srv://` is not supported).
+    mongo_uri: Option<String> = None;
+    /// The MongoDB database chatbox uses.
+    mongo_database: String = "chatbox".into();
+    /// Nodes that acknowledge a write before its ack: `majority` or a number.
+    mongo_write_concern: String = "majority".into();
+    /// How long writes are retried while MongoDB is unreachable before they fail (they wait in `store_queue_max`).
+    mongo_write_retry_secs: u64 = 30, range(1, 3600), unit "s";
+    /// How long start-up and `/readyz` wait to reach MongoDB.
+    mongo_connect_timeout_ms: u64 = 5000, range(100, 120_000), unit "ms";
+    /// The model's provider when `llm.models` is empty: `openai`, `anthropic` or `demo` (offline).
+    llm_provider: LlmProvider = LlmProvider::Demo;
+    /// The model's API base (https, or http on loopback) when `llm.models` is empty; the provider's by default.
+    llm_base_url: Option<String> = None;
+    /// The model's API key when `llm.models` is empty.
+    llm_api_key: Option<String> = None;
+    /// The provider's model name when `llm.models` is empty; the provider's usual one by default.
+    llm_model: Option<String> = None;
+    /// WebSocket connections one user may hold at once (the next upgrade gets 429).
+    max_connections_per_user: u32 = 10, range(1, 10_000), unit "connections";
+    /// User messages per minute (token bucket whose burst is the same number).
+    rate_limit_per_minute: u32 = 60, range(1, 1_000_000), unit "messages/min";
+    /// Graceful shutdown drains for at most this long.
+    shutdown_timeout_secs: u64 = 20, range(1, 3600), unit "s";
+    /// Unauthenticated echo endpoint under the prefix, for WebSocket conformance runs; leave unset in production.
+    echo_path: Option<String> = None;
+    /// When set, `/metrics` needs `Authorization: Bearer <token>`.
+    metrics_token: Option<String> = None;
+    /// Largest WebSocket frame payload accepted from a client (close 1009 above).
+    ws_frame_bytes_max: usize = 64 * 1024, range(125, 64 * 1024 * 1024), unit "bytes",
+        derived "65536, or ws_message_bytes_max when that is set lower";
+    /// Largest reassembled WebSocket message accepted from a client.
+    ws_message_bytes_max: usize = 64 * 1024, range(125, 64 * 1024 * 1024), unit "bytes",
+        derived "65536, or ws_frame_bytes_max when that is set higher";
+    /// Bytes queued for a client that does not read before it is closed (1013).
+    ws_write_buffer_bytes_max: usize = 1024 * 1024, range(64 * 1024, NO_MAX), unit "bytes";
+    /// Frames other tasks may queue for one connection before it counts as a slow reader.
+    ws_outbox_frames_max: u32 = 4096, range(1, 1_000_000), unit "frames";
+    /// Silence after which the server pings a client.
+    ws_ping_interval_ms: u64 = 30_000, range(10, NO_MAX), unit "ms";
+    /// Time a client has to answer a ping before it is closed (1008).
+    ws_pong_timeout_ms: u64 = 10_000, range(10, NO_MAX), unit "ms";
+    /// Time a client has to send a complete request head (408 after).
+    http_head_timeout_ms: u64 = 10_000, range(10, NO_MAX), unit "ms",
+        derived "10000, or http_request_timeout_ms when that is set lower";
+    /// Time a plain HTTP request (head, body, response) may take in all.
+    http_request_timeout_ms: u64 = 30_000, range(10, NO_MAX), unit "ms",
+        derived "30000, or http_head_timeout_ms when that is set higher";
+    /// Largest request head, request line and headers (431 above).
+    http_head_bytes_max: usize = 16 * 1024, range(1024, 1024 * 1024), unit "bytes";
+    /// Largest request body on plain HTTP endpoints.
+    http_body_bytes_max: usize = 1024 * 1024, unit "bytes";
+    /// Open connections one core holds before it refuses more with 503.
+    connections_per_core_max: usize = 100_000, range(1, NO_MAX), unit "connections";
+    /// Capacity of each core's inbound cross-core queue.
+    mesh_queue_max: usize = 4096, range(16, NO_MAX), unit "messages";
+    /// Threads of the blocking pool (storage, outbound HTTP).
+    blocking_threads: usize = 2, range(1, 64), unit "threads";
+    /// Requests queued or running on the blocking pool before callers are told it is overloaded.
+    blocking_queue_max: usize = 4096, range(1, NO_MAX), unit "requests";
+    /// Log line format on stderr, `text` or `json` (level from `RUST_LOG`).
+    log_format: LogFormat = LogFormat::Text;
+    /// I/O driver of the cores: `auto` (io_uring when the kernel allows it), `iouring` or `epoll`.
+    io_driver: IoDriver = IoDriver::Auto;
+    /// A session with no connection and no activity for this long leaves memory (it stays stored).
+    session_idle_secs: u64 = 1800, range(1, NO_MAX), unit "s";
+    /// Sessions one user may have in memory at once.
+    sessions_per_user_max: usize = 64, range(1, NO_MAX), unit "sessions";
+    /// Messages `resume` returns at most (the latest ones).
+    history_messages_max: usize = 200, range(1, 10_000), unit "messages";
+    /// Longest message `content`.
+    content_chars_max: usize = 8000, range(1, NO_MAX), unit "chars";
+    /// Largest `metadata` object, as JSON.
+    metadata_bytes_max: usize = 4096, range(2, NO_MAX), unit "bytes";
+    /// Longest answer kept and streamed.
+    answer_bytes_max: usize = 256 * 1024, range(1024, NO_MAX), unit "bytes";
+    /// Pause between the demo provider's chunks.
+    demo_chunk_delay_ms: u64 = 20, unit "ms";
+    /// Writes queued for storage before clients are told it is overloaded.
+    store_queue_max: usize = 4096, range(1, NO_MAX), unit "writes";
+    /// Frames of any kind one connection may send per minute (burst the same); beyond it, close 1008.
+    ws_frames_per_minute_max: u32 = 600, unit "frames/min",
+        derived "max(600, 10 x rate_limit_per_minute)";
+    /// The system prompt sent before every conversation.
+    llm_system_prompt: String = "You are a helpful, concise customer support assistant.".into();
+    /// Latest messages of a session sent upstream as context.
+    llm_context_messages_max: usize = 20, range(1, 1000), unit "messages";
+    /// Characters of context sent upstream at most (oldest messages dropped first).
+    llm_context_chars_max: usize = 24_000, range(100, NO_MAX), unit "chars";
+    /// How long an answer keeps streaming after the user's last connection closed, so a quick reconnect resumes it.
+    llm_grace_secs: u64 = 15, unit "s";
+    /// Admin API requests per admin per minute (burst the same), per core.
+    admin_rate_limit_per_minute: u32 = 600, unit "requests/min";
+    /// Help requests are POSTed here (https, or http on loopback), signed with `notify_webhook_secret`.
+    notify_webhook_url: Option<String> = None;
+    /// HMAC key of the webhook's `X-Chatbox-Signature` (16+ characters; required with a webhook URL).
+    notify_webhook_secret: Option<String> = None;
+    /// Help requests are e-mailed through this SMTP server.
+    notify_smtp_host: Option<String> = None;
+    /// The SMTP server's port.
+    notify_smtp_port: u16 = 587, unit "port",
+        derived "587, or 465 when notify_smtp_tls is tls";
+    /// SMTP transport security: `starttls`, `tls` or `none`.
+    notify_smtp_tls: String = "starttls".into();
+    /// SMTP login name.
+    notify_smtp_username: Option<String> = None;
+    /// SMTP password.
+    notify_smtp_password: Option<String> = None;
+    /// Sender address of help-request e-mails (required with an SMTP host).
+    notify_email_from: Option<String> = None;
+    /// Recipients of help-request e-mails (comma list; required with an SMTP host).
+    notify_email_to: Vec<String> = Vec::new();
+    /// Delivery attempts before a notification is dead-lettered.
+    notify_max_attempts: u32 = 8, unit "attempts";
+    /// First retry delay of a notification; doubles per attempt (with jitter).
+    notify_retry_base_ms: u64 = 1000, unit "ms";
+    /// `[[llm.models]]`: several models (provider, endpoint, key, timeouts, fallback), in the environment a JSON or TOML array; empty: the `llm_*` keys define one.
+    llm: LlmSection = LlmSection::default(), file "llm.models", env "CHATBOX_LLM_MODELS";
+}

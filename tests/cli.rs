@@ -1,0 +1,255 @@
+//! The command line, run as the built binary: help, version, `genconfig` round trip
+//! through `--check-config`, the warning for an unknown variable, derived limits,
+//! and README.md's configuration table against the key declarations.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Command, Output, Stdio};
+
+const SECRET: &str = "test-secret-0123456789abcdef0123456789abcdef";
+const KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
+/// The binary with an empty environment (the test runner's `CHATBOX_*` must not leak in).
+fn chatbox() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_chatbox"));
+    c.env_clear().env("RUST_LOG", "info").stdin(Stdio::null());
+    c
+}
+
+fn run(cmd: &mut Command) -> (Option<i32>, String, String) {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = cmd.output().expect("the binary runs");
+    (
+        status.code(),
+        String::from_utf8_lossy(&stdout).into_owned(),
+        String::from_utf8_lossy(&stderr).into_owned(),
+    )
+}
+
+fn temp_dir() -> std::path::PathBuf {
+    tempfile::Builder::new()
+        .prefix("chatbox-cli-")
+        .tempdir()
+        .expect("temp dir")
+        .keep()
+}
+
+#[test]
+fn help_goes_to_stdout_and_names_the_variables() {
+    let (code, out, err) = run(chatbox().arg("--help"));
+    assert_eq!(code, Some(0), "{err}");
+    for needle in [
+        "--config",
+        "--dev",
+        "--check-config",
+        "genconfig",
+        "migrate",
+        "copy",
+        "CHATBOX_CONFIG",
+        "CHATBOX_LISTEN",
+        "CHATBOX_CORES",
+        "CHATBOX_PATH_PREFIX",
+        "CHATBOX_JWT_SECRET",
+        "CHATBOX_ENCRYPTION_KEY",
+        "CHATBOX_ALLOWED_ORIGINS",
+        "CHATBOX_DATA_DIR",
+        "CHATBOX_MONGO_URI",
+        "CHATBOX_LLM_PROVIDER",
+        "CHATBOX_LLM_BASE_URL",
+        "CHATBOX_LLM_API_KEY",
+        "CHATBOX_LLM_MODEL",
+        "CHATBOX_LLM_MODELS",
+        "CHATBOX_MAX_CONNECTIONS_PER_USER",
+        "CHATBOX_RATE_LIMIT_PER_MINUTE",
+        "CHATBOX_SHUTDOWN_TIMEOUT_SECS",
+        "CHATBOX_WS_FRAMES_PER_MINUTE_MAX",
+    ] {
+        assert!(out.contains(needle), "{needle} missing from --help:\n{out}");
+    }
+    for key in chatbox::config::KEYS {
+        assert!(
+            out.contains(&key.env()),
+            "{} missing from --help",
+            key.env()
+        );
+    }
+}
+
+#[test]
+fn version_is_name_and_package_version() {
+    let (code, out, _) = run(chatbox().arg("--version"));
+    assert_eq!(code, Some(0));
+    assert_eq!(out, concat!("chatbox ", env!("CARGO_PKG_VERSION"), "\n"));
+}
+
+#[test]
+fn unknown_flags_and_bad_subcommand_arguments_exit_2() {
+    let (code, out, err) = run(chatbox().arg("--no-such-flag"));
+    assert_eq!(code, Some(2));
+    assert!(out.is_empty() && err.contains("--no-such-flag"), "{err}");
+    let (code, _, err) = run(chatbox().args(["copy", "--from", "sqlite"]));
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--to"), "{err}");
+    let (code, _, err) = run(chatbox().args(["copy", "--from", "mongo", "--to", "mongodb"]));
+    assert_eq!(code, Some(2));
+    assert!(err.contains("two different stores"), "{err}");
+    let (code, _, err) = run(chatbox().args(["copy", "--from", "oracle", "--to", "sqlite"]));
+    assert_eq!(code, Some(2));
+    assert!(err.contains("sqlite or mongo"), "{err}");
+}
+
+#[test]
+fn empty_config_variable_means_no_file() {
+    let (code, out, err) = run(chatbox()
+        .args(["--dev", "--check-config"])
+        .env("CHATBOX_CONFIG", ""));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("configuration OK"), "{out}");
+}
+
+/// `genconfig` with the two secrets filled in is a file `--check-config` accepts.
+#[test]
+fn genconfig_round_trips_through_check_config() {
+    let (code, text, err) = run(chatbox().arg("genconfig"));
+    assert_eq!(code, Some(0), "{err}");
+    for key in chatbox::config::KEYS {
+        assert!(text.contains(&key.env()), "{} missing", key.env());
+    }
+    // Unfilled, the file names what is missing.
+    let dir = temp_dir();
+    let file = dir.join("chatbox.toml");
+    std::fs::write(&file, &text).unwrap();
+    let (code, _, err) = run(chatbox().arg("--check-config").arg("--config").arg(&file));
+    assert_eq!(code, Some(2));
+    assert!(err.contains("CHATBOX_JWT_SECRET is required"), "{err}");
+
+    let filled = text
+        .replace(
+            "\n# jwt_secret = \"\"\n",
+            &format!("\njwt_secret = \"{SECRET}\"\n"),
+        )
+        .replace(
+            "\n# encryption_key = \"\"\n",
+            &format!("\nencryption_key = \"{KEY}\"\n"),
+        );
+    assert_eq!(filled.matches(SECRET).count(), 1, "jwt_secret placeholder");
+    assert_eq!(filled.matches(KEY).count(), 1, "encryption_key placeholder");
+    std::fs::write(&file, &filled).unwrap();
+    let (code, out, err) = run(chatbox().arg("--check-config").arg("--config").arg(&file));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("configuration OK"), "{out}");
+    // The file writes no derived limit down, so raising the rate alone still works.
+    let (code, _, err) = run(chatbox()
+        .arg("--check-config")
+        .env("CHATBOX_CONFIG", &file)
+        .env("CHATBOX_RATE_LIMIT_PER_MINUTE", "5000"));
+    assert_eq!(code, Some(0), "{err}");
+}
+
+#[test]
+fn unknown_variable_is_warned_about_in_the_log() {
+    let (code, _, err) = run(chatbox()
+        .arg("--check-config")
+        .env("CHATBOX_JWT_SECRET", SECRET)
+        .env("CHATBOX_ENCRYPTION_KEY", KEY)
+        .env("CHATBOX_LOG_FORMAT", "json")
+        .env("CHATBOX_RATE_LIMT_PER_MINUTE", "100"));
+    assert_eq!(code, Some(0), "{err}");
+    let warning = err
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["level"] == "WARN")
+        .unwrap_or_else(|| panic!("no warning in the log:\n{err}"));
+    let message = warning["fields"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("CHATBOX_RATE_LIMT_PER_MINUTE"),
+        "{warning}"
+    );
+}
+
+#[test]
+fn contradicting_limits_set_together_are_refused_with_both_names() {
+    let (code, _, err) = run(chatbox()
+        .arg("--check-config")
+        .env("CHATBOX_JWT_SECRET", SECRET)
+        .env("CHATBOX_ENCRYPTION_KEY", KEY)
+        .env("CHATBOX_RATE_LIMIT_PER_MINUTE", "5000")
+        .env("CHATBOX_WS_FRAMES_PER_MINUTE_MAX", "1000"));
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("CHATBOX_WS_FRAMES_PER_MINUTE_MAX (1000)")
+            && err.contains("CHATBOX_RATE_LIMIT_PER_MINUTE (5000)"),
+        "{err}"
+    );
+}
+
+/// The contract: raising the rate limit alone never stops start-up. The server
+/// starts, says it derived the frame guard and its version, and stops on SIGTERM.
+#[test]
+fn raised_rate_limit_alone_starts() {
+    let mut child = chatbox()
+        .arg("--dev")
+        .env("CHATBOX_LISTEN", "127.0.0.1:0")
+        .env("CHATBOX_CORES", "1")
+        .env("CHATBOX_DATA_DIR", temp_dir())
+        .env("CHATBOX_RATE_LIMIT_PER_MINUTE", "5000")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary starts");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let listening = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .any(|l| l.starts_with("chatbox listening on http://"));
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().expect("the child exits");
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .expect("piped stderr")
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(listening, "never listened:\n{err}");
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("ws_frames_per_minute_max = 50000 (derived from rate_limit_per_minute)"),
+        "{err}"
+    );
+    assert!(
+        err.contains(concat!("chatbox ", env!("CARGO_PKG_VERSION"), " started")),
+        "{err}"
+    );
+}
+
+/// README.md's table is `chatbox genconfig --markdown`, so it lists exactly the
+/// declared keys with their defaults.
+#[test]
+fn readme_table_is_the_declared_keys() {
+    let (code, table, err) = run(chatbox().args(["genconfig", "--markdown"]));
+    assert_eq!(code, Some(0), "{err}");
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let begin = "<!-- config-table:begin -->\n";
+    let documented = readme
+        .split_once(begin)
+        .and_then(|(_, rest)| rest.split_once("<!-- config-table:end -->"))
+        .map(|(t, _)| t)
+        .expect("README.md has the config-table markers");
+    assert!(
+        documented == table,
+        "README.md's configuration table is stale; replace it with the output of \
+         `chatbox genconfig --markdown`:\n{table}"
+    );
+    for key in chatbox::config::KEYS {
+        assert!(
+            table.contains(&format!("| `{}` |", key.shown)),
+            "{}",
+            key.shown
+        );
+    }
+}
