@@ -1,6 +1,8 @@
-//! Time and ids: the wall clock in milliseconds and time-ordered unique ids.
+//! Time and ids: the wall clock in milliseconds, time-ordered unique ids, and how
+//! long to wait before trying again.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Milliseconds since the Unix epoch.
 pub type Millis = i64;
@@ -26,9 +28,30 @@ pub fn new_id(prefix: &str) -> Arc<str> {
     format!("{prefix}_{:012x}{random}", now_ms()).into()
 }
 
+/// Exponential backoff with jitter: `base` x 2^`doublings`, drawn from the upper
+/// half of that (so retries of many clients spread out), never above `max`.
+pub fn backoff(base: Duration, doublings: u32, max: Duration) -> Duration {
+    let exp = base.saturating_mul(1 << doublings.min(20));
+    exp.mul_f64(0.5 + rand::random::<f64>() / 2.0).min(max)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_stays_under_its_cap() {
+        let base = Duration::from_millis(100);
+        for doublings in 0..5 {
+            let full = base * (1 << doublings);
+            let b = backoff(base, doublings, Duration::from_secs(60));
+            assert!(b >= full / 2 && b <= full, "{b:?} for {doublings}");
+        }
+        assert_eq!(
+            backoff(base, 40, Duration::from_secs(1)),
+            Duration::from_secs(1)
+        );
+    }
 
     #[test]
     fn ids_are_unique_and_sort_by_time() {

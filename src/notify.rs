@@ -263,11 +263,7 @@ impl Notifier {
 
     /// Exponential backoff with jitter: base, 2 x base, 4 x base, ...
     fn backoff(&self, attempts: u32) -> Duration {
-        let exp = self
-            .retry_base
-            .saturating_mul(1 << attempts.saturating_sub(1).min(20));
-        exp.mul_f64(0.5 + rand::random::<f64>() / 2.0)
-            .min(RETRY_WAIT_MAX)
+        crate::clock::backoff(self.retry_base, attempts.saturating_sub(1), RETRY_WAIT_MAX)
     }
 
     async fn post_webhook(&self, n: &Notification) -> Result<(), String> {

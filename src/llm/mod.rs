@@ -391,6 +391,11 @@ pub fn estimate_tokens(text: &str) -> u64 {
     text.split_whitespace().count() as u64
 }
 
+/// The prompt's tokens, estimated: the conversation and the system prompt.
+fn estimate_prompt(turns: &[Turn], system: &str) -> u64 {
+    turns.iter().map(|t| estimate_tokens(&t.text)).sum::<u64>() + estimate_tokens(system)
+}
+
 /// A running answer. Dropping it aborts the upstream request.
 pub struct LlmStream {
     inner: Inner,
@@ -430,7 +435,8 @@ impl LlmStream {
                 inner: Inner::Demo {
                     chunks: demo::answer(last_user).into(),
                     delay: demo_delay,
-                    input_tokens: turns.iter().map(|t| estimate_tokens(&t.text)).sum(),
+                    // The demo sends no system prompt anywhere.
+                    input_tokens: estimate_prompt(&turns, ""),
                     output_tokens: 0,
                     done: false,
                 },
@@ -577,13 +583,20 @@ async fn run(
 
 /// Exponential backoff with full jitter, or what Retry-After asked for.
 fn backoff(attempt: u32, retry_after: Option<Duration>) -> Duration {
-    let wait = retry_after.unwrap_or_else(|| {
-        let cap = Duration::from_millis(200u64 << attempt.min(6));
-        cap.mul_f64(0.5 + rand::random::<f64>() / 2.0)
-    });
-    wait.min(RETRY_WAIT_MAX)
+    const FIRST_WAIT: Duration = Duration::from_millis(200);
+    match retry_after {
+        Some(wait) => wait.min(RETRY_WAIT_MAX),
+        None => crate::clock::backoff(FIRST_WAIT, attempt.min(6), RETRY_WAIT_MAX),
+    }
 }
 
+/// When an attempt must have its first token, and when its last.
+struct Deadlines {
+    first: tokio::time::Instant,
+    total: tokio::time::Instant,
+}
+
+/// One request to the provider, relayed to `tx` as it streams.
 async fn attempt_once(
     models: &Models,
     spec: &ModelSpec,
@@ -591,13 +604,47 @@ async fn attempt_once(
     tx: &async_channel::Sender<LlmEvent>,
     retries: u32,
 ) -> Result<(), AttemptError> {
-    let client = spec.client.as_ref().expect("remote models have a client");
     let start = tokio::time::Instant::now();
-    let first_deadline = start + spec.first_token_timeout;
-    let total_deadline = start + spec.total_timeout;
-    let system = &models.system_prompt;
-    let wire = spec.wire();
-    let request = wire.request(client, spec, system, turns);
+    let deadlines = Deadlines {
+        first: start + spec.first_token_timeout,
+        total: start + spec.total_timeout,
+    };
+    let resp = open_stream(models, spec, turns, &deadlines).await?;
+    let relayed = relay_stream(spec, resp, tx, &deadlines).await?;
+    let Some((input, output, chunks, malformed)) = relayed else {
+        return Ok(()); // nobody listens any more: the request was dropped
+    };
+    let _ = tx
+        .send(LlmEvent::Done {
+            // Providers that report no usage get an estimate from the text sent.
+            input_tokens: input.unwrap_or_else(|| estimate_prompt(turns, &models.system_prompt)),
+            output_tokens: output.unwrap_or(chunks),
+            retries,
+            malformed,
+        })
+        .await;
+    Ok(())
+}
+
+/// Sends the request and waits for a successful status; an error status becomes
+/// the attempt's error with (a bounded part of) its body.
+async fn open_stream(
+    models: &Models,
+    spec: &ModelSpec,
+    turns: &[Turn],
+    deadlines: &Deadlines,
+) -> Result<reqwest::Response, AttemptError> {
+    let Some(client) = spec.client.as_ref() else {
+        return Err(AttemptError::new(
+            ErrorKind::Connect,
+            "no HTTP client for this model",
+            false,
+        ));
+    };
+    let first_deadline = deadlines.first;
+    let request = spec
+        .wire()
+        .request(client, spec, &models.system_prompt, turns);
     let mut resp = match tokio::time::timeout_at(first_deadline, request.send()).await {
         Err(_) => {
             return Err(AttemptError::new(
@@ -643,7 +690,20 @@ async fn attempt_once(
             sent_text: false,
         });
     }
+    Ok(resp)
+}
 
+/// Parses the event stream and relays its text; returns the usage it reported
+/// (input, output), the chunks sent and the malformed events skipped, or `None`
+/// once nobody listens.
+async fn relay_stream(
+    spec: &ModelSpec,
+    mut resp: reqwest::Response,
+    tx: &async_channel::Sender<LlmEvent>,
+    deadlines: &Deadlines,
+) -> Result<Option<(Option<u64>, Option<u64>, u64, u32)>, AttemptError> {
+    let (first_deadline, total_deadline) = (deadlines.first, deadlines.total);
+    let wire = spec.wire();
     let mut parser = sse::Parser::new(SSE_LINE_BYTES_MAX);
     let (mut input, mut output) = (None, None);
     let (mut sent_text, mut malformed, mut chunks) = (false, 0u32, 0u64);
@@ -699,7 +759,7 @@ async fn attempt_once(
                     Piece::Text(t) => {
                         chunks += 1;
                         if tx.send(LlmEvent::Chunk(t)).await.is_err() {
-                            return Ok(()); // nobody listens any more: drop the request
+                            return Ok(None);
                         }
                         sent_text = true;
                     }
@@ -715,19 +775,7 @@ async fn attempt_once(
             }
         }
     }
-    let _ = tx
-        .send(LlmEvent::Done {
-            // Providers that report no usage get an estimate from the text sent.
-            input_tokens: input.unwrap_or_else(|| {
-                turns.iter().map(|t| estimate_tokens(&t.text)).sum::<u64>()
-                    + estimate_tokens(system)
-            }),
-            output_tokens: output.unwrap_or(chunks),
-            retries,
-            malformed,
-        })
-        .await;
-    Ok(())
+    Ok(Some((input, output, chunks, malformed)))
 }
 
 #[cfg(test)]
