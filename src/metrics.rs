@@ -228,6 +228,12 @@ const SERIES: &[(&str, &str, &str, bool, Field)] = &[
 /// Renders every core's counters in the Prometheus text format (0.0.4).
 pub fn render(cores: &[CoreMetrics]) -> String {
     let mut out = String::with_capacity(4096);
+    let _ = writeln!(
+        out,
+        "# HELP chatbox_build_info The running build.\n# TYPE chatbox_build_info gauge\n\
+         chatbox_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
     for &(name, help, kind, per_core, field) in SERIES {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         if per_core {
@@ -311,6 +317,8 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("chatbox_panics_total 3\n"), "{text}");
+        let build = format!("chatbox_build_info{{version=\"{}\"}} 1\n", env!("CARGO_PKG_VERSION"));
+        assert!(text.contains(&build), "{text}");
         assert!(text.contains("chatbox_refused_total{reason=\"too_many_connections\"} 1\n"));
         assert!(text.contains("chatbox_refused_total{reason=\"unauthorized\"} 0\n"));
     }
