@@ -179,6 +179,7 @@ async fn a_panicking_handler_closes_only_its_connection() {
                 panic!("handler bug triggered on purpose");
             }
         })),
+        ..Default::default()
     };
     let server = start_with(config(), hooks);
     let addr = server.local_addr();

@@ -80,4 +80,21 @@ pub type TextHook = Arc<dyn Fn(&str) + Send + Sync>;
 pub struct Hooks {
     /// Called with every text message before it is handled (a test makes it panic).
     pub on_text: Option<TextHook>,
+    /// Debug builds only: called with the name of each fault point a task passes
+    /// (`answer`, `store_reply`, `takeover`, `resume`, `expiry`), so a test can make
+    /// that task panic. Release builds have no such field and no such calls.
+    #[cfg(debug_assertions)]
+    pub fault: Option<TextHook>,
+}
+
+impl Hooks {
+    /// Passes fault point `point` (see [`Hooks::fault`]); nothing in release builds.
+    #[inline]
+    pub fn fault_point(&self, point: &str) {
+        #[cfg(debug_assertions)]
+        if let Some(hook) = &self.fault {
+            hook(point);
+        }
+        let _ = point;
+    }
 }

@@ -5,7 +5,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
-use std::panic::AssertUnwindSafe;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -203,6 +203,21 @@ impl<A: App> Core<A> {
         });
     }
 
+    /// Runs a task of the application on this core. A panic in it ends only that
+    /// task: it is counted, and `on_panic` runs (to tell the task's session, say);
+    /// the core and everything else on it carry on.
+    pub fn spawn_guarded<F, P>(self: &Rc<Self>, task: F, on_panic: P)
+    where
+        F: Future<Output = ()> + 'static,
+        P: FnOnce() + 'static,
+    {
+        monoio::spawn(Guarded {
+            task,
+            core: self.clone(),
+            on_panic: Some(on_panic),
+        });
+    }
+
     /// Keep-alive for every connection of this core from one timer: a connection
     /// quiet for a ping interval is asked to ping, one that leaves a ping unanswered
     /// for the pong timeout is closed. A timer per connection would cost each idle
@@ -259,7 +274,14 @@ impl<A: App> Core<A> {
                 CoreMsg::AdminFeed(frame) => {
                     self.registry.borrow().push_admins(&Outgoing::Text(frame));
                 }
-                CoreMsg::App(msg) => A::on_msg(&self, msg),
+                CoreMsg::App(msg) => {
+                    // A panic while handling one message costs that message only.
+                    let handled = catch_unwind(AssertUnwindSafe(|| A::on_msg(&self, msg)));
+                    if handled.is_err() {
+                        self.metrics().panics.inc();
+                        tracing::error!(core = self.id, "a mesh message's handler panicked");
+                    }
+                }
             }
         }
     }
@@ -452,7 +474,7 @@ impl<F: Future<Output = ()>, A: App> Future for Contained<F, A> {
         let this = unsafe { self.get_unchecked_mut() };
         // SAFETY: `this` is pinned, so `task` is too (see above).
         let task = unsafe { Pin::new_unchecked(&mut this.task) };
-        match std::panic::catch_unwind(AssertUnwindSafe(|| task.poll(cx))) {
+        match catch_unwind(AssertUnwindSafe(|| task.poll(cx))) {
             Ok(p) => p,
             Err(_) => {
                 this.core.metrics().panics.inc();
@@ -460,6 +482,35 @@ impl<F: Future<Output = ()>, A: App> Future for Contained<F, A> {
                     core = this.core.id,
                     "connection task panicked; only that connection was closed"
                 );
+                Poll::Ready(())
+            }
+        }
+    }
+}
+
+/// An application task with its panic contained: see [`Core::spawn_guarded`].
+struct Guarded<F, A: App, P> {
+    task: F,
+    core: Rc<Core<A>>,
+    on_panic: Option<P>,
+}
+
+impl<F: Future<Output = ()>, A: App, P: FnOnce()> Future for Guarded<F, A, P> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        // SAFETY: structural pinning of `task`, as in `Contained`; `on_panic` and
+        // `core` are never pinned.
+        let this = unsafe { self.get_unchecked_mut() };
+        // SAFETY: `this` is pinned, so `task` is too.
+        let task = unsafe { Pin::new_unchecked(&mut this.task) };
+        match catch_unwind(AssertUnwindSafe(|| task.poll(cx))) {
+            Ok(p) => p,
+            Err(_) => {
+                this.core.metrics().panics.inc();
+                if let Some(tell) = this.on_panic.take() {
+                    // The task's own state may be broken; telling must not be.
+                    let _ = catch_unwind(AssertUnwindSafe(tell));
+                }
                 Poll::Ready(())
             }
         }

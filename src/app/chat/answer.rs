@@ -45,27 +45,47 @@ pub fn start(core: &Rc<Core>, sid: &Arc<str>, model: Arc<ModelSpec>) {
         turns
     };
     let (core, sid) = (core.clone(), sid.clone());
-    monoio::spawn(async move {
-        let shared = &core.shared.app;
-        core.metrics().llm_requests.inc();
-        let started = std::time::Instant::now();
-        let mut stream = LlmStream::start(
-            &shared.models,
-            &shared.pool,
-            model,
-            turns,
-            shared.demo_chunk_delay,
-        );
-        let (said, ending) =
-            stream_chunks(&core, &sid, &message_id, &mut stream, &cancel, started).await;
-        // Cancelled or failed: the upstream request goes now, not when the task ends.
-        stream.abort();
-        drop(stream);
-        core.metrics()
-            .llm_total_ms
-            .observe(started.elapsed().as_millis() as u64);
-        finish(&core, &sid, &message_id, said, ending).await;
-    });
+    let message_id_for_cleanup = message_id.clone();
+    let (guard_core, guard_sid) = (core.clone(), sid.clone());
+    super::spawn(
+        &guard_core,
+        &guard_sid,
+        "answer",
+        async move {
+            let shared = &core.shared.app;
+            core.metrics().llm_requests.inc();
+            let started = std::time::Instant::now();
+            let mut stream = LlmStream::start(
+                &shared.models,
+                &shared.pool,
+                model,
+                turns,
+                shared.demo_chunk_delay,
+            );
+            let (said, ending) =
+                stream_chunks(&core, &sid, &message_id, &mut stream, &cancel, started).await;
+            // Cancelled or failed: the upstream request goes now, not when the task ends.
+            stream.abort();
+            drop(stream);
+            core.metrics()
+                .llm_total_ms
+                .observe(started.elapsed().as_millis() as u64);
+            finish(&core, &sid, &message_id, said, ending).await;
+        },
+        end_after_panic(message_id_for_cleanup),
+    );
+}
+
+/// After a panic in the answer task: the answer counts as ended (cancelled), so
+/// the session is not left waiting for it (and can go idle, or answer again).
+fn end_after_panic(message_id: Arc<str>) -> impl FnOnce(&Core) {
+    move |core| {
+        let mut sessions = core.app.sessions.borrow_mut();
+        let answers = sessions.values_mut().filter_map(|s| s.answer.as_mut());
+        for a in answers.filter(|a| a.message_id == message_id && a.done.is_none()) {
+            a.done = Some((Usage::default(), true));
+        }
+    }
 }
 
 /// Relays the model's chunks until it finishes, fails, or is cancelled.
@@ -125,6 +145,7 @@ async fn stream_chunks(
         }
         said.chunks += 1;
         said.text.push_str(&chunk);
+        core.shared.hooks.fault_point("answer");
         relay(core, sid, message_id, said.chunks, chunk.into());
     };
     (said, ending)
@@ -291,16 +312,23 @@ pub fn orphaned(core: &Rc<Core>) {
         .collect();
     for (sid, message_id) in orphans {
         let core = core.clone();
-        monoio::spawn(async move {
-            monoio::time::sleep(core.shared.app.grace).await;
-            let sessions = core.app.sessions.borrow();
-            let Some(s) = sessions.get(&sid).filter(|s| s.attached.is_empty()) else {
-                return;
-            };
-            if let Some(a) = s.running().filter(|a| a.message_id == message_id) {
-                tracing::debug!(session = %sid, "nobody came back within the grace period; dropping the answer");
-                a.cancel.cancel();
-            }
-        });
+        let (guard_core, guard_sid) = (core.clone(), sid.clone());
+        super::spawn(
+            &guard_core,
+            &guard_sid,
+            "grace",
+            async move {
+                monoio::time::sleep(core.shared.app.grace).await;
+                let sessions = core.app.sessions.borrow();
+                let Some(s) = sessions.get(&sid).filter(|s| s.attached.is_empty()) else {
+                    return;
+                };
+                if let Some(a) = s.running().filter(|a| a.message_id == message_id) {
+                    tracing::debug!(session = %sid, "nobody came back within the grace period; dropping the answer");
+                    a.cancel.cancel();
+                }
+            },
+            |_| {},
+        );
     }
 }

@@ -76,10 +76,17 @@ fn record_state(core: &Rc<Core>, sid: &Arc<str>, state: State, actor: &str, acti
     let write = core.shared.app.store.write(vec![op]);
     let core = core.clone();
     let sid = sid.clone();
-    monoio::spawn(async move {
-        if let Err(e) = write.await {
-            core.metrics().store_errors.inc();
-            tracing::error!(session = %sid, error = %e, "recording a session state failed");
-        }
-    });
+    let (guard_core, guard_sid) = (core.clone(), sid.clone());
+    super::spawn(
+        &guard_core,
+        &guard_sid,
+        "record_state",
+        async move {
+            if let Err(e) = write.await {
+                core.metrics().store_errors.inc();
+                tracing::error!(session = %sid, error = %e, "recording a session state failed");
+            }
+        },
+        |_| {},
+    );
 }

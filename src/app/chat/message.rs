@@ -134,18 +134,27 @@ fn append(
     core.metrics().messages_in.inc();
     let write = shared.store.write(ops);
     let (core, sid, user) = (core.clone(), sid.clone(), user.clone());
-    monoio::spawn(async move {
-        match write.await {
-            Ok(outcomes) => match outcomes.last() {
-                Some(WriteOutcome::Duplicate {
-                    message_id,
-                    session_id,
-                }) => acked_again(&core, conn, msg.id.as_deref(), session_id, message_id),
-                _ => stored(&core, &sid, &user, &message_id, msg),
-            },
-            Err(e) => not_stored(&core, &sid, conn, msg.id.as_deref(), e),
-        }
-    });
+    let (guard_core, guard_sid) = (core.clone(), sid.clone());
+    super::spawn(
+        &guard_core,
+        &guard_sid,
+        "store_reply",
+        async move {
+            let written = write.await;
+            core.shared.hooks.fault_point("store_reply");
+            match written {
+                Ok(outcomes) => match outcomes.last() {
+                    Some(WriteOutcome::Duplicate {
+                        message_id,
+                        session_id,
+                    }) => acked_again(&core, conn, msg.id.as_deref(), session_id, message_id),
+                    _ => stored(&core, &sid, &user, &message_id, msg),
+                },
+                Err(e) => not_stored(&core, &sid, conn, msg.id.as_deref(), e),
+            }
+        },
+        |_| {},
+    );
 }
 
 /// A resend: the original was stored (and answered) already; only the sender

@@ -286,6 +286,31 @@ impl ChatCore {
     }
 }
 
+/// Runs a task of session `sid`. A panic in it ends that task only: it is logged
+/// with the session id and counted, and everyone in the session gets an `internal`
+/// error; `cleanup` then mends what the task left half done.
+pub fn spawn(
+    core: &Rc<Core>,
+    sid: &Arc<str>,
+    what: &'static str,
+    task: impl std::future::Future<Output = ()> + 'static,
+    cleanup: impl FnOnce(&Core) + 'static,
+) {
+    let (c, s) = (core.clone(), sid.clone());
+    core.spawn_guarded(task, move || {
+        tracing::error!(session = %s, task = what, "a session task panicked; only that task stopped");
+        cleanup(&c);
+        let frame = super::frames::ServerFrame::Error {
+            code: Code::Internal,
+            message: "internal error; please retry",
+            id: None,
+            session_id: Some(&s),
+            retry_after_ms: None,
+        };
+        effects::push_session(&c, &s, frame.to_json());
+    });
+}
+
 /// Runs `then` once the session is in memory and known to belong to `user`,
 /// loading it from storage first if needed. Refuses with `forbidden` otherwise.
 pub fn with_session(
@@ -313,26 +338,33 @@ pub fn with_session(
             let user = user.clone();
             let shared = &core.shared.app;
             let load = shared.store.load_session(&sid, shared.context.messages_max);
-            monoio::spawn(async move {
-                match load.await {
-                    Ok(Some((rec, msgs))) if *rec.user_id == *user => {
-                        rehydrate(&core, &sid, &rec, &msgs);
-                        core.app.attach(&sid, conn);
-                        then(&core, &sid)
+            let (guard_core, guard_sid) = (core.clone(), sid.clone());
+            spawn(
+                &guard_core,
+                &guard_sid,
+                "load_session",
+                async move {
+                    match load.await {
+                        Ok(Some((rec, msgs))) if *rec.user_id == *user => {
+                            rehydrate(&core, &sid, &rec, &msgs);
+                            core.app.attach(&sid, conn);
+                            then(&core, &sid)
+                        }
+                        Ok(_) => effects::reply(&core, conn, forbidden(id.as_deref(), Some(&sid))),
+                        Err(e) => {
+                            core.metrics().store_errors.inc();
+                            tracing::error!(session = %sid, error = %e, "loading a session failed");
+                            let msg = "could not load the session; retry";
+                            effects::reply(
+                                &core,
+                                conn,
+                                error_frame(Code::Internal, msg, id.as_deref()),
+                            );
+                        }
                     }
-                    Ok(_) => effects::reply(&core, conn, forbidden(id.as_deref(), Some(&sid))),
-                    Err(e) => {
-                        core.metrics().store_errors.inc();
-                        tracing::error!(session = %sid, error = %e, "loading a session failed");
-                        let msg = "could not load the session; retry";
-                        effects::reply(
-                            &core,
-                            conn,
-                            error_frame(Code::Internal, msg, id.as_deref()),
-                        );
-                    }
-                }
-            });
+                },
+                |_| {},
+            );
         }
     }
 }
@@ -365,7 +397,19 @@ pub async fn expiry_loop(core: Rc<Core>) {
             _ = monoio::time::sleep(every) => {}
             _ = core.gate.closed() => return,
         }
-        let n = core.app.expire(now_ms(), idle.as_millis() as i64);
+        let swept = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            core.shared.hooks.fault_point("expiry");
+            core.app.expire(now_ms(), idle.as_millis() as i64)
+        }));
+        // A panic costs one sweep, never the loop: the next one runs as usual.
+        let Ok(n) = swept else {
+            core.metrics().panics.inc();
+            tracing::error!(
+                core = core.id,
+                "an expiry sweep panicked; the next one runs as usual"
+            );
+            continue;
+        };
         core.metrics()
             .sessions_in_memory
             .set(core.app.sessions_in_memory() as u64);

@@ -12,12 +12,14 @@ use crate::store::MessageRecord;
 
 /// Sends the history and the running answer to `to`, in the background.
 pub fn resume(core: &Rc<Core>, sid: &Arc<str>, to: Target, after_seq: Option<u64>) {
-    monoio::spawn(resume_now(core.clone(), sid.clone(), to, after_seq));
+    let task = resume_now(core.clone(), sid.clone(), to, after_seq);
+    super::spawn(core, sid, "resume", task, |_| {});
 }
 
 /// [`resume`], awaited: returns once every frame is queued for `to`.
 pub async fn resume_now(core: Rc<Core>, sid: Arc<str>, to: Target, after_seq: Option<u64>) {
     let shared = &core.shared.app;
+    core.shared.hooks.fault_point("resume");
     let send = |frame: String| deliver(&core, to, frame.into());
     let messages = match shared
         .store

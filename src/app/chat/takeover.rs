@@ -115,26 +115,33 @@ pub fn route(core: &Rc<Core>, joined: &Joined, op: AdminOp, id: Option<String>) 
     }
     let load = core.shared.app.store.load_session(&op.session_id, 1);
     let (core, joined) = (core.clone(), joined.clone());
-    monoio::spawn(async move {
-        let conn = op.admin.conn;
-        match load.await {
-            Ok(Some((rec, _))) => {
-                let owner = owner_core(&rec.user_id, core.shared.mesh.cores());
-                joined.borrow_mut().insert(op.session_id.clone(), owner);
-                send_op(&core, owner, op, id);
+    let (guard_core, guard_sid) = (core.clone(), op.session_id.clone());
+    super::spawn(
+        &guard_core,
+        &guard_sid,
+        "admin_route",
+        async move {
+            let conn = op.admin.conn;
+            match load.await {
+                Ok(Some((rec, _))) => {
+                    let owner = owner_core(&rec.user_id, core.shared.mesh.cores());
+                    joined.borrow_mut().insert(op.session_id.clone(), owner);
+                    send_op(&core, owner, op, id);
+                }
+                Ok(None) => reply(
+                    &core,
+                    conn,
+                    error_frame(Code::NotFound, "no such session", id.as_deref()),
+                ),
+                Err(e) => {
+                    tracing::error!(error = %e, "looking up a session for an admin failed");
+                    let msg = "could not look up the session; retry";
+                    reply(&core, conn, error_frame(Code::Internal, msg, id.as_deref()));
+                }
             }
-            Ok(None) => reply(
-                &core,
-                conn,
-                error_frame(Code::NotFound, "no such session", id.as_deref()),
-            ),
-            Err(e) => {
-                tracing::error!(error = %e, "looking up a session for an admin failed");
-                let msg = "could not look up the session; retry";
-                reply(&core, conn, error_frame(Code::Internal, msg, id.as_deref()));
-            }
-        }
-    });
+        },
+        |_| {},
+    );
 }
 
 fn send_op(core: &Rc<Core>, owner: usize, op: AdminOp, id: Option<String>) {
@@ -160,26 +167,35 @@ pub fn on_admin_op(core: &Rc<Core>, op: AdminOp) {
         .store
         .load_session(&op.session_id, shared.context.messages_max);
     let core = core.clone();
-    monoio::spawn(async move {
-        let to = Target::of(&op.admin);
-        match load.await {
-            Ok(Some((rec, msgs))) => {
-                rehydrate(&core, &op.session_id, &rec, &msgs);
-                apply(&core, op);
+    let (guard_core, guard_sid) = (core.clone(), op.session_id.clone());
+    super::spawn(
+        &guard_core,
+        &guard_sid,
+        "admin_load",
+        async move {
+            let to = Target::of(&op.admin);
+            match load.await {
+                Ok(Some((rec, msgs))) => {
+                    rehydrate(&core, &op.session_id, &rec, &msgs);
+                    apply(&core, op);
+                }
+                Ok(None) | Err(_)
+                    if matches!(op.action, AdminAction::Gone | AdminAction::Leave) => {}
+                Ok(None) => deliver(
+                    &core,
+                    to,
+                    error_frame(Code::NotFound, "no such session", None).into(),
+                ),
+                Err(e) => {
+                    tracing::error!(error = %e, "loading a session for an admin failed");
+                    let frame =
+                        error_frame(Code::Internal, "could not load the session; retry", None);
+                    deliver(&core, to, frame.into());
+                }
             }
-            Ok(None) | Err(_) if matches!(op.action, AdminAction::Gone | AdminAction::Leave) => {}
-            Ok(None) => deliver(
-                &core,
-                to,
-                error_frame(Code::NotFound, "no such session", None).into(),
-            ),
-            Err(e) => {
-                tracing::error!(error = %e, "loading a session for an admin failed");
-                let frame = error_frame(Code::Internal, "could not load the session; retry", None);
-                deliver(&core, to, frame.into());
-            }
-        }
-    });
+        },
+        |_| {},
+    );
 }
 
 fn apply(core: &Rc<Core>, op: AdminOp) {
@@ -227,30 +243,38 @@ fn join(core: &Rc<Core>, sid: &Arc<str>, admin: &AdminRef) {
     // hears who joined. Each admin learns of each other admin exactly once: from
     // this list if that admin was announced before, from its announcement if after.
     let (core, sid, admin) = (core.clone(), sid.clone(), admin.clone());
-    monoio::spawn(async move {
-        resume_now(core.clone(), sid.clone(), Target::of(&admin), None).await;
-        let Some(present) = core
-            .app
-            .sessions
-            .borrow_mut()
-            .get_mut(&sid)
-            .map(|s| s.announce(&admin.id))
-        else {
-            return;
-        };
-        for name in present {
+    let (guard_core, guard_sid) = (core.clone(), sid.clone());
+    super::spawn(
+        &guard_core,
+        &guard_sid,
+        "takeover",
+        async move {
+            resume_now(core.clone(), sid.clone(), Target::of(&admin), None).await;
+            core.shared.hooks.fault_point("takeover");
+            let Some(present) = core
+                .app
+                .sessions
+                .borrow_mut()
+                .get_mut(&sid)
+                .map(|s| s.announce(&admin.id))
+            else {
+                return;
+            };
+            for name in present {
+                let frame = ServerFrame::AdminJoined {
+                    session_id: &sid,
+                    admin_name: &name,
+                };
+                deliver(&core, Target::of(&admin), frame.to_json().into());
+            }
             let frame = ServerFrame::AdminJoined {
                 session_id: &sid,
-                admin_name: &name,
+                admin_name: &admin.name,
             };
-            deliver(&core, Target::of(&admin), frame.to_json().into());
-        }
-        let frame = ServerFrame::AdminJoined {
-            session_id: &sid,
-            admin_name: &admin.name,
-        };
-        push_session(&core, &sid, frame.to_json());
-    });
+            push_session(&core, &sid, frame.to_json());
+        },
+        |_| {},
+    );
 }
 
 fn message(
@@ -289,27 +313,34 @@ fn message(
     };
     let write = shared.store.write(vec![op]);
     let (core, sid, admin) = (core.clone(), sid.clone(), admin.clone());
-    monoio::spawn(async move {
-        match write.await {
-            Ok(_) => {
-                let frame = ServerFrame::AdminMessage {
-                    session_id: &sid,
-                    admin_name: &admin.name,
-                    message_id: &message_id,
-                    content: &content,
-                    id: client_id.as_deref(),
-                };
-                push_session(&core, &sid, frame.to_json());
+    let (guard_core, guard_sid) = (core.clone(), sid.clone());
+    super::spawn(
+        &guard_core,
+        &guard_sid,
+        "admin_message",
+        async move {
+            match write.await {
+                Ok(_) => {
+                    let frame = ServerFrame::AdminMessage {
+                        session_id: &sid,
+                        admin_name: &admin.name,
+                        message_id: &message_id,
+                        content: &content,
+                        id: client_id.as_deref(),
+                    };
+                    push_session(&core, &sid, frame.to_json());
+                }
+                Err(e) => {
+                    core.metrics().store_errors.inc();
+                    tracing::error!(session = %sid, error = %e, "storing an admin message failed");
+                    let msg = "the message was not stored; send it again";
+                    let frame = error_frame(Code::Internal, msg, client_id.as_deref());
+                    deliver(&core, Target::of(&admin), frame.into());
+                }
             }
-            Err(e) => {
-                core.metrics().store_errors.inc();
-                tracing::error!(session = %sid, error = %e, "storing an admin message failed");
-                let msg = "the message was not stored; send it again";
-                let frame = error_frame(Code::Internal, msg, client_id.as_deref());
-                deliver(&core, Target::of(&admin), frame.into());
-            }
-        }
-    });
+        },
+        |_| {},
+    );
 }
 
 /// `whole`: the admin leaves (all its connections); otherwise one connection went.
@@ -377,15 +408,22 @@ fn notify_help(core: &Rc<Core>, sid: &Arc<str>, user: &Identity, at: crate::cloc
     }
     let write = core.shared.app.store.write(ops);
     let core = core.clone();
-    monoio::spawn(async move {
-        match write.await {
-            Ok(_) => core.shared.app.notifier.wake(),
-            Err(e) => {
-                core.metrics().store_errors.inc();
-                tracing::error!(error = %e, "queueing help-request notifications failed");
+    let (guard_core, guard_sid) = (core.clone(), sid.clone());
+    super::spawn(
+        &guard_core,
+        &guard_sid,
+        "notify_help",
+        async move {
+            match write.await {
+                Ok(_) => core.shared.app.notifier.wake(),
+                Err(e) => {
+                    core.metrics().store_errors.inc();
+                    tracing::error!(error = %e, "queueing help-request notifications failed");
+                }
             }
-        }
-    });
+        },
+        |_| {},
+    );
 }
 
 /// Tells the owning cores that an admin connection closed.
