@@ -10,8 +10,8 @@ use chatbox::pool::{BlockingPool, PoolRuntime};
 use chatbox::store::mongo::{MongoSettings, MongoStore};
 use chatbox::store::sqlite::SqliteStore;
 use chatbox::store::{
-    CursorKey, MessageRecord, Role, SessionQuery, SessionRecord, SortBy, Store, StoreError,
-    StoreFuture, WriteOp, WriteOutcome,
+    AuditAction, CursorKey, MessageRecord, Role, SessionQuery, SessionRecord, SessionState, SortBy,
+    Store, StoreError, StoreFuture, WriteOp, WriteOutcome,
 };
 
 /// A backend under test, with what keeps it alive.
@@ -85,7 +85,7 @@ fn session(id: &str, user: &str, created_at: i64) -> SessionRecord {
         user_id: user.into(),
         created_at,
         last_activity: created_at,
-        state: "ai".into(),
+        state: SessionState::Ai,
         message_count: 0,
         tokens_in: 0,
         tokens_out: 0,
@@ -126,7 +126,7 @@ fn append(user: &str, m: MessageRecord) -> WriteOp {
     }
 }
 
-fn state(sid: &str, state: &'static str, action: &'static str, at: i64) -> WriteOp {
+fn state(sid: &str, state: SessionState, action: AuditAction, at: i64) -> WriteOp {
     WriteOp::SetState {
         session_id: sid.into(),
         state,
@@ -256,7 +256,7 @@ fn seed(s: &Arc<dyn Store>, ring: &KeyRing) {
             ));
         }
         if let Some(end) = end {
-            ops.push(state(id, "ended", "end", end));
+            ops.push(state(id, SessionState::Ended, AuditAction::End, end));
         }
         block(s.write(ops)).unwrap();
     }
@@ -356,7 +356,7 @@ fn session_lists_filter_sort_and_page_the_same_on_every_backend() {
             b.name
         );
         let mut q = query(SortBy::StartTime, false, 100);
-        q.state = Some("ended".into());
+        q.state = Some(SessionState::Ended);
         assert_eq!(
             ids(&block(s.list_sessions(q)).unwrap().sessions),
             ["b", "c", "e"]
@@ -392,12 +392,12 @@ fn window_metrics_aggregate_every_session_in_the_window() {
                 "u1",
                 message(&ring, "w1", 2, Role::Assistant, None, 1300, (10, 20)),
             ),
-            state("w1", "waiting", "help_request", 1400),
+            state("w1", SessionState::Waiting, AuditAction::HelpRequest, 1400),
             append(
                 "u1",
                 message(&ring, "w1", 3, Role::User, None, 1500, (0, 0)),
             ),
-            state("w1", "human", "admin_join", 1600),
+            state("w1", SessionState::Human, AuditAction::AdminJoin, 1600),
             append(
                 "u1",
                 message(&ring, "w1", 4, Role::Admin, None, 2500, (0, 0)),
@@ -462,7 +462,7 @@ fn a_users_data_is_exported_then_deleted() {
                     user,
                     message(&ring, sid, 1, Role::User, Some(sid), at + 1, (0, 0)),
                 ),
-                state(sid, "waiting", "help_request", at + 2),
+                state(sid, SessionState::Waiting, AuditAction::HelpRequest, at + 2),
             ]))
             .unwrap();
         }
@@ -586,7 +586,7 @@ fn copy_moves_everything_and_can_run_again() {
     let source: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path(), p, 1, 256).unwrap());
     seed(&source, &ring);
     block(source.write(vec![
-        state("b", "ended", "end", 950),
+        state("b", SessionState::Ended, AuditAction::End, 950),
         WriteOp::Enqueue {
             kind: "webhook".into(),
             payload: "{}".into(),

@@ -691,7 +691,7 @@ fn rehydrate(core: &Core, sid: &Arc<str>, rec: SessionRecord, messages: &[Messag
         last_activity: rec.last_activity,
         answer: None,
         context: VecDeque::new(),
-        state: State::parse(&rec.state),
+        state: State::parse(rec.state.as_str()),
         admins: Vec::new(),
     };
     for m in messages {
@@ -754,7 +754,7 @@ fn append_user_message(
             user_id: user.to_string(),
             created_at,
             last_activity: now,
-            state: "ai".into(),
+            state: crate::store::SessionState::Ai,
             message_count: 0,
             tokens_in: 0,
             tokens_out: 0,
@@ -1227,7 +1227,7 @@ impl SessionRecord {
             user_id: String::new(),
             created_at: 0,
             last_activity: 0,
-            state: String::new(),
+            state: crate::store::SessionState::Ai,
             message_count: 0,
             tokens_in: 0,
             tokens_out: 0,

@@ -16,7 +16,7 @@ use crate::llm::TurnRole;
 use crate::mesh::{owner_core, CoreMsg};
 use crate::shard::registry::ConnId;
 use crate::shard::Core;
-use crate::store::{MessageRecord, Role, WriteOp};
+use crate::store::{AuditAction, MessageRecord, Role, SessionState, WriteOp};
 
 /// Where a session stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +43,18 @@ impl State {
             "human" => State::Human,
             "ended" => State::Ended,
             _ => State::Ai,
+        }
+    }
+}
+
+/// The state as storage records it.
+impl From<State> for SessionState {
+    fn from(s: State) -> SessionState {
+        match s {
+            State::Ai => SessionState::Ai,
+            State::Waiting => SessionState::Waiting,
+            State::Human => SessionState::Human,
+            State::Ended => SessionState::Ended,
         }
     }
 }
@@ -197,10 +209,10 @@ fn apply(core: &Rc<Core>, op: AdminOp) {
 }
 
 /// Persists a state change with who made it.
-fn record_state(core: &Rc<Core>, sid: &Arc<str>, state: State, actor: &str, action: &'static str) {
+fn record_state(core: &Rc<Core>, sid: &Arc<str>, state: State, actor: &str, action: AuditAction) {
     let op = WriteOp::SetState {
         session_id: sid.to_string(),
-        state: state.as_str(),
+        state: state.into(),
         actor: actor.to_owned(),
         action,
         at: now_ms(),
@@ -246,7 +258,7 @@ fn join(core: &Rc<Core>, sid: &Arc<str>, admin: &AdminRef) {
         was != State::Human
     };
     core.metrics().takeovers.inc();
-    record_state(core, sid, State::Human, &admin.id, "admin_join");
+    record_state(core, sid, State::Human, &admin.id, AuditAction::AdminJoin);
     if newly_human {
         tracing::info!(session = %sid, admin = %admin.id, "human takeover");
     }
@@ -403,7 +415,7 @@ fn leave(core: &Rc<Core>, sid: &Arc<str>, admin: &AdminRef, whole: bool) {
         push_session(core, sid, frame);
     }
     if back_to_ai {
-        record_state(core, sid, State::Ai, &admin.id, "admin_leave");
+        record_state(core, sid, State::Ai, &admin.id, AuditAction::AdminLeave);
         tracing::info!(session = %sid, "handed back to the AI");
     }
 }
@@ -427,7 +439,13 @@ pub fn help_request(core: &Rc<Core>, sid: &Arc<str>, user: &crate::auth::Identit
         changed
     };
     if changed {
-        record_state(core, sid, State::Waiting, &user.user_id, "help_request");
+        record_state(
+            core,
+            sid,
+            State::Waiting,
+            &user.user_id,
+            AuditAction::HelpRequest,
+        );
     }
     core.metrics().help_requests.inc();
     let at = now_ms();
