@@ -347,11 +347,103 @@ fn files_contain(dir: &std::path::Path, needle: &[u8]) -> bool {
     })
 }
 
+/// The test's MongoDB database (`CHATBOX_TEST_STORE=mongo`), read and changed
+/// directly with the driver.
+async fn mongo_database(cfg: &chatbox::Config) -> mongodb::Database {
+    let uri = cfg
+        .mongo_uri
+        .as_deref()
+        .expect("a MongoDB test configuration");
+    let client = mongodb::Client::with_uri_str(uri).await.unwrap();
+    client.database(&cfg.mongo_database)
+}
+
+/// Whether the raw BSON of any document stored in `db` contains `needle`;
+/// also how many messages are stored (so that "not found" means something).
+async fn mongo_contains(db: &mongodb::Database, needle: &[u8]) -> (bool, u64) {
+    use futures_util::TryStreamExt;
+    let mut found = false;
+    for name in db.list_collection_names().await.unwrap() {
+        let docs: Vec<mongodb::bson::RawDocumentBuf> = db
+            .collection::<mongodb::bson::RawDocumentBuf>(&name)
+            .find(mongodb::bson::doc! {})
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        found |= docs
+            .iter()
+            .any(|d| d.as_bytes().windows(needle.len()).any(|w| w == needle));
+    }
+    let messages = db
+        .collection::<mongodb::bson::Document>("messages")
+        .count_documents(mongodb::bson::doc! {})
+        .await
+        .unwrap();
+    (found, messages)
+}
+
+/// Zeroes `zeroed`'s ciphertext, and moves `from`'s ciphertext and nonce onto
+/// `onto`: as the SQLite variant does to rows.
+async fn mongo_tamper(db: &mongodb::Database, zeroed: &str, from: &str, onto: &str) {
+    use mongodb::bson::{doc, spec::BinarySubtype, Binary, Document};
+    let messages = db.collection::<Document>("messages");
+    let get = |id: &str| {
+        let messages = messages.clone();
+        let id = id.to_owned();
+        async move {
+            messages
+                .find_one(doc! {"_id": &id})
+                .await
+                .unwrap()
+                .unwrap_or_else(|| panic!("message {id} stored"))
+        }
+    };
+    let zeroes = get(zeroed)
+        .await
+        .get_binary_generic("ciphertext")
+        .unwrap()
+        .len();
+    let zeroes = Binary {
+        subtype: BinarySubtype::Generic,
+        bytes: vec![0; zeroes],
+    };
+    let source = get(from).await;
+    let updates = [
+        (zeroed, doc! {"$set": {"ciphertext": zeroes}}),
+        (
+            onto,
+            doc! {"$set": {"ciphertext": source.get("ciphertext").unwrap(),
+            "nonce": source.get("nonce").unwrap()}},
+        ),
+    ];
+    for (id, update) in updates {
+        let r = messages.update_one(doc! {"_id": id}, update).await.unwrap();
+        assert_eq!(r.modified_count, 1, "{id} changed");
+    }
+}
+
+/// Tampers with rows of the stopped server's SQLite file as `mongo_tamper` does.
+fn sqlite_tamper(dir: &std::path::Path, zeroed: &str, from: &str, onto: &str) {
+    let db = rusqlite::Connection::open(dir.join("chatbox.db")).unwrap();
+    db.execute(
+        "UPDATE messages SET ciphertext = zeroblob(length(ciphertext)) WHERE message_id = ?1",
+        [zeroed],
+    )
+    .unwrap();
+    db.execute(
+        "UPDATE messages SET ciphertext = (SELECT ciphertext FROM messages WHERE message_id = ?1),
+                             nonce = (SELECT nonce FROM messages WHERE message_id = ?1) WHERE message_id = ?2",
+        [from, onto],
+    )
+    .unwrap();
+}
+
+/// Stored messages are sealed wherever they are stored: the SQLite files, or
+/// (`CHATBOX_TEST_STORE=mongo`) every document of the MongoDB database.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_are_encrypted_on_disk_and_tampering_is_reported() {
-    if mongo().is_some() {
-        return eprintln!("skipped on MongoDB: this test reads the SQLite file");
-    }
     let cfg = config();
     let dir = cfg.data_dir.clone();
     let server = start(cfg.clone());
@@ -362,32 +454,39 @@ async fn messages_are_encrypted_on_disk_and_tampering_is_reported() {
     drop(ws);
     server.shutdown();
     stop(server).await;
-    assert!(
-        !files_contain(&dir, marker.as_bytes()),
-        "plaintext found on disk"
-    );
-    assert!(
-        !files_contain(&dir, b"[demo]"),
-        "answer plaintext found on disk"
-    );
 
-    // Tamper with one row and move another row's ciphertext onto a third.
-    let db = rusqlite::Connection::open(dir.join("chatbox.db")).unwrap();
+    // Tamper with one message and move another's ciphertext onto a third.
     let first = x.ack["message_id"].as_str().unwrap();
     let second = y.ack["message_id"].as_str().unwrap();
-    db.execute(
-        "UPDATE messages SET ciphertext = zeroblob(length(ciphertext)) WHERE message_id = ?1",
-        [first],
-    )
-    .unwrap();
     let answer_id = y.done["message_id"].as_str().unwrap();
-    db.execute(
-        "UPDATE messages SET ciphertext = (SELECT ciphertext FROM messages WHERE message_id = ?1),
-                             nonce = (SELECT nonce FROM messages WHERE message_id = ?1) WHERE message_id = ?2",
-        [answer_id, second],
-    )
-    .unwrap();
-    drop(db);
+    if cfg.mongo_uri.is_some() {
+        let db = mongo_database(&cfg).await;
+        let (found, messages) = mongo_contains(&db, marker.as_bytes()).await;
+        assert_eq!(messages, 4, "two messages and two answers stored");
+        let (seen, _) = mongo_contains(&db, x.session_id.as_bytes()).await;
+        assert!(
+            seen,
+            "the scan reads what is stored (session ids are plain)"
+        );
+        assert!(!found, "plaintext found in MongoDB");
+        let (found, _) = mongo_contains(&db, b"[demo]").await;
+        assert!(!found, "answer plaintext found in MongoDB");
+        mongo_tamper(&db, first, answer_id, second).await;
+    } else {
+        assert!(
+            files_contain(&dir, x.session_id.as_bytes()),
+            "the scan reads what is stored (session ids are plain)"
+        );
+        assert!(
+            !files_contain(&dir, marker.as_bytes()),
+            "plaintext found on disk"
+        );
+        assert!(
+            !files_contain(&dir, b"[demo]"),
+            "answer plaintext found on disk"
+        );
+        sqlite_tamper(&dir, first, answer_id, second);
+    }
 
     let server = start(cfg);
     let mut ws = connect_user(server.local_addr(), "secret").await;

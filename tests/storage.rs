@@ -1,6 +1,9 @@
 //! One storage suite, run against every backend: the embedded store always, and
-//! MongoDB when `CHATBOX_TEST_MONGO_URI` names a server (CI starts one; locally each
-//! test says so when it did not run there). Each test gets a fresh store.
+//! MongoDB when `CHATBOX_TEST_MONGO_URI` names a server (CI starts one, see
+//! `.ci/run`). Each test body takes a fresh store and runs twice: as
+//! `sqlite::NAME`, a normal test, and as `mongodb::NAME`, ignored unless asked
+//! for (`cargo test -- --include-ignored`), which fails when no server is named:
+//! a test that did not run is never reported as passed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,9 +13,38 @@ use chatbox::pool::{BlockingPool, PoolRuntime};
 use chatbox::store::mongo::{MongoSettings, MongoStore};
 use chatbox::store::sqlite::SqliteStore;
 use chatbox::store::{
-    CursorKey, MessageRecord, Role, SessionQuery, SessionRecord, SortBy, Store, StoreError,
-    StoreFuture, WriteOp, WriteOutcome,
+    AuditAction, CursorKey, MessageRecord, Role, SessionQuery, SessionRecord, SessionState, SortBy,
+    Store, StoreError, StoreFuture, WriteOp, WriteOutcome,
 };
+
+/// Each test body, as a SQLite test and as an ignored MongoDB test.
+macro_rules! on_every_backend {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[test]
+            fn $test() {
+                super::$test(&super::sqlite());
+            })*
+        }
+        mod mongodb {
+            $(#[test]
+            #[ignore = "needs MongoDB (SecantusDB): set CHATBOX_TEST_MONGO_URI (see .ci/run)"]
+            fn $test() {
+                super::$test(&super::mongodb());
+            })*
+        }
+    };
+}
+
+on_every_backend!(
+    messages_round_trip_sealed_and_resends_are_recognised,
+    a_failing_write_changes_nothing_and_fails_alone,
+    session_lists_filter_sort_and_page_like_the_embedded_store,
+    window_metrics_aggregate_every_session_in_the_window,
+    a_users_data_is_exported_then_deleted,
+    the_notification_outbox_is_durable_and_ordered,
+    copy_moves_everything_and_can_run_again,
+);
 
 /// A backend under test, with what keeps it alive.
 struct Backend {
@@ -27,45 +59,43 @@ fn pool() -> (Arc<PoolRuntime>, BlockingPool) {
     (Arc::new(rt), pool)
 }
 
-/// The MongoDB settings for a fresh database, if a server was named.
-pub fn mongo_settings() -> Option<MongoSettings> {
-    let uri = std::env::var("CHATBOX_TEST_MONGO_URI").ok()?;
-    Some(MongoSettings {
+/// A fresh embedded store.
+fn sqlite() -> Backend {
+    let (rt, p) = pool();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SqliteStore::open(dir.path(), p, 2, 256).expect("sqlite");
+    Backend {
+        name: "sqlite",
+        store: Arc::new(store),
+        _dir: Some(dir),
+        _rt: rt,
+    }
+}
+
+/// A fresh database on the MongoDB server at `CHATBOX_TEST_MONGO_URI`; without
+/// it, the test fails and says what it needs.
+fn mongodb() -> Backend {
+    let Ok(uri) = std::env::var("CHATBOX_TEST_MONGO_URI") else {
+        panic!(
+            "this test needs a MongoDB-compatible server: start SecantusDB and set \
+             CHATBOX_TEST_MONGO_URI=mongodb://127.0.0.1:PORT (see .ci/run)"
+        );
+    };
+    let settings = MongoSettings {
         uri,
         database: format!("chatbox_test_{:016x}", rand::random::<u64>()),
         write_concern: "majority".into(),
         write_retry: Duration::from_secs(5),
         connect_timeout: Duration::from_secs(5),
-    })
-}
-
-fn backends() -> Vec<Backend> {
-    let mut out = Vec::new();
+    };
     let (rt, p) = pool();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = SqliteStore::open(dir.path(), p, 2, 256).expect("sqlite");
-    out.push(Backend {
-        name: "sqlite",
+    let store = MongoStore::open(&settings, p, 256).expect("MongoDB at CHATBOX_TEST_MONGO_URI");
+    Backend {
+        name: "mongodb",
         store: Arc::new(store),
-        _dir: Some(dir),
+        _dir: None,
         _rt: rt,
-    });
-    match mongo_settings() {
-        Some(settings) => {
-            let (rt, p) = pool();
-            let store = MongoStore::open(&settings, p, 256).expect("MongoDB at CHATBOX_TEST_MONGO_URI");
-            out.push(Backend {
-                name: "mongodb",
-                store: Arc::new(store),
-                _dir: None,
-                _rt: rt,
-            });
-        }
-        None => eprintln!(
-            "NOTE: MongoDB backend NOT tested here: set CHATBOX_TEST_MONGO_URI=mongodb://127.0.0.1:27017 (CI does)"
-        ),
     }
-    out
 }
 
 fn block<T>(f: StoreFuture<T>) -> Result<T, StoreError> {
@@ -85,7 +115,7 @@ fn session(id: &str, user: &str, created_at: i64) -> SessionRecord {
         user_id: user.into(),
         created_at,
         last_activity: created_at,
-        state: "ai".into(),
+        state: SessionState::Ai,
         message_count: 0,
         tokens_in: 0,
         tokens_out: 0,
@@ -126,7 +156,7 @@ fn append(user: &str, m: MessageRecord) -> WriteOp {
     }
 }
 
-fn state(sid: &str, state: &'static str, action: &'static str, at: i64) -> WriteOp {
+fn state(sid: &str, state: SessionState, action: AuditAction, at: i64) -> WriteOp {
     WriteOp::SetState {
         session_id: sid.into(),
         state,
@@ -136,101 +166,95 @@ fn state(sid: &str, state: &'static str, action: &'static str, at: i64) -> Write
     }
 }
 
-#[test]
-fn messages_round_trip_sealed_and_resends_are_recognised() {
+fn messages_round_trip_sealed_and_resends_are_recognised(b: &Backend) {
     let ring = ring();
-    for b in backends() {
-        let s = &b.store;
-        let first = block(s.write(vec![
-            WriteOp::CreateSession(session("s1", "u1", 1000)),
-            append(
-                "u1",
-                message(&ring, "s1", 1, Role::User, Some("c1"), 1001, (0, 0)),
-            ),
-            append(
-                "u1",
-                message(&ring, "s1", 2, Role::Assistant, None, 1005, (7, 11)),
-            ),
-        ]))
-        .unwrap();
-        assert_eq!(
-            first,
-            [WriteOutcome::Done, WriteOutcome::Done, WriteOutcome::Done],
-            "{}",
-            b.name
-        );
-        let resend = block(s.write(vec![append(
+    let s = &b.store;
+    let first = block(s.write(vec![
+        WriteOp::CreateSession(session("s1", "u1", 1000)),
+        append(
             "u1",
-            message(&ring, "s1", 3, Role::User, Some("c1"), 1010, (0, 0)),
-        )]))
-        .unwrap();
-        assert_eq!(
-            resend,
-            [WriteOutcome::Duplicate {
-                message_id: "s1-m1".into(),
-                session_id: "s1".into()
-            }],
-            "{}",
-            b.name
-        );
-        let (rec, msgs) = block(s.load_session("s1", 10)).unwrap().unwrap();
-        assert_eq!(
-            (
-                rec.message_count,
-                rec.tokens_in,
-                rec.tokens_out,
-                rec.last_activity
-            ),
-            (2, 7, 11, 1005),
-            "{}",
-            b.name
-        );
-        assert_eq!(msgs.len(), 2, "{}", b.name);
-        assert_eq!(ring.open("s1", "s1-m2", &msgs[1].sealed).unwrap(), "text 2");
-        assert_eq!(msgs[0].client_id.as_deref(), Some("c1"));
-        let latest = block(s.load_session("s1", 1)).unwrap().unwrap().1;
-        assert_eq!(latest[0].seq, 2, "{}: the latest messages", b.name);
-        assert!(block(s.load_session("nope", 5)).unwrap().is_none());
-        block(s.ping()).unwrap();
-    }
+            message(&ring, "s1", 1, Role::User, Some("c1"), 1001, (0, 0)),
+        ),
+        append(
+            "u1",
+            message(&ring, "s1", 2, Role::Assistant, None, 1005, (7, 11)),
+        ),
+    ]))
+    .unwrap();
+    assert_eq!(
+        first,
+        [WriteOutcome::Done, WriteOutcome::Done, WriteOutcome::Done],
+        "{}",
+        b.name
+    );
+    let resend = block(s.write(vec![append(
+        "u1",
+        message(&ring, "s1", 3, Role::User, Some("c1"), 1010, (0, 0)),
+    )]))
+    .unwrap();
+    assert_eq!(
+        resend,
+        [WriteOutcome::Duplicate {
+            message_id: "s1-m1".into(),
+            session_id: "s1".into()
+        }],
+        "{}",
+        b.name
+    );
+    let (rec, msgs) = block(s.load_session("s1", 10)).unwrap().unwrap();
+    assert_eq!(
+        (
+            rec.message_count,
+            rec.tokens_in,
+            rec.tokens_out,
+            rec.last_activity
+        ),
+        (2, 7, 11, 1005),
+        "{}",
+        b.name
+    );
+    assert_eq!(msgs.len(), 2, "{}", b.name);
+    assert_eq!(ring.open("s1", "s1-m2", &msgs[1].sealed).unwrap(), "text 2");
+    assert_eq!(msgs[0].client_id.as_deref(), Some("c1"));
+    let latest = block(s.load_session("s1", 1)).unwrap().unwrap().1;
+    assert_eq!(latest[0].seq, 2, "{}: the latest messages", b.name);
+    assert!(block(s.load_session("nope", 5)).unwrap().is_none());
+    block(s.ping()).unwrap();
 }
 
-#[test]
-fn a_failing_write_changes_nothing_and_fails_alone() {
+fn a_failing_write_changes_nothing_and_fails_alone(b: &Backend) {
     let ring = ring();
-    for b in backends() {
-        let s = &b.store;
-        block(s.write(vec![
-            WriteOp::CreateSession(session("s1", "u1", 1000)),
-            append(
-                "u1",
-                message(&ring, "s1", 1, Role::User, None, 1001, (0, 0)),
-            ),
-        ]))
-        .unwrap();
-        // Sent together, so they share a batch: the clash (same seq) fails alone.
-        let clash = s.write(vec![
-            append(
-                "u1",
-                message(&ring, "s1", 2, Role::User, None, 1002, (0, 0)),
-            ),
-            append("u1", {
-                let mut m = message(&ring, "s1", 1, Role::User, None, 1003, (0, 0));
-                m.message_id = "other".into();
-                m
-            }),
-        ]);
-        let fine = s.write(vec![append(
+    let s = &b.store;
+    block(s.write(vec![
+        WriteOp::CreateSession(session("s1", "u1", 1000)),
+        append(
             "u1",
-            message(&ring, "s1", 3, Role::User, None, 1004, (0, 0)),
-        )]);
-        assert!(block(clash).is_err(), "{}", b.name);
-        block(fine).unwrap();
-        let (rec, msgs) = block(s.load_session("s1", 10)).unwrap().unwrap();
-        let seqs: Vec<u64> = msgs.iter().map(|m| m.seq).collect();
-        assert_eq!(seqs, [1, 3], "{}: nothing of the failed write", b.name);
-        assert_eq!(rec.message_count, 2, "{}", b.name);
-    }
+            message(&ring, "s1", 1, Role::User, None, 1001, (0, 0)),
+        ),
+    ]))
+    .unwrap();
+    // Sent together, so they share a batch: the clash (same seq) fails alone.
+    let clash = s.write(vec![
+        append(
+            "u1",
+            message(&ring, "s1", 2, Role::User, None, 1002, (0, 0)),
+        ),
+        append("u1", {
+            let mut m = message(&ring, "s1", 1, Role::User, None, 1003, (0, 0));
+            m.message_id = "other".into();
+            m
+        }),
+    ]);
+    let fine = s.write(vec![append(
+        "u1",
+        message(&ring, "s1", 3, Role::User, None, 1004, (0, 0)),
+    )]);
+    assert!(block(clash).is_err(), "{}", b.name);
+    block(fine).unwrap();
+    let (rec, msgs) = block(s.load_session("s1", 10)).unwrap().unwrap();
+    let seqs: Vec<u64> = msgs.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, [1, 3], "{}: nothing of the failed write", b.name);
+    assert_eq!(rec.message_count, 2, "{}", b.name);
 }
 
 /// A seeded session: id, user, start time, messages, tokens, end time.
@@ -256,7 +280,7 @@ fn seed(s: &Arc<dyn Store>, ring: &KeyRing) {
             ));
         }
         if let Some(end) = end {
-            ops.push(state(id, "ended", "end", end));
+            ops.push(state(id, SessionState::Ended, AuditAction::End, end));
         }
         block(s.write(ops)).unwrap();
     }
@@ -279,314 +303,308 @@ fn query(sort_by: SortBy, descending: bool, limit: usize) -> SessionQuery {
     }
 }
 
-#[test]
-fn session_lists_filter_sort_and_page_the_same_on_every_backend() {
+fn session_lists_filter_sort_and_page_like_the_embedded_store(b: &Backend) {
+    let orders = session_lists(b);
+    if b.name != "sqlite" {
+        let embedded = session_lists(&sqlite());
+        assert_eq!(
+            orders, embedded,
+            "{} orders like the embedded store",
+            b.name
+        );
+    }
+}
+
+/// Checks the session list of `b`; returns every order it walked, page by page.
+fn session_lists(b: &Backend) -> Vec<Vec<String>> {
     let ring = ring();
-    let mut seen: Vec<(&str, Vec<Vec<String>>)> = Vec::new();
-    for b in backends() {
-        let s = &b.store;
-        seed(s, &ring);
-        let mut orders = Vec::new();
-        for by in SortBy::NAMES.map(|n| SortBy::parse(n).unwrap()) {
-            for desc in [false, true] {
-                // Walk the pages two at a time; together they are the full order.
-                let mut q = query(by, desc, 2);
-                let mut all = Vec::new();
-                loop {
-                    let page = block(s.list_sessions(q.clone())).unwrap();
-                    assert!(page.sessions.len() <= 2);
-                    all.extend(page.sessions.iter().map(|s| s.id.clone()));
-                    match page.next {
-                        Some(next) => q.after = Some(next),
-                        None => break,
-                    }
+    let s = &b.store;
+    seed(s, &ring);
+    let mut orders = Vec::new();
+    for by in SortBy::NAMES.map(|n| SortBy::parse(n).unwrap()) {
+        for desc in [false, true] {
+            // Walk the pages two at a time; together they are the full order.
+            let mut q = query(by, desc, 2);
+            let mut all = Vec::new();
+            loop {
+                let page = block(s.list_sessions(q.clone())).unwrap();
+                assert!(page.sessions.len() <= 2);
+                all.extend(page.sessions.iter().map(|s| s.id.clone()));
+                match page.next {
+                    Some(next) => q.after = Some(next),
+                    None => break,
                 }
-                let whole = block(s.list_sessions(query(by, desc, 100))).unwrap();
-                let whole: Vec<String> = whole.sessions.iter().map(|s| s.id.clone()).collect();
-                assert_eq!(
-                    all, whole,
-                    "{} {by:?} desc={desc}: pages = one list",
-                    b.name
-                );
-                assert_eq!(all.len(), 6);
-                orders.push(all);
             }
-        }
-        // Spot checks of what the orders mean.
-        let by = |sort: SortBy, desc| {
-            block(s.list_sessions(query(sort, desc, 100)))
-                .unwrap()
-                .sessions
-        };
-        assert_eq!(
-            ids(&by(SortBy::StartTime, false)),
-            ["a", "b", "c", "d", "e", "f"]
-        );
-        assert_eq!(
-            ids(&by(SortBy::MessageCount, true)),
-            ["d", "b", "f", "c", "a", "e"]
-        );
-        assert_eq!(
-            ids(&by(SortBy::EndTime, false)),
-            ["a", "d", "f", "c", "e", "b"],
-            "{}: no end sorts as 0",
-            b.name
-        );
-        assert_eq!(
-            ids(&by(SortBy::TotalTokens, true)),
-            ["d", "c", "a", "f", "b", "e"]
-        );
-        assert_eq!(
-            ids(&by(SortBy::UserId, false)),
-            ["a", "c", "f", "b", "e", "d"]
-        );
-        // Filters, all typed.
-        let mut q = query(SortBy::StartTime, false, 100);
-        q.user_id = Some("u1".into());
-        q.from = Some(200);
-        q.to = Some(600);
-        assert_eq!(
-            ids(&block(s.list_sessions(q.clone())).unwrap().sessions),
-            ["c"]
-        );
-        q.user_id = Some("{\"$ne\": null}".into());
-        assert!(
-            block(s.list_sessions(q)).unwrap().sessions.is_empty(),
-            "{}: a filter is a value",
-            b.name
-        );
-        let mut q = query(SortBy::StartTime, false, 100);
-        q.state = Some("ended".into());
-        assert_eq!(
-            ids(&block(s.list_sessions(q)).unwrap().sessions),
-            ["b", "c", "e"]
-        );
-        // A cursor with a text key works for the user sort.
-        let mut q = query(SortBy::UserId, false, 100);
-        q.after = Some((CursorKey::Text("u1".into()), "c".into()));
-        assert_eq!(
-            ids(&block(s.list_sessions(q)).unwrap().sessions),
-            ["f", "b", "e", "d"]
-        );
-        seen.push((b.name, orders));
-    }
-    if let [(_, first), rest @ ..] = seen.as_slice() {
-        for (name, orders) in rest {
-            assert_eq!(orders, first, "{name} orders like the embedded store");
+            let whole = block(s.list_sessions(query(by, desc, 100))).unwrap();
+            let whole: Vec<String> = whole.sessions.iter().map(|s| s.id.clone()).collect();
+            assert_eq!(
+                all, whole,
+                "{} {by:?} desc={desc}: pages = one list",
+                b.name
+            );
+            assert_eq!(all.len(), 6);
+            orders.push(all);
         }
     }
+    // Spot checks of what the orders mean.
+    let by = |sort: SortBy, desc| {
+        block(s.list_sessions(query(sort, desc, 100)))
+            .unwrap()
+            .sessions
+    };
+    assert_eq!(
+        ids(&by(SortBy::StartTime, false)),
+        ["a", "b", "c", "d", "e", "f"]
+    );
+    assert_eq!(
+        ids(&by(SortBy::MessageCount, true)),
+        ["d", "b", "f", "c", "a", "e"]
+    );
+    assert_eq!(
+        ids(&by(SortBy::EndTime, false)),
+        ["a", "d", "f", "c", "e", "b"],
+        "{}: no end sorts as 0",
+        b.name
+    );
+    assert_eq!(
+        ids(&by(SortBy::TotalTokens, true)),
+        ["d", "c", "a", "f", "b", "e"]
+    );
+    assert_eq!(
+        ids(&by(SortBy::UserId, false)),
+        ["a", "c", "f", "b", "e", "d"]
+    );
+    // Filters, all typed.
+    let mut q = query(SortBy::StartTime, false, 100);
+    q.user_id = Some("u1".into());
+    q.from = Some(200);
+    q.to = Some(600);
+    assert_eq!(
+        ids(&block(s.list_sessions(q.clone())).unwrap().sessions),
+        ["c"]
+    );
+    q.user_id = Some("{\"$ne\": null}".into());
+    assert!(
+        block(s.list_sessions(q)).unwrap().sessions.is_empty(),
+        "{}: a filter is a value",
+        b.name
+    );
+    let mut q = query(SortBy::StartTime, false, 100);
+    q.state = Some(SessionState::Ended);
+    assert_eq!(
+        ids(&block(s.list_sessions(q)).unwrap().sessions),
+        ["b", "c", "e"]
+    );
+    // A cursor with a text key works for the user sort.
+    let mut q = query(SortBy::UserId, false, 100);
+    q.after = Some((CursorKey::Text("u1".into()), "c".into()));
+    assert_eq!(
+        ids(&block(s.list_sessions(q)).unwrap().sessions),
+        ["f", "b", "e", "d"]
+    );
+    orders
 }
 
-#[test]
-fn window_metrics_aggregate_every_session_in_the_window() {
+fn window_metrics_aggregate_every_session_in_the_window(b: &Backend) {
     let ring = ring();
-    for b in backends() {
-        let s = &b.store;
-        block(s.write(vec![
-            WriteOp::CreateSession(session("w1", "u1", 1000)),
-            append(
-                "u1",
-                message(&ring, "w1", 1, Role::User, None, 1000, (0, 0)),
-            ),
-            append(
-                "u1",
-                message(&ring, "w1", 2, Role::Assistant, None, 1300, (10, 20)),
-            ),
-            state("w1", "waiting", "help_request", 1400),
-            append(
-                "u1",
-                message(&ring, "w1", 3, Role::User, None, 1500, (0, 0)),
-            ),
-            state("w1", "human", "admin_join", 1600),
-            append(
-                "u1",
-                message(&ring, "w1", 4, Role::Admin, None, 2500, (0, 0)),
-            ),
-            WriteOp::CreateSession(session("w2", "u2", 3000)),
-            append(
-                "u2",
-                message(&ring, "w2", 1, Role::User, None, 3000, (0, 0)),
-            ),
-            append(
-                "u2",
-                message(&ring, "w2", 2, Role::Assistant, None, 3100, (1, 2)),
-            ),
-            WriteOp::CreateSession(session("w3", "u3", 9000)),
-            append(
-                "u3",
-                message(&ring, "w3", 1, Role::User, None, 9000, (0, 0)),
-            ),
-        ]))
-        .unwrap();
-        let m = block(s.window_metrics(Some(1000), Some(5000))).unwrap();
-        assert_eq!(
-            (
-                m.sessions,
-                m.messages,
-                m.user_messages,
-                m.assistant_messages,
-                m.admin_messages
-            ),
-            (2, 6, 3, 2, 1),
-            "{}",
-            b.name
-        );
-        assert_eq!((m.tokens_in, m.tokens_out), (11, 22), "{}", b.name);
-        assert_eq!((m.takeovers, m.help_requests), (1, 1), "{}", b.name);
-        // Replies after a user message: 300, 1000 and 100 ms.
-        assert_eq!(m.responses, 3, "{}", b.name);
-        assert_eq!(m.response_ms_max, Some(1000), "{}", b.name);
-        assert!(
-            (m.response_ms_avg.unwrap() - 1400.0 / 3.0).abs() < 1e-6,
-            "{}",
-            b.name
-        );
-        let all = block(s.window_metrics(None, None)).unwrap();
-        assert_eq!((all.sessions, all.messages), (3, 7), "{}", b.name);
-        let events = block(s.session_events("w1")).unwrap();
-        let actions: Vec<&str> = events.iter().map(|e| e.action.as_str()).collect();
-        assert_eq!(actions, ["help_request", "admin_join"], "{}", b.name);
-        assert_eq!(events[1].state, "human");
-    }
+    let s = &b.store;
+    block(s.write(vec![
+        WriteOp::CreateSession(session("w1", "u1", 1000)),
+        append(
+            "u1",
+            message(&ring, "w1", 1, Role::User, None, 1000, (0, 0)),
+        ),
+        append(
+            "u1",
+            message(&ring, "w1", 2, Role::Assistant, None, 1300, (10, 20)),
+        ),
+        state("w1", SessionState::Waiting, AuditAction::HelpRequest, 1400),
+        append(
+            "u1",
+            message(&ring, "w1", 3, Role::User, None, 1500, (0, 0)),
+        ),
+        state("w1", SessionState::Human, AuditAction::AdminJoin, 1600),
+        append(
+            "u1",
+            message(&ring, "w1", 4, Role::Admin, None, 2500, (0, 0)),
+        ),
+        WriteOp::CreateSession(session("w2", "u2", 3000)),
+        append(
+            "u2",
+            message(&ring, "w2", 1, Role::User, None, 3000, (0, 0)),
+        ),
+        append(
+            "u2",
+            message(&ring, "w2", 2, Role::Assistant, None, 3100, (1, 2)),
+        ),
+        WriteOp::CreateSession(session("w3", "u3", 9000)),
+        append(
+            "u3",
+            message(&ring, "w3", 1, Role::User, None, 9000, (0, 0)),
+        ),
+    ]))
+    .unwrap();
+    let m = block(s.window_metrics(Some(1000), Some(5000))).unwrap();
+    assert_eq!(
+        (
+            m.sessions,
+            m.messages,
+            m.user_messages,
+            m.assistant_messages,
+            m.admin_messages
+        ),
+        (2, 6, 3, 2, 1),
+        "{}",
+        b.name
+    );
+    assert_eq!((m.tokens_in, m.tokens_out), (11, 22), "{}", b.name);
+    assert_eq!((m.takeovers, m.help_requests), (1, 1), "{}", b.name);
+    // Replies after a user message: 300, 1000 and 100 ms.
+    assert_eq!(m.responses, 3, "{}", b.name);
+    assert_eq!(m.response_ms_max, Some(1000), "{}", b.name);
+    assert!(
+        (m.response_ms_avg.unwrap() - 1400.0 / 3.0).abs() < 1e-6,
+        "{}",
+        b.name
+    );
+    let all = block(s.window_metrics(None, None)).unwrap();
+    assert_eq!((all.sessions, all.messages), (3, 7), "{}", b.name);
+    let events = block(s.session_events("w1")).unwrap();
+    let actions: Vec<&str> = events.iter().map(|e| e.action.as_str()).collect();
+    assert_eq!(actions, ["help_request", "admin_join"], "{}", b.name);
+    assert_eq!(events[1].state, "human");
 }
 
-#[test]
-fn a_users_data_is_exported_then_deleted() {
+fn a_users_data_is_exported_then_deleted(b: &Backend) {
     let ring = ring();
-    for b in backends() {
-        let s = &b.store;
-        for (sid, user, at) in [("x1", "u1", 10), ("x2", "u1", 20), ("y1", "u2", 30)] {
-            block(s.write(vec![
-                WriteOp::CreateSession(session(sid, user, at)),
-                append(
-                    user,
-                    message(&ring, sid, 1, Role::User, Some(sid), at + 1, (0, 0)),
-                ),
-                state(sid, "waiting", "help_request", at + 2),
-            ]))
-            .unwrap();
-        }
-        let export = block(s.user_sessions("u1", 10)).unwrap();
-        let got: Vec<(&str, usize)> = export
-            .iter()
-            .map(|(s, m)| (s.id.as_str(), m.len()))
-            .collect();
-        assert_eq!(got, [("x1", 1), ("x2", 1)], "{}", b.name);
-        block(s.write(vec![WriteOp::DeleteUser {
-            user_id: "u1".into(),
-        }]))
-        .unwrap();
-        assert!(
-            block(s.user_sessions("u1", 10)).unwrap().is_empty(),
-            "{}",
-            b.name
-        );
-        assert!(block(s.load_session("x1", 10)).unwrap().is_none());
-        assert!(
-            block(s.session_events("x1")).unwrap().is_empty(),
-            "{}",
-            b.name
-        );
-        assert!(
-            block(s.load_session("y1", 10)).unwrap().is_some(),
-            "{}: others stay",
-            b.name
-        );
-        // The client id is free again for a new message of that user.
-        let again = block(s.write(vec![
-            WriteOp::CreateSession(session("x3", "u1", 40)),
+    let s = &b.store;
+    for (sid, user, at) in [("x1", "u1", 10), ("x2", "u1", 20), ("y1", "u2", 30)] {
+        block(s.write(vec![
+            WriteOp::CreateSession(session(sid, user, at)),
             append(
-                "u1",
-                message(&ring, "x3", 1, Role::User, Some("x1"), 41, (0, 0)),
+                user,
+                message(&ring, sid, 1, Role::User, Some(sid), at + 1, (0, 0)),
             ),
+            state(sid, SessionState::Waiting, AuditAction::HelpRequest, at + 2),
         ]))
         .unwrap();
-        assert_eq!(
-            again,
-            [WriteOutcome::Done, WriteOutcome::Done],
-            "{}",
-            b.name
-        );
     }
+    let export = block(s.user_sessions("u1", 10)).unwrap();
+    let got: Vec<(&str, usize)> = export
+        .iter()
+        .map(|(s, m)| (s.id.as_str(), m.len()))
+        .collect();
+    assert_eq!(got, [("x1", 1), ("x2", 1)], "{}", b.name);
+    block(s.write(vec![WriteOp::DeleteUser {
+        user_id: "u1".into(),
+    }]))
+    .unwrap();
+    assert!(
+        block(s.user_sessions("u1", 10)).unwrap().is_empty(),
+        "{}",
+        b.name
+    );
+    assert!(block(s.load_session("x1", 10)).unwrap().is_none());
+    assert!(
+        block(s.session_events("x1")).unwrap().is_empty(),
+        "{}",
+        b.name
+    );
+    assert!(
+        block(s.load_session("y1", 10)).unwrap().is_some(),
+        "{}: others stay",
+        b.name
+    );
+    // The client id is free again for a new message of that user.
+    let again = block(s.write(vec![
+        WriteOp::CreateSession(session("x3", "u1", 40)),
+        append(
+            "u1",
+            message(&ring, "x3", 1, Role::User, Some("x1"), 41, (0, 0)),
+        ),
+    ]))
+    .unwrap();
+    assert_eq!(
+        again,
+        [WriteOutcome::Done, WriteOutcome::Done],
+        "{}",
+        b.name
+    );
 }
 
-#[test]
-fn the_notification_outbox_is_durable_and_ordered() {
-    for b in backends() {
-        let s = &b.store;
-        assert_eq!(block(s.next_notification_at()).unwrap(), None, "{}", b.name);
-        block(s.write(vec![
-            WriteOp::Enqueue {
-                kind: "webhook".into(),
-                payload: "{\"n\":1}".into(),
-                at: 100,
-            },
-            WriteOp::Enqueue {
-                kind: "email".into(),
-                payload: "{\"n\":2}".into(),
-                at: 50,
-            },
-        ]))
-        .unwrap();
-        let due = block(s.due_notifications(100, 10)).unwrap();
-        let kinds: Vec<&str> = due.iter().map(|n| n.kind.as_str()).collect();
-        assert_eq!(kinds, ["email", "webhook"], "{}: oldest due first", b.name);
-        assert_ne!(due[0].id, due[1].id);
-        assert_eq!(
-            block(s.due_notifications(60, 10)).unwrap().len(),
-            1,
-            "{}",
-            b.name
-        );
-        let (email, webhook) = (due[0].id, due[1].id);
-        block(s.write(vec![
-            WriteOp::Delivered { id: email, at: 101 },
-            WriteOp::DeliveryFailed {
-                id: webhook,
-                error: "503".into(),
-                next_at: 500,
-                dead: false,
-            },
-        ]))
-        .unwrap();
-        assert!(
-            block(s.due_notifications(200, 10)).unwrap().is_empty(),
-            "{}",
-            b.name
-        );
-        assert_eq!(
-            block(s.next_notification_at()).unwrap(),
-            Some(500),
-            "{}",
-            b.name
-        );
-        let retry = block(s.due_notifications(500, 10)).unwrap();
-        assert_eq!((retry.len(), retry[0].attempts), (1, 1), "{}", b.name);
-        block(s.write(vec![WriteOp::DeliveryFailed {
+fn the_notification_outbox_is_durable_and_ordered(b: &Backend) {
+    let s = &b.store;
+    assert_eq!(block(s.next_notification_at()).unwrap(), None, "{}", b.name);
+    block(s.write(vec![
+        WriteOp::Enqueue {
+            kind: "webhook".into(),
+            payload: "{\"n\":1}".into(),
+            at: 100,
+        },
+        WriteOp::Enqueue {
+            kind: "email".into(),
+            payload: "{\"n\":2}".into(),
+            at: 50,
+        },
+    ]))
+    .unwrap();
+    let due = block(s.due_notifications(100, 10)).unwrap();
+    let kinds: Vec<&str> = due.iter().map(|n| n.kind.as_str()).collect();
+    assert_eq!(kinds, ["email", "webhook"], "{}: oldest due first", b.name);
+    assert_ne!(due[0].id, due[1].id);
+    assert_eq!(
+        block(s.due_notifications(60, 10)).unwrap().len(),
+        1,
+        "{}",
+        b.name
+    );
+    let (email, webhook) = (due[0].id, due[1].id);
+    block(s.write(vec![
+        WriteOp::Delivered { id: email, at: 101 },
+        WriteOp::DeliveryFailed {
             id: webhook,
             error: "503".into(),
-            next_at: 900,
-            dead: true,
-        }]))
-        .unwrap();
-        assert_eq!(
-            block(s.next_notification_at()).unwrap(),
-            None,
-            "{}: dead letters are kept, not due",
-            b.name
-        );
-    }
+            next_at: 500,
+            dead: false,
+        },
+    ]))
+    .unwrap();
+    assert!(
+        block(s.due_notifications(200, 10)).unwrap().is_empty(),
+        "{}",
+        b.name
+    );
+    assert_eq!(
+        block(s.next_notification_at()).unwrap(),
+        Some(500),
+        "{}",
+        b.name
+    );
+    let retry = block(s.due_notifications(500, 10)).unwrap();
+    assert_eq!((retry.len(), retry[0].attempts), (1, 1), "{}", b.name);
+    block(s.write(vec![WriteOp::DeliveryFailed {
+        id: webhook,
+        error: "503".into(),
+        next_at: 900,
+        dead: true,
+    }]))
+    .unwrap();
+    assert_eq!(
+        block(s.next_notification_at()).unwrap(),
+        None,
+        "{}: dead letters are kept, not due",
+        b.name
+    );
 }
 
-#[test]
-fn copy_moves_everything_and_can_run_again() {
+fn copy_moves_everything_and_can_run_again(b: &Backend) {
     let ring = ring();
     let (_rt, p) = pool();
     let dir = tempfile::tempdir().unwrap();
     let source: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path(), p, 1, 256).unwrap());
     seed(&source, &ring);
     block(source.write(vec![
-        state("b", "ended", "end", 950),
+        state("b", SessionState::Ended, AuditAction::End, 950),
         WriteOp::Enqueue {
             kind: "webhook".into(),
             payload: "{}".into(),
@@ -609,41 +627,39 @@ fn copy_moves_everything_and_can_run_again() {
             })
             .collect::<Vec<_>>()
     };
-    for b in backends() {
-        let copy = |from: &Arc<dyn Store>, to: &Arc<dyn Store>| {
-            let (from, to) = (from.clone(), to.clone());
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(async move { chatbox::store::copy::copy(&*from, &*to).await })
-                .unwrap()
-        };
-        let first = copy(&source, &b.store);
-        assert_eq!(
-            (first.sessions, first.messages, first.notifications),
-            (6, 11, 1),
-            "{}",
-            b.name
-        );
-        assert_eq!(
-            everything(&b.store),
-            everything(&source),
-            "{}: the same sessions, texts and trails",
-            b.name
-        );
-        assert_eq!(
-            block(b.store.due_notifications(100, 10)).unwrap().len(),
-            1,
-            "{}",
-            b.name
-        );
-        let again = copy(&source, &b.store);
-        assert_eq!(
-            (again.sessions, again.sessions_present),
-            (0, 6),
-            "{}: nothing twice",
-            b.name
-        );
-    }
+    let copy = |from: &Arc<dyn Store>, to: &Arc<dyn Store>| {
+        let (from, to) = (from.clone(), to.clone());
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async move { chatbox::store::copy::copy(&*from, &*to).await })
+            .unwrap()
+    };
+    let first = copy(&source, &b.store);
+    assert_eq!(
+        (first.sessions, first.messages, first.notifications),
+        (6, 11, 1),
+        "{}",
+        b.name
+    );
+    assert_eq!(
+        everything(&b.store),
+        everything(&source),
+        "{}: the same sessions, texts and trails",
+        b.name
+    );
+    assert_eq!(
+        block(b.store.due_notifications(100, 10)).unwrap().len(),
+        1,
+        "{}",
+        b.name
+    );
+    let again = copy(&source, &b.store);
+    assert_eq!(
+        (again.sessions, again.sessions_present),
+        (0, 6),
+        "{}: nothing twice",
+        b.name
+    );
 }

@@ -255,7 +255,7 @@ async fn the_user_leaving_mid_takeover_finds_the_admin_reply_on_return() {
         expect.map(|(a, b, c)| (a.to_owned(), b.to_owned(), c.to_owned()))
     );
     let (session, _) = store.load_session(&sid, 0).await.unwrap().unwrap();
-    assert_eq!(session.state, "ai");
+    assert_eq!(session.state, chatbox::store::SessionState::Ai);
     // A runtime may only be dropped where blocking is allowed.
     tokio::task::block_in_place(move || drop((store, pool)));
 }

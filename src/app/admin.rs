@@ -16,7 +16,10 @@ use crate::auth::{bearer, Identity};
 use crate::clock::now_ms;
 use crate::runtime::http::{error, json as json_response};
 use crate::runtime::mesh::{owner_core, CoreMsg};
-use crate::store::{CursorKey, Millis, SessionQuery, SessionRecord, SortBy, StoreError, WriteOp};
+use crate::store::{
+    AuditAction, CursorKey, Millis, SessionQuery, SessionRecord, SessionState, SortBy, StoreError,
+    WriteOp,
+};
 
 use crate::runtime::app::Body;
 
@@ -27,7 +30,7 @@ const PAGE_MAX: usize = 200;
 const TRANSCRIPT_MESSAGES_MAX: usize = 10_000;
 /// Sessions in one user export.
 const EXPORT_SESSIONS_MAX: usize = 10_000;
-const STATES: [&str; 4] = ["ai", "waiting", "human", "ended"];
+const STATES: [&str; 4] = SessionState::NAMES;
 
 /// Why an admin request failed; mapped to its HTTP response in one place.
 #[derive(Debug, thiserror::Error)]
@@ -180,7 +183,7 @@ fn session_json(s: &SessionRecord) -> Value {
     json!({
         "session_id": s.id,
         "user_id": s.user_id,
-        "state": s.state,
+        "state": s.state.as_str(),
         "start_time": s.created_at,
         "end_time": s.ended_at,
         "last_activity": s.last_activity,
@@ -235,13 +238,12 @@ async fn list(core: &Core, params: &Params) -> Result<Value, ApiError> {
         Some(Ok(n)) if (1..=PAGE_MAX).contains(&n) => n,
         Some(_) => return Err(bad(format!("limit must be between 1 and {PAGE_MAX}"))),
     };
-    let state = param(params, "state").map(str::to_owned);
-    if let Some(s) = state.as_deref().filter(|s| !STATES.contains(s)) {
-        return Err(bad(format!(
-            "unknown state {s:?}; valid: {}",
-            STATES.join(", ")
-        )));
-    }
+    let state = param(params, "state")
+        .map(|s| {
+            SessionState::parse(s)
+                .ok_or_else(|| bad(format!("unknown state {s:?}; valid: {}", STATES.join(", "))))
+        })
+        .transpose()?;
     let after = param(params, "cursor")
         .map(|c| decode_cursor(c).ok_or_else(|| bad("cursor is not one this API returned")))
         .transpose()?;
@@ -309,9 +311,9 @@ async fn end(core: &Rc<Core>, id: &str, admin: &Identity) -> Result<Value, ApiEr
         .ok_or(ApiError::NotFound("no such session"))?;
     let op = WriteOp::SetState {
         session_id: id.to_owned(),
-        state: "ended",
+        state: SessionState::Ended,
         actor: admin.user_id.to_string(),
-        action: "end",
+        action: AuditAction::End,
         at: now_ms(),
     };
     store.write(vec![op]).await?;

@@ -610,17 +610,18 @@ async fn attempt_once(
         total: start + spec.total_timeout,
     };
     let resp = open_stream(models, spec, turns, &deadlines).await?;
-    let relayed = relay_stream(spec, resp, tx, &deadlines).await?;
-    let Some((input, output, chunks, malformed)) = relayed else {
+    let Some(got) = relay_stream(spec, resp, tx, &deadlines).await? else {
         return Ok(()); // nobody listens any more: the request was dropped
     };
     let _ = tx
         .send(LlmEvent::Done {
             // Providers that report no usage get an estimate from the text sent.
-            input_tokens: input.unwrap_or_else(|| estimate_prompt(turns, &models.system_prompt)),
-            output_tokens: output.unwrap_or(chunks),
+            input_tokens: got
+                .input
+                .unwrap_or_else(|| estimate_prompt(turns, &models.system_prompt)),
+            output_tokens: got.output.unwrap_or(got.chunks),
             retries,
-            malformed,
+            malformed: got.malformed,
         })
         .await;
     Ok(())
@@ -693,63 +694,46 @@ async fn open_stream(
     Ok(resp)
 }
 
-/// Parses the event stream and relays its text; returns the usage it reported
-/// (input, output), the chunks sent and the malformed events skipped, or `None`
-/// once nobody listens.
+/// What a relayed stream reported and sent.
+#[derive(Default)]
+struct Relayed {
+    input: Option<u64>,
+    output: Option<u64>,
+    chunks: u64,
+    malformed: u32,
+}
+
+/// Parses the event stream and relays its text; returns what it reported, or
+/// `None` once nobody listens.
 async fn relay_stream(
     spec: &ModelSpec,
     mut resp: reqwest::Response,
     tx: &async_channel::Sender<LlmEvent>,
     deadlines: &Deadlines,
-) -> Result<Option<(Option<u64>, Option<u64>, u64, u32)>, AttemptError> {
-    let (first_deadline, total_deadline) = (deadlines.first, deadlines.total);
+) -> Result<Option<Relayed>, AttemptError> {
     let wire = spec.wire();
     let mut parser = sse::Parser::new(SSE_LINE_BYTES_MAX);
-    let (mut input, mut output) = (None, None);
-    let (mut sent_text, mut malformed, mut chunks) = (false, 0u32, 0u64);
-    'read: loop {
-        let deadline = if sent_text {
-            total_deadline
-        } else {
-            first_deadline.min(total_deadline)
+    let mut got = Relayed::default();
+    loop {
+        let sent_text = got.chunks > 0;
+        // Before the first token its own deadline applies, after it only the total.
+        let deadline = match sent_text {
+            true => deadlines.total,
+            false => deadlines.first.min(deadlines.total),
         };
-        let bytes = match tokio::time::timeout_at(deadline, resp.chunk()).await {
-            Err(_) => {
-                return Err(AttemptError::new(
-                    ErrorKind::Timeout,
-                    "the stream stalled",
-                    sent_text,
-                ))
-            }
-            Ok(Err(e)) => {
-                return Err(AttemptError::new(
-                    ErrorKind::StreamEnded,
-                    format!("stream broke: {e}"),
-                    sent_text,
-                ))
-            }
-            Ok(Ok(None)) => {
-                return Err(AttemptError::new(
-                    ErrorKind::StreamEnded,
-                    "stream ended before completion",
-                    sent_text,
-                ))
-            }
-            Ok(Ok(Some(b))) => b,
-        };
+        let bytes = next_bytes(&mut resp, deadline, sent_text).await?;
         let events = parser
             .feed(&bytes)
             .map_err(|e| AttemptError::new(ErrorKind::Provider, e.to_string(), sent_text))?;
         for ev in events {
-            let pieces = wire.interpret(&ev);
-            let pieces = match pieces {
+            let pieces = match wire.interpret(&ev) {
                 Ok(p) => p,
                 Err(detail) if detail.starts_with("provider error") => {
                     return Err(AttemptError::new(ErrorKind::Provider, detail, sent_text))
                 }
                 Err(detail) => {
                     // One malformed event is skipped, not fatal; it is counted and logged.
-                    malformed += 1;
+                    got.malformed += 1;
                     tracing::warn!(model = %spec.id, %detail, "skipped a malformed provider event");
                     continue;
                 }
@@ -757,25 +741,38 @@ async fn relay_stream(
             for p in pieces {
                 match p {
                     Piece::Text(t) => {
-                        chunks += 1;
+                        got.chunks += 1;
                         if tx.send(LlmEvent::Chunk(t)).await.is_err() {
                             return Ok(None);
                         }
-                        sent_text = true;
                     }
-                    Piece::Usage {
-                        input: i,
-                        output: o,
-                    } => {
-                        input = i.or(input);
-                        output = o.or(output);
+                    Piece::Usage { input, output } => {
+                        got.input = input.or(got.input);
+                        got.output = output.or(got.output);
                     }
-                    Piece::Done => break 'read,
+                    Piece::Done => return Ok(Some(got)),
                 }
             }
         }
     }
-    Ok(Some((input, output, chunks, malformed)))
+}
+
+/// The next bytes of the stream, or why there are none by `deadline`.
+async fn next_bytes(
+    resp: &mut reqwest::Response,
+    deadline: tokio::time::Instant,
+    sent_text: bool,
+) -> Result<bytes::Bytes, AttemptError> {
+    let fail = |kind, detail: String| Err(AttemptError::new(kind, detail, sent_text));
+    match tokio::time::timeout_at(deadline, resp.chunk()).await {
+        Err(_) => fail(ErrorKind::Timeout, "the stream stalled".into()),
+        Ok(Err(e)) => fail(ErrorKind::StreamEnded, format!("stream broke: {e}")),
+        Ok(Ok(None)) => fail(
+            ErrorKind::StreamEnded,
+            "stream ended before completion".into(),
+        ),
+        Ok(Ok(Some(b))) => Ok(b),
+    }
 }
 
 #[cfg(test)]

@@ -9,7 +9,8 @@
 //! that has none pending.
 
 use super::{
-    Millis, SessionQuery, SessionRecord, SortBy, Store, StoreError, WriteOp, WriteOutcome,
+    AuditAction, Millis, SessionQuery, SessionRecord, SessionState, SortBy, Store, StoreError,
+    WriteOp, WriteOutcome,
 };
 
 /// Sessions read per page of the source.
@@ -31,15 +32,9 @@ pub struct CopyReport {
     pub notifications: u64,
 }
 
-/// The states and actions the server records, as the `'static` names writes use.
-fn known(state: &str, action: &str) -> Option<(&'static str, &'static str)> {
-    let state = ["ai", "waiting", "human", "ended"]
-        .into_iter()
-        .find(|s| *s == state)?;
-    let action = ["help_request", "admin_join", "admin_leave", "end"]
-        .into_iter()
-        .find(|a| *a == action)?;
-    Some((state, action))
+/// The state and action of an audit entry, if this build knows them.
+fn known(state: &str, action: &str) -> Option<(SessionState, AuditAction)> {
+    Some((SessionState::parse(state)?, AuditAction::parse(action)?))
 }
 
 pub async fn copy(from: &dyn Store, to: &dyn Store) -> Result<CopyReport, StoreError> {
@@ -99,7 +94,7 @@ async fn copy_session(
         tokens_in: 0,
         tokens_out: 0,
         last_activity: s.created_at,
-        state: "ai".into(),
+        state: SessionState::Ai,
         ended_at: None,
         ..s.clone()
     })];

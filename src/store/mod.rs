@@ -5,8 +5,12 @@
 //! Message content reaches a backend only sealed ([`crate::crypto::Sealed`]).
 
 pub mod copy;
+mod error;
 pub mod mongo;
 pub mod sqlite;
+mod writer;
+
+pub use error::{Op, StoreError};
 
 use std::future::Future;
 use std::pin::Pin;
@@ -46,13 +50,92 @@ impl Role {
     }
 }
 
+/// Where a session stands, as stored (`ai`, `waiting`, `human`, `ended`: the
+/// strings on disk and in MongoDB; they never change).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionState {
+    /// The AI answers.
+    Ai,
+    /// The user asked for a human.
+    Waiting,
+    /// An admin has the session.
+    Human,
+    /// Ended by an admin: readable, takes no new messages.
+    Ended,
+}
+
+impl SessionState {
+    pub const ALL: [SessionState; 4] = [
+        SessionState::Ai,
+        SessionState::Waiting,
+        SessionState::Human,
+        SessionState::Ended,
+    ];
+    pub const NAMES: [&'static str; 4] = ["ai", "waiting", "human", "ended"];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionState::Ai => "ai",
+            SessionState::Waiting => "waiting",
+            SessionState::Human => "human",
+            SessionState::Ended => "ended",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<SessionState> {
+        Self::ALL.into_iter().find(|state| state.as_str() == s)
+    }
+
+    /// A state read back from storage. An unknown name (written by a newer
+    /// build) reads as `Ai`, as sessions always did: the session stays usable.
+    pub(crate) fn stored(s: &str) -> SessionState {
+        Self::parse(s).unwrap_or(SessionState::Ai)
+    }
+}
+
+/// What moved a session to a new state, as recorded in its audit trail (the
+/// stored strings never change).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuditAction {
+    /// The user asked for a human (`waiting`).
+    HelpRequest,
+    /// An admin joined (`human`).
+    AdminJoin,
+    /// The last admin left (`ai`).
+    AdminLeave,
+    /// An admin ended the session (`ended`).
+    End,
+}
+
+impl AuditAction {
+    pub const ALL: [AuditAction; 4] = [
+        AuditAction::HelpRequest,
+        AuditAction::AdminJoin,
+        AuditAction::AdminLeave,
+        AuditAction::End,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditAction::HelpRequest => "help_request",
+            AuditAction::AdminJoin => "admin_join",
+            AuditAction::AdminLeave => "admin_leave",
+            AuditAction::End => "end",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<AuditAction> {
+        Self::ALL.into_iter().find(|a| a.as_str() == s)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionRecord {
     pub id: String,
     pub user_id: String,
     pub created_at: Millis,
     pub last_activity: Millis,
-    pub state: String,
+    pub state: SessionState,
     pub message_count: u64,
     pub tokens_in: u64,
     pub tokens_out: u64,
@@ -88,13 +171,13 @@ pub enum WriteOp {
         user_id: String,
         message: MessageRecord,
     },
-    /// Moves the session to `state` (`ai`, `waiting`, `human`, `ended`) and records
-    /// who did it and when in the session's audit trail.
+    /// Moves the session to `state` and records who did it, how and when in the
+    /// session's audit trail.
     SetState {
         session_id: String,
-        state: &'static str,
+        state: SessionState,
         actor: String,
-        action: &'static str,
+        action: AuditAction,
         at: Millis,
     },
     /// Deletes everything stored for a user (sessions, messages, audit trail).
@@ -182,7 +265,7 @@ pub enum CursorKey {
 #[derive(Debug, Clone)]
 pub struct SessionQuery {
     pub user_id: Option<String>,
-    pub state: Option<String>,
+    pub state: Option<SessionState>,
     /// Sessions started at or after / before this time.
     pub from: Option<Millis>,
     pub to: Option<Millis>,
@@ -200,6 +283,9 @@ pub struct SessionPage {
     pub next: Option<(CursorKey, String)>,
 }
 
+/// One entry of a session's audit trail, as stored. Action and state stay the
+/// stored strings: a trail written by a newer build may name ones this build
+/// does not know, and is shown (and copied, or counted as unknown) as it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionEvent {
     pub at: Millis,
@@ -234,22 +320,6 @@ pub enum WriteOutcome {
         message_id: String,
         session_id: String,
     },
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("storage is overloaded ({0} writes queued)")]
-    Overloaded(usize),
-    #[error("storage has stopped")]
-    Stopped,
-    #[error("database error: {0}")]
-    Database(String),
-    #[error(
-        "the database was written by a newer chatbox (schema {found}, this build knows {known})"
-    )]
-    NewerSchema { found: i64, known: i64 },
-    #[error("blocking pool: {0}")]
-    Pool(#[from] crate::pool::PoolError),
 }
 
 pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send>>;
@@ -325,7 +395,7 @@ pub fn open(
         )?),
         Backend::Mongo => {
             let settings = mongo::MongoSettings::from_config(config)
-                .ok_or_else(|| StoreError::Database("MongoDB needs CHATBOX_MONGO_URI".into()))?;
+                .ok_or_else(|| StoreError::Setting("MongoDB needs CHATBOX_MONGO_URI".into()))?;
             Arc::new(mongo::MongoStore::open(
                 &settings,
                 pool,
@@ -333,4 +403,30 @@ pub fn open(
             )?)
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_and_actions_keep_their_stored_names() {
+        let states: Vec<&str> = SessionState::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(states, SessionState::NAMES);
+        assert_eq!(states, ["ai", "waiting", "human", "ended"]);
+        let actions: Vec<&str> = AuditAction::ALL.iter().map(|a| a.as_str()).collect();
+        assert_eq!(
+            actions,
+            ["help_request", "admin_join", "admin_leave", "end"]
+        );
+        for s in SessionState::ALL {
+            assert_eq!(SessionState::parse(s.as_str()), Some(s));
+        }
+        for a in AuditAction::ALL {
+            assert_eq!(AuditAction::parse(a.as_str()), Some(a));
+        }
+        assert_eq!(SessionState::parse("Waiting"), None);
+        assert_eq!(AuditAction::parse("join"), None);
+        assert_eq!(SessionState::stored("from-a-newer-build"), SessionState::Ai);
+    }
 }

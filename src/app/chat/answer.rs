@@ -46,10 +46,9 @@ pub fn start(core: &Rc<Core>, sid: &Arc<str>, model: Arc<ModelSpec>) {
     };
     let (core, sid) = (core.clone(), sid.clone());
     let message_id_for_cleanup = message_id.clone();
-    let (guard_core, guard_sid) = (core.clone(), sid.clone());
     super::spawn(
-        &guard_core,
-        &guard_sid,
+        &core.clone(),
+        &sid.clone(),
         "answer",
         async move {
             let shared = &core.shared.app;
@@ -312,10 +311,9 @@ pub fn orphaned(core: &Rc<Core>) {
         .collect();
     for (sid, message_id) in orphans {
         let core = core.clone();
-        let (guard_core, guard_sid) = (core.clone(), sid.clone());
         super::spawn(
-            &guard_core,
-            &guard_sid,
+            &core.clone(),
+            &sid.clone(),
             "grace",
             async move {
                 monoio::time::sleep(core.shared.app.grace).await;

@@ -9,7 +9,7 @@ use super::takeover::State;
 use crate::app::Core;
 use crate::clock::now_ms;
 use crate::runtime::ConnId;
-use crate::store::WriteOp;
+use crate::store::{AuditAction, WriteOp};
 
 /// Performs `effects` of session `sid` in order; `actor` made the change.
 pub fn perform(core: &Rc<Core>, sid: &Arc<str>, actor: &str, effects: Vec<Effect>) {
@@ -65,10 +65,10 @@ pub fn push_session(core: &Core, sid: &str, frame: String) {
 
 /// Persists a state change with who made it; a failure is counted and logged
 /// (the change already holds in memory).
-fn record_state(core: &Rc<Core>, sid: &Arc<str>, state: State, actor: &str, action: &'static str) {
+fn record_state(core: &Rc<Core>, sid: &Arc<str>, state: State, actor: &str, action: AuditAction) {
     let op = WriteOp::SetState {
         session_id: sid.to_string(),
-        state: state.as_str(),
+        state,
         actor: actor.to_owned(),
         action,
         at: now_ms(),
@@ -76,10 +76,9 @@ fn record_state(core: &Rc<Core>, sid: &Arc<str>, state: State, actor: &str, acti
     let write = core.shared.app.store.write(vec![op]);
     let core = core.clone();
     let sid = sid.clone();
-    let (guard_core, guard_sid) = (core.clone(), sid.clone());
     super::spawn(
-        &guard_core,
-        &guard_sid,
+        &core.clone(),
+        &sid.clone(),
         "record_state",
         async move {
             if let Err(e) = write.await {

@@ -113,48 +113,63 @@ fn append(
         };
         (s.record(sid, new, &shared.keys, now), s.created_at)
     };
-    let mut ops = Vec::with_capacity(2);
-    if new_session {
-        ops.push(WriteOp::CreateSession(SessionRecord {
-            id: sid.to_string(),
-            user_id: user.to_string(),
-            created_at,
-            last_activity: now,
-            state: State::Ai.as_str().into(),
-            message_count: 0,
-            tokens_in: 0,
-            tokens_out: 0,
-            ended_at: None,
-        }));
-    }
-    ops.push(WriteOp::AppendMessage {
+    let session = new_session.then(|| SessionRecord {
+        id: sid.to_string(),
         user_id: user.to_string(),
-        message: record,
+        created_at,
+        last_activity: now,
+        state: State::Ai,
+        message_count: 0,
+        tokens_in: 0,
+        tokens_out: 0,
+        ended_at: None,
     });
+    // A new session and its first message commit together, or neither does.
+    let ops = session
+        .map(WriteOp::CreateSession)
+        .into_iter()
+        .chain([WriteOp::AppendMessage {
+            user_id: user.to_string(),
+            message: record,
+        }])
+        .collect();
     core.metrics().messages_in.inc();
     let write = shared.store.write(ops);
-    let (core, sid, user) = (core.clone(), sid.clone(), user.clone());
-    let (guard_core, guard_sid) = (core.clone(), sid.clone());
-    super::spawn(
-        &guard_core,
-        &guard_sid,
-        "store_reply",
-        async move {
-            let written = write.await;
-            core.shared.hooks.fault_point("store_reply");
-            match written {
-                Ok(outcomes) => match outcomes.last() {
-                    Some(WriteOutcome::Duplicate {
-                        message_id,
-                        session_id,
-                    }) => acked_again(&core, conn, msg.id.as_deref(), session_id, message_id),
-                    _ => stored(&core, &sid, &user, &message_id, msg),
-                },
-                Err(e) => not_stored(&core, &sid, conn, msg.id.as_deref(), e),
-            }
-        },
-        |_| {},
+    let task = after_write(
+        core.clone(),
+        sid.clone(),
+        conn,
+        user.clone(),
+        message_id,
+        msg,
+        write,
     );
+    super::spawn(core, sid, "store_reply", task, |_| {});
+}
+
+/// Once the write is settled: the ack (or the original ack of a resend) and the
+/// answer, or the one error the client gets.
+async fn after_write(
+    core: Rc<Core>,
+    sid: Arc<str>,
+    conn: ConnId,
+    user: Arc<str>,
+    message_id: Arc<str>,
+    msg: Pending,
+    write: crate::store::StoreFuture<Vec<WriteOutcome>>,
+) {
+    let written = write.await;
+    core.shared.hooks.fault_point("store_reply");
+    match written {
+        Ok(outcomes) => match outcomes.last() {
+            Some(WriteOutcome::Duplicate {
+                message_id,
+                session_id,
+            }) => acked_again(&core, conn, msg.id.as_deref(), session_id, message_id),
+            _ => stored(&core, &sid, &user, &message_id, msg),
+        },
+        Err(e) => not_stored(&core, &sid, conn, msg.id.as_deref(), e),
+    }
 }
 
 /// A resend: the original was stored (and answered) already; only the sender

@@ -338,10 +338,9 @@ pub fn with_session(
             let user = user.clone();
             let shared = &core.shared.app;
             let load = shared.store.load_session(&sid, shared.context.messages_max);
-            let (guard_core, guard_sid) = (core.clone(), sid.clone());
             spawn(
-                &guard_core,
-                &guard_sid,
+                &core.clone(),
+                &sid.clone(),
                 "load_session",
                 async move {
                     match load.await {

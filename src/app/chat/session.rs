@@ -14,7 +14,7 @@ use crate::clock::Millis;
 use crate::crypto::KeyRing;
 use crate::llm::{Turn, TurnRole};
 use crate::runtime::ConnId;
-use crate::store::{MessageRecord, Role, SessionRecord};
+use crate::store::{AuditAction, MessageRecord, Role, SessionRecord};
 
 use super::takeover::{AdminRef, Seat, State};
 
@@ -43,7 +43,7 @@ pub enum Effect {
     /// Stop the running answer now; it still ends with `ai_done` {cancelled}.
     Cancel(Rc<CancelFlag>),
     /// Persist the session's new state and who changed it (the audit trail).
-    Record { state: State, action: &'static str },
+    Record { state: State, action: AuditAction },
     /// A frame for these connections.
     Send(Vec<Target>, String),
 }
@@ -146,7 +146,7 @@ impl Session {
         let mut s = Session::new(rec.user_id.as_str().into(), rec.created_at);
         s.last_activity = rec.last_activity;
         s.next_seq = last_seq + 1;
-        s.state = State::parse(&rec.state);
+        s.state = rec.state;
         for (role, text) in messages {
             let role = match role {
                 Role::User => TurnRole::User,
@@ -277,7 +277,7 @@ impl Session {
         self.state = State::Human;
         effects.push(Effect::Record {
             state: State::Human,
-            action: "admin_join",
+            action: AuditAction::AdminJoin,
         });
         Ok((newly_human, effects))
     }
@@ -336,7 +336,7 @@ impl Session {
             self.state = State::Ai;
             effects.push(Effect::Record {
                 state: State::Ai,
-                action: "admin_leave",
+                action: AuditAction::AdminLeave,
             });
         }
         effects
@@ -350,7 +350,7 @@ impl Session {
                 self.state = State::Waiting;
                 Ok(vec![Effect::Record {
                     state: State::Waiting,
-                    action: "help_request",
+                    action: AuditAction::HelpRequest,
                 }])
             }
             State::Waiting | State::Human => Ok(Vec::new()),

@@ -25,34 +25,9 @@ use crate::runtime::mesh::owner_core;
 use crate::runtime::ConnId;
 use crate::store::{Role, WriteOp};
 
-/// Where a session stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum State {
-    Ai,
-    Waiting,
-    Human,
-    /// Ended by an admin: readable, but takes no new messages.
-    Ended,
-}
-
-impl State {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            State::Ai => "ai",
-            State::Waiting => "waiting",
-            State::Human => "human",
-            State::Ended => "ended",
-        }
-    }
-    pub fn parse(s: &str) -> State {
-        match s {
-            "waiting" => State::Waiting,
-            "human" => State::Human,
-            "ended" => State::Ended,
-            _ => State::Ai,
-        }
-    }
-}
+/// Where a session stands: `ai` -> `waiting` -> `human` -> `ai`, or `ended`. The
+/// store's type, so the state in memory and the state stored are one.
+pub use crate::store::SessionState as State;
 
 /// An admin connection, wherever it lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,10 +90,9 @@ pub fn route(core: &Rc<Core>, joined: &Joined, op: AdminOp, id: Option<String>) 
     }
     let load = core.shared.app.store.load_session(&op.session_id, 1);
     let (core, joined) = (core.clone(), joined.clone());
-    let (guard_core, guard_sid) = (core.clone(), op.session_id.clone());
     super::spawn(
-        &guard_core,
-        &guard_sid,
+        &core.clone(),
+        &op.session_id.clone(),
         "admin_route",
         async move {
             let conn = op.admin.conn;
@@ -167,10 +141,9 @@ pub fn on_admin_op(core: &Rc<Core>, op: AdminOp) {
         .store
         .load_session(&op.session_id, shared.context.messages_max);
     let core = core.clone();
-    let (guard_core, guard_sid) = (core.clone(), op.session_id.clone());
     super::spawn(
-        &guard_core,
-        &guard_sid,
+        &core.clone(),
+        &op.session_id.clone(),
         "admin_load",
         async move {
             let to = Target::of(&op.admin);
@@ -243,10 +216,9 @@ fn join(core: &Rc<Core>, sid: &Arc<str>, admin: &AdminRef) {
     // hears who joined. Each admin learns of each other admin exactly once: from
     // this list if that admin was announced before, from its announcement if after.
     let (core, sid, admin) = (core.clone(), sid.clone(), admin.clone());
-    let (guard_core, guard_sid) = (core.clone(), sid.clone());
     super::spawn(
-        &guard_core,
-        &guard_sid,
+        &core.clone(),
+        &sid.clone(),
         "takeover",
         async move {
             resume_now(core.clone(), sid.clone(), Target::of(&admin), None).await;
@@ -313,10 +285,9 @@ fn message(
     };
     let write = shared.store.write(vec![op]);
     let (core, sid, admin) = (core.clone(), sid.clone(), admin.clone());
-    let (guard_core, guard_sid) = (core.clone(), sid.clone());
     super::spawn(
-        &guard_core,
-        &guard_sid,
+        &core.clone(),
+        &sid.clone(),
         "admin_message",
         async move {
             match write.await {
@@ -408,10 +379,9 @@ fn notify_help(core: &Rc<Core>, sid: &Arc<str>, user: &Identity, at: crate::cloc
     }
     let write = core.shared.app.store.write(ops);
     let core = core.clone();
-    let (guard_core, guard_sid) = (core.clone(), sid.clone());
     super::spawn(
-        &guard_core,
-        &guard_sid,
+        &core.clone(),
+        &sid.clone(),
         "notify_help",
         async move {
             match write.await {
@@ -455,16 +425,4 @@ pub fn end(core: &Rc<Core>, sid: &Arc<str>) {
         return;
     };
     perform(core, sid, "", effects);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::State;
-
-    #[test]
-    fn states_round_trip_through_storage_names() {
-        for s in [State::Ai, State::Waiting, State::Human, State::Ended] {
-            assert_eq!(State::parse(s.as_str()), s);
-        }
-    }
 }

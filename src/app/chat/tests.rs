@@ -103,7 +103,7 @@ fn an_admin_joining_stops_the_answer_and_records_the_takeover() {
         effects[1],
         Effect::Record {
             state: State::Human,
-            action: "admin_join"
+            action: crate::store::AuditAction::AdminJoin
         }
     ));
     // Joining again from the same connection changes nothing more.

@@ -1,0 +1,480 @@
+//! The embedded store: SQLite in WAL mode. Writes go through the shared writer
+//! (`store::writer`) on a thread of their own with group commit (all
+//! jobs waiting when a transaction starts share its fsync); reads run
+//! concurrently on the blocking pool with their own connections.
+
+mod read;
+mod write;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rusqlite::Connection;
+
+use super::writer::{self, WriteQueue};
+use super::{
+    Loaded, Millis, Notification, Op, SessionEvent, SessionPage, SessionQuery, Store, StoreError,
+    StoreFuture, WindowMetrics, WriteOp, WriteOutcome,
+};
+use crate::pool::BlockingPool;
+
+/// How often the checkpointer moves the WAL into the database file.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+/// WAL frames (pages) after which the writer completes a checkpoint: 16 MiB.
+const WAL_FRAMES_RESTART: i64 = 4096;
+/// Bytes the WAL file is trimmed to when it starts over.
+const WAL_BYTES_KEPT: i64 = 32 * 1024 * 1024;
+
+/// Bytes of the database file each connection maps for reading.
+const MMAP_BYTES_MAX: i64 = 256 * 1024 * 1024;
+/// Page cache per connection, in KiB (SQLite's negative `cache_size` unit).
+const PAGE_CACHE_KIB_MAX: u32 = 32 * 1024;
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records the last one.
+const MIGRATIONS: &[&str] = &[
+    // 1: sessions and encrypted messages.
+    "CREATE TABLE sessions (
+        id TEXT PRIMARY KEY,
+        user_id TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        last_activity INTEGER NOT NULL,
+        state TEXT NOT NULL DEFAULT 'ai',
+        message_count INTEGER NOT NULL DEFAULT 0,
+        tokens_in INTEGER NOT NULL DEFAULT 0,
+        tokens_out INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX sessions_user_start ON sessions(user_id, created_at);
+    CREATE INDEX sessions_last_activity ON sessions(last_activity);
+    CREATE TABLE messages (
+        session_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        message_id TEXT NOT NULL UNIQUE,
+        role TEXT NOT NULL,
+        author TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        client_id TEXT,
+        key_id INTEGER NOT NULL,
+        nonce BLOB NOT NULL,
+        ciphertext BLOB NOT NULL,
+        created_at INTEGER NOT NULL,
+        tokens_in INTEGER NOT NULL DEFAULT 0,
+        tokens_out INTEGER NOT NULL DEFAULT 0,
+        cancelled INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (session_id, seq)
+    ) WITHOUT ROWID;
+        CREATE UNIQUE INDEX messages_client_id ON messages(user_id, client_id) WHERE client_id IS NOT NULL;",
+    // 2: session states over time: an audit trail, and when a session ended.
+    "CREATE TABLE session_events (
+        session_id TEXT NOT NULL,
+        at INTEGER NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        state TEXT NOT NULL
+    );
+    CREATE INDEX session_events_session ON session_events(session_id, at);
+    CREATE INDEX session_events_action ON session_events(action, at);
+        ALTER TABLE sessions ADD COLUMN ended_at INTEGER;
+    CREATE INDEX sessions_state ON sessions(state);",
+    // 3: the notification outbox (survives restarts; dead letters are kept).
+    "CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_at INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        delivered_at INTEGER,
+        last_error TEXT
+    );
+    CREATE INDEX outbox_due ON outbox(state, next_at);",
+];
+
+pub struct SqliteStore {
+    writes: WriteQueue,
+    /// Dropping it stops the checkpointer (after a last checkpoint).
+    _checkpointer: std::sync::mpsc::Sender<()>,
+    /// Idle read connections, taken and returned by reads on the blocking pool
+    /// (never by a core).
+    readers: Arc<Mutex<Vec<Connection>>>,
+    path: PathBuf,
+    pool: BlockingPool,
+}
+
+fn open(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path).map_err(StoreError::sqlite(Op::Open))?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(StoreError::sqlite(Op::Open))?;
+    let pragmas: [(&str, rusqlite::types::Value); 6] = [
+        ("journal_mode", "WAL".to_owned().into()),
+        // FULL: a commit is on disk before its ack leaves, even across power loss.
+        ("synchronous", "FULL".to_owned().into()),
+        ("foreign_keys", "ON".to_owned().into()),
+        // Reads through a memory map instead of a read() copy per page, and a page
+        // cache large enough that index pages stay in it (both bounded; SQLite's
+        // defaults are no map and 2 MiB).
+        ("mmap_size", MMAP_BYTES_MAX.into()),
+        ("cache_size", (-(PAGE_CACHE_KIB_MAX as i64)).into()),
+        ("temp_store", "MEMORY".to_owned().into()),
+    ];
+    for (name, value) in pragmas {
+        conn.pragma_update(None, name, value)
+            .map_err(StoreError::sqlite(Op::Open))?;
+    }
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let err = StoreError::sqlite(Op::Migrate);
+    let known = MIGRATIONS.len() as i64;
+    let found: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(err)?;
+    if found > known {
+        return Err(StoreError::NewerSchema { found, known });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let mut step = || {
+            let tx = conn.transaction()?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+            tx.commit()
+        };
+        step().map_err(StoreError::sqlite(Op::Migrate))?;
+        tracing::info!(version = i + 1, "storage schema migrated");
+    }
+    Ok(())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) `dir/chatbox.db`, migrates it, and starts the
+    /// writer and the checkpointer.
+    pub fn open(
+        dir: &Path,
+        pool: BlockingPool,
+        readers: usize,
+        queue_max: usize,
+    ) -> Result<SqliteStore, StoreError> {
+        std::fs::create_dir_all(dir).map_err(StoreError::io(Op::Open))?;
+        let path = dir.join("chatbox.db");
+        let mut conn = open(&path)?;
+        migrate(&mut conn)?;
+        // Checkpoints run on their own connection and thread (PASSIVE: they never
+        // block the writer); inside a commit they were a fifth of the writer's time.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)
+            .and_then(|()| conn.pragma_update(None, "journal_size_limit", WAL_BYTES_KEPT))
+            .map_err(StoreError::sqlite(Op::Open))?;
+        let checkpointer = open(&path)?;
+        // Set by the checkpointer when the WAL is long; the writer then finishes
+        // the checkpoint itself (see `checkpoint_loop`).
+        let wal_big = Arc::new(AtomicBool::new(false));
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let big = wal_big.clone();
+        std::thread::Builder::new()
+            .name("chatbox-sqlite-checkpoint".into())
+            .spawn(move || checkpoint_loop(checkpointer, stopped, big))
+            .map_err(StoreError::io(Op::Open))?;
+        let readers = (0..readers.max(1))
+            .map(|_| open(&path))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (writes, jobs) = writer::queue(queue_max);
+        // The shared writer is async; here it runs alone on its own thread, where
+        // SQLite's synchronous commits block nothing else.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(StoreError::io(Op::Open))?;
+        let commit = write::SqliteWriter::new(conn, wal_big);
+        std::thread::Builder::new()
+            .name("chatbox-sqlite-writer".into())
+            .spawn(move || runtime.block_on(writer::run(commit, jobs)))
+            .map_err(StoreError::io(Op::Open))?;
+        Ok(SqliteStore {
+            writes,
+            _checkpointer: stop,
+            readers: Arc::new(Mutex::new(readers)),
+            path,
+            pool,
+        })
+    }
+
+    /// Runs `f` with a read connection on the blocking pool; its errors are `op`'s.
+    fn read<T: Send + 'static>(
+        &self,
+        op: Op,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> StoreFuture<T> {
+        let readers = self.readers.clone();
+        let path = self.path.clone();
+        let call = self.pool.call(async move {
+            tokio::task::spawn_blocking(move || {
+                let taken = readers.lock().map(|mut r| r.pop()).unwrap_or(None);
+                let conn = match taken {
+                    Some(c) => c,
+                    None => open(&path)?,
+                };
+                let out = f(&conn).map_err(StoreError::sqlite(op));
+                if let Ok(mut r) = readers.lock() {
+                    r.push(conn);
+                }
+                out
+            })
+            .await
+            .map_err(|e| StoreError::Task {
+                op,
+                source: Arc::new(e),
+            })?
+        });
+        Box::pin(async move { call.await? })
+    }
+}
+
+/// Checkpoints every [`CHECKPOINT_EVERY`] until the store is dropped, then once
+/// more, so a clean shutdown leaves the WAL folded into the database.
+fn checkpoint_loop(
+    conn: Connection,
+    stopped: std::sync::mpsc::Receiver<()>,
+    wal_big: Arc<AtomicBool>,
+) {
+    loop {
+        // Anything but a timeout means the store is gone (or going).
+        let last = !matches!(
+            stopped.recv_timeout(CHECKPOINT_EVERY),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+        );
+        // PASSIVE never waits, so under constant writes it never copies the last
+        // frames and the WAL never starts over: it grew by 100 MB/s under the chat
+        // load. When it is long, the writer finishes the job right after a commit
+        // (when nothing newer exists), so its next commit starts the WAL over. A
+        // RESTART here instead made writers wait in SQLite's busy handler (sleeps
+        // of up to 100 ms: 1.2 s stalls in the takeover scenario).
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1)) {
+            Ok(frames) if frames >= WAL_FRAMES_RESTART => wal_big.store(true, Ordering::Relaxed),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
+        }
+        if last {
+            return;
+        }
+    }
+}
+
+impl Store for SqliteStore {
+    fn write(&self, ops: Vec<WriteOp>) -> StoreFuture<Vec<WriteOutcome>> {
+        self.writes.submit(ops)
+    }
+
+    fn load_session(&self, id: &str, messages_max: usize) -> StoreFuture<Option<Loaded>> {
+        let id = id.to_owned();
+        self.read(Op::LoadSession, move |c| read::load(c, &id, messages_max))
+    }
+
+    fn ping(&self) -> StoreFuture<()> {
+        self.read(Op::Ping, |c| c.query_row("SELECT 1", [], |_| Ok(())))
+    }
+
+    fn list_sessions(&self, query: SessionQuery) -> StoreFuture<SessionPage> {
+        self.read(Op::ListSessions, move |c| read::list(c, &query))
+    }
+
+    fn session_events(&self, id: &str) -> StoreFuture<Vec<SessionEvent>> {
+        let id = id.to_owned();
+        self.read(Op::SessionEvents, move |c| read::events(c, &id))
+    }
+
+    fn window_metrics(
+        &self,
+        from: Option<Millis>,
+        to: Option<Millis>,
+    ) -> StoreFuture<WindowMetrics> {
+        self.read(Op::WindowMetrics, move |c| read::window(c, from, to))
+    }
+
+    fn due_notifications(&self, now: Millis, limit: usize) -> StoreFuture<Vec<Notification>> {
+        self.read(Op::DueNotifications, move |c| read::due(c, now, limit))
+    }
+
+    fn next_notification_at(&self) -> StoreFuture<Option<Millis>> {
+        self.read(Op::NextNotification, read::next_due)
+    }
+
+    fn user_sessions(&self, user_id: &str, sessions_max: usize) -> StoreFuture<Vec<Loaded>> {
+        let user_id = user_id.to_owned();
+        self.read(Op::UserSessions, move |c| {
+            read::user_sessions(c, &user_id, sessions_max)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::KeyRing;
+    use crate::pool::PoolRuntime;
+    use crate::store::{MessageRecord, Role, SessionRecord, SessionState};
+
+    /// Awaits a store future from a plain test thread.
+    fn block<T>(f: StoreFuture<T>) -> Result<T, StoreError> {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    fn msg(
+        ring: &KeyRing,
+        session: &str,
+        seq: u64,
+        id: &str,
+        client: Option<&str>,
+        text: &str,
+    ) -> MessageRecord {
+        MessageRecord {
+            session_id: session.into(),
+            message_id: id.into(),
+            seq,
+            role: Role::User,
+            author: "u1".into(),
+            client_id: client.map(str::to_owned),
+            sealed: ring.seal(session, id, text),
+            created_at: 1000 + seq as i64,
+            tokens_in: 0,
+            tokens_out: 0,
+            cancelled: false,
+        }
+    }
+
+    fn session(id: &str) -> SessionRecord {
+        SessionRecord {
+            id: id.into(),
+            user_id: "u1".into(),
+            created_at: 1000,
+            last_activity: 1000,
+            state: SessionState::Ai,
+            message_count: 0,
+            tokens_in: 0,
+            tokens_out: 0,
+            ended_at: None,
+        }
+    }
+
+    #[test]
+    fn writes_dedupe_by_client_id_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_rt, pool) = PoolRuntime::start(1, 64).unwrap();
+        let ring = KeyRing::new(&"33".repeat(32), &[]).unwrap();
+        {
+            let store = SqliteStore::open(dir.path(), pool.clone(), 2, 16).unwrap();
+            let first = vec![
+                WriteOp::CreateSession(session("s1")),
+                WriteOp::AppendMessage {
+                    user_id: "u1".into(),
+                    message: msg(&ring, "s1", 1, "m1", Some("c1"), "hi"),
+                },
+            ];
+            assert_eq!(
+                block(store.write(first)).unwrap(),
+                [WriteOutcome::Done, WriteOutcome::Done]
+            );
+            let again = vec![WriteOp::AppendMessage {
+                user_id: "u1".into(),
+                message: msg(&ring, "s1", 2, "m2", Some("c1"), "different text"),
+            }];
+            assert_eq!(
+                block(store.write(again)).unwrap(),
+                [WriteOutcome::Duplicate {
+                    message_id: "m1".into(),
+                    session_id: "s1".into()
+                }]
+            );
+        }
+        let store = SqliteStore::open(dir.path(), pool, 1, 16).unwrap();
+        let (s, msgs) = block(store.load_session("s1", 100)).unwrap().unwrap();
+        assert_eq!(s.message_count, 1);
+        assert_eq!(s.last_activity, 1001);
+        assert_eq!(msgs.len(), 1);
+        assert_eq!(ring.open("s1", "m1", &msgs[0].sealed).unwrap(), "hi");
+        assert!(block(store.load_session("nope", 10)).unwrap().is_none());
+        block(store.ping()).unwrap();
+    }
+
+    #[test]
+    fn a_failing_job_fails_alone_in_its_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open(&dir.path().join("t.db")).unwrap();
+        migrate(&mut conn).unwrap();
+        let ring = KeyRing::new(&"33".repeat(32), &[]).unwrap();
+        let append = |seq: u64, id: &str| WriteOp::AppendMessage {
+            user_id: "u1".into(),
+            message: msg(&ring, "s1", seq, id, None, "x"),
+        };
+        let jobs = [
+            vec![WriteOp::CreateSession(session("s1")), append(1, "m1")],
+            // Same (session, seq) as m1: a primary key violation.
+            vec![append(2, "m2"), append(1, "m-clash")],
+            vec![append(3, "m3")],
+        ];
+        let jobs: Vec<&[WriteOp]> = jobs.iter().map(Vec::as_slice).collect();
+        let mut writer = write::SqliteWriter::new(conn, Arc::default());
+        let results = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+            .block_on(writer::settle(&mut writer, &jobs));
+        assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
+        match &results[1] {
+            Err(e) => assert_eq!(e.op(), Some(Op::AppendMessage), "{e}"),
+            Ok(r) => panic!("the clash was stored: {r:?}"),
+        }
+        let conn = open(&dir.path().join("t.db")).unwrap();
+        let stored: Vec<String> = conn
+            .prepare("SELECT message_id FROM messages ORDER BY seq")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(stored, ["m1", "m3"], "the failing job left nothing behind");
+        let count: i64 = conn
+            .query_row(
+                "SELECT message_count FROM sessions WHERE id = 's1'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(count, 2);
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_rt, pool) = PoolRuntime::start(1, 8).unwrap();
+        let c = Connection::open(dir.path().join("chatbox.db")).unwrap();
+        c.pragma_update(None, "user_version", 99).unwrap();
+        drop(c);
+        match SqliteStore::open(dir.path(), pool, 1, 8) {
+            Err(StoreError::NewerSchema { found: 99, .. }) => {}
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("opened a database from the future"),
+        }
+    }
+
+    #[test]
+    fn history_is_the_latest_messages_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_rt, pool) = PoolRuntime::start(1, 64).unwrap();
+        let ring = KeyRing::new(&"33".repeat(32), &[]).unwrap();
+        let store = SqliteStore::open(dir.path(), pool, 1, 16).unwrap();
+        let mut ops = vec![WriteOp::CreateSession(session("s"))];
+        for i in 1..=5 {
+            ops.push(WriteOp::AppendMessage {
+                user_id: "u1".into(),
+                message: msg(&ring, "s", i, &format!("m{i}"), None, &format!("t{i}")),
+            });
+        }
+        block(store.write(ops)).unwrap();
+        let (_, msgs) = block(store.load_session("s", 3)).unwrap().unwrap();
+        assert_eq!(msgs.iter().map(|m| m.seq).collect::<Vec<_>>(), [3, 4, 5]);
+    }
+}

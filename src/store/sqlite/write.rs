@@ -1,0 +1,285 @@
+//! The embedded store's side of the shared writer: a batch in one transaction,
+//! a savepoint per job when a batch is redone, and the WAL checkpoint the writer
+//! finishes itself after a batch.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use rusqlite::{params, Connection};
+
+use crate::store::writer::{Commit, Failure, JobResult};
+use crate::store::{Op, StoreError, WriteOp, WriteOutcome};
+
+/// The writer's connection, driven by [`crate::store::writer::run`] on a thread
+/// of its own.
+pub(super) struct SqliteWriter {
+    conn: Connection,
+    /// Set by the checkpointer when the WAL is long (see `checkpoint_loop`).
+    wal_big: Arc<AtomicBool>,
+}
+
+impl SqliteWriter {
+    pub(super) fn new(conn: Connection, wal_big: Arc<AtomicBool>) -> SqliteWriter {
+        SqliteWriter { conn, wal_big }
+    }
+
+    /// Every job in one transaction; the first failure undoes them all.
+    fn batch(&mut self, jobs: &[&[WriteOp]]) -> Result<Vec<Vec<WriteOutcome>>, StoreError> {
+        let conn = &self.conn;
+        run(conn, "BEGIN IMMEDIATE")?;
+        let applied = jobs
+            .iter()
+            .map(|ops| apply_job(conn, ops))
+            .collect::<Result<Vec<_>, _>>()
+            .and_then(|outcomes| run(conn, "COMMIT").map(|()| outcomes));
+        if applied.is_err() {
+            rollback(conn);
+        }
+        applied
+    }
+
+    /// One transaction with a savepoint per job: a failing job is undone alone
+    /// and the others still share one commit (one fsync).
+    fn each(
+        &mut self,
+        jobs: &[&[WriteOp]],
+        settled: &mut Vec<JobResult>,
+    ) -> Result<(), StoreError> {
+        let conn = &self.conn;
+        run(conn, "BEGIN IMMEDIATE")?;
+        let mut results = Vec::with_capacity(jobs.len());
+        let applied = (|| {
+            for ops in jobs {
+                run(conn, "SAVEPOINT job")?;
+                let result = apply_job(conn, ops);
+                if result.is_err() {
+                    run(conn, "ROLLBACK TO job")?;
+                }
+                run(conn, "RELEASE job")?;
+                results.push(result);
+            }
+            run(conn, "COMMIT")
+        })();
+        match applied {
+            // Settled only once committed: before that, nothing is stored.
+            Ok(()) => settled.extend(results),
+            Err(_) => rollback(conn),
+        }
+        applied
+    }
+}
+
+impl Commit for SqliteWriter {
+    fn commit_batch(
+        &mut self,
+        jobs: &[&[WriteOp]],
+    ) -> impl Future<Output = Result<Vec<Vec<WriteOutcome>>, Failure>> + Send {
+        // Fast path: every job straight into one transaction. Savepoints around
+        // each job cost a copy of every page it touches (a sub-journal), and jobs
+        // almost never fail; when one does (or the commit does), the batch is
+        // redone with a savepoint per job. The work is done here, synchronously:
+        // this thread has nothing else to do.
+        std::future::ready(self.batch(jobs).map_err(Failure::Refused))
+    }
+
+    fn commit_each(
+        &mut self,
+        jobs: &[&[WriteOp]],
+        settled: &mut Vec<JobResult>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        std::future::ready(self.each(jobs, settled))
+    }
+
+    fn after_batch(&mut self) {
+        if self.wal_big.swap(false, Ordering::Relaxed) {
+            // Copies only what the checkpointer has not (it did the rest); busy
+            // (the checkpointer is at it) just means the next signal retries.
+            let _ = self
+                .conn
+                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+        }
+    }
+}
+
+/// Runs a transaction statement. Every statement here, savepoints included, is
+/// prepared once and cached: re-parsing SQL was a third of the writer's time
+/// under load.
+fn run(conn: &Connection, sql: &str) -> Result<(), StoreError> {
+    exec(conn, sql, [])
+        .map(|_| ())
+        .map_err(StoreError::sqlite(Op::Transaction))
+}
+
+/// Ends a failed transaction. A failed COMMIT may have ended it already.
+fn rollback(conn: &Connection) {
+    if !conn.is_autocommit() {
+        if let Err(e) = conn.execute_batch("ROLLBACK") {
+            tracing::warn!(error = %e, "SQLite rollback failed");
+        }
+    }
+}
+
+/// A job's changes in order, each error named by the change that failed.
+pub(super) fn apply_job(conn: &Connection, ops: &[WriteOp]) -> JobResult {
+    ops.iter()
+        .map(|op| apply(conn, op).map_err(StoreError::sqlite(op.op())))
+        .collect()
+}
+
+/// Executes a cached statement (prepared once per connection).
+fn exec(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> rusqlite::Result<usize> {
+    conn.prepare_cached(sql)?.execute(params)
+}
+
+/// One row of a cached query.
+fn query_one<T>(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    conn.prepare_cached(sql)?.query_row(params, f)
+}
+
+fn apply(conn: &Connection, op: &WriteOp) -> Result<WriteOutcome, rusqlite::Error> {
+    match op {
+        WriteOp::CreateSession(s) => {
+            exec(conn,
+                "INSERT INTO sessions (id, user_id, created_at, last_activity, state) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(id) DO NOTHING",
+                params![s.id, s.user_id, s.created_at, s.last_activity, s.state.as_str()],
+            )?;
+            Ok(WriteOutcome::Done)
+        }
+        WriteOp::AppendMessage { user_id, message } => append(conn, user_id, message),
+        WriteOp::SetState {
+            session_id,
+            state,
+            actor,
+            action,
+            at,
+        } => {
+            exec(
+                conn,
+                "UPDATE sessions SET state = ?2, last_activity = max(last_activity, ?3),
+                     ended_at = CASE WHEN ?2 = 'ended' THEN ?3 ELSE ended_at END WHERE id = ?1",
+                params![session_id, state.as_str(), at],
+            )?;
+            exec(
+                conn,
+                "INSERT INTO session_events (session_id, at, actor, action, state)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![session_id, at, actor, action.as_str(), state.as_str()],
+            )?;
+            Ok(WriteOutcome::Done)
+        }
+        WriteOp::Enqueue { kind, payload, at } => {
+            exec(
+                conn,
+                "INSERT INTO outbox (kind, payload, next_at, created_at) VALUES (?1, ?2, ?3, ?3)",
+                params![kind, payload, at],
+            )?;
+            Ok(WriteOutcome::Done)
+        }
+        WriteOp::Delivered { id, at } => {
+            exec(conn,
+                "UPDATE outbox SET state = 'delivered', delivered_at = ?2, attempts = attempts + 1 WHERE id = ?1",
+                params![id, at],
+            )?;
+            Ok(WriteOutcome::Done)
+        }
+        WriteOp::DeliveryFailed {
+            id,
+            error,
+            next_at,
+            dead,
+        } => {
+            exec(
+                conn,
+                "UPDATE outbox SET attempts = attempts + 1, last_error = ?2, next_at = ?3,
+                     state = CASE WHEN ?4 THEN 'dead' ELSE 'pending' END WHERE id = ?1",
+                params![id, error, next_at, dead],
+            )?;
+            Ok(WriteOutcome::Done)
+        }
+        WriteOp::DeleteUser { user_id } => {
+            delete_user(conn, user_id)?;
+            Ok(WriteOutcome::Done)
+        }
+    }
+}
+
+/// A message and its session's counters; a resent client id is answered with
+/// where it was stored the first time, and changes nothing.
+fn append(
+    conn: &Connection,
+    user_id: &str,
+    m: &crate::store::MessageRecord,
+) -> rusqlite::Result<WriteOutcome> {
+    let inserted = exec(conn,
+        "INSERT INTO messages (session_id, seq, message_id, role, author, user_id, client_id, key_id,
+             nonce, ciphertext, created_at, tokens_in, tokens_out, cancelled)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+         ON CONFLICT(user_id, client_id) WHERE client_id IS NOT NULL DO NOTHING",
+        params![
+            m.session_id,
+            m.seq as i64,
+            m.message_id,
+            m.role.as_str(),
+            m.author,
+            user_id,
+            m.client_id,
+            m.sealed.key_id,
+            &m.sealed.nonce[..],
+            m.sealed.ciphertext,
+            m.created_at,
+            m.tokens_in as i64,
+            m.tokens_out as i64,
+            m.cancelled,
+        ],
+    )?;
+    if inserted == 0 {
+        let (message_id, session_id) = query_one(
+            conn,
+            "SELECT message_id, session_id FROM messages WHERE user_id = ?1 AND client_id = ?2",
+            params![user_id, m.client_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        return Ok(WriteOutcome::Duplicate {
+            message_id,
+            session_id,
+        });
+    }
+    exec(
+        conn,
+        "UPDATE sessions SET message_count = message_count + 1, tokens_in = tokens_in + ?2,
+             tokens_out = tokens_out + ?3, last_activity = max(last_activity, ?4) WHERE id = ?1",
+        params![
+            m.session_id,
+            m.tokens_in as i64,
+            m.tokens_out as i64,
+            m.created_at
+        ],
+    )?;
+    Ok(WriteOutcome::Done)
+}
+
+/// Everything stored for a user: audit trails, messages, sessions.
+fn delete_user(conn: &Connection, user_id: &str) -> rusqlite::Result<()> {
+    exec(conn,
+        "DELETE FROM session_events WHERE session_id IN (SELECT id FROM sessions WHERE user_id = ?1)",
+        params![user_id],
+    )?;
+    exec(
+        conn,
+        "DELETE FROM messages WHERE user_id = ?1",
+        params![user_id],
+    )?;
+    exec(
+        conn,
+        "DELETE FROM sessions WHERE user_id = ?1",
+        params![user_id],
+    )?;
+    Ok(())
+}
