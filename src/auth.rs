@@ -48,6 +48,17 @@ pub struct Verifier {
     validation: Validation,
 }
 
+/// Shows how tokens are checked, never the secret.
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("algorithms", &self.validation.algorithms)
+            .field("leeway", &self.validation.leeway)
+            .field("secret", &format_args!("{}", crate::secret::MASK))
+            .finish()
+    }
+}
+
 impl Verifier {
     pub fn new(secret: &[u8]) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);

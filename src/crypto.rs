@@ -46,6 +46,18 @@ pub fn key_id(key: &[u8; 32]) -> u32 {
     u32::from_be_bytes([d[0], d[1], d[2], d[3]])
 }
 
+/// Shows the key ids, never the keys.
+impl std::fmt::Debug for KeyRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut ids: Vec<String> = self.keys.keys().map(|id| format!("{id:08x}")).collect();
+        ids.sort();
+        f.debug_struct("KeyRing")
+            .field("current", &format_args!("{:08x}", self.current))
+            .field("key_ids", &ids)
+            .finish()
+    }
+}
+
 impl KeyRing {
     /// `current` encrypts; `previous` (hex keys) only decrypt.
     pub fn new(current: &str, previous: &[String]) -> Result<KeyRing, CryptoError> {

@@ -10,7 +10,10 @@
 //!    [`clock`] (time, ids), [`config`] (the one typed configuration),
 //!    [`crypto`] (AES-256-GCM per message, key ids for rotation), [`auth`] (HS256
 //!    JWTs, bearer tokens), [`limiter`] (token buckets), [`metrics`] (per-core
-//!    single-writer counters, Prometheus text), [`pool`] (the blocking pool).
+//!    single-writer counters, Prometheus text), [`pool`] (the blocking pool),
+//!    [`outbound`] (which URLs may be called, and clients that follow no
+//!    redirect), [`secret`] (redacted `Debug`, constant-time comparison, private
+//!    files).
 //! 2. [`runtime`]: thread-per-core machinery that knows nothing of chat: one
 //!    SO_REUSEPORT listener and accept loop per core, the socket handover to the
 //!    core that owns the user, the per-core connection registry and outboxes, the
@@ -36,8 +39,10 @@ pub mod limiter;
 pub mod llm;
 pub mod metrics;
 pub mod notify;
+pub mod outbound;
 pub mod pool;
 pub mod runtime;
+pub mod secret;
 pub mod store;
 
 pub use app::{check_config, start, ServerHandle};

@@ -270,6 +270,11 @@ fn dev_defaults(config: &mut Config) -> anyhow::Result<()> {
         encryption_key: String,
     }
     let path = config.data_dir.join("dev-secrets.toml");
+    match chatbox::secret::check_private_file(&path) {
+        Ok(Some(warning)) => tracing::warn!("{warning}"),
+        Ok(None) => {}
+        Err(e) => tracing::warn!("cannot read the mode of {}: {e}", path.display()),
+    }
     let saved: Option<DevSecrets> = std::fs::read_to_string(&path)
         .ok()
         .and_then(|t| toml::from_str(&t).ok());
@@ -280,7 +285,8 @@ fn dev_defaults(config: &mut Config) -> anyhow::Result<()> {
                 jwt_secret: random_hex32(),
                 encryption_key: random_hex32(),
             };
-            std::fs::create_dir_all(&config.data_dir)
+            // 0700, as the store makes it; start-up warns of a looser existing one.
+            chatbox::secret::private_dir(&config.data_dir)
                 .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
             write_private(&path, &toml::to_string(&s)?)
                 .with_context(|| format!("cannot write {}", path.display()))?;

@@ -1,10 +1,13 @@
-//! Help-request notifications through a durable outbox: a webhook (body signed with
-//! HMAC-SHA256) and e-mail over SMTP, retried with jittered backoff and
-//! dead-lettered after `notify_max_attempts`.
+//! Help-request notifications through a durable outbox: a webhook (timestamp and
+//! body signed with HMAC-SHA256) and e-mail over SMTP, retried with jittered
+//! backoff and dead-lettered after `notify_max_attempts`.
 //!
 //! Chat only writes an outbox row (in the same commit path as everything else);
 //! a worker on the blocking pool delivers. A slow or broken receiver therefore
 //! never delays a user, and queued notifications survive a restart.
+//!
+//! The webhook URL is treated as a secret (many receivers put a token in it): it
+//! never appears in a log line or in a stored error.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -51,9 +54,26 @@ struct Smtp {
     to: Vec<lettre::message::Mailbox>,
 }
 
+/// Where webhooks go and the key that signs them.
+struct Webhook {
+    url: String,
+    secret: String,
+    client: reqwest::Client,
+}
+
+impl std::fmt::Debug for Webhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use crate::secret::Redacted;
+        f.debug_struct("Webhook")
+            .field("url", &Redacted(&self.url))
+            .field("secret", &Redacted(&self.secret))
+            .finish_non_exhaustive()
+    }
+}
+
 pub struct Notifier {
     store: Arc<dyn Store>,
-    webhook: Option<(String, String, reqwest::Client)>,
+    webhook: Option<Webhook>,
     smtp: Option<Smtp>,
     max_attempts: u32,
     retry_base: Duration,
@@ -65,8 +85,8 @@ pub struct Notifier {
 pub fn validate(cfg: &Config) -> Vec<String> {
     let mut errs = Vec::new();
     if let Some(url) = &cfg.notify_webhook_url {
-        if let Err(e) = crate::llm::check_endpoint(url) {
-            errs.push(format!("CHATBOX_NOTIFY_WEBHOOK_URL: {e}"));
+        if let Err(e) = crate::outbound::check_endpoint(url) {
+            errs.push(format!("CHATBOX_NOTIFY_WEBHOOK_URL {e}"));
         }
         if cfg
             .notify_webhook_secret
@@ -91,6 +111,7 @@ pub fn validate(cfg: &Config) -> Vec<String> {
         if !["none", "starttls", "tls"].contains(&cfg.notify_smtp_tls.as_str()) {
             errs.push("CHATBOX_NOTIFY_SMTP_TLS must be none, starttls or tls".into());
         }
+        errs.extend(clear_text_credentials(cfg));
     }
     if cfg.notify_max_attempts == 0 {
         errs.push("CHATBOX_NOTIFY_MAX_ATTEMPTS must be at least 1".into());
@@ -98,10 +119,27 @@ pub fn validate(cfg: &Config) -> Vec<String> {
     errs
 }
 
-/// The signature header value for `body`: `sha256=<hex HMAC-SHA256>`.
-pub fn signature(secret: &str, body: &[u8]) -> String {
+/// Credentials sent without TLS can be read on the way: only to this machine.
+fn clear_text_credentials(cfg: &Config) -> Option<String> {
+    let host = cfg.notify_smtp_host.as_deref()?;
+    let login = cfg.notify_smtp_username.is_some() || cfg.notify_smtp_password.is_some();
+    if cfg.notify_smtp_tls != "none" || !login || crate::outbound::is_loopback_host(host) {
+        return None;
+    }
+    Some(format!(
+        "CHATBOX_NOTIFY_SMTP_TLS=none would send the SMTP login in clear text to {host:?}: \
+         use starttls or tls (plain SMTP with a login only to a loopback host)"
+    ))
+}
+
+/// The `X-Chatbox-Signature` value: `sha256=<hex HMAC-SHA256 over "<timestamp>.<body>">`,
+/// `timestamp` being the `X-Chatbox-Timestamp` sent with it (Unix seconds). Signing
+/// the time too lets a receiver refuse a replayed delivery.
+pub fn signature(secret: &str, timestamp: u64, body: &[u8]) -> String {
     let mut mac =
         Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC accepts any key length");
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
     mac.update(body);
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
@@ -116,11 +154,20 @@ impl Notifier {
         let _rt = pool.enter();
         let webhook = match (&cfg.notify_webhook_url, &cfg.notify_webhook_secret) {
             (Some(url), Some(secret)) => {
-                let client = reqwest::Client::builder()
+                let client = crate::outbound::client_builder()
                     .timeout(ATTEMPT_TIMEOUT)
                     .build()
-                    .map_err(|e| format!("cannot build the webhook client: {e}"))?;
-                Some((url.clone(), secret.clone(), client))
+                    .map_err(|e| {
+                        format!(
+                            "cannot build the webhook client: {}",
+                            crate::outbound::error_text(e)
+                        )
+                    })?;
+                Some(Webhook {
+                    url: url.clone(),
+                    secret: secret.clone(),
+                    client,
+                })
             }
             _ => None,
         };
@@ -267,26 +314,33 @@ impl Notifier {
     }
 
     async fn post_webhook(&self, n: &Notification) -> Result<(), String> {
-        let (url, secret, client) = self
+        let hook = self
             .webhook
             .as_ref()
             .ok_or("no webhook is configured any more")?;
-        let resp = client
-            .post(url)
+        // Each attempt is signed afresh: a retry is a new delivery of the same body.
+        let timestamp = crate::clock::now_secs();
+        let resp = hook
+            .client
+            .post(&hook.url)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header("X-Chatbox-Event", "help_requested")
             .header("X-Chatbox-Delivery", n.id.to_string())
+            .header("X-Chatbox-Timestamp", timestamp.to_string())
             .header(
                 "X-Chatbox-Signature",
-                signature(secret, n.payload.as_bytes()),
+                signature(&hook.secret, timestamp, n.payload.as_bytes()),
             )
             .body(n.payload.clone())
             .send()
             .await
-            .map_err(|e| format!("webhook request failed: {e}"))?;
+            // reqwest's errors name the URL; this message is logged and stored.
+            .map_err(|e| format!("webhook request failed: {}", crate::outbound::error_text(e)))?;
         if resp.status().is_success() {
             Ok(())
         } else {
+            // Redirects are not followed (crate::outbound::client_builder): a 3xx
+            // ends up here too.
             Err(format!("webhook answered {}", resp.status()))
         }
     }
@@ -362,11 +416,34 @@ fn smtp(cfg: &Config, host: &str) -> Result<Smtp, String> {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn signature_is_hmac_sha256_hex() {
-        // RFC 4231 test case 2.
+    fn signature_is_hmac_sha256_hex_over_timestamp_dot_body() {
+        // Python: hmac.new(b"Jefe", b"1700000000.what do ya want for nothing?",
+        // hashlib.sha256).hexdigest() (the key and body of RFC 4231 case 2).
+        let body = b"what do ya want for nothing?";
         assert_eq!(
-            super::signature("Jefe", b"what do ya want for nothing?"),
-            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+            super::signature("Jefe", 1_700_000_000, body),
+            "sha256=1cdd0650c8be1cb0974b1788d458b1e781206cfef59b85faafc582d2e182c57e"
+        );
+        assert_ne!(
+            super::signature("Jefe", 1_700_000_001, body),
+            super::signature("Jefe", 1_700_000_000, body),
+            "another time is another signature"
+        );
+    }
+
+    #[test]
+    fn the_webhook_url_and_secret_stay_out_of_debug() {
+        // What chatbox::start installs before any client is built.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let hook = super::Webhook {
+            url: "https://hooks.example.com/T0P-S3CRET".into(),
+            secret: "webhook-secret-0123456789".into(),
+            client: reqwest::Client::new(),
+        };
+        let shown = format!("{hook:?}");
+        assert!(
+            !shown.contains("T0P-S3CRET") && !shown.contains("0123456789"),
+            "{shown}"
         );
     }
 }

@@ -17,6 +17,8 @@ const LAYERS: &[(&str, u8)] = &[
     ("limiter", 0),
     ("metrics", 0),
     ("pool", 0),
+    ("outbound", 0),
+    ("secret", 0),
     // The thread-per-core runtime.
     ("runtime", 1),
     // Services.

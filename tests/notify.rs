@@ -1,4 +1,4 @@
-//! Help-request notifications: a signed webhook with retries, a restart in the
+//! Help-request notifications: a signed, timestamped webhook with retries, a restart in the
 //! middle, dead letters, a stalled receiver that must not slow chat down, and
 //! e-mail through a local SMTP server.
 
@@ -136,13 +136,33 @@ async fn the_webhook_is_signed_and_retried_until_it_succeeds() {
         v.get("content").is_none(),
         "no message content leaves in a notification"
     );
-    let mut mac = Hmac::<Sha256>::new_from_slice(HOOK_SECRET.as_bytes()).unwrap();
-    mac.update(second.body.as_bytes());
-    let expect = format!(
-        "x-chatbox-signature: sha256={}",
-        hex::encode(mac.finalize().into_bytes())
+    for hook in [&first, &second] {
+        verify_signature(hook);
+    }
+}
+
+/// Checks a delivery as a receiver would (docs/ADMIN_API.md): the timestamp is
+/// recent, and the signature is HMAC-SHA256 over "<timestamp>.<raw body>".
+fn verify_signature(hook: &Hook) {
+    let header = |name: &str| {
+        hook.headers
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .unwrap_or_else(|| panic!("no {name} header in {}", hook.headers))
+            .trim()
+            .to_owned()
+    };
+    let timestamp = header("x-chatbox-timestamp");
+    let sent: u64 = timestamp.parse().expect("Unix seconds");
+    let now = chatbox::auth::now_secs();
+    assert!(
+        sent <= now && now - sent < 60,
+        "timestamp {sent} is not now ({now})"
     );
-    assert!(second.headers.contains(&expect), "{}", second.headers);
+    let mut mac = Hmac::<Sha256>::new_from_slice(HOOK_SECRET.as_bytes()).unwrap();
+    mac.update(format!("{timestamp}.{}", hook.body).as_bytes());
+    let expect = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+    assert_eq!(header("x-chatbox-signature"), expect, "{}", hook.headers);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -138,6 +138,12 @@ pub enum AppStartError {
     },
     #[error("cannot start the notifier: {0}")]
     Pool(String),
+    #[error("cannot create the data directory {dir}")]
+    DataDir {
+        dir: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl From<AppStartError> for StartError {
@@ -186,6 +192,9 @@ fn chat_shared(config: &Config, pool: &BlockingPool) -> Result<ChatShared, AppSt
     let keys =
         KeyRing::new(key, &config.encryption_previous_keys).map_err(|e| invalid(e.to_string()))?;
     let backend = Backend::configured(config);
+    if backend == Backend::Sqlite {
+        private_data_dir(&config.data_dir)?;
+    }
     let store =
         crate::store::open(config, backend, pool.clone()).map_err(|source| match backend {
             Backend::Mongo => AppStartError::Mongo {
@@ -212,6 +221,24 @@ fn chat_shared(config: &Config, pool: &BlockingPool) -> Result<ChatShared, AppSt
         notifier,
         pool.clone(),
     ))
+}
+
+/// Creates the embedded store's directory readable by its owner only (0700)
+/// before the store opens it: it holds every sealed message, and with `--dev`
+/// the keys that open them. A looser existing directory is logged, not changed.
+fn private_data_dir(dir: &std::path::Path) -> Result<(), AppStartError> {
+    match crate::secret::private_dir(dir) {
+        Ok(warning) => {
+            if let Some(w) = warning {
+                tracing::warn!("{w}");
+            }
+            Ok(())
+        }
+        Err(source) => Err(AppStartError::DataDir {
+            dir: dir.to_owned(),
+            source,
+        }),
+    }
 }
 
 /// Waits until every write submitted before now is committed: an empty write is

@@ -32,6 +32,8 @@ pub struct Key {
     /// How the default follows other keys when this one is not set; empty when
     /// it does not.
     pub derived: &'static str,
+    /// Declared `#[secret]`: `Debug` of a [`Config`] shows only whether it is set.
+    pub secret: bool,
 }
 
 impl Key {
@@ -127,10 +129,27 @@ macro_rules! first {
     };
 }
 
-/// Declares the keys: see the invocation below.
+/// `true` for a key declared `#[secret]` (and nothing else is accepted there).
+macro_rules! secret_marker {
+    (secret) => {
+        true
+    };
+}
+
+/// A secret field's value as `Debug` may show it.
+macro_rules! redacted {
+    (secret, $value:expr) => {
+        &crate::secret::Redacted($value)
+    };
+}
+
+/// Declares the keys: see the invocation below. A key holding a secret (or a
+/// value that carries one, like a URL with a token or a password in it) is marked
+/// `#[secret]` under its doc line.
 macro_rules! declare_config {
     ($(
         #[doc = $doc:literal]
+        $(#[$secret:ident])?
         $field:ident : $ty:ty = $default:expr
         $(, range($lo:expr, $hi:expr))?
         $(, unit $unit:literal)?
@@ -139,8 +158,8 @@ macro_rules! declare_config {
         ;
     )*) => {
         /// The whole configuration: one field per entry of [`KEYS`], with the
-        /// defaults declared there.
-        #[derive(Debug, Clone, Deserialize, Serialize)]
+        /// defaults declared there. Its `Debug` redacts the `#[secret]` keys.
+        #[derive(Clone, Deserialize, Serialize)]
         #[serde(default, deny_unknown_fields)]
         pub struct Config {
             $(#[doc = $doc] pub $field: $ty,)*
@@ -149,6 +168,17 @@ macro_rules! declare_config {
         impl Default for Config {
             fn default() -> Self {
                 Config { $($field: $default,)* }
+            }
+        }
+
+        impl std::fmt::Debug for Config {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                let mut d = f.debug_struct("Config");
+                $(d.field(
+                    stringify!($field),
+                    first!($(redacted!($secret, &self.$field),)? &self.$field),
+                );)*
+                d.finish()
             }
         }
 
@@ -162,6 +192,7 @@ macro_rules! declare_config {
                 unit: first!($($unit,)? ""),
                 bounds: first!($(Some(($lo, $hi)),)? None),
                 derived: first!($($derived,)? ""),
+                secret: first!($(secret_marker!($secret),)? false),
             },
         )*];
 
@@ -209,16 +240,20 @@ declare_config! {
     /// URL prefix of every endpoint, e.g. `/chatbox`; empty for none.
     path_prefix: String = "/chatbox".into();
     /// HMAC secret for HS256 JWTs, at least 32 bytes, required outside `--dev` (`openssl rand -hex 32`).
+    #[secret]
     jwt_secret: Option<String> = None;
     /// 64 hex characters (32 bytes) for AES-256-GCM at rest, required outside `--dev` (`openssl rand -hex 32`).
+    #[secret]
     encryption_key: Option<String> = None;
     /// Earlier encryption keys (comma list), still used to read what they encrypted (rotation).
+    #[secret]
     encryption_previous_keys: Vec<String> = Vec::new();
     /// Origins allowed to open a WebSocket from a browser (comma list); `*` allows all, empty none.
     allowed_origins: Vec<String> = Vec::new();
     /// Embedded store directory.
     data_dir: PathBuf = PathBuf::from("./data");
     /// Use MongoDB instead of the embedded store: `mongodb://host:port,...` (`mongodb+srv://` is not supported).
+    #[secret]
     mongo_uri: Option<String> = None;
     /// The MongoDB database chatbox uses.
     mongo_database: String = "chatbox".into();
@@ -233,6 +268,7 @@ declare_config! {
     /// The model's API base (https, or http on loopback) when `llm.models` is empty; the provider's by default.
     llm_base_url: Option<String> = None;
     /// The model's API key when `llm.models` is empty.
+    #[secret]
     llm_api_key: Option<String> = None;
     /// The provider's model name when `llm.models` is empty; the provider's usual one by default.
     llm_model: Option<String> = None;
@@ -245,6 +281,7 @@ declare_config! {
     /// Unauthenticated echo endpoint under the prefix, for WebSocket conformance runs; leave unset in production.
     echo_path: Option<String> = None;
     /// When set, `/metrics` needs `Authorization: Bearer <token>`.
+    #[secret]
     metrics_token: Option<String> = None;
     /// Largest WebSocket frame payload accepted from a client (close 1009 above).
     ws_frame_bytes_max: usize = 64 * 1024, range(125, 64 * 1024 * 1024), unit "bytes",
@@ -312,19 +349,22 @@ declare_config! {
     /// Admin API requests per admin per minute (burst the same), per core.
     admin_rate_limit_per_minute: u32 = 600, unit "requests/min";
     /// Help requests are POSTed here (https, or http on loopback), signed with `notify_webhook_secret`.
+    #[secret]
     notify_webhook_url: Option<String> = None;
     /// HMAC key of the webhook's `X-Chatbox-Signature` (16+ characters; required with a webhook URL).
+    #[secret]
     notify_webhook_secret: Option<String> = None;
     /// Help requests are e-mailed through this SMTP server.
     notify_smtp_host: Option<String> = None;
     /// The SMTP server's port.
     notify_smtp_port: u16 = 587, unit "port",
         derived "587, or 465 when notify_smtp_tls is tls";
-    /// SMTP transport security: `starttls`, `tls` or `none`.
+    /// SMTP transport security: `starttls`, `tls` or `none` (with a login, only to a loopback host).
     notify_smtp_tls: String = "starttls".into();
     /// SMTP login name.
     notify_smtp_username: Option<String> = None;
     /// SMTP password.
+    #[secret]
     notify_smtp_password: Option<String> = None;
     /// Sender address of help-request e-mails (required with an SMTP host).
     notify_email_from: Option<String> = None;

@@ -5,8 +5,8 @@ use serde::{Deserialize, Serialize};
 
 use super::LlmProvider;
 
-/// One model as configured in `[[llm.models]]`.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+/// One model as configured in `[[llm.models]]`. Its `Debug` redacts the API key.
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     /// The name clients use as `model_id`.
@@ -55,6 +55,25 @@ impl ModelConfig {
             max_tokens: defaults::max_tokens(),
             fallback: None,
         }
+    }
+}
+
+impl std::fmt::Debug for ModelConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelConfig")
+            .field("id", &self.id)
+            .field("provider", &self.provider)
+            .field("base_url", &self.base_url)
+            .field("api_key", &crate::secret::Redacted(&self.api_key))
+            .field("api_key_env", &self.api_key_env)
+            .field("model", &self.model)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("first_token_timeout_ms", &self.first_token_timeout_ms)
+            .field("total_timeout_ms", &self.total_timeout_ms)
+            .field("max_retries", &self.max_retries)
+            .field("max_tokens", &self.max_tokens)
+            .field("fallback", &self.fallback)
+            .finish()
     }
 }
 

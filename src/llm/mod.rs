@@ -200,8 +200,7 @@ pub enum LlmEvent {
     },
 }
 
-/// A model ready to use.
-#[derive(Debug)]
+/// A model ready to use. Its `Debug` leaves the API key out.
 pub struct ModelSpec {
     pub id: String,
     pub provider: LlmProvider,
@@ -214,6 +213,23 @@ pub struct ModelSpec {
     max_tokens: u32,
     fallback: Option<String>,
     client: Option<reqwest::Client>,
+}
+
+impl std::fmt::Debug for ModelSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelSpec")
+            .field("id", &self.id)
+            .field("provider", &self.provider)
+            .field("base_url", &self.base_url)
+            .field("api_key", &crate::secret::Redacted(&self.api_key))
+            .field("upstream_model", &self.upstream_model)
+            .field("first_token_timeout", &self.first_token_timeout)
+            .field("total_timeout", &self.total_timeout)
+            .field("max_retries", &self.max_retries)
+            .field("max_tokens", &self.max_tokens)
+            .field("fallback", &self.fallback)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ModelSpec {
@@ -231,31 +247,6 @@ pub struct Models {
     specs: HashMap<String, Arc<ModelSpec>>,
     order: Vec<String>,
     pub system_prompt: String,
-}
-
-fn is_loopback(url: &str) -> bool {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let host = rest.split(['/', '?']).next().unwrap_or("");
-    let host = if host.starts_with('[') {
-        host.split(']').next().unwrap_or("").trim_start_matches('[')
-    } else {
-        host.rsplit_once(':').map_or(host, |(h, _)| h)
-    };
-    host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
-/// Endpoints must be https, except loopback (local model servers).
-pub fn check_endpoint(url: &str) -> Result<(), String> {
-    if url.starts_with("https://") || (url.starts_with("http://") && is_loopback(url)) {
-        Ok(())
-    } else {
-        Err(format!(
-            "LLM endpoint {url:?} must be https (plain http only for loopback)"
-        ))
-    }
 }
 
 /// The configured models: `[[llm.models]]`, or the single model of
@@ -299,8 +290,8 @@ pub fn validate(cfg: &Config) -> Vec<String> {
             }
         }
         if m.provider != LlmProvider::Demo {
-            if let Err(e) = check_endpoint(&base_url(m)) {
-                errs.push(format!("llm model {:?}: {e}", m.id));
+            if let Err(e) = crate::outbound::check_endpoint(&base_url(m)) {
+                errs.push(format!("llm model {:?}: base_url {e}", m.id));
             }
         }
         if m.first_token_timeout_ms == 0 || m.total_timeout_ms < m.first_token_timeout_ms {
@@ -342,7 +333,7 @@ impl Models {
             let client = match m.provider {
                 LlmProvider::Demo => None,
                 _ => Some(
-                    reqwest::Client::builder()
+                    crate::outbound::client_builder()
                         .connect_timeout(Duration::from_millis(m.connect_timeout_ms))
                         .user_agent(concat!("chatbox/", env!("CARGO_PKG_VERSION")))
                         .build()
@@ -778,26 +769,6 @@ async fn next_bytes(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn endpoints_must_be_https_except_loopback() {
-        for ok in [
-            "https://api.openai.com/v1",
-            "http://127.0.0.1:11434/v1",
-            "http://localhost:8000",
-            "http://[::1]:80/v1",
-        ] {
-            assert!(check_endpoint(ok).is_ok(), "{ok}");
-        }
-        for bad in [
-            "http://api.openai.com/v1",
-            "http://10.0.0.1/v1",
-            "ftp://x",
-            "http://localhost.evil.com/v1",
-        ] {
-            assert!(check_endpoint(bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn backoff_grows_with_jitter_and_honours_retry_after() {
