@@ -317,7 +317,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("chatbox_panics_total 3\n"), "{text}");
-        let build = format!("chatbox_build_info{{version=\"{}\"}} 1\n", env!("CARGO_PKG_VERSION"));
+        let build = format!(
+            "chatbox_build_info{{version=\"{}\"}} 1\n",
+            env!("CARGO_PKG_VERSION")
+        );
         assert!(text.contains(&build), "{text}");
         assert!(text.contains("chatbox_refused_total{reason=\"too_many_connections\"} 1\n"));
         assert!(text.contains("chatbox_refused_total{reason=\"unauthorized\"} 0\n"));

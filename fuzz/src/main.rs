@@ -27,7 +27,7 @@ usage: fuzz --target codec|frames|head [--secs N] [--seed S] [--corpus DIR]
   --repro FILE...  run these inputs once each and report";
 
 /// A worker still running this long after its time is hung.
-const GRACE: Duration = Duration::from_secs(30);
+const GRACE: Duration = Duration::from_secs(10);
 /// The worker fuzzes on a thread with this stack, as small as a core thread's
 /// (2 MiB, the default for spawned threads) or smaller, so deep recursion shows.
 const WORKER_STACK_BYTES: usize = 1024 * 1024;
@@ -47,7 +47,9 @@ struct Args {
 
 fn parse_args(raw: &[String]) -> Result<Args, String> {
     let mut target = None;
-    let seed = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let seed = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
     let mut a = Args {
         target: Target::Codec,
         secs: 60,
@@ -61,7 +63,9 @@ fn parse_args(raw: &[String]) -> Result<Args, String> {
     };
     let mut it = raw.iter();
     let num = |v: Option<&String>| -> Result<u64, String> {
-        v.ok_or("missing value")?.parse().map_err(|e| format!("{e}"))
+        v.ok_or("missing value")?
+            .parse()
+            .map_err(|e| format!("{e}"))
     };
     while let Some(flag) = it.next() {
         match flag.as_str() {
@@ -74,7 +78,9 @@ fn parse_args(raw: &[String]) -> Result<Args, String> {
             "--execs" => a.execs = Some(num(it.next())?),
             "--corpus" => a.corpus = it.next().ok_or("--corpus needs a directory")?.into(),
             "--findings" => a.findings = it.next().ok_or("--findings needs a directory")?.into(),
-            "--save-corpus" => a.save_corpus = Some(it.next().ok_or("--save-corpus needs a directory")?.into()),
+            "--save-corpus" => {
+                a.save_corpus = Some(it.next().ok_or("--save-corpus needs a directory")?.into())
+            }
             "--record" => a.record = Some(it.next().ok_or("--record needs a file")?.into()),
             "--repro" => a.repro.extend(it.by_ref().map(PathBuf::from)),
             other => return Err(format!("unknown argument {other}")),
@@ -211,9 +217,11 @@ fn supervise(args: &Args, raw: &[String]) -> ExitCode {
         eprintln!("fuzz: {}: {e}", args.findings.display());
         return ExitCode::from(2);
     }
-    let record = args
-        .findings
-        .join(format!(".running-{}-{}", args.target.name(), std::process::id()));
+    let record = args.findings.join(format!(
+        ".running-{}-{}",
+        args.target.name(),
+        std::process::id()
+    ));
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("fuzz"));
     let mut child = match Command::new(exe)
         .args(raw)
@@ -263,8 +271,15 @@ fn report(args: &Args, kind: &str, input: &[u8], why: &str) {
     if let Err(e) = std::fs::write(&path, input) {
         eprintln!("fuzz: {}: {e}", path.display());
     }
-    let _ = std::fs::write(args.findings.join(format!("{name}.txt")), format!("{why}\n"));
-    eprintln!("FINDING in target {} (seed {}): {why}", args.target.name(), args.seed);
+    let _ = std::fs::write(
+        args.findings.join(format!("{name}.txt")),
+        format!("{why}\n"),
+    );
+    eprintln!(
+        "FINDING in target {} (seed {}): {why}",
+        args.target.name(),
+        args.seed
+    );
     eprintln!("input, {} bytes, saved as {}:", input.len(), path.display());
     const SHOWN: usize = 16 * 1024;
     for line in input[..input.len().min(SHOWN)].chunks(64) {

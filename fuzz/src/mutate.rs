@@ -41,6 +41,7 @@ pub fn havoc(rng: &mut Rng, input: &mut Vec<u8>, corpus: &[Vec<u8>], dict: &[&[u
     input.truncate(INPUT_BYTES_MAX);
 }
 
+// Long: one arm per mutation, the havoc table in one place.
 fn one(rng: &mut Rng, input: &mut Vec<u8>, corpus: &[Vec<u8>], dict: &[&[u8]]) {
     let len = input.len();
     match rng.below(13) {
@@ -72,7 +73,12 @@ fn one(rng: &mut Rng, input: &mut Vec<u8>, corpus: &[Vec<u8>], dict: &[&[u8]]) {
             let piece = input[a..b].to_vec();
             let times = rng.size(64);
             let at = rng.below(len + 1);
-            let rep: Vec<u8> = piece.iter().copied().cycle().take(piece.len() * times).collect();
+            let rep: Vec<u8> = piece
+                .iter()
+                .copied()
+                .cycle()
+                .take(piece.len() * times)
+                .collect();
             input.splice(at..at, rep);
         }
         6 if !corpus.is_empty() => {
@@ -112,7 +118,11 @@ fn one(rng: &mut Rng, input: &mut Vec<u8>, corpus: &[Vec<u8>], dict: &[&[u8]]) {
 /// Writes an interesting value as 1, 2, 4 or 8 bytes, either endianness.
 fn interesting(rng: &mut Rng, input: &mut Vec<u8>) {
     let v = *rng.pick(INTERESTING);
-    let v = if rng.one_in(4) { v.wrapping_add(rng.below(3) as u64).wrapping_sub(1) } else { v };
+    let v = if rng.one_in(4) {
+        v.wrapping_add(rng.below(3) as u64).wrapping_sub(1)
+    } else {
+        v
+    };
     let width = 1 << rng.below(4);
     let be = v.to_be_bytes();
     let mut bytes = be[8 - width..].to_vec();

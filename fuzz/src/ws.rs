@@ -49,7 +49,11 @@ pub fn header(first: u8, len: u64, mask: Option<[u8; 4]>, form: LenForm) -> Vec<
 /// XORs `payload` with a client mask (its own inverse).
 pub fn unmask(payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
     match mask {
-        Some(k) => payload.iter().enumerate().map(|(i, b)| b ^ k[i % 4]).collect(),
+        Some(k) => payload
+            .iter()
+            .enumerate()
+            .map(|(i, b)| b ^ k[i % 4])
+            .collect(),
         None => payload.to_vec(),
     }
 }
@@ -134,7 +138,9 @@ pub fn read_server(bytes: &[u8]) -> Result<Vec<ServerFrame>, String> {
         if span.payload - span.start != shortest {
             return Err("server frame length not in its shortest form".into());
         }
-        let payload = bytes.get(span.payload..span.end).ok_or("server frame cut off")?;
+        let payload = bytes
+            .get(span.payload..span.end)
+            .ok_or("server frame cut off")?;
         out.push(ServerFrame {
             first: bytes[at],
             payload: payload.to_vec(),

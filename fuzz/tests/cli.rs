@@ -51,7 +51,10 @@ fn a_panic_is_a_finding_saved_and_printed_as_hex() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("self-test panic"), "{stderr}");
-    assert!(stderr.contains("70616e696300ff"), "the input as hex: {stderr}");
+    assert!(
+        stderr.contains("70616e696300ff"),
+        "the input as hex: {stderr}"
+    );
     assert_eq!(saved(dir.path(), "crash"), input);
 }
 
@@ -68,7 +71,10 @@ fn a_worker_that_dies_is_reported_by_the_supervisor() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("the worker died"), "{stderr}");
-    assert!(stderr.contains("61626f727421"), "the input as hex: {stderr}");
+    assert!(
+        stderr.contains("61626f727421"),
+        "the input as hex: {stderr}"
+    );
     assert_eq!(saved(dir.path(), "died"), b"abort!");
 }
 
@@ -86,7 +92,12 @@ fn a_clean_run_exits_zero_and_bad_usage_two() {
         "--findings",
         dir.path().to_str().expect("utf-8 path"),
     ]);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("nothing found"));
     assert_eq!(fuzz(&["--target", "nope"]).status.code(), Some(2));
 }

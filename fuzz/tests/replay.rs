@@ -9,7 +9,9 @@ use chatbox_fuzz::runner::{self, Outcome, Run};
 use chatbox_fuzz::targets::Target;
 
 fn dir(kind: &str, target: Target) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(kind).join(target.name())
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(kind)
+        .join(target.name())
 }
 
 #[test]

@@ -9,6 +9,7 @@
 //! [`super::codec_plan`]) round-trips to exactly its messages and pongs.
 
 use chatbox::runtime::ws::codec::{Codec, Limits, Msg, WsError};
+use tungstenite::protocol::frame::coding::CloseCode;
 
 use super::codec_plan;
 use crate::rng::{hash, mix, Rng};
@@ -51,11 +52,11 @@ pub struct Outcome {
 pub fn check(input: &[u8]) -> Result<u64, String> {
     let mut sig = 0;
     for (i, limits) in [SMALL, ROOMY].into_iter().enumerate() {
-        let whole = run(input, &[], limits)?;
+        let whole = run(input, &[], limits, &[])?;
         check_output(&whole)?;
         let mut rng = Rng::new(hash(input) ^ i as u64);
         for cuts in splits(&mut rng, input.len()) {
-            let got = run(input, &cuts, limits)?;
+            let got = run(input, &cuts, limits, &[])?;
             if got != whole {
                 return Err(format!(
                     "limits {limits:?}: fed in chunks {cuts:?}, the codec saw {}; fed whole, {}",
@@ -90,27 +91,56 @@ fn splits(rng: &mut Rng, len: usize) -> Vec<Vec<usize>> {
     out
 }
 
+/// What the server does between reads, once the input up to an offset is read.
+#[derive(Clone, Debug)]
+pub enum Action {
+    Text(String),
+    Close,
+}
+
 /// Feeds `input` in chunks of `cuts` (the rest at once; the first chunk as the
-/// handshake's leftover), reading every message after each chunk.
-pub fn run(input: &[u8], cuts: &[usize], limits: Limits) -> Result<Outcome, String> {
-    let mut sizes = cuts.iter().copied();
-    let first = sizes.next().unwrap_or(input.len()).min(input.len());
+/// handshake's leftover), split further at each action's offset, reading every
+/// message after each chunk and acting where the actions say.
+pub fn run(
+    input: &[u8],
+    cuts: &[usize],
+    limits: Limits,
+    actions: &[(usize, Action)],
+) -> Result<Outcome, String> {
+    let mut ends = Vec::new();
+    let mut at = 0;
+    for &n in cuts {
+        at = (at + n).min(input.len());
+        ends.push(at);
+    }
+    ends.push(input.len());
+    ends.extend(actions.iter().map(|(offset, _)| (*offset).min(input.len())));
+    ends.sort_unstable();
+    ends.dedup();
+    let mut ends = ends.into_iter();
+    let first = ends.next().unwrap_or(0);
     let mut c = Codec::new(input[..first].to_vec(), limits);
     let mut out = Outcome::default();
-    let mut at = first;
-    let mut chunk_max = first;
+    let mut pending = actions.iter().peekable();
+    let (mut at, mut chunk_max) = (first, first);
     loop {
         if drain(&mut c, &mut out, limits)? {
             break;
         }
         check_held(&c, limits, chunk_max)?;
-        if at == input.len() {
-            break;
+        while let Some((_, action)) = pending.next_if(|(offset, _)| *offset <= at) {
+            let done = match action {
+                Action::Text(t) => c.send_text(t),
+                Action::Close => c.send_close(CloseCode::Away, "bye"),
+            };
+            done.map_err(|e| format!("{action:?} at {at} failed: {e:?}"))?;
         }
-        let n = sizes.next().unwrap_or(usize::MAX).clamp(1, input.len() - at);
-        c.feed(&input[at..at + n]);
-        at += n;
-        chunk_max = chunk_max.max(n);
+        let Some(end) = ends.next() else {
+            break;
+        };
+        c.feed(&input[at..end]);
+        chunk_max = chunk_max.max(end - at);
+        at = end;
     }
     out.tx = c.queued().to_vec();
     out.closed = c.is_closed();
@@ -174,7 +204,9 @@ fn check_held(c: &Codec, limits: Limits, chunk_max: usize) -> Result<(), String>
     } else {
         return Ok(());
     };
-    Err(format!("{why}: {h:?} with {limits:?}, chunks up to {chunk_max}"))
+    Err(format!(
+        "{why}: {h:?} with {limits:?}, chunks up to {chunk_max}"
+    ))
 }
 
 /// What the codec queued is unmasked pongs (125 bytes at most) and at most one

@@ -2,13 +2,15 @@
 //!
 //! [`round_trip`] reads any input as a program: messages (text with multi-byte
 //! characters, binary), fragmented at random points (characters cut in two), with
-//! pings between fragments, random masks, shortest and longer length forms, then a
-//! close and frames after it. The codec must return exactly those messages, queue
-//! exactly the pongs and the close answer, and ignore what follows the close.
+//! pings between fragments, random masks, shortest and longer length forms, the
+//! server sending text or starting the close between reads, then the peer's close
+//! and frames after it. The codec must return exactly those messages, queue
+//! exactly the server's frames, the pongs and the close answer, and ignore what
+//! follows a close (data after the server's, everything after the peer's).
 
 use chatbox::runtime::ws::codec::Limits;
 
-use super::codec::{brief, run, Event, Outcome, ROOMY, SMALL};
+use super::codec::{brief, run, Action, Event, Outcome, ROOMY, SMALL};
 use crate::mutate::{havoc, range, INPUT_BYTES_MAX};
 use crate::rng::{hash, Rng};
 use crate::ws::{self, LenForm};
@@ -52,8 +54,20 @@ impl Source<'_> {
 
 /// Characters of every UTF-8 length, and the edges of the ranges.
 const CHARS: &[char] = &[
-    'a', ' ', '"', '\0', '\u{7f}', '\u{80}', 'é', '\u{7ff}', '\u{800}', '€', '\u{ffff}',
-    '\u{10000}', '😀', '\u{10ffff}',
+    'a',
+    ' ',
+    '"',
+    '\0',
+    '\u{7f}',
+    '\u{80}',
+    'é',
+    '\u{7ff}',
+    '\u{800}',
+    '€',
+    '\u{ffff}',
+    '\u{10000}',
+    '😀',
+    '\u{10ffff}',
 ];
 
 /// What the program sends and what the codec must make of it.
@@ -62,6 +76,9 @@ struct Plan {
     wire: Vec<u8>,
     events: Vec<Event>,
     tx: Vec<u8>,
+    actions: Vec<(usize, Action)>,
+    /// The server sent its close: data is skipped and pings go unanswered.
+    server_closed: bool,
 }
 
 impl Plan {
@@ -71,7 +88,9 @@ impl Plan {
         let len = match s.byte() % 32 {
             0 => 0,
             1..=26 => usize::from(s.byte()),
-            27 => *[125, 126, 127, 0xffff, 0x1_0000].get(usize::from(s.byte() % 5)).unwrap_or(&0),
+            27 => *[125, 126, 127, 0xffff, 0x1_0000]
+                .get(usize::from(s.byte() % 5))
+                .unwrap_or(&0),
             28..=30 => usize::from(s.u16()),
             _ => 0x1_0000 + usize::from(s.u16()),
         }
@@ -101,11 +120,20 @@ impl Plan {
             };
             let first = opcode | if last { 0x80 } else { 0 };
             let (mask, form) = (s.mask(), s.form());
-            ws::encode(&mut self.wire, first, &payload[at..at + n], Some(mask), form);
+            ws::encode(
+                &mut self.wire,
+                first,
+                &payload[at..at + n],
+                Some(mask),
+                form,
+            );
             at += n;
             if !last && s.byte() % 4 == 0 {
                 self.ping(s);
             }
+        }
+        if self.server_closed {
+            return;
         }
         self.events.push(match text {
             // Built from whole characters: it is UTF-8.
@@ -141,12 +169,38 @@ impl Plan {
     /// fail with `WriteFull`).
     fn ping(&mut self, s: &mut Source) {
         let payload = vec![s.byte(); usize::from(s.byte()) % self.control_max()];
-        if self.tx.len() + payload.len() > self.limits.tx_bytes_max as usize {
+        let answered = !self.server_closed;
+        if answered && self.tx.len() + payload.len() > self.limits.tx_bytes_max as usize {
             return;
         }
         let (mask, form) = (s.mask(), s.form());
         ws::encode(&mut self.wire, 0x89, &payload, Some(mask), form);
-        ws::encode(&mut self.tx, 0x8a, &payload, None, LenForm::Shortest);
+        if answered {
+            ws::encode(&mut self.tx, 0x8a, &payload, None, LenForm::Shortest);
+        }
+    }
+
+    /// The server sends a text message (when it fits the write limit), or starts
+    /// the closing handshake (a close always fits).
+    fn server(&mut self, s: &mut Source) {
+        let offset = self.wire.len();
+        if s.byte() % 4 == 0 {
+            if !self.server_closed {
+                self.server_closed = true;
+                ws::encode(&mut self.tx, 0x88, b"\x03\xe9bye", None, LenForm::Shortest);
+                self.actions.push((offset, Action::Close));
+            }
+            return;
+        }
+        let text = "x".repeat(usize::from(s.byte()));
+        if self.tx.len() + text.len() > self.limits.tx_bytes_max as usize {
+            return;
+        }
+        if !self.server_closed {
+            // Ignored after our close: nothing but the close may follow it.
+            ws::encode(&mut self.tx, 0x81, text.as_bytes(), None, LenForm::Shortest);
+        }
+        self.actions.push((offset, Action::Text(text)));
     }
 
     fn pong(&mut self, s: &mut Source) {
@@ -158,7 +212,8 @@ impl Plan {
     /// A close (code and reason, or empty) and valid frames after it.
     fn close(&mut self, s: &mut Source) {
         let echo: &[u8] = &[0x03, 0xe8];
-        if self.tx.len() + echo.len() > self.limits.tx_bytes_max as usize {
+        let answered = !self.server_closed;
+        if answered && self.tx.len() + echo.len() > self.limits.tx_bytes_max as usize {
             return;
         }
         let code = *[1000u16, 1001, 1003, 1011, 3000, 4999]
@@ -167,40 +222,61 @@ impl Plan {
         let mut payload = Vec::new();
         if code != 0 {
             payload.extend_from_slice(&code.to_be_bytes());
-            let reason: String = CHARS.iter().cycle().take(usize::from(s.byte() % 40)).collect();
+            let reason: String = CHARS
+                .iter()
+                .cycle()
+                .take(usize::from(s.byte() % 40))
+                .collect();
             // A control payload (code and reason) is at most 125 bytes and one frame.
             let fits = reason.char_indices().map(|(i, c)| i + c.len_utf8());
-            let cut = fits.take_while(|&end| end < self.control_max() - 2).last().unwrap_or(0);
+            let cut = fits
+                .take_while(|&end| end < self.control_max() - 2)
+                .last()
+                .unwrap_or(0);
             payload.extend_from_slice(&reason.as_bytes()[..cut]);
         }
         let (mask, form) = (s.mask(), s.form());
         ws::encode(&mut self.wire, 0x88, &payload, Some(mask), form);
-        let answer = if code == 0 { &[][..] } else { echo };
-        ws::encode(&mut self.tx, 0x88, answer, None, LenForm::Shortest);
+        if answered {
+            let answer = if code == 0 { &[][..] } else { echo };
+            ws::encode(&mut self.tx, 0x88, answer, None, LenForm::Shortest);
+        }
         self.events.push(Event::Close);
         for _ in 0..s.byte() % 3 {
-            ws::encode(&mut self.wire, 0x81, b"after", Some(s.mask()), LenForm::Shortest);
+            ws::encode(
+                &mut self.wire,
+                0x81,
+                b"after",
+                Some(s.mask()),
+                LenForm::Shortest,
+            );
         }
     }
 }
 
 /// Runs the input as a program of valid frames; see the module comment.
 pub fn round_trip(input: &[u8]) -> Result<(), String> {
-    let mut s = Source { bytes: input, at: 0 };
+    let mut s = Source {
+        bytes: input,
+        at: 0,
+    };
     let limits = if s.byte() & 1 == 0 { SMALL } else { ROOMY };
     let mut plan = Plan {
         limits,
         wire: Vec::new(),
         events: Vec::new(),
         tx: Vec::new(),
+        actions: Vec::new(),
+        server_closed: false,
     };
     let mut steps = 0;
     while !s.done() && steps < 64 && plan.wire.len() < INPUT_BYTES_MAX {
         steps += 1;
-        match s.byte() % 8 {
+        match s.byte() % 10 {
             0..=4 => plan.message(&mut s),
             5 | 6 => plan.ping(&mut s),
-            _ => plan.pong(&mut s),
+            7 => plan.pong(&mut s),
+            _ => plan.server(&mut s),
         }
     }
     plan.close(&mut s);
@@ -219,7 +295,7 @@ pub fn round_trip(input: &[u8]) -> Result<(), String> {
         left -= n;
     }
     for cuts in [Vec::new(), cuts] {
-        let got = run(&plan.wire, &cuts, limits)?;
+        let got = run(&plan.wire, &cuts, limits, &plan.actions)?;
         if got != want {
             return Err(format!(
                 "round trip with {limits:?} in chunks {cuts:?}: wanted {}, got {} (first difference at event {})",
@@ -286,7 +362,9 @@ pub fn mutate(rng: &mut Rng, input: &mut Vec<u8>, corpus: &[Vec<u8>]) {
         }
         2 => {
             // A length that does not match the payload that follows.
-            let len = rng.pick(&LENGTHS).wrapping_add(payload.len() as u64 * rng.below(2) as u64);
+            let len = rng
+                .pick(&LENGTHS)
+                .wrapping_add(payload.len() as u64 * rng.below(2) as u64);
             let head = ws::header(first, len, f.mask, *rng.pick(&FORMS));
             input.splice(f.start..f.payload, head);
             return;
@@ -321,7 +399,12 @@ pub fn mutate(rng: &mut Rng, input: &mut Vec<u8>, corpus: &[Vec<u8>]) {
     input.truncate(INPUT_BYTES_MAX);
 }
 
-const FORMS: [LenForm; 4] = [LenForm::Shortest, LenForm::Shortest, LenForm::U16, LenForm::U64];
+const FORMS: [LenForm; 4] = [
+    LenForm::Shortest,
+    LenForm::Shortest,
+    LenForm::U16,
+    LenForm::U64,
+];
 
 const LENGTHS: [u64; 12] = [
     0,

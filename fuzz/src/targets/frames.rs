@@ -114,7 +114,8 @@ fn chars_within(s: &str, min: usize, max: usize) -> bool {
 
 fn session_id_ok(s: &str) -> bool {
     chars_within(s, 1, SESSION_ID_CHARS_MAX)
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 fn check_limits(incoming: &Incoming, limits: &Limits) -> Result<(), String> {
@@ -138,7 +139,9 @@ fn check_limits(incoming: &Incoming, limits: &Limits) -> Result<(), String> {
             session_id.as_deref().is_none_or(session_id_ok)
                 && content_ok(content)
                 && !content.trim().is_empty()
-                && model_id.as_deref().is_none_or(|m| chars_within(m, 0, MODEL_ID_CHARS_MAX))
+                && model_id
+                    .as_deref()
+                    .is_none_or(|m| chars_within(m, 0, MODEL_ID_CHARS_MAX))
                 && file_url.as_deref().is_none_or(|u| {
                     u.starts_with("https://") && chars_within(u, 0, FILE_URL_CHARS_MAX)
                 })
@@ -175,7 +178,8 @@ fn depth(v: &Value) -> usize {
 
 /// Stored metadata is a JSON object any JSON reader takes, within its limits.
 fn check_metadata(m: &str, limits: &Limits) -> Result<(), String> {
-    let v: Value = serde_json::from_str(m).map_err(|e| format!("metadata {m:?} is not JSON: {e}"))?;
+    let v: Value =
+        serde_json::from_str(m).map_err(|e| format!("metadata {m:?} is not JSON: {e}"))?;
     if !v.is_object() {
         return Err("metadata is not an object".into());
     }
@@ -214,12 +218,16 @@ pub fn to_json(incoming: &Incoming) -> Value {
             voice,
         } => json!({"type": if *voice { "voice_message" } else { "file_message" },
             "session_id": session_id, "file_id": file_id}),
-        ClientFrame::AdminJoin { session_id } => json!({"type": "admin_join", "session_id": session_id}),
+        ClientFrame::AdminJoin { session_id } => {
+            json!({"type": "admin_join", "session_id": session_id})
+        }
         ClientFrame::AdminMessage {
             session_id,
             content,
         } => json!({"type": "admin_message", "session_id": session_id, "content": content}),
-        ClientFrame::AdminLeave { session_id } => json!({"type": "admin_leave", "session_id": session_id}),
+        ClientFrame::AdminLeave { session_id } => {
+            json!({"type": "admin_leave", "session_id": session_id})
+        }
     };
     if let (Some(id), Some(o)) = (&incoming.id, v.as_object_mut()) {
         o.insert("id".into(), json!(id));
@@ -250,7 +258,9 @@ fn check_reparse(incoming: &Incoming, limits: &Limits) -> Result<(), String> {
         i
     };
     if strip(&again) != strip(incoming) || meta(&again) != meta(incoming) {
-        return Err(format!("{incoming:?} written as {text} parses as {again:?}"));
+        return Err(format!(
+            "{incoming:?} written as {text} parses as {again:?}"
+        ));
     }
     Ok(())
 }
@@ -260,13 +270,19 @@ fn check_reparse(incoming: &Incoming, limits: &Limits) -> Result<(), String> {
 fn signature(r: &Result<Incoming, Refused>) -> u64 {
     match r {
         Ok(i) => {
-            let shape = format!("{:?}", to_json(i).as_object().map(|o| o.keys().collect::<Vec<_>>()));
+            let shape = format!(
+                "{:?}",
+                to_json(i).as_object().map(|o| o.keys().collect::<Vec<_>>())
+            );
             let kind = to_json(i)["type"].to_string();
             hash(format!("{kind}{shape}").as_bytes())
         }
         Err(Refused::TooDeep) => 1,
         Err(Refused::Error { id, message }) => {
-            let stem: String = message.chars().take_while(|c| *c != '"' && !c.is_ascii_digit()).collect();
+            let stem: String = message
+                .chars()
+                .take_while(|c| *c != '"' && !c.is_ascii_digit())
+                .collect();
             hash(format!("{}{stem}", id.is_some()).as_bytes())
         }
     }

@@ -172,14 +172,19 @@ fn scalar(rng: &mut Rng) -> Value {
 /// Strings at and around the limits, of characters of every UTF-8 length.
 fn string(rng: &mut Rng) -> String {
     let len = match rng.below(4) {
-        0 => *rng.pick(&[0usize, 1, 10, 11, 32, 33, 64, 65, 128, 129, 2048, 2049, 8000, 8001]),
+        0 => *rng.pick(&[
+            0usize, 1, 10, 11, 32, 33, 64, 65, 128, 129, 2048, 2049, 8000, 8001,
+        ]),
         1 => rng.size(100),
         _ => rng.below(12),
     };
-    let c = *rng.pick(&['a', 'Z', '0', '-', '_', ' ', '\t', 'é', '€', '😀', '\0', '"', '\\', '\u{feff}']);
+    let c = *rng.pick(&[
+        'a', 'Z', '0', '-', '_', ' ', '\t', 'é', '€', '😀', '\0', '"', '\\', '\u{feff}',
+    ]);
     let mut s: String = std::iter::repeat_n(c, len).collect();
     if rng.one_in(4) {
-        s.insert_str(0, *rng.pick(&["https://", "http://", "s-"]));
+        let prefix = ["https://", "http://", "s-"][rng.below(3)];
+        s.insert_str(0, prefix);
     }
     s
 }

@@ -52,7 +52,10 @@ fn check_head(input: &[u8], h: &Head) -> Result<(), String> {
         &h.ws_key,
         &h.ws_version,
     ];
-    if kept.iter().any(|v| v.as_deref().is_some_and(|v| v.trim() != v)) {
+    if kept
+        .iter()
+        .any(|v| v.as_deref().is_some_and(|v| v.trim() != v))
+    {
         return Err(format!("an untrimmed value in {h:?}"));
     }
     Ok(())
@@ -68,7 +71,11 @@ fn prefixes(input: &[u8], whole: &Parsed) -> Vec<usize> {
     let mut rng = Rng::new(hash(input));
     let mut cuts: Vec<usize> = (0..64).map(|_| rng.below(n)).collect();
     if let Ok(Some(h)) = whole {
-        cuts.extend([h.len.saturating_sub(1), h.len, h.len + 1].into_iter().filter(|&c| c < n));
+        cuts.extend(
+            [h.len.saturating_sub(1), h.len, h.len + 1]
+                .into_iter()
+                .filter(|&c| c < n),
+        );
     }
     cuts
 }
@@ -112,7 +119,11 @@ fn signature(p: &Parsed) -> u64 {
                 h.ws_version.is_some(),
             ];
             let bits = fields.iter().fold(0u64, |acc, &f| acc << 1 | u64::from(f));
-            mix(hash(h.method.as_bytes()), bits)
+            // The method only when it is a common one: every token is a method
+            // to the parser, and each would count as a new behaviour.
+            let methods = ["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"];
+            let method = methods.iter().position(|m| *m == h.method);
+            mix(method.map_or(99, |m| m as u64), bits)
         }
         Ok(None) => 1,
         Err(HeadError::Malformed(m)) => {

@@ -571,6 +571,33 @@ mod tests {
     }
 
     #[test]
+    fn feed_appends_like_fill_and_held_reports_what_is_kept() {
+        let f = frame(FIRST_TEXT_FRAGMENT, b"abc", K);
+        let mut c = Codec::new(f[..3].to_vec(), LIMITS);
+        assert_eq!(text(&mut c), None);
+        assert_eq!(c.held().rx_unread, 3, "a partial header waits");
+        c.feed(&f[3..]);
+        assert_eq!(text(&mut c), None);
+        let held = Held {
+            rx_unread: 0,
+            rx_capacity: 0,
+            fragments: 3,
+            tx: 0,
+        };
+        assert_eq!(c.held(), held, "only the fragment is kept");
+        c.feed(&frame(LAST_CONT, b"d", K));
+        assert_eq!(text(&mut c).as_deref(), Some("abcd"));
+        c.feed(&frame(PING, b"", K));
+        assert_eq!(
+            c.held().fragments,
+            0,
+            "a message read is dropped on the next feed"
+        );
+        assert_eq!(text(&mut c), None);
+        assert_eq!(c.queued(), [0x8a, 0], "the pong is queued");
+    }
+
+    #[test]
     fn reassembles_fragments_and_answers_pings_between_them() {
         let mut c = codec(&[
             frame(FIRST_TEXT_FRAGMENT, "ré".as_bytes(), K),
