@@ -58,7 +58,11 @@ pub fn check(input: &[u8]) -> Result<u64, String> {
         }
         sig = mix(sig, signature(&got));
     }
-    Ok(sig)
+    // Nesting and size too: most inputs end in a few errors, and these tell
+    // apart the ones worth mutating further.
+    let depth = nesting(input).min(JSON_DEPTH_MAX + 1) as u64;
+    let size = u64::from(usize::BITS - input.len().leading_zeros());
+    Ok(mix(mix(sig, depth), size))
 }
 
 /// Deepest nesting of brackets outside strings: written apart from
