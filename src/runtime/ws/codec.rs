@@ -87,6 +87,18 @@ impl Limits {
     }
 }
 
+/// Bytes a codec holds (see [`Codec::held`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Held {
+    /// Received bytes not yet consumed (at most a partial frame between reads).
+    pub rx_unread: usize,
+    pub rx_capacity: usize,
+    /// An incomplete fragmented message.
+    pub fragments: usize,
+    /// Encoded frames not yet sent.
+    pub tx: usize,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Closing {
     Open,
@@ -148,11 +160,7 @@ impl Codec {
     /// Receives what the socket has. `Ok(0)` means nothing is there now (wait for
     /// readiness); `Err(Eof)` that the peer closed.
     pub fn fill(&mut self, sock: &Socket) -> Result<usize, WsError> {
-        self.release_last();
-        if self.rx_pos > 0 {
-            self.rx.drain(..self.rx_pos);
-            self.rx_pos = 0;
-        }
+        self.compact();
         // At least a burst's worth; the rest of a large frame whose room
         // `next_frame` reserved, in one call.
         let room = (self.rx.capacity() - self.rx.len()).clamp(RECV_BYTES, RECV_BYTES_MAX);
@@ -164,6 +172,23 @@ impl Codec {
                 Ok(0)
             }
             Err(e) => Err(WsError::Io(e.kind())),
+        }
+    }
+
+    /// Appends bytes as if [`Codec::fill`] had received them: the seam that unit
+    /// tests and the fuzzer (fuzz/) drive the codec through without a socket.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        self.compact();
+        self.rx.extend_from_slice(bytes);
+    }
+
+    /// Drops what `read` already returned, so received bytes can be appended.
+    #[inline]
+    fn compact(&mut self) {
+        self.release_last();
+        if self.rx_pos > 0 {
+            self.rx.drain(..self.rx_pos);
+            self.rx_pos = 0;
         }
     }
 
@@ -409,6 +434,21 @@ impl Codec {
         self.tx.extend_from_slice(payload);
     }
 
+    /// What the codec holds now, for the fuzzer's memory bounds.
+    pub fn held(&self) -> Held {
+        Held {
+            rx_unread: self.rx.len() - self.rx_pos,
+            rx_capacity: self.rx.capacity(),
+            fragments: self.frag.as_ref().map_or(0, |f| f.buf.len()),
+            tx: self.tx.len(),
+        }
+    }
+
+    /// Encoded frames waiting for [`Codec::flush`] (what the peer will receive).
+    pub fn queued(&self) -> &[u8] {
+        &self.tx
+    }
+
     /// True when queued bytes wait for the socket to take them.
     pub fn wants_write(&self) -> bool {
         !self.tx.is_empty()
@@ -526,8 +566,35 @@ mod tests {
         let f = frame(TEXT, b"hello world", K);
         let mut c = Codec::new(f[..7].to_vec(), LIMITS);
         assert_eq!(text(&mut c), None);
-        c.rx.extend_from_slice(&f[7..]);
+        c.feed(&f[7..]);
         assert_eq!(text(&mut c).as_deref(), Some("hello world"));
+    }
+
+    #[test]
+    fn feed_appends_like_fill_and_held_reports_what_is_kept() {
+        let f = frame(FIRST_TEXT_FRAGMENT, b"abc", K);
+        let mut c = Codec::new(f[..3].to_vec(), LIMITS);
+        assert_eq!(text(&mut c), None);
+        assert_eq!(c.held().rx_unread, 3, "a partial header waits");
+        c.feed(&f[3..]);
+        assert_eq!(text(&mut c), None);
+        let held = Held {
+            rx_unread: 0,
+            rx_capacity: 0,
+            fragments: 3,
+            tx: 0,
+        };
+        assert_eq!(c.held(), held, "only the fragment is kept");
+        c.feed(&frame(LAST_CONT, b"d", K));
+        assert_eq!(text(&mut c).as_deref(), Some("abcd"));
+        c.feed(&frame(PING, b"", K));
+        assert_eq!(
+            c.held().fragments,
+            0,
+            "a message read is dropped on the next feed"
+        );
+        assert_eq!(text(&mut c), None);
+        assert_eq!(c.queued(), [0x8a, 0], "the pong is queued");
     }
 
     #[test]
