@@ -210,6 +210,12 @@ declare_config! {
     path_prefix: String = "/chatbox".into();
     /// HMAC secret for HS256 JWTs, at least 32 bytes, required outside `--dev` (`openssl rand -hex 32`).
     jwt_secret: Option<String> = None;
+    /// When set, every JWT must carry this `iss`.
+    jwt_issuer: Option<String> = None;
+    /// When set, every JWT must carry this value in `aud`; unset, tokens carrying an `aud` are refused.
+    jwt_audience: Option<String> = None;
+    /// Clock skew tolerated on a JWT's `exp` and `nbf` when it is checked (a connection still closes when `exp` passes).
+    jwt_leeway_secs: u64 = 5, range(0, 300), unit "s";
     /// 64 hex characters (32 bytes) for AES-256-GCM at rest, required outside `--dev` (`openssl rand -hex 32`).
     encryption_key: Option<String> = None;
     /// Earlier encryption keys (comma list), still used to read what they encrypted (rotation).
