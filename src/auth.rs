@@ -1,4 +1,5 @@
-//! JWT verification (HS256 only, `exp` required) and token minting for `--dev`.
+//! JWT verification (HS256 only, `exp` required, `nbf` honoured, issuer and audience
+//! checked when configured) and token minting for `--dev`.
 
 use std::sync::Arc;
 
@@ -37,8 +38,26 @@ pub enum AuthError {
     Missing,
     #[error("token expired")]
     Expired,
+    /// `nbf` is still in the future.
+    #[error("token not yet valid")]
+    NotYetValid,
     #[error("invalid token: {0}")]
     Invalid(String),
+}
+
+/// Clock skew tolerated on `exp` and `nbf` unless configured otherwise.
+pub const LEEWAY_SECS_DEFAULT: u64 = 5;
+
+/// What a token must carry besides a good signature, `sub` and `exp`.
+#[derive(Debug, Clone, Default)]
+pub struct Checks {
+    /// `iss` must be present and equal this.
+    pub issuer: Option<String>,
+    /// `aud` must be present and contain this. Unset, a token carrying `aud` is
+    /// refused (RFC 7519 4.1.3: a recipient not named in `aud` rejects it).
+    pub audience: Option<String>,
+    /// Seconds of clock skew tolerated on `exp` and `nbf` when a token is verified.
+    pub leeway_secs: u64,
 }
 
 /// Verifies tokens with one pinned algorithm and secret. Cheap to clone.
@@ -60,12 +79,33 @@ impl std::fmt::Debug for Verifier {
 }
 
 impl Verifier {
+    /// A verifier with the default checks (no issuer, no audience, default leeway).
     pub fn new(secret: &[u8]) -> Self {
+        Self::with_checks(
+            secret,
+            &Checks {
+                leeway_secs: LEEWAY_SECS_DEFAULT,
+                ..Checks::default()
+            },
+        )
+    }
+
+    pub fn with_checks(secret: &[u8], checks: &Checks) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.algorithms = vec![Algorithm::HS256];
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        let mut required = vec!["exp", "sub"];
+        if let Some(iss) = &checks.issuer {
+            validation.set_issuer(&[iss]);
+            required.push("iss");
+        }
+        if let Some(aud) = &checks.audience {
+            validation.set_audience(&[aud]);
+            required.push("aud");
+        }
+        validation.set_required_spec_claims(&required);
         validation.validate_exp = true;
-        validation.leeway = 30;
+        validation.validate_nbf = true;
+        validation.leeway = checks.leeway_secs;
         Verifier {
             key: DecodingKey::from_secret(secret),
             validation,
@@ -73,12 +113,21 @@ impl Verifier {
     }
 
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        self.verify_until(token).map(|(identity, _)| identity)
+    }
+
+    /// Verifies a token and also returns its `exp` (Unix seconds): a connection
+    /// opened with it lives until then.
+    pub fn verify_until(&self, token: &str) -> Result<(Identity, u64), AuthError> {
         use jsonwebtoken::errors::ErrorKind;
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(
             |e| match e.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
+                ErrorKind::ImmatureSignature => AuthError::NotYetValid,
                 ErrorKind::InvalidAlgorithm => AuthError::Invalid("algorithm not allowed".into()),
                 ErrorKind::InvalidSignature => AuthError::Invalid("bad signature".into()),
+                ErrorKind::InvalidIssuer => AuthError::Invalid("wrong issuer".into()),
+                ErrorKind::InvalidAudience => AuthError::Invalid("wrong audience".into()),
                 ErrorKind::MissingRequiredClaim(c) => {
                     AuthError::Invalid(format!("missing claim {c}"))
                 }
@@ -86,6 +135,7 @@ impl Verifier {
             },
         )?;
         let c = data.claims;
+        let exp = c.exp;
         if c.sub.is_empty() || c.sub.chars().count() > USER_ID_CHARS_MAX {
             return Err(AuthError::Invalid(format!(
                 "sub must be 1..={USER_ID_CHARS_MAX} characters"
@@ -113,11 +163,12 @@ impl Verifier {
         } else {
             name.into()
         };
-        Ok(Identity {
+        let identity = Identity {
             admin: c.roles.iter().any(|r| r == "admin"),
             user_id,
             name,
-        })
+        };
+        Ok((identity, exp))
     }
 }
 
@@ -230,6 +281,78 @@ mod tests {
             v.verify(&mint(SECRET, &c)).unwrap().name.chars().count(),
             NAME_CHARS_MAX
         );
+    }
+
+    fn signed(claims: serde_json::Value) -> String {
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(SECRET),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn refuses_a_token_not_yet_valid() {
+        let v = Verifier::new(SECRET);
+        let now = now_secs();
+        let later = signed(serde_json::json!({"sub": "u1", "exp": now + 600, "nbf": now + 120}));
+        assert_eq!(v.verify(&later), Err(AuthError::NotYetValid));
+        let ready = signed(serde_json::json!({"sub": "u1", "exp": now + 600, "nbf": now}));
+        assert!(v.verify(&ready).is_ok());
+    }
+
+    #[test]
+    fn returns_the_expiry() {
+        let v = Verifier::new(SECRET);
+        let exp = now_secs() + 42;
+        let (id, until) = v.verify_until(&mint(SECRET, &claims("u1", exp))).unwrap();
+        assert_eq!((&*id.user_id, until), ("u1", exp));
+    }
+
+    #[test]
+    fn checks_issuer_and_audience_when_set() {
+        let exp = now_secs() + 600;
+        let checks = Checks {
+            issuer: Some("https://id.example".into()),
+            audience: Some("chatbox".into()),
+            leeway_secs: 0,
+        };
+        let v = Verifier::with_checks(SECRET, &checks);
+        let ok = |c: serde_json::Value| v.verify(&signed(c)).is_ok();
+        assert!(ok(
+            serde_json::json!({"sub": "u", "exp": exp, "iss": "https://id.example", "aud": "chatbox"})
+        ));
+        assert!(ok(
+            serde_json::json!({"sub": "u", "exp": exp, "iss": "https://id.example", "aud": ["other", "chatbox"]})
+        ));
+        assert!(!ok(
+            serde_json::json!({"sub": "u", "exp": exp, "iss": "https://evil.example", "aud": "chatbox"})
+        ));
+        assert!(
+            !ok(serde_json::json!({"sub": "u", "exp": exp, "aud": "chatbox"})),
+            "iss required"
+        );
+        assert!(!ok(
+            serde_json::json!({"sub": "u", "exp": exp, "iss": "https://id.example", "aud": "other"})
+        ));
+        assert!(
+            !ok(serde_json::json!({"sub": "u", "exp": exp, "iss": "https://id.example"})),
+            "aud required"
+        );
+
+        // Unset, nothing is required; a token naming an audience is not for us.
+        let plain = Verifier::new(SECRET);
+        assert!(plain
+            .verify(&signed(
+                serde_json::json!({"sub": "u", "exp": exp, "iss": "x"})
+            ))
+            .is_ok());
+        assert!(plain
+            .verify(&signed(
+                serde_json::json!({"sub": "u", "exp": exp, "aud": "x"})
+            ))
+            .is_err());
     }
 
     fn base64url(s: &str) -> String {

@@ -135,6 +135,10 @@ pub struct CoreMetrics {
     pub pings_sent: Counter,
     pub pong_timeouts: Counter,
     pub slow_consumers: Counter,
+    /// Connections closed because their token expired (4001).
+    pub tokens_expired: Counter,
+    /// Connections an admin closed (4003): disconnects and deleted users.
+    pub admin_disconnects: Counter,
     pub panics: Counter,
     pub accept_errors: Counter,
     pub mesh_dropped: Counter,
@@ -201,6 +205,8 @@ const SERIES: &[(&str, &str, &str, bool, Field)] = &[
     ("chatbox_ws_pings_sent_total", "Keep-alive pings sent.", "counter", false, |m| &m.pings_sent),
     ("chatbox_ws_pong_timeouts_total", "Connections closed for a missing pong.", "counter", false, |m| &m.pong_timeouts),
     ("chatbox_ws_slow_consumers_total", "Connections closed because they did not read.", "counter", false, |m| &m.slow_consumers),
+    ("chatbox_ws_tokens_expired_total", "Connections closed because their token expired.", "counter", false, |m| &m.tokens_expired),
+    ("chatbox_ws_admin_disconnects_total", "Connections closed by an admin (disconnect or user deletion).", "counter", false, |m| &m.admin_disconnects),
     ("chatbox_panics_total", "Panics caught in connection tasks.", "counter", false, |m| &m.panics),
     ("chatbox_accept_errors_total", "Failed accept calls (EMFILE and others).", "counter", false, |m| &m.accept_errors),
     ("chatbox_mesh_dropped_total", "Cross-core messages refused because a queue was full.", "counter", false, |m| &m.mesh_dropped),

@@ -70,6 +70,7 @@ async fn only_admins_get_in() {
         ("GET", "/metrics"),
         ("GET", "/users/u/export"),
         ("DELETE", "/users/u"),
+        ("POST", "/users/u/disconnect"),
     ] {
         let (s, v) = call(addr, method, path, None).await;
         assert_eq!(

@@ -1,12 +1,16 @@
 //! The admin HTTP API under `{prefix}/admin/`: sessions (list, one with its
-//! transcript, end), metrics over a time window, and a user's data (export, delete).
+//! transcript, end), metrics over a time window, and a user's data and connections
+//! (export, delete, disconnect).
 //!
 //! Every request needs an admin JWT (401 without a valid token, 403 without the
 //! role) and passes the core's admin rate limit. Query parameters are checked
 //! against a list per endpoint: an unknown parameter, sort key or value is a 400
 //! that lists the valid ones, never a silent default.
 
+use std::borrow::Cow;
 use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
 
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
@@ -15,7 +19,8 @@ use super::{ChatMsg, Core};
 use crate::auth::{bearer, Identity};
 use crate::clock::now_ms;
 use crate::runtime::http::{error, json as json_response};
-use crate::runtime::mesh::{owner_core, CoreMsg};
+use crate::runtime::mesh::owner_core;
+use crate::runtime::outbox::CLOSE_DISCONNECTED;
 use crate::store::{
     AuditAction, CursorKey, Millis, SessionQuery, SessionRecord, SessionState, SortBy, StoreError,
     WriteOp,
@@ -47,6 +52,9 @@ enum ApiError {
     RateLimited { retry_after_secs: u64 },
     #[error("storage is unavailable; retry")]
     Storage(#[from] StoreError),
+    /// A core the request needed did not take it or did not answer in time.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl ApiError {
@@ -67,6 +75,10 @@ impl ApiError {
             ApiError::Storage(e) => {
                 tracing::error!(error = %e, "admin API storage error");
                 (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable")
+            }
+            ApiError::Unavailable(why) => {
+                tracing::warn!(error = %why, "admin API could not reach a core");
+                (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
             }
         };
         let mut r = error(status, code, &self.to_string());
@@ -104,7 +116,8 @@ async fn route(
 ) -> Result<Value, ApiError> {
     let admin = authorize(core, req)?;
     let params = parse_query(req.uri().query().unwrap_or(""));
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let decoded = path_segments(path)?;
+    let segments: Vec<&str> = decoded.iter().map(|s| &**s).collect();
     match (req.method(), segments.as_slice()) {
         (&Method::GET, ["sessions"]) => list(core, &params).await,
         (&Method::GET, ["sessions", id]) => {
@@ -115,6 +128,7 @@ async fn route(
         (&Method::GET, ["metrics"]) => metrics(core, &params).await,
         (&Method::GET, ["users", id, "export"]) => export(core, id).await,
         (&Method::DELETE, ["users", id]) => delete_user(core, id, &admin).await,
+        (&Method::POST, ["users", id, "disconnect"]) => disconnect(core, id, &admin).await,
         _ => Err(ApiError::NotFound("no such admin endpoint")),
     }
 }
@@ -139,6 +153,19 @@ fn authorize(core: &Core, req: &Request<hyper::body::Incoming>) -> Result<Identi
             retry_after_secs: wait_ms.div_ceil(1000),
         })?;
     Ok(id)
+}
+
+/// The path's segments, each percent-decoded on its own (so `a%2Fb` is one segment
+/// `a/b`, and `jos%C3%A9` is `josé`). `+` stays a plus: this is a path, not a form.
+fn path_segments(path: &str) -> Result<Vec<Cow<'_, str>>, ApiError> {
+    path.trim_start_matches('/')
+        .split('/')
+        .map(|seg| {
+            percent_encoding::percent_decode_str(seg)
+                .decode_utf8()
+                .map_err(|_| bad("a path segment is not UTF-8 once percent-decoded"))
+        })
+        .collect()
 }
 
 fn parse_query(q: &str) -> Vec<(String, String)> {
@@ -357,22 +384,85 @@ async fn export(core: &Core, user_id: &str) -> Result<Value, ApiError> {
     Ok(json!({"user_id": user_id, "sessions": sessions}))
 }
 
-async fn delete_user(core: &Core, user_id: &str, admin: &Identity) -> Result<Value, ApiError> {
+async fn delete_user(core: &Rc<Core>, user_id: &str, admin: &Identity) -> Result<Value, ApiError> {
     let op = WriteOp::DeleteUser {
         user_id: user_id.to_owned(),
     };
     core.shared.app.store.write(vec![op]).await?;
     tracing::info!(user = %user_id, admin = %admin.user_id, "user data deleted");
-    // Sessions still in memory go too.
-    let user: std::sync::Arc<str> = user_id.into();
-    let sent = core
-        .shared
-        .mesh
-        .send_all(|| CoreMsg::App(ChatMsg::ForgetUser(user.clone())));
-    for e in sent {
-        tracing::warn!(error = %e, "a core did not get the forget-user message");
+    // Their live connections close and their sessions leave memory. The data is
+    // already gone: a core that did not confirm is reported, and a retry is safe.
+    let closed = close_user(core, user_id, true).await.map_err(|e| {
+        ApiError::Unavailable(format!(
+            "the user's stored data was deleted, but {e}; retry the request"
+        ))
+    })?;
+    Ok(json!({"user_id": user_id, "deleted": true, "closed": closed}))
+}
+
+async fn disconnect(core: &Rc<Core>, user_id: &str, admin: &Identity) -> Result<Value, ApiError> {
+    let closed = close_user(core, user_id, false)
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("{e}; retry the request")))?;
+    tracing::info!(user = %user_id, admin = %admin.user_id, closed, "user disconnected");
+    Ok(json!({"closed": closed}))
+}
+
+/// What the admin API asks of the core owning a user (see [`close_user_here`]).
+pub struct CloseUser {
+    user: Arc<str>,
+    /// Their data was deleted: drop their queued frames and in-memory sessions too.
+    deleted: bool,
+    /// How many connections were asked to close; any `Send` one-shot will do, and a
+    /// bounded(1) channel is one.
+    reply: async_channel::Sender<usize>,
+}
+
+/// Closes `user`'s connections on the core that owns them (all of a user's
+/// connections live there) and returns how many it closed. An error says which
+/// core did not take the request or did not answer within half the HTTP request's
+/// time, so the admin hears of it instead of a success.
+async fn close_user(core: &Rc<Core>, user: &str, deleted: bool) -> Result<usize, String> {
+    let owner = owner_core(user, core.shared.mesh.cores());
+    let (reply, answer) = async_channel::bounded(1);
+    let msg = CloseUser {
+        user: user.into(),
+        deleted,
+        reply,
+    };
+    core.send_app(owner, ChatMsg::CloseUser(Box::new(msg)))
+        .map_err(|e| format!("the user's connections were not closed: {e}"))?;
+    let wait = Duration::from_millis(core.shared.config.http_request_timeout_ms / 2);
+    match monoio::time::timeout(wait, answer.recv()).await {
+        Ok(Ok(n)) => Ok(n),
+        Ok(Err(_)) => Err(format!(
+            "core {owner} stopped before closing the user's connections"
+        )),
+        Err(_) => Err(format!(
+            "core {owner} did not confirm closing the user's connections in time"
+        )),
     }
-    Ok(json!({"user_id": user_id, "deleted": true}))
+}
+
+/// The owning core's half of [`close_user`].
+pub fn close_user_here(core: &Rc<Core>, msg: CloseUser) {
+    debug_assert_eq!(owner_core(&msg.user, core.shared.mesh.cores()), core.id);
+    let reason = if msg.deleted {
+        "user deleted"
+    } else {
+        "disconnected by an admin"
+    };
+    let closed =
+        core.registry
+            .borrow()
+            .close_user(&msg.user, CLOSE_DISCONNECTED, reason, msg.deleted);
+    core.metrics().admin_disconnects.add(closed as u64);
+    if msg.deleted {
+        let sessions = core.app.forget_user(&msg.user);
+        tracing::debug!(core = core.id, sessions, "forgot a deleted user's sessions");
+    }
+    // The asker may have given up waiting; nothing more to do then.
+    let _ = msg.reply.try_send(closed);
 }
 
 #[cfg(test)]
@@ -393,6 +483,19 @@ mod tests {
         }
         assert_eq!(decode_cursor("zz"), None);
         assert_eq!(decode_cursor(&hex::encode("[1]")), None);
+    }
+
+    #[test]
+    fn path_segments_are_decoded_one_by_one() {
+        let segs = path_segments("/users/jos%C3%A9/export").unwrap();
+        assert_eq!(segs, ["users", "josé", "export"]);
+        let segs = path_segments("/users/a%2Fb+c").unwrap();
+        assert_eq!(
+            segs,
+            ["users", "a/b+c"],
+            "an encoded slash stays in its segment"
+        );
+        assert!(path_segments("/users/%FF").is_err());
     }
 
     #[test]

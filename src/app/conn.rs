@@ -9,9 +9,10 @@ use super::chat::message::{self, Pending};
 use super::chat::session::Target;
 use super::chat::takeover::{self, AdminAction, AdminOp, AdminRef, Joined};
 use super::chat::{resume, with_session};
-use super::frames::{error_frame, ClientFrame, Code, Incoming, Refused};
+use super::frames::{error_frame, ClientFrame, Code, Incoming, Refused, ServerFrame};
 use super::Core;
 use crate::auth::Identity;
+use crate::clock::now_ms;
 use crate::runtime::{AppConn, ConnId, Reply};
 use tungstenite::protocol::frame::coding::CloseCode;
 
@@ -115,12 +116,47 @@ impl ChatConn {
                 });
                 None
             }
+            ClientFrame::AuthRefresh { token } => Some(self.refresh(&token, id.as_deref())),
             ClientFrame::FileMessage { .. } => Some(error_frame(
                 Code::InvalidMessage,
                 "file and voice messages are not available yet",
                 id.as_deref(),
             )),
         }
+    }
+
+    /// `auth_refresh`: a valid token for the same user (keeping the admin role if
+    /// the connection has it) moves the connection's expiry to its `exp`. Anything
+    /// else is one `unauthorized` error and the old expiry stands. Roles are those
+    /// of the token the connection opened with: a refresh cannot add one.
+    fn refresh(&self, token: &str, id: Option<&str>) -> String {
+        let core = &self.core;
+        let refused = match core.shared.verifier.verify_until(token) {
+            Err(e) => {
+                tracing::debug!(conn = self.conn, error = %e, "auth_refresh refused");
+                "the token is not valid"
+            }
+            Ok((who, _)) if who.user_id != self.identity.user_id => "the token is for another user",
+            Ok((who, _)) if self.identity.admin && !who.admin => {
+                "the token lacks the admin role this connection has"
+            }
+            // Accepted within the leeway but already past: it could not extend anything.
+            Ok((_, exp))
+                if i64::try_from(exp).is_ok_and(|e| e.saturating_mul(1000) <= now_ms()) =>
+            {
+                "the token is expired"
+            }
+            Ok((_, exp)) => {
+                core.registry.borrow().set_expiry(self.conn, exp);
+                tracing::debug!(conn = self.conn, exp, "token refreshed");
+                return ServerFrame::AuthRefreshed {
+                    expires_at: exp,
+                    id,
+                }
+                .to_json();
+            }
+        };
+        error_frame(Code::Unauthorized, refused, id)
     }
 
     fn admin_ref(&self) -> AdminRef {

@@ -28,6 +28,8 @@ pub const CLIENT_ID_CHARS_MAX: usize = 64;
 pub use crate::llm::MODEL_ID_CHARS_MAX;
 pub const FILE_ID_CHARS_MAX: usize = 128;
 pub const FILE_URL_CHARS_MAX: usize = 2048;
+/// Longest token an `auth_refresh` may carry (a JWT with generous claims).
+pub const TOKEN_CHARS_MAX: usize = 8192;
 /// Nesting beyond this is refused before parsing: it is an attack, not a message.
 pub const JSON_DEPTH_MAX: usize = 16;
 
@@ -80,6 +82,10 @@ pub enum ClientFrame {
     },
     AdminLeave {
         session_id: String,
+    },
+    /// A fresh token for this connection's user: its `exp` replaces the old one.
+    AuthRefresh {
+        token: String,
     },
 }
 
@@ -188,6 +194,9 @@ pub fn parse(
         },
         "admin_leave" => ClientFrame::AdminLeave {
             session_id: f.session_id()?,
+        },
+        "auth_refresh" => ClientFrame::AuthRefresh {
+            token: f.req_str("token", TOKEN_CHARS_MAX)?,
         },
         other => {
             let shown: String = other.chars().take(32).collect();
@@ -386,6 +395,13 @@ pub enum ServerFrame<'a> {
         user_name: &'a str,
         at: i64,
     },
+    /// An `auth_refresh` was accepted: the connection now lives until `expires_at`
+    /// (Unix seconds).
+    AuthRefreshed {
+        expires_at: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a str>,
+    },
     Error {
         code: Code,
         message: &'a str,
@@ -467,6 +483,16 @@ mod tests {
                 file_url: None,
             }
         );
+        let a = p(r#"{"type":"auth_refresh","id":"r1","token":"a.b.c"}"#).unwrap();
+        assert_eq!(
+            (a.id.as_deref(), a.frame),
+            (
+                Some("r1"),
+                ClientFrame::AuthRefresh {
+                    token: "a.b.c".into()
+                }
+            )
+        );
         let r = p(r#"{"type":"resume","session_id":"abc","after_seq":7}"#).unwrap();
         assert_eq!(
             r.frame,
@@ -496,6 +522,8 @@ mod tests {
             format!(r#"{{"type":"file_message","id":"c","session_id":"s","file_id":"{}"}}"#, "f".repeat(129)),
             r#"{"type":"resume","id":"c","session_id":"s","after_seq":-1}"#.to_string(),
             r#"{"type":"cancel","id":"c"}"#.to_string(),
+            r#"{"type":"auth_refresh","id":"c"}"#.to_string(),
+            format!(r#"{{"type":"auth_refresh","id":"c","token":"{}"}}"#, "t".repeat(8193)),
             r#"{"type":"nope","id":"c"}"#.to_string(),
         ];
         for c in cases {

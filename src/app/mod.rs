@@ -48,8 +48,9 @@ pub struct ChatApp;
 pub enum ChatMsg {
     /// An admin's action on a session that the receiving core owns.
     Admin(Box<AdminOp>),
-    /// A user's data was deleted: drop their sessions from memory.
-    ForgetUser(Arc<str>),
+    /// Close a user's connections (and, when their data was deleted, drop their
+    /// sessions from memory) on the user's core, which answers how many it closed.
+    CloseUser(Box<admin::CloseUser>),
     /// An admin ended a session the receiving core owns.
     EndSession(Arc<str>),
 }
@@ -76,14 +77,7 @@ impl App for ChatApp {
         match msg {
             ChatMsg::Admin(op) => takeover::on_admin_op(core, *op),
             ChatMsg::EndSession(sid) => takeover::end(core, &sid),
-            ChatMsg::ForgetUser(user) => {
-                let n = core.app.forget_user(&user);
-                tracing::debug!(
-                    core = core.id,
-                    sessions = n,
-                    "forgot a deleted user's sessions"
-                );
-            }
+            ChatMsg::CloseUser(close) => admin::close_user_here(core, *close),
         }
     }
 

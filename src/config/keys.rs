@@ -242,6 +242,12 @@ declare_config! {
     /// HMAC secret for HS256 JWTs, at least 32 bytes, required outside `--dev` (`openssl rand -hex 32`).
     #[secret]
     jwt_secret: Option<String> = None;
+    /// When set, every JWT must carry this `iss`.
+    jwt_issuer: Option<String> = None;
+    /// When set, every JWT must carry this value in `aud`; unset, tokens carrying an `aud` are refused.
+    jwt_audience: Option<String> = None;
+    /// Clock skew tolerated on a JWT's `exp` and `nbf` when it is checked (a connection still closes when `exp` passes).
+    jwt_leeway_secs: u64 = 5, range(0, 300), unit "s";
     /// 64 hex characters (32 bytes) for AES-256-GCM at rest, required outside `--dev` (`openssl rand -hex 32`).
     #[secret]
     encryption_key: Option<String> = None;

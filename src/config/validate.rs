@@ -85,6 +85,17 @@ impl Config {
                 problems.push(format!("CHATBOX_ENCRYPTION_PREVIOUS_KEYS: {e}"));
             }
         }
+        // An empty claim to match would refuse every token: unset it instead.
+        for (name, value) in [
+            ("CHATBOX_JWT_ISSUER", &self.jwt_issuer),
+            ("CHATBOX_JWT_AUDIENCE", &self.jwt_audience),
+        ] {
+            if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                problems.push(format!(
+                    "{name} must not be empty; leave it unset to not check it"
+                ));
+            }
+        }
         problems
     }
 

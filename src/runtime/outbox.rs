@@ -12,6 +12,11 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Poll, Waker};
 
+/// Close code: the connection's token expired and was not refreshed.
+pub const CLOSE_TOKEN_EXPIRED: u16 = 4001;
+/// Close code: an admin disconnected the user (or deleted their data).
+pub const CLOSE_DISCONNECTED: u16 = 4003;
+
 /// What other tasks ask a connection to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outgoing {
@@ -19,6 +24,15 @@ pub enum Outgoing {
     Text(Arc<str>),
     /// The server is shutting down: close with 1001.
     Shutdown,
+    /// Close with this code and reason once the frames queued before are out.
+    Close(u16, &'static str),
+}
+
+impl Outgoing {
+    /// Control messages bypass the outbox's bound: a close must always get through.
+    fn is_control(&self) -> bool {
+        matches!(self, Outgoing::Shutdown | Outgoing::Close(..))
+    }
 }
 
 /// What the keep-alive sweep asks of a connection.
@@ -50,6 +64,8 @@ struct Inner {
     ping_sweeps: Option<u16>,
     keepalive: Keepalive,
     closed: bool,
+    /// A close (or shutdown) is queued: nothing after it would be sent.
+    closing: bool,
     overflowed: bool,
 }
 
@@ -75,17 +91,19 @@ impl Outbox {
             ping_sweeps: None,
             keepalive: Keepalive::Nothing,
             closed: false,
+            closing: false,
             overflowed: false,
         })))
     }
 
     pub fn push(&self, msg: Outgoing) -> Result<(), PushError> {
         let mut inner = self.0.borrow_mut();
-        if inner.closed {
+        if inner.closed || inner.closing {
             return Err(PushError::Closed);
         }
-        // Control messages bypass the bound: shutdown must always get through.
-        if msg != Outgoing::Shutdown && inner.queue.len() >= inner.frames_max as usize {
+        if msg.is_control() {
+            inner.closing = true;
+        } else if inner.queue.len() >= inner.frames_max as usize {
             inner.overflowed = true;
             if let Some(w) = inner.waker.take() {
                 w.wake();
@@ -108,6 +126,16 @@ impl Outbox {
             inner.queue = VecDeque::new();
         }
         out
+    }
+
+    /// Drops the text frames queued so far (a deleted user's connection gets none
+    /// of them); a close already queued stays.
+    pub fn discard_queued(&self) {
+        let mut inner = self.0.borrow_mut();
+        inner.queue.retain(Outgoing::is_control);
+        if inner.queue.is_empty() {
+            inner.queue = VecDeque::new();
+        }
     }
 
     /// True once a push was refused for lack of room.
@@ -194,10 +222,40 @@ mod tests {
             Ok(()),
             "control bypasses the bound"
         );
+        assert_eq!(
+            o.push(Outgoing::Close(4003, "bye")),
+            Err(PushError::Closed),
+            "a connection closing takes nothing more"
+        );
         assert_eq!(o.pop(), Some(Outgoing::Text("a".into())));
         o.close();
         assert_eq!(o.push(Outgoing::Text("d".into())), Err(PushError::Closed));
         assert_eq!(o.pop(), None);
+    }
+
+    #[test]
+    fn an_idle_outbox_stays_small() {
+        // Every idle connection holds one of these (PERF.md: <= 1 KiB in all).
+        assert!(
+            std::mem::size_of::<Inner>() <= 64,
+            "{}",
+            std::mem::size_of::<Inner>()
+        );
+    }
+
+    #[test]
+    fn a_close_goes_through_a_full_outbox_once() {
+        let o = Outbox::new(1);
+        o.push(Outgoing::Text("a".into())).unwrap();
+        assert_eq!(o.push(Outgoing::Close(4001, "token expired")), Ok(()));
+        assert_eq!(
+            o.push(Outgoing::Close(4003, "again")),
+            Err(PushError::Closed)
+        );
+        assert_eq!(o.push(Outgoing::Text("b".into())), Err(PushError::Closed));
+        assert!(!o.overflowed(), "a close is not a slow reader");
+        assert_eq!(o.pop(), Some(Outgoing::Text("a".into())));
+        assert_eq!(o.pop(), Some(Outgoing::Close(4001, "token expired")));
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! The connections a core owns, and the per-user cap that only the owning core can
 //! enforce without locks (every connection of a user lives on the same core).
+//! Each entry also holds its token's expiry, which the keep-alive sweep checks: a
+//! live token costs no timer.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use super::outbox::{Outbox, Outgoing, PushError};
+use super::outbox::{Outbox, Outgoing, PushError, Sweeps, CLOSE_TOKEN_EXPIRED};
 
 pub type ConnId = u64;
 
@@ -20,8 +22,11 @@ pub enum RegisterError {
 
 struct Conn {
     user: Option<Arc<str>>,
-    admin: bool,
     outbox: Outbox,
+    /// When the connection's token expires, in Unix seconds; 0: never (or the
+    /// close was already asked for). Four bytes that fit in the entry's padding.
+    expires: Cell<u32>,
+    admin: bool,
 }
 
 pub struct Registry {
@@ -71,8 +76,9 @@ impl Registry {
             id,
             Conn {
                 user,
-                admin,
                 outbox,
+                expires: Cell::new(0),
+                admin,
             },
         );
         Ok(id)
@@ -113,11 +119,52 @@ impl Registry {
             .count()
     }
 
-    /// The keep-alive sweep over every connection (see [`Outbox::sweep`]).
-    pub fn sweep(&self, periods: super::outbox::Sweeps) {
+    /// Sets when connection `id`'s token expires (Unix seconds; a later one than
+    /// `u32` can hold is taken as never). False if the connection is gone.
+    pub fn set_expiry(&self, id: ConnId, exp_secs: u64) -> bool {
+        let Some(c) = self.conns.get(&id) else {
+            return false;
+        };
+        c.expires
+            .set(u32::try_from(exp_secs).unwrap_or(u32::MAX).max(1));
+        true
+    }
+
+    /// The keep-alive sweep over every connection (see [`Outbox::sweep`]), which
+    /// also closes connections whose token expired.
+    pub fn sweep(&self, periods: Sweeps) {
+        self.sweep_at(periods, crate::clock::now_ms());
+    }
+
+    /// [`Registry::sweep`] at wall-clock time `now_ms`.
+    pub fn sweep_at(&self, periods: Sweeps, now_ms: i64) {
         for c in self.conns.values() {
+            let exp = c.expires.get();
+            // `exp` passes at the start of its second: RFC 7519 wants "now" before it.
+            if exp != 0 && now_ms >= i64::from(exp) * 1000 {
+                c.expires.set(0);
+                let _ = c
+                    .outbox
+                    .push(Outgoing::Close(CLOSE_TOKEN_EXPIRED, "token expired"));
+            }
             c.outbox.sweep(periods);
         }
+    }
+
+    /// Asks every connection of `user` to close with `code` and `reason`; with
+    /// `discard`, the text frames already queued for them are dropped, not sent.
+    /// Returns how many were asked (a connection already closing is not counted).
+    pub fn close_user(&self, user: &str, code: u16, reason: &'static str, discard: bool) -> usize {
+        self.conns
+            .values()
+            .filter(|c| c.user.as_deref() == Some(user))
+            .filter(|c| {
+                if discard {
+                    c.outbox.discard_queued();
+                }
+                c.outbox.push(Outgoing::Close(code, reason)).is_ok()
+            })
+            .count()
     }
 
     /// Queues `msg` on every admin connection; returns how many took it.
@@ -203,6 +250,65 @@ mod tests {
         r.unregister(b);
         assert_eq!(r.user_connections("alice"), 1);
         assert_eq!(r.len(), 3);
+    }
+
+    #[test]
+    fn an_expired_token_closes_its_connection_once() {
+        let periods = Sweeps {
+            ping: 100,
+            pong: 100,
+        };
+        let mut r = Registry::new(0, 10, 100);
+        let (early, late, never) = (Outbox::new(4), Outbox::new(4), Outbox::new(4));
+        let a = r.register(Some("a".into()), false, early.clone()).unwrap();
+        let b = r.register(Some("b".into()), false, late.clone()).unwrap();
+        r.register(Some("c".into()), false, never.clone()).unwrap();
+        assert!(r.set_expiry(a, 1_000));
+        assert!(r.set_expiry(b, 2_000));
+        r.sweep_at(periods, 999_999);
+        assert_eq!(early.pop(), None, "not before exp");
+        r.sweep_at(periods, 1_000_000);
+        let expired = Some(Outgoing::Close(CLOSE_TOKEN_EXPIRED, "token expired"));
+        assert_eq!(early.pop(), expired);
+        r.sweep_at(periods, 1_500_000);
+        assert_eq!(early.pop(), None, "asked once");
+        assert_eq!(late.pop(), None);
+        // A refresh moves the expiry.
+        assert!(r.set_expiry(b, 3_000));
+        r.sweep_at(periods, 2_500_000);
+        assert_eq!(late.pop(), None);
+        r.sweep_at(periods, 3_000_000);
+        assert_eq!(late.pop(), expired);
+        assert_eq!(never.pop(), None);
+        r.unregister(a);
+        assert!(!r.set_expiry(a, 5_000), "gone");
+    }
+
+    #[test]
+    fn close_user_reaches_only_that_user_once() {
+        let mut r = Registry::new(0, 10, 100);
+        let (a1, a2, b) = (Outbox::new(1), Outbox::new(1), Outbox::new(1));
+        r.register(Some("a".into()), false, a1.clone()).unwrap();
+        r.register(Some("a".into()), false, a2.clone()).unwrap();
+        r.register(Some("b".into()), false, b.clone()).unwrap();
+        a1.push(Outgoing::Text("queued".into())).unwrap();
+        assert_eq!(
+            r.close_user("a", 4003, "bye", false),
+            2,
+            "even past a full outbox"
+        );
+        assert_eq!(r.close_user("a", 4003, "bye", false), 0, "already closing");
+        assert_eq!(a1.pop(), Some(Outgoing::Text("queued".into())));
+        assert_eq!(a1.pop(), Some(Outgoing::Close(4003, "bye")));
+        assert_eq!(a2.pop(), Some(Outgoing::Close(4003, "bye")));
+        assert_eq!(b.pop(), None);
+        assert_eq!(r.close_user("nobody", 4003, "bye", false), 0);
+
+        // A deleted user's queued frames are dropped, not sent.
+        b.push(Outgoing::Text("private".into())).unwrap();
+        assert_eq!(r.close_user("b", 4003, "gone", true), 1);
+        assert_eq!(b.pop(), Some(Outgoing::Close(4003, "gone")));
+        assert_eq!(b.pop(), None);
     }
 
     #[test]

@@ -112,9 +112,14 @@ where
         triggered: Arc::new(AtomicBool::new(false)),
     };
     let app = make_app(&config, &pool)?;
+    let checks = crate::auth::Checks {
+        issuer: config.jwt_issuer.clone(),
+        audience: config.jwt_audience.clone(),
+        leeway_secs: config.jwt_leeway_secs,
+    };
     let shared = Arc::new(Shared::<A>::new(
         config,
-        Verifier::new(secret.as_bytes()),
+        Verifier::with_checks(secret.as_bytes(), &checks),
         mesh,
         pool,
         hooks,

@@ -12,7 +12,7 @@ use std::cell::RefCell;
 
 use chatbox::app::frames::{
     parse, ClientFrame, Incoming, Limits, Refused, CLIENT_ID_CHARS_MAX, FILE_ID_CHARS_MAX,
-    FILE_URL_CHARS_MAX, JSON_DEPTH_MAX, MODEL_ID_CHARS_MAX, SESSION_ID_CHARS_MAX,
+    FILE_URL_CHARS_MAX, JSON_DEPTH_MAX, MODEL_ID_CHARS_MAX, SESSION_ID_CHARS_MAX, TOKEN_CHARS_MAX,
 };
 use serde_json::{json, Value};
 
@@ -164,6 +164,7 @@ fn check_limits(incoming: &Incoming, limits: &Limits) -> Result<(), String> {
         | ClientFrame::HelpRequest { session_id }
         | ClientFrame::AdminJoin { session_id }
         | ClientFrame::AdminLeave { session_id } => session_id_ok(session_id),
+        ClientFrame::AuthRefresh { token } => chars_within(token, 1, TOKEN_CHARS_MAX),
     };
     if ok {
         Ok(())
@@ -232,6 +233,7 @@ pub fn to_json(incoming: &Incoming) -> Value {
         ClientFrame::AdminLeave { session_id } => {
             json!({"type": "admin_leave", "session_id": session_id})
         }
+        ClientFrame::AuthRefresh { token } => json!({"type": "auth_refresh", "token": token}),
     };
     if let (Some(id), Some(o)) = (&incoming.id, v.as_object_mut()) {
         o.insert("id".into(), json!(id));

@@ -19,7 +19,7 @@ use super::handshake::{Route, Upgrade};
 use crate::runtime::app::{App, Reply};
 use crate::runtime::core::Core;
 use crate::runtime::io::Socket;
-use crate::runtime::outbox::{Keepalive, Outbox, Outgoing};
+use crate::runtime::outbox::{Keepalive, Outbox, Outgoing, CLOSE_TOKEN_EXPIRED};
 use crate::runtime::registry::Registration;
 
 /// How long we wait for the peer's answer to our close frame.
@@ -92,6 +92,11 @@ pub async fn upgrade<A: App>(
     );
     let user = up.identity.as_ref().map_or("-", |i| &*i.user_id);
     tracing::debug!(conn = reg.id, core = core.id, user, peer = %up.peer, "websocket open");
+    // The token holds for the connection's life: the keep-alive sweep closes it
+    // when `exp` passes (no timer of its own).
+    if up.expires != 0 {
+        core.registry.borrow().set_expiry(reg.id, up.expires);
+    }
     let app = match (up.route, up.identity) {
         (Route::Chat, Some(identity)) => Some(A::open(core, reg.id, identity)),
         _ => None,
@@ -247,6 +252,13 @@ impl<A: App> Conn<A> {
                         .send_close(CloseCode::Away, "server shutting down");
                     let _ = self.codec.flush(&self.sock);
                     return Some(End::Linger);
+                }
+                // Token expired (4001) or an admin's disconnect (4003).
+                Outgoing::Close(code, reason) => {
+                    if code == CLOSE_TOKEN_EXPIRED {
+                        m.tokens_expired.inc();
+                    }
+                    return Some(End::Fail(CloseCode::from(code), reason));
                 }
             }
         }

@@ -24,6 +24,9 @@ pub enum Route {
 pub struct Upgrade {
     pub route: Route,
     pub identity: Option<Identity>,
+    /// The token's `exp` (Unix seconds) on the chat route: the connection is closed
+    /// (4001) when it passes, unless the client refreshes its token. 0: never.
+    pub expires: u64,
     pub accept_key: String,
     /// Bytes the client sent after the head (early frames), fed to the WebSocket.
     pub leftover: Vec<u8>,
@@ -99,13 +102,14 @@ pub fn check(
             Refusal::Forbidden,
         ));
     }
-    let identity = match route {
-        Route::Echo => None,
-        Route::Chat => Some(authenticate(head, verifier)?),
+    let (identity, expires) = match route {
+        Route::Echo => (None, 0),
+        Route::Chat => authenticate(head, verifier).map(|(id, exp)| (Some(id), exp))?,
     };
     Ok(Upgrade {
         route,
         identity,
+        expires,
         accept_key: tungstenite::handshake::derive_accept_key(key.as_bytes()),
         leftover: buf[head.len..].to_vec(),
         peer,
@@ -113,8 +117,8 @@ pub fn check(
 }
 
 /// The token from `Authorization: Bearer`, else from `?token=` (browsers cannot set
-/// headers on a WebSocket).
-fn authenticate(head: &Head, verifier: &Verifier) -> Result<Identity, Refuse> {
+/// headers on a WebSocket). Returns the caller and the token's `exp`.
+fn authenticate(head: &Head, verifier: &Verifier) -> Result<(Identity, u64), Refuse> {
     let from_header = head.authorization.as_deref().and_then(bearer);
     let token = from_header
         .map(str::to_owned)
@@ -124,6 +128,7 @@ fn authenticate(head: &Head, verifier: &Verifier) -> Result<Identity, Refuse> {
         let msg = match e {
             AuthError::Missing => "a token is required (Authorization: Bearer, or ?token=)",
             AuthError::Expired => "token expired",
+            AuthError::NotYetValid => "token not yet valid (nbf)",
             AuthError::Invalid(_) => "invalid token",
         };
         tracing::debug!(error = %e, "upgrade refused: bad token");
@@ -131,7 +136,7 @@ fn authenticate(head: &Head, verifier: &Verifier) -> Result<Identity, Refuse> {
             .header("WWW-Authenticate", "Bearer")
     };
     token
-        .and_then(|t| verifier.verify(&t))
+        .and_then(|t| verifier.verify_until(&t))
         .map_err(unauthorized)
 }
 
