@@ -16,7 +16,7 @@ use monoio::net::{TcpListener, TcpStream};
 use monoio::time::Instant;
 
 use super::app::{App, Hooks};
-use super::gate::{self, Gate};
+use super::gate::Gate;
 use super::http::head::{read_head, HeadError};
 use super::http::Refuse;
 use super::io::Socket;
@@ -196,10 +196,12 @@ impl<A: App> Core<A> {
 
     /// Runs a connection task under the gate, containing any panic to that task.
     fn spawn_conn(self: &Rc<Self>, task: impl Future<Output = ()> + 'static) {
+        let permit = self.gate.enter();
         monoio::spawn(Contained {
             task,
             core: self.clone(),
-            _permit: self.gate.enter(),
+            // Dropped with the task, panic or not: the permit comes back either way.
+            on_panic: Some(move || drop(permit)),
         });
     }
 
@@ -211,7 +213,7 @@ impl<A: App> Core<A> {
         F: Future<Output = ()> + 'static,
         P: FnOnce() + 'static,
     {
-        monoio::spawn(Guarded {
+        monoio::spawn(Contained {
             task,
             core: self.clone(),
             on_panic: Some(on_panic),
@@ -455,18 +457,20 @@ async fn hand_over<A: App>(core: &Core<A>, sock: Socket, up: Upgrade, owner: usi
     }
 }
 
-/// A connection task holding its gate permit, with any panic contained to it.
+/// A task with any panic contained to it: the panic is counted and logged, and
+/// `on_panic` runs; the core and its other tasks carry on.
 ///
 /// A hand-written future rather than an `async` block around the task: such a block
 /// keeps the task twice (captured, and again while awaited), and an idle
-/// connection's task is most of what it costs (PERF.md).
-struct Contained<F, A: App> {
+/// connection's task is most of what it costs (PERF.md). A connection's gate permit
+/// rides in its `on_panic` closure, so it costs no more room than before.
+struct Contained<F, A: App, P> {
     task: F,
     core: Rc<Core<A>>,
-    _permit: gate::Permit,
+    on_panic: Option<P>,
 }
 
-impl<F: Future<Output = ()>, A: App> Future for Contained<F, A> {
+impl<F: Future<Output = ()>, A: App, P: FnOnce()> Future for Contained<F, A, P> {
     type Output = ();
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         // SAFETY: structural pinning of `task`; it is never moved out. The other
@@ -478,35 +482,7 @@ impl<F: Future<Output = ()>, A: App> Future for Contained<F, A> {
             Ok(p) => p,
             Err(_) => {
                 this.core.metrics().panics.inc();
-                tracing::error!(
-                    core = this.core.id,
-                    "connection task panicked; only that connection was closed"
-                );
-                Poll::Ready(())
-            }
-        }
-    }
-}
-
-/// An application task with its panic contained: see [`Core::spawn_guarded`].
-struct Guarded<F, A: App, P> {
-    task: F,
-    core: Rc<Core<A>>,
-    on_panic: Option<P>,
-}
-
-impl<F: Future<Output = ()>, A: App, P: FnOnce()> Future for Guarded<F, A, P> {
-    type Output = ();
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        // SAFETY: structural pinning of `task`, as in `Contained`; `on_panic` and
-        // `core` are never pinned.
-        let this = unsafe { self.get_unchecked_mut() };
-        // SAFETY: `this` is pinned, so `task` is too.
-        let task = unsafe { Pin::new_unchecked(&mut this.task) };
-        match catch_unwind(AssertUnwindSafe(|| task.poll(cx))) {
-            Ok(p) => p,
-            Err(_) => {
-                this.core.metrics().panics.inc();
+                tracing::error!(core = this.core.id, "a task panicked; only it stopped");
                 if let Some(tell) = this.on_panic.take() {
                     // The task's own state may be broken; telling must not be.
                     let _ = catch_unwind(AssertUnwindSafe(tell));
