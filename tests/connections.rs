@@ -108,6 +108,54 @@ async fn oversized_messages_and_binary_chat_frames_get_close_codes() {
     echo_roundtrip(&mut ws, "still here").await;
 }
 
+/// The flood guard counts frames of every kind: a client that sends only pings, or
+/// only continuation fragments of a message it never finishes, is closed with 1008
+/// like one that floods text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floods_of_pings_or_fragments_close_with_1008() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    let server = start(chatbox::Config {
+        ws_frames_per_minute_max: 100,
+        ..config()
+    });
+    let addr = server.local_addr();
+    let mut ws = connect_user(addr, "pinger").await;
+    for i in 0..101u8 {
+        if ws.send(Message::Ping(vec![i].into())).await.is_err() {
+            break;
+        }
+    }
+    assert_eq!(close_code(&mut ws).await, Some(CloseCode::Policy));
+
+    let mut ws = connect_user(addr, "fragmenter").await;
+    let first = Frame::message(b"{".to_vec(), OpCode::Data(Data::Text), false);
+    ws.send(Message::Frame(first)).await.unwrap();
+    for _ in 0..100 {
+        let more = Frame::message(Vec::new(), OpCode::Data(Data::Continue), false);
+        if ws.send(Message::Frame(more)).await.is_err() {
+            break;
+        }
+    }
+    assert_eq!(close_code(&mut ws).await, Some(CloseCode::Policy));
+    // A connection within its allowance is untouched, pings included.
+    let mut calm = connect_user(addr, "calm").await;
+    ws_ping_and_chat(&mut calm).await;
+}
+
+/// A few pings, then a message that gets its answer.
+async fn ws_ping_and_chat(ws: &mut Ws) {
+    for _ in 0..5 {
+        ws.send(Message::Ping(Vec::new().into())).await.unwrap();
+    }
+    send(
+        ws,
+        serde_json::json!({"type": "user_message", "content": "hi", "id": "c1"}),
+    )
+    .await;
+    until(ws, "ai_done").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_client_is_dropped_after_the_pong_deadline() {
     let server = start(chatbox::Config {

@@ -17,6 +17,8 @@ use tungstenite::error::ProtocolError;
 use tungstenite::protocol::frame::coding::{CloseCode, Control, Data, OpCode};
 use tungstenite::protocol::frame::FrameHeader;
 
+use crate::clock::now_ms;
+use crate::limiter::FrameGuard;
 use crate::runtime::io::Socket;
 
 /// Bytes asked of the kernel per `recv`: large enough that a burst of pipelined
@@ -38,6 +40,8 @@ pub enum WsError {
     Utf8,
     /// Our queue of unsent bytes is full: the peer reads too slowly (1013).
     WriteFull,
+    /// More frames than the flood guard allows (1008).
+    Flood,
     /// The peer closed the TCP connection (no close frame to send).
     Eof,
     /// The socket failed (no close frame to send).
@@ -52,6 +56,7 @@ impl WsError {
             WsError::TooBig(why) => Some((CloseCode::Size, why)),
             WsError::Utf8 => Some((CloseCode::Invalid, "invalid UTF-8")),
             WsError::WriteFull => Some((CloseCode::Again, "too slow reading; reconnect")),
+            WsError::Flood => Some((CloseCode::Policy, "too many frames")),
             WsError::Eof | WsError::Io(_) => None,
         }
     }
@@ -141,6 +146,8 @@ pub struct Codec {
     tx: Vec<u8>,
     closing: Closing,
     limits: Limits,
+    /// Counts every frame the peer sends, of any kind; absent on the echo route.
+    guard: Option<FrameGuard>,
 }
 
 impl Codec {
@@ -154,7 +161,15 @@ impl Codec {
             tx: Vec::new(),
             closing: Closing::Open,
             limits,
+            guard: None,
         }
+    }
+
+    /// Puts every frame the peer sends from now on (pings, pongs, continuations,
+    /// close included) under `guard`: over it, reading fails with [`WsError::Flood`].
+    pub fn with_frame_guard(mut self, guard: FrameGuard) -> Codec {
+        self.guard = Some(guard);
+        self
     }
 
     /// Receives what the socket has. `Ok(0)` means nothing is there now (wait for
@@ -219,6 +234,13 @@ impl Codec {
                 self.shrink_rx();
                 return Ok(None);
             };
+            // Counted before anything is done with the frame (a ping is not answered
+            // past the allowance). Frames after a close are dropped unread.
+            if let (Some(guard), Closing::Open) = (&mut self.guard, self.closing) {
+                if !guard.frame(now_ms) {
+                    return Err(WsError::Flood);
+                }
+            }
             let start = self.rx_pos;
             let end = start + len;
             self.rx_pos = end;
@@ -702,6 +724,50 @@ mod tests {
             "only our own close went out"
         );
         assert_eq!(c.tx.len(), 7);
+    }
+
+    #[test]
+    fn the_frame_guard_counts_frames_of_every_kind() {
+        const PONG: u8 = 0x8a;
+        let frames = [
+            frame(PING, b"", K),
+            frame(PONG, b"", K),
+            frame(FIRST_TEXT_FRAGMENT, b"a", K),
+            frame(CONT, b"b", K),
+            frame(LAST_CONT, b"c", K),
+        ];
+        let guarded = |n: u32| {
+            Codec::new(frames.concat(), LIMITS).with_frame_guard(FrameGuard::new(n, now_ms()))
+        };
+        let mut c = guarded(5);
+        assert_eq!(
+            text(&mut c).as_deref(),
+            Some("abc"),
+            "five frames, five allowed"
+        );
+        let mut c = guarded(4);
+        assert_eq!(
+            c.read(),
+            Err(WsError::Flood),
+            "the fifth frame is one too many"
+        );
+        let mut c = guarded(1);
+        assert_eq!(c.read(), Err(WsError::Flood));
+        assert_eq!(
+            c.tx,
+            [0x8a, 0],
+            "the first ping was answered, nothing after it"
+        );
+        assert_eq!(
+            WsError::Flood.close(),
+            Some((CloseCode::Policy, "too many frames"))
+        );
+        let mut unguarded = Codec::new(frames.concat(), LIMITS);
+        assert_eq!(
+            text(&mut unguarded).as_deref(),
+            Some("abc"),
+            "the echo route"
+        );
     }
 
     #[test]

@@ -16,6 +16,8 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use super::codec::{Codec, Limits, Msg, WsError};
 use super::handler::Handler;
 use super::handshake::{Route, Upgrade};
+use crate::clock::now_ms;
+use crate::limiter::FrameGuard;
 use crate::runtime::app::{App, Reply};
 use crate::runtime::core::Core;
 use crate::runtime::io::Socket;
@@ -101,10 +103,16 @@ pub async fn upgrade<A: App>(
         (Route::Chat, Some(identity)) => Some(A::open(core, reg.id, identity)),
         _ => None,
     };
+    let mut codec = Codec::new(up.leftover, limits);
+    if app.is_some() {
+        // The flood guard, on frames of every kind; the echo route has none.
+        let guard = FrameGuard::new(cfg.ws_frames_per_minute_max, now_ms());
+        codec = codec.with_frame_guard(guard);
+    }
     Some(Box::new(Conn {
         gauge,
-        handler: Handler::new(app, cfg.ws_frames_per_minute_max),
-        codec: Codec::new(up.leftover, limits),
+        handler: Handler::new(app),
+        codec,
         reg,
         outbox,
         sock,
