@@ -342,18 +342,19 @@ impl Session {
         effects
     }
 
-    /// A user asks for a human: the session waits, unless a human is there.
-    pub fn help(&mut self) -> Result<Vec<Effect>, Refusal> {
+    /// A user asks for a human: the session waits. Returns `None` when it already
+    /// waits or a human has it: then nothing changes and nobody is told again.
+    pub fn help(&mut self) -> Result<Option<Vec<Effect>>, Refusal> {
         match self.state {
             State::Ended => Err(Refusal::Ended),
             State::Ai => {
                 self.state = State::Waiting;
-                Ok(vec![Effect::Record {
+                Ok(Some(vec![Effect::Record {
                     state: State::Waiting,
                     action: AuditAction::HelpRequest,
-                }])
+                }]))
             }
-            State::Waiting | State::Human => Ok(Vec::new()),
+            State::Waiting | State::Human => Ok(None),
         }
     }
 

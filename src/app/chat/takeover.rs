@@ -334,15 +334,17 @@ fn leave(core: &Rc<Core>, sid: &Arc<str>, admin: &AdminRef, whole: bool) {
     }
 }
 
-/// A user asks for a human: the session waits (unless a human is already there),
-/// every connected admin is told, and the notifications go out.
+/// A user asks for a human: the session waits, every connected admin is told, and
+/// the notifications go out. On a session already waiting or with a human it
+/// changes nothing and notifies no one (no frame, no webhook, no e-mail).
 pub fn help_request(core: &Rc<Core>, sid: &Arc<str>, user: &Identity, conn: ConnId) {
     let decided = match core.app.sessions.borrow_mut().get_mut(sid) {
         Some(s) => s.help(),
         None => return,
     };
     match decided {
-        Ok(effects) => perform(core, sid, &user.user_id, effects),
+        Ok(Some(effects)) => perform(core, sid, &user.user_id, effects),
+        Ok(None) => return,
         Err(why) => return reply(core, conn, refusal_frame(why, sid, None)),
     }
     core.metrics().help_requests.inc();

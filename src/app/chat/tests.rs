@@ -159,12 +159,16 @@ fn the_last_admin_out_hands_back_to_the_ai() {
 #[test]
 fn help_waits_once_and_an_ended_session_refuses_everything() {
     let mut s = session("u", 0, vec![1]);
-    assert_eq!(s.help().map(|e| e.len()), Ok(1));
+    assert_eq!(s.help().map(|e| e.map(|e| e.len())), Ok(Some(1)));
     assert_eq!(s.state, State::Waiting);
-    assert_eq!(
-        s.help().map(|e| e.len()),
-        Ok(0),
-        "already waiting: no new record"
+    assert!(
+        matches!(s.help(), Ok(None)),
+        "already waiting: nothing at all"
+    );
+    s.join(&admin("a", 0, 3)).expect("open");
+    assert!(
+        matches!(s.help(), Ok(None)),
+        "a human has it: nothing at all"
     );
     let effects = s.end("s1");
     assert!(matches!(&effects[..], [Effect::Send(to, _)] if to == &[Target::Local(1)]));
