@@ -283,6 +283,20 @@ pub struct SessionPage {
     pub next: Option<(CursorKey, String)>,
 }
 
+impl SessionPage {
+    /// The page of `q` from up to `q.limit + 1` rows read in order: the extra row
+    /// only says that another page follows, which starts after this page's last.
+    pub fn from_overfetch(mut sessions: Vec<SessionRecord>, q: &SessionQuery) -> SessionPage {
+        let next = if sessions.len() > q.limit {
+            sessions.truncate(q.limit);
+            sessions.last().map(|s| (q.sort_by.key_of(s), s.id.clone()))
+        } else {
+            None
+        };
+        SessionPage { sessions, next }
+    }
+}
+
 /// One entry of a session's audit trail, as stored. Action and state stay the
 /// stored strings: a trail written by a newer build may name ones this build
 /// does not know, and is shown (and copied, or counted as unknown) as it is.

@@ -156,14 +156,8 @@ pub(super) async fn list(c: Colls, q: SessionQuery) -> Result<SessionPage> {
             .limit(i64_of(q.limit as u64 + 1)),
     )
     .await?;
-    let mut sessions: Vec<SessionRecord> = docs.iter().map(session_from).collect();
-    let next = if sessions.len() > q.limit {
-        sessions.truncate(q.limit);
-        sessions.last().map(|s| (q.sort_by.key_of(s), s.id.clone()))
-    } else {
-        None
-    };
-    Ok(SessionPage { sessions, next })
+    let sessions: Vec<SessionRecord> = docs.iter().map(session_from).collect();
+    Ok(SessionPage::from_overfetch(sessions, &q))
 }
 
 pub(super) async fn load(c: Colls, id: String, messages_max: usize) -> Result<Option<Loaded>> {

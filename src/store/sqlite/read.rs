@@ -90,16 +90,10 @@ pub(super) fn list(conn: &Connection, q: &SessionQuery) -> Result<SessionPage, r
     args.push(V::Integer(q.limit as i64 + 1));
     let sql = format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE {filter} ORDER BY {key} {dir}, id {dir} LIMIT ?");
     let mut stmt = conn.prepare(&sql)?;
-    let mut sessions = stmt
+    let sessions = stmt
         .query_map(rusqlite::params_from_iter(args), session_row)?
         .collect::<Result<Vec<_>, _>>()?;
-    let next = if sessions.len() > q.limit {
-        sessions.truncate(q.limit);
-        sessions.last().map(|s| (q.sort_by.key_of(s), s.id.clone()))
-    } else {
-        None
-    };
-    Ok(SessionPage { sessions, next })
+    Ok(SessionPage::from_overfetch(sessions, q))
 }
 
 /// Totals over every session started in the window: aggregates over all matching
