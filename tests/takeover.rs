@@ -296,32 +296,3 @@ async fn admin_frames_on_unknown_or_unjoined_sessions_are_refused() {
     .await;
     assert_eq!(recv(&mut other).await["code"], "forbidden");
 }
-
-/// A help request on a session already waiting changes nothing and notifies no
-/// one: no frame to the user or any admin, nothing counted, nothing queued.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_repeated_help_request_notifies_no_one() {
-    let server = start(config());
-    let addr = server.local_addr();
-    let admin_id = "agent-r";
-    let user = user_on(true, admin_id);
-    let mut a = admin(addr, admin_id).await;
-    let mut u = connect_user(addr, &user).await;
-    let sid = session_with_answer(&mut u).await;
-    send(&mut u, json!({"type": "help_request", "session_id": sid})).await;
-    until(&mut u, "help_requested").await;
-    until(&mut a, "help_requested").await;
-    send(&mut u, json!({"type": "help_request", "session_id": sid})).await;
-    // Frames of one connection are handled in order: once the resume's answer
-    // is here, the second request was handled, and any admin feed it sent is
-    // queued for the admin's core ahead of what the join below brings back.
-    send(&mut u, json!({"type": "resume", "session_id": sid})).await;
-    let (_, before) = until(&mut u, "session").await;
-    assert!(before.is_empty(), "the user heard: {before:?}");
-    send(&mut a, json!({"type": "admin_join", "session_id": sid})).await;
-    let (_, before) = until(&mut a, "session").await;
-    assert!(before.is_empty(), "the admin heard: {before:?}");
-    assert_eq!(total(&server, |m| m.help_requests.get()), 1);
-    server.shutdown();
-    stop(server).await;
-}
