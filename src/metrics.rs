@@ -73,10 +73,15 @@ pub enum Refusal {
     ShuttingDown,
     HeadTimeout,
     HeadTooLarge,
+    /// The client address holds `connections_per_address_max` connections.
+    AddressConnections,
+    /// The client address opens connections faster than
+    /// `handshakes_per_address_per_second`.
+    AddressRate,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 9] = [
+    pub const ALL: [Refusal; 11] = [
         Refusal::BadRequest,
         Refusal::Unauthorized,
         Refusal::Forbidden,
@@ -86,6 +91,8 @@ impl Refusal {
         Refusal::ShuttingDown,
         Refusal::HeadTimeout,
         Refusal::HeadTooLarge,
+        Refusal::AddressConnections,
+        Refusal::AddressRate,
     ];
     pub fn label(self) -> &'static str {
         match self {
@@ -98,6 +105,8 @@ impl Refusal {
             Refusal::ShuttingDown => "shutting_down",
             Refusal::HeadTimeout => "head_timeout",
             Refusal::HeadTooLarge => "head_too_large",
+            Refusal::AddressConnections => "address_too_many_connections",
+            Refusal::AddressRate => "address_rate_limited",
         }
     }
 }

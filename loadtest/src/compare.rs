@@ -69,6 +69,10 @@ fn spawn(target: Target, o: &Opts) -> anyhow::Result<Server> {
                 .env("CHATBOX_DATA_DIR", &dir)
                 .env("CHATBOX_RATE_LIMIT_PER_MINUTE", "1000000")
                 .env("CHATBOX_WS_FRAMES_PER_MINUTE_MAX", "1000000")
+                // The harness measures the server, not its abuse limits: a run
+                // with few --sources puts thousands of clients on one address.
+                .env("CHATBOX_CONNECTIONS_PER_ADDRESS_MAX", "1000000")
+                .env("CHATBOX_HANDSHAKES_PER_ADDRESS_PER_SECOND", "1000000")
                 .env("RUST_LOG", "warn");
             if let Some(uri) = &o.mongo_uri {
                 c.env("CHATBOX_MONGO_URI", uri).env(

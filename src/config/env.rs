@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use serde::de::IntoDeserializer;
 use serde::Deserialize;
 
+use super::cidr::Cidr;
 use super::keys::KEYS;
 use super::models::{LlmSection, ModelConfig};
 use super::{IoDriver, LlmProvider, LogFormat};
@@ -63,15 +64,21 @@ impl<T: FromEnv> FromEnv for Option<T> {
     }
 }
 
-impl FromEnv for Vec<String> {
+impl FromEnv for Cidr {
+    fn from_env(value: &str) -> Result<Self, String> {
+        value.parse()
+    }
+}
+
+impl<T: FromEnv> FromEnv for Vec<T> {
     /// A comma-separated list; blanks around items are ignored.
     fn from_env(value: &str) -> Result<Self, String> {
-        Ok(value
+        value
             .split(',')
             .map(str::trim)
             .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .collect())
+            .map(T::from_env)
+            .collect()
     }
 }
 

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::cidr::Cidr;
 use super::env::FromEnv;
 use super::models::LlmSection;
 use super::{ConfigError, IoDriver, LlmProvider, LogFormat};
@@ -315,6 +316,12 @@ declare_config! {
     http_body_bytes_max: usize = 1024 * 1024, unit "bytes";
     /// Open connections one core holds before it refuses more with 503.
     connections_per_core_max: usize = 100_000, range(1, NO_MAX), unit "connections";
+    /// Connections one client address (IPv4, or IPv6 /64) may hold at once, WebSockets and requests still in their handshake alike (429 beyond).
+    connections_per_address_max: u32 = 4096, range(1, 1_000_000), unit "connections";
+    /// New connections one client address may open per second, each carrying one request or upgrade (token bucket, burst the same; 429 beyond).
+    handshakes_per_address_per_second: u32 = 1024, range(1, 1_000_000), unit "connections/s";
+    /// Proxies (comma list of IPs or CIDRs) whose `X-Forwarded-For` names the client for the per-address limits: its right-most untrusted entry.
+    trusted_proxies: Vec<Cidr> = Vec::new();
     /// Capacity of each core's inbound cross-core queue.
     mesh_queue_max: usize = 4096, range(16, NO_MAX), unit "messages";
     /// Threads of the blocking pool (storage, outbound HTTP).

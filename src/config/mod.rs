@@ -10,6 +10,7 @@
 //! other module can depend on it; checks that need other modules are composed by
 //! [`crate::check_config`].
 
+pub mod cidr;
 mod derive;
 mod env;
 pub mod keys;
@@ -22,6 +23,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use cidr::Cidr;
 pub use derive::frames_per_minute_for;
 pub use keys::{Config, Key, KEYS};
 pub use models::{LlmSection, ModelConfig};
@@ -335,5 +337,19 @@ mod tests {
         assert_eq!(l.config.log_format, LogFormat::Json);
         let e = load(None, &[("CHATBOX_LLM_PROVIDER", "gpt")]).unwrap_err();
         assert!(e.to_string().contains("openai"), "{e}");
+    }
+
+    #[test]
+    fn trusted_proxies_are_networks_in_the_file_and_the_environment() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let l = load(None, &[("CHATBOX_TRUSTED_PROXIES", "10.0.0.0/8, ::1")]).unwrap();
+        let p = &l.config.trusted_proxies;
+        assert!(p.len() == 2 && p[0].contains(ip("10.9.9.9")) && p[1].contains(ip("::1")));
+        let l = load(Some("trusted_proxies = [\"192.0.2.0/24\"]"), &[]).unwrap();
+        assert!(l.config.trusted_proxies[0].contains(ip("192.0.2.77")));
+        let e = load(None, &[("CHATBOX_TRUSTED_PROXIES", "10.0.0.0/33")]).unwrap_err();
+        assert!(e.to_string().contains("CHATBOX_TRUSTED_PROXIES"), "{e}");
+        let e = load(Some("trusted_proxies = [\"proxy.local\"]"), &[]).unwrap_err();
+        assert!(e.to_string().contains("proxy.local"), "{e}");
     }
 }

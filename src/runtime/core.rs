@@ -5,6 +5,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
+use std::net::SocketAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::rc::Rc;
@@ -15,9 +16,10 @@ use std::time::Duration;
 use monoio::net::{TcpListener, TcpStream};
 use monoio::time::Instant;
 
+use super::addr::{AddrLimits, AddrMesh, Refused, Slot};
 use super::app::{App, Hooks};
 use super::gate::Gate;
-use super::http::head::{read_head, HeadError};
+use super::http::head::{read_head, Head, HeadError};
 use super::http::Refuse;
 use super::io::Socket;
 use super::mesh::{owner_core, CoreMsg, Handover, Mesh, MeshError};
@@ -38,6 +40,8 @@ pub struct Shared<A: App> {
     pub pool: BlockingPool,
     pub hooks: Hooks,
     pub app: A::Shared,
+    /// The queues into every core's per-address limits.
+    pub addr_mesh: AddrMesh,
     /// `{prefix}/ws` and `{prefix}{echo_path}`, precomputed for routing.
     ws_path: String,
     echo_path: Option<String>,
@@ -60,6 +64,7 @@ impl<A: App> Shared<A> {
                 .as_ref()
                 .map(|p| format!("{}{p}", config.path_prefix)),
             metrics: (0..cores).map(|_| CoreMetrics::default()).collect(),
+            addr_mesh: AddrMesh::new(cores),
             config,
             verifier,
             mesh,
@@ -76,6 +81,8 @@ pub struct Core<A: App> {
     pub shared: Arc<Shared<A>>,
     pub gate: Rc<Gate>,
     pub registry: Rc<RefCell<Registry>>,
+    /// The per-client-address limits this core keeps, and its way to the others'.
+    pub addr: Rc<AddrLimits>,
     /// The application's state on this core.
     pub app: A::CoreState,
     shutdown_deadline: Cell<Option<Instant>>,
@@ -93,6 +100,7 @@ impl<A: App> Core<A> {
             id,
             gate: Rc::new(Gate::default()),
             registry: Rc::new(RefCell::new(registry)),
+            addr: AddrLimits::new(id, cfg, &shared.addr_mesh),
             app: A::core_state(&shared.app, id),
             shutdown_deadline: Cell::new(None),
             shared,
@@ -254,13 +262,15 @@ impl<A: App> Core<A> {
             match msg {
                 CoreMsg::Handover(h) => {
                     self.metrics().handovers_in.inc();
-                    let Handover { fd, upgrade } = *h;
+                    let Handover { fd, upgrade, addr } = *h;
+                    // Adopted first: whatever happens next releases the slot.
+                    let slot = addr.map(|c| c.adopt(&self.addr));
                     match Socket::from_owned_fd(fd) {
                         Ok(sock) => {
                             let core = self.clone();
-                            self.spawn_conn(
-                                async move { core.accept_upgrade(sock, upgrade).await },
-                            );
+                            self.spawn_conn(async move {
+                                core.accept_upgrade(sock, upgrade, slot).await
+                            });
                         }
                         Err(e) => {
                             tracing::warn!(core = self.id, error = %e, "could not adopt handed-over socket")
@@ -304,8 +314,11 @@ impl<A: App> Core<A> {
     }
 
     /// The owning core's half of an upgrade: enforce the caps, then run the socket.
-    async fn accept_upgrade(self: Rc<Self>, sock: Socket, up: Upgrade) {
+    /// `addr` is the connection's slot under its client address's limits: released
+    /// before any refusal, or kept by the registration.
+    async fn accept_upgrade(self: Rc<Self>, sock: Socket, up: Upgrade, addr: Option<Slot>) {
         if self.gate.is_closing() {
+            drop(addr);
             return Refuse::new(
                 503,
                 "shutting_down",
@@ -325,6 +338,7 @@ impl<A: App> Core<A> {
         let id = match registered {
             Ok(id) => id,
             Err(RegisterError::UserCap(n)) => {
+                drop(addr);
                 let msg = format!("too many connections for this user (at most {n})");
                 return Refuse::new(
                     429,
@@ -336,6 +350,7 @@ impl<A: App> Core<A> {
                 .await;
             }
             Err(RegisterError::CoreFull) => {
+                drop(addr);
                 return Refuse::new(
                     503,
                     "overloaded",
@@ -347,7 +362,7 @@ impl<A: App> Core<A> {
                 .await;
             }
         };
-        let reg = Registration::new(id, self.registry.clone());
+        let reg = Registration::new(id, self.registry.clone(), addr);
         if let Some(conn) = super::ws::conn::upgrade(&self, sock, up, reg, outbox).await {
             // Its own task: an idle connection then costs only the WebSocket loop's
             // state, not the head reader's or the upgrade's.
@@ -356,7 +371,12 @@ impl<A: App> Core<A> {
     }
 }
 
-/// One accepted TCP connection: read the head, then route it.
+/// One accepted TCP connection: count it against its client address, read the
+/// head, then route it.
+///
+/// A direct client is counted from its first moment, so connections that never
+/// finish their head count too. Behind a trusted proxy the client is known only
+/// from the head; the proxy's own connections are not limited.
 async fn conn_task<A: App>(core: Rc<Core<A>>, stream: TcpStream) {
     let sock = Socket::new(stream);
     let peer = match sock.peer_addr() {
@@ -365,42 +385,52 @@ async fn conn_task<A: App>(core: Rc<Core<A>>, stream: TcpStream) {
     };
     let cfg = &core.shared.config;
     let deadline = Instant::now() + Duration::from_millis(cfg.http_head_timeout_ms);
+    let proxied = core.addr.trusts(peer.ip());
+    let mut slot = None;
+    if !proxied {
+        match core.addr.acquire(peer.ip(), &core.gate, deadline).await {
+            Ok(s) => slot = Some(s),
+            Err(why) => return refuse_early(&core, &sock, why).await,
+        }
+    }
     let (buf, head) = match read_head(&sock, cfg.http_head_bytes_max, deadline, &core.gate).await {
         Ok(h) => h,
         Err(e) => {
-            let refuse = match e {
-                HeadError::Timeout => Refuse::new(
-                    408,
-                    "timeout",
-                    "request head not received in time",
-                    Refusal::HeadTimeout,
-                ),
-                HeadError::TooLarge(n) => Refuse::new(
-                    431,
-                    "head_too_large",
-                    format!("request head over {n} bytes"),
-                    Refusal::HeadTooLarge,
-                ),
-                HeadError::Malformed(m) => Refuse::new(400, "bad_request", m, Refusal::BadRequest),
-                HeadError::ShuttingDown => Refuse::new(
-                    503,
-                    "shutting_down",
-                    "server is shutting down",
-                    Refusal::ShuttingDown,
-                ),
-                HeadError::Closed | HeadError::Io(_) => return,
+            drop(slot);
+            let Some(refuse) = head_refusal(e) else {
+                return;
             };
             return refuse.send(core.metrics(), &sock).await;
         }
     };
+    if proxied {
+        let client = core.addr.client(peer.ip(), head.forwarded_for.as_deref());
+        match core.addr.acquire(client, &core.gate, deadline).await {
+            Ok(s) => slot = Some(s),
+            Err(why) => return address_refusal(why).send(core.metrics(), &sock).await,
+        }
+    }
+    route(core, sock, peer, buf, head, slot).await
+}
+
+/// Serves plain HTTP, or checks an upgrade and runs it here or on its user's core.
+async fn route<A: App>(
+    core: Rc<Core<A>>,
+    sock: Socket,
+    peer: SocketAddr,
+    buf: Vec<u8>,
+    head: Head,
+    slot: Option<Slot>,
+) {
     let shared = &core.shared;
     let route = if head.path == shared.ws_path {
         Route::Chat
     } else if shared.echo_path.as_deref() == Some(head.path.as_str()) {
         Route::Echo
     } else {
-        return super::http::serve(core.clone(), sock, buf).await;
+        return super::http::serve(core.clone(), sock, buf, slot).await;
     };
+    let cfg = &shared.config;
     let up = match handshake::check(
         &head,
         &buf,
@@ -410,7 +440,10 @@ async fn conn_task<A: App>(core: Rc<Core<A>>, stream: TcpStream) {
         peer,
     ) {
         Ok(up) => up,
-        Err(refuse) => return refuse.send(core.metrics(), &sock).await,
+        Err(refuse) => {
+            drop(slot);
+            return refuse.send(core.metrics(), &sock).await;
+        }
     };
     // The head and its buffer (a kilobyte or more, the token included) would
     // otherwise live in this task for the connection's whole life.
@@ -420,14 +453,97 @@ async fn conn_task<A: App>(core: Rc<Core<A>>, stream: TcpStream) {
         None => core.id,
     };
     if owner == core.id {
-        return core.accept_upgrade(sock, up).await;
+        return core.accept_upgrade(sock, up, slot).await;
     }
-    hand_over(&core, sock, up, owner).await;
+    hand_over(&core, sock, up, slot, owner).await;
+}
+
+/// The answer to a head that could not be read; `None` when the peer is gone.
+fn head_refusal(e: HeadError) -> Option<Refuse> {
+    Some(match e {
+        HeadError::Timeout => Refuse::new(
+            408,
+            "timeout",
+            "request head not received in time",
+            Refusal::HeadTimeout,
+        ),
+        HeadError::TooLarge(n) => Refuse::new(
+            431,
+            "head_too_large",
+            format!("request head over {n} bytes"),
+            Refusal::HeadTooLarge,
+        ),
+        HeadError::Malformed(m) => Refuse::new(400, "bad_request", m, Refusal::BadRequest),
+        HeadError::ShuttingDown => Refuse::new(
+            503,
+            "shutting_down",
+            "server is shutting down",
+            Refusal::ShuttingDown,
+        ),
+        HeadError::Closed | HeadError::Io(_) => return None,
+    })
+}
+
+/// Seconds a client whose address holds all its connections is asked to wait:
+/// long-lived WebSockets rarely free a slot within a second.
+const RETRY_AFTER_FULL_SECS: u64 = 5;
+
+/// The answer to a client address over its limits.
+fn address_refusal(why: Refused) -> Refuse {
+    match why {
+        Refused::Full(n) => Refuse::new(
+            429,
+            "too_many_connections",
+            format!("too many connections from this address (at most {n})"),
+            Refusal::AddressConnections,
+        )
+        .header("Retry-After", RETRY_AFTER_FULL_SECS.to_string()),
+        Refused::Rate(ms) => Refuse::new(
+            429,
+            "rate_limited",
+            "too many new connections from this address; retry later",
+            Refusal::AddressRate,
+        )
+        .header("Retry-After", ms.div_ceil(1000).max(1).to_string()),
+        Refused::ShuttingDown => Refuse::new(
+            503,
+            "shutting_down",
+            "server is shutting down",
+            Refusal::ShuttingDown,
+        ),
+        Refused::Busy => Refuse::new(
+            503,
+            "overloaded",
+            "server is busy; retry later",
+            Refusal::Overloaded,
+        )
+        .header("Retry-After", "1"),
+    }
+}
+
+/// Refuses a direct client before its head was read. What it already sent is
+/// read and dropped first: closing with unread bytes would send a reset, which can
+/// reach the client before it reads the refusal.
+async fn refuse_early<A: App>(core: &Core<A>, sock: &Socket, why: Refused) {
+    let mut scratch = [0u8; 2048];
+    for _ in 0..8 {
+        match sock.try_recv(&mut scratch) {
+            Ok(n) if n > 0 => continue,
+            _ => break,
+        }
+    }
+    address_refusal(why).send(core.metrics(), sock).await;
 }
 
 /// Moves an authenticated upgrade to the core that owns its user. The socket itself
 /// moves; no bytes are ever proxied between cores.
-async fn hand_over<A: App>(core: &Core<A>, sock: Socket, up: Upgrade, owner: usize) {
+async fn hand_over<A: App>(
+    core: &Core<A>,
+    sock: Socket,
+    up: Upgrade,
+    slot: Option<Slot>,
+    owner: usize,
+) {
     let fd = match sock.into_owned_fd() {
         Ok(fd) => fd,
         Err(e) => {
@@ -435,13 +551,19 @@ async fn hand_over<A: App>(core: &Core<A>, sock: Socket, up: Upgrade, owner: usi
             return;
         }
     };
-    let msg = CoreMsg::Handover(Box::new(Handover { fd, upgrade: up }));
+    let addr = slot.map(Slot::into_claim);
+    let msg = CoreMsg::Handover(Box::new(Handover {
+        fd,
+        upgrade: up,
+        addr,
+    }));
     match core.shared.mesh.send(owner, msg) {
         Ok(()) => core.metrics().handovers_out.inc(),
         Err((e, msg)) => {
             core.metrics().mesh_dropped.inc();
             tracing::warn!(error = %e, "handover refused");
             let CoreMsg::Handover(h) = msg else { return };
+            drop(h.addr.map(|c| c.adopt(&core.addr)));
             if let Ok(sock) = Socket::from_owned_fd(h.fd) {
                 Refuse::new(
                     503,

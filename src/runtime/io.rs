@@ -153,6 +153,9 @@ type Wait = Pin<Box<dyn Future<Output = io::Result<()>>>>;
 /// hyper's I/O traits over a [`Socket`], replaying bytes already read (the request
 /// head that routing looked at) before reading from the socket.
 pub struct HyperIo {
+    /// Dropped when hyper shuts the connection down, before the FIN (declared
+    /// first, so also before the socket closes if hyper never does).
+    until_shutdown: Option<Box<dyn std::any::Any>>,
     sock: std::rc::Rc<Socket>,
     replay: bytes::Bytes,
     read_wait: Option<Wait>,
@@ -162,11 +165,19 @@ pub struct HyperIo {
 impl HyperIo {
     pub fn new(sock: std::rc::Rc<Socket>, replay: Vec<u8>) -> Self {
         HyperIo {
+            until_shutdown: None,
             sock,
             replay: replay.into(),
             read_wait: None,
             write_wait: None,
         }
+    }
+
+    /// Holds `guard` until the connection is shut down (a client address's slot,
+    /// so that a client that saw the end finds it free).
+    pub fn hold_until_shutdown(mut self, guard: Box<dyn std::any::Any>) -> Self {
+        self.until_shutdown = Some(guard);
+        self
     }
 }
 
@@ -245,7 +256,9 @@ impl hyper::rt::Write for HyperIo {
         Poll::Ready(Ok(()))
     }
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.sock.shutdown_write();
+        let this = self.get_mut();
+        this.until_shutdown = None;
+        this.sock.shutdown_write();
         Poll::Ready(Ok(()))
     }
 }

@@ -7,6 +7,7 @@
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
+use super::addr::Claim;
 use super::registry::ConnId;
 use super::ws::handshake::Upgrade;
 
@@ -30,6 +31,8 @@ pub enum CoreMsg<M> {
 pub struct Handover {
     pub fd: OwnedFd,
     pub upgrade: Upgrade,
+    /// The connection's slot under its client address's limits.
+    pub addr: Option<Claim>,
 }
 
 #[derive(Debug, thiserror::Error)]

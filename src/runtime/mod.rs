@@ -7,6 +7,7 @@
 //! text frames, its own typed message on the mesh, the HTTP paths the runtime does
 //! not serve itself, and a hook per core for its background tasks.
 
+pub mod addr;
 pub mod app;
 pub mod core;
 pub mod gate;

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 
+use super::addr::Slot;
 use super::outbox::{Outbox, Outgoing, PushError, Sweeps, CLOSE_TOKEN_EXPIRED};
 
 pub type ConnId = u64;
@@ -199,15 +200,21 @@ impl Registry {
     }
 }
 
-/// Unregisters its connection when dropped, also when the task panicked.
+/// Unregisters its connection when dropped, also when the task panicked, and
+/// then releases its client address's slot: both before the connection's FIN.
 pub struct Registration {
     pub id: ConnId,
     registry: Rc<RefCell<Registry>>,
+    _addr: Option<Slot>,
 }
 
 impl Registration {
-    pub fn new(id: ConnId, registry: Rc<RefCell<Registry>>) -> Self {
-        Registration { id, registry }
+    pub fn new(id: ConnId, registry: Rc<RefCell<Registry>>, addr: Option<Slot>) -> Self {
+        Registration {
+            id,
+            registry,
+            _addr: addr,
+        }
     }
 }
 

@@ -28,6 +28,7 @@ macro_rules! assert_send {
 
 pub(crate) use {assert_not_send, assert_send};
 
+use super::addr::{AddrMesh, AddrMsg, Claim, Slot};
 use super::mesh::{CoreMsg, Handover, Mesh};
 use super::outbox::Outbox;
 use super::registry::Registry;
@@ -35,6 +36,10 @@ use super::ws::handshake::Upgrade;
 
 assert_not_send!(Registry);
 assert_not_send!(Outbox);
+assert_not_send!(Slot);
+assert_send!(Claim);
+assert_send!(AddrMsg);
+assert_send!(AddrMesh);
 assert_send!(Upgrade);
 assert_send!(Handover);
 assert_send!(CoreMsg<()>);

@@ -263,11 +263,15 @@ fn run_core<A: App>(
         monoio::spawn(core.clone().accept_loop(listener));
         monoio::spawn(core.clone().mesh_loop(mesh_rx));
         monoio::spawn(core.clone().keepalive_loop());
+        let addr_limits = monoio::spawn(core.addr.clone().serve());
         A::spawn_tasks(&core);
         tracing::info!(core = id, ?driver, "core running");
         let _ = ready.send(Ok(driver));
         let timeout = stop_rx.recv().await.unwrap_or(Duration::ZERO);
         core.shutdown(monoio::time::Instant::now() + timeout).await;
+        // Finished here, on this thread: see `AddrLimits::serve`.
+        core.addr.stop();
+        addr_limits.await;
     };
     let want_uring = match io_driver {
         IoDriver::Auto => monoio::utils::detect_uring(),

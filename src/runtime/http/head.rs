@@ -26,6 +26,9 @@ pub struct Head {
     pub connection: Option<String>,
     pub ws_key: Option<String>,
     pub ws_version: Option<String>,
+    /// Every `X-Forwarded-For` header, in order, joined with commas (proxies may
+    /// each add their own header instead of extending one).
+    pub forwarded_for: Option<String>,
     /// Length of the head in bytes (what follows it is body or early frames).
     pub len: usize,
 }
@@ -71,7 +74,12 @@ impl Head {
             ..Head::default()
         };
         for h in req.headers.iter() {
-            let slot = match h.name.to_ascii_lowercase().as_str() {
+            let name = h.name.to_ascii_lowercase();
+            if name == "x-forwarded-for" {
+                head.add_forwarded_for(h.value)?;
+                continue;
+            }
+            let slot = match name.as_str() {
                 "host" => &mut head.host,
                 "origin" => &mut head.origin,
                 "authorization" => &mut head.authorization,
@@ -89,6 +97,19 @@ impl Head {
             *slot = Some(value.trim().to_owned());
         }
         Ok(Some(head))
+    }
+
+    fn add_forwarded_for(&mut self, value: &[u8]) -> Result<(), HeadError> {
+        let value = std::str::from_utf8(value)
+            .map_err(|_| HeadError::Malformed("header X-Forwarded-For is not UTF-8".into()))?;
+        match &mut self.forwarded_for {
+            Some(list) => {
+                list.push_str(", ");
+                list.push_str(value.trim());
+            }
+            None => self.forwarded_for = Some(value.trim().to_owned()),
+        }
+        Ok(())
     }
 
     /// The value of query parameter `name`, percent-decoded.
@@ -174,5 +195,18 @@ Connection: keep-alive, Upgrade\r\nSec-WebSocket-Key: k\r\nSec-WebSocket-Version
         ));
         let dup = b"GET / HTTP/1.1\r\nAuthorization: a\r\nAuthorization: b\r\n\r\n";
         assert!(matches!(Head::parse(dup), Err(HeadError::Malformed(_))));
+    }
+
+    #[test]
+    fn forwarded_for_headers_are_joined_in_order() {
+        let raw = b"GET / HTTP/1.1\r\nX-Forwarded-For: 1.1.1.1, 2.2.2.2\r\n\
+x-forwarded-for:  3.3.3.3 \r\n\r\n";
+        let h = Head::parse(raw).unwrap().unwrap();
+        assert_eq!(
+            h.forwarded_for.as_deref(),
+            Some("1.1.1.1, 2.2.2.2, 3.3.3.3")
+        );
+        let none = Head::parse(b"GET / HTTP/1.1\r\n\r\n").unwrap().unwrap();
+        assert_eq!(none.forwarded_for, None);
     }
 }

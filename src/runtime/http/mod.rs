@@ -11,6 +11,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
 
+use super::addr::Slot;
 use super::app::{App, Body};
 use super::core::Core;
 use super::io::{HyperIo, Socket};
@@ -97,8 +98,11 @@ pub fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
 /// Serves one plain HTTP connection with hyper, replaying the bytes already read.
 /// Keep-alive is off: every request comes through the head reader, so routing,
 /// limits and timeouts are decided in one place.
-pub async fn serve<A: App>(core: Rc<Core<A>>, sock: Socket, replay: Vec<u8>) {
-    let io = HyperIo::new(Rc::new(sock), replay);
+pub async fn serve<A: App>(core: Rc<Core<A>>, sock: Socket, replay: Vec<u8>, addr: Option<Slot>) {
+    let mut io = HyperIo::new(Rc::new(sock), replay);
+    if let Some(slot) = addr {
+        io = io.hold_until_shutdown(Box::new(slot));
+    }
     let cfg = &core.shared.config;
     let timeout = std::time::Duration::from_millis(cfg.http_request_timeout_ms);
     let svc_core = core.clone();
