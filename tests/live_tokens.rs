@@ -14,6 +14,7 @@ use std::sync::{mpsc, Arc, Mutex};
 
 use chatbox::auth::now_secs;
 use chatbox::clock::now_ms;
+use chatbox::runtime::addr::AddrKey;
 use chatbox::runtime::mesh::owner_core;
 use chatbox::{Config, Hooks};
 use common::*;
@@ -347,11 +348,19 @@ async fn a_disconnect_or_delete_the_users_core_cannot_confirm_is_a_503() {
     };
     let server = start_with(cfg, hooks);
     let addr = server.local_addr();
+    // The blocked core must not be the home core of the test's address: there every
+    // new connection waits for its address slot and is refused as `overloaded`
+    // before the admin API runs at all.
+    let loopback_home = AddrKey::of(addr.ip()).home(2);
+    let blocker = (0..)
+        .map(|i| format!("blocker-{i}"))
+        .find(|u| owner_core(u, 2) != loopback_home)
+        .unwrap();
     let (gone, deleted) = (
-        same_core_as("blocker", "gone"),
-        same_core_as("blocker", "deleted"),
+        same_core_as(&blocker, "gone"),
+        same_core_as(&blocker, "deleted"),
     );
-    let mut blocker = connect_user(addr, "blocker").await;
+    let mut blocker = connect_user(addr, &blocker).await;
     let _gone_ws = connect_user(addr, &gone).await;
     let entered = Arc::new(Mutex::new(entered_rx));
 
