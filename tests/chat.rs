@@ -518,31 +518,46 @@ async fn messages_are_encrypted_on_disk_and_tampering_is_reported() {
     );
 }
 
+/// The words of a stepped answer: "w1 " .. "w{n} ".
+fn words(n: usize) -> Vec<String> {
+    (1..=n).map(|i| format!("w{i} ")).collect()
+}
+
+/// The model is driven step by step: two chunks go out, the user cancels, and
+/// nothing more can come; the partial text is exactly those two chunks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_stops_the_answer_and_keeps_the_partial_text() {
-    let server = start(chatbox::Config {
-        demo_chunk_delay_ms: 40,
-        ..config()
-    });
+    let w = words(10);
+    let w: Vec<&str> = w.iter().map(String::as_str).collect();
+    let (cfg, mut fake, gate) = fake_llm::stepped_server(&[&w]).await;
+    let server = start(cfg);
     let mut ws = connect_user(server.local_addr(), "stopper").await;
     send(
         &mut ws,
         json!({"type": "user_message", "id": "c1", "content": "tell me a long story"}),
     )
     .await;
-    let (chunk, before) = until(&mut ws, "ai_chunk").await;
+    gate.release(2);
+    let (first, before) = until(&mut ws, "ai_chunk").await;
     let sid = before[0]["session_id"].as_str().unwrap().to_owned();
+    let (second, _) = until(&mut ws, "ai_chunk").await;
     send(&mut ws, json!({"type": "cancel", "session_id": sid})).await;
     let (done, more) = until(&mut ws, "ai_done").await;
     assert_eq!(done["cancelled"], true);
-    let partial: String = std::iter::once(&chunk)
-        .chain(more.iter().filter(|v| v["type"] == "ai_chunk"))
-        .map(|c| c["content"].as_str().unwrap())
-        .collect();
     assert!(
-        done["usage"]["output_tokens"].as_u64().unwrap() < 20,
-        "stopped early: {done}"
+        more.iter().all(|v| v["type"] != "ai_chunk"),
+        "no chunk after the cancel: {more:?}"
     );
+    assert_eq!(done["usage"]["output_tokens"], 2, "{done}");
+    fake.wait_closed(0).await;
+    // Releasing the rest now reaches no one: the upstream request is gone.
+    gate.open();
+    let partial = format!(
+        "{}{}",
+        first["content"].as_str().unwrap(),
+        second["content"].as_str().unwrap()
+    );
+    assert_eq!(partial, "w1 w2 ");
     send(&mut ws, json!({"type": "resume", "session_id": sid})).await;
     let s = recv(&mut ws).await;
     let last = s["messages"].as_array().unwrap().last().unwrap().clone();
@@ -551,14 +566,19 @@ async fn cancel_stops_the_answer_and_keeps_the_partial_text() {
         (Some("assistant"), Some(true))
     );
     assert_eq!(last["content"], json!(partial));
+    assert_eq!(fake.requests().len(), 1);
+    assert_eq!(fake.requests()[0].events_sent, 2);
 }
 
+/// Step by step: five chunks reach the first connection; a second connection
+/// resumes after seq 3 and gets 4 and 5 (missed), then, once the model is let
+/// go, the live rest: every chunk after 3 exactly once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_mid_answer_gets_missed_chunks_then_the_live_rest_exactly_once() {
-    let server = start(chatbox::Config {
-        demo_chunk_delay_ms: 30,
-        ..config()
-    });
+    let w = words(12);
+    let w: Vec<&str> = w.iter().map(String::as_str).collect();
+    let (cfg, _fake, gate) = fake_llm::stepped_server(&[&w]).await;
+    let server = start(cfg);
     let addr = server.local_addr();
     let mut a = connect_user(addr, "blip").await;
     send(
@@ -566,13 +586,14 @@ async fn resume_mid_answer_gets_missed_chunks_then_the_live_rest_exactly_once() 
         json!({"type": "user_message", "id": "c1", "content": "stream please"}),
     )
     .await;
+    gate.release(5);
     let mut sid = String::new();
     loop {
         let v = recv(&mut a).await;
         if v["type"] == "session" {
             sid = v["session_id"].as_str().unwrap().to_owned();
         }
-        if v["type"] == "ai_chunk" && v["seq"] == 3 {
+        if v["type"] == "ai_chunk" && v["seq"] == 5 {
             break;
         }
     }
@@ -593,18 +614,33 @@ async fn resume_mid_answer_gets_missed_chunks_then_the_live_rest_exactly_once() 
             .all(|m| m["role"] == "user"),
         "the streaming answer is not in history"
     );
+    let missed: Vec<Value> = [recv(&mut b).await, recv(&mut b).await].into();
+    assert_eq!(
+        missed.iter().map(|v| v["seq"].clone()).collect::<Vec<_>>(),
+        [json!(4), json!(5)],
+        "the missed chunks come first: {missed:?}"
+    );
+    gate.open();
     let (done, rest) = until(&mut b, "ai_done").await;
-    let seqs: Vec<u64> = rest
+    let seqs: Vec<u64> = missed
         .iter()
+        .chain(&rest)
         .filter(|v| v["type"] == "ai_chunk")
         .map(|v| v["seq"].as_u64().unwrap())
         .collect();
-    let total = done["usage"]["output_tokens"].as_u64().unwrap();
+    assert_eq!(done["usage"]["output_tokens"], 12, "{done}");
     assert_eq!(
         seqs,
-        (4..=total).collect::<Vec<_>>(),
+        (4..=12).collect::<Vec<_>>(),
         "every chunk after 3, once, in order"
     );
+    let text: String = missed
+        .iter()
+        .chain(&rest)
+        .filter(|v| v["type"] == "ai_chunk")
+        .map(|v| v["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(text, w[3..].concat());
 }
 
 /// SIGKILL the server while clients stream messages; after a restart every acked
