@@ -228,6 +228,71 @@ async fn resending_an_id_returns_the_original_ack_and_stores_nothing_twice() {
     assert_eq!(users[0]["content"], "original text");
 }
 
+/// A resent `id` is acked again and starts NO second answer: the model is asked
+/// exactly once for it, on either connection, and no answer frames follow the
+/// duplicate ack. A later new message (whose answer is the sync point) is the
+/// model's second and last request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_ack_starts_no_second_answer() {
+    let (cfg, mut fake, gate) = fake_llm::stepped_server(&[&["first"], &["second"]]).await;
+    gate.open();
+    let server = start(cfg);
+    let addr = server.local_addr();
+    let mut ws = connect_user(addr, "dup2").await;
+    let x = converse(&mut ws, None, "same-id", "original text").await;
+    assert_eq!(fake.wait_request().await, 0);
+    send(&mut ws, json!({"type": "user_message", "id": "same-id", "session_id": x.session_id, "content": "changed"})).await;
+    let ack = recv(&mut ws).await;
+    assert_eq!(
+        (ack["type"].as_str(), ack["duplicate"].as_bool()),
+        (Some("ack"), Some(true))
+    );
+    let mut other = connect_user(addr, "dup2").await;
+    send(
+        &mut other,
+        json!({"type": "user_message", "id": "same-id", "content": "again"}),
+    )
+    .await;
+    let (ack, _) = until(&mut other, "ack").await;
+    assert_eq!(ack["duplicate"], true);
+    // The sync point: a new message; its answer is the model's second request.
+    send(&mut ws, json!({"type": "user_message", "id": "next", "session_id": x.session_id, "content": "a new question"})).await;
+    let (done, before) = until(&mut ws, "ai_done").await;
+    assert_eq!(done["cancelled"], Value::Null, "{done}");
+    assert_eq!(
+        before
+            .iter()
+            .map(|v| v["type"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["ack", "ai_chunk"],
+        "only the new message's ack and answer: {before:?}"
+    );
+    assert_eq!(text_of(&before[1..]), "second");
+    assert_eq!(fake.wait_request().await, 1);
+    let reqs = fake.requests();
+    assert_eq!(reqs.len(), 2, "one answer per stored message");
+    let last_user = |r: &fake_llm::Seen| {
+        r.body["messages"].as_array().unwrap().last().unwrap()["content"].clone()
+    };
+    assert_eq!(last_user(&reqs[0]), "original text");
+    assert_eq!(last_user(&reqs[1]), "a new question");
+    assert_eq!(total(&server, |m| m.llm_requests.get()), 2);
+    // The other connection saw no answer start either.
+    send(
+        &mut other,
+        json!({"type": "resume", "session_id": x.session_id}),
+    )
+    .await;
+    let (_, before) = until(&mut other, "session").await;
+    assert!(
+        before
+            .iter()
+            .all(|v| v["type"] != "ai_chunk" && v["type"] != "ai_done"),
+        "{before:?}"
+    );
+    assert_eq!(fake.requests().len(), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_bad_frame_gets_exactly_one_error_and_the_connection_stays() {
     let server = start(config());
