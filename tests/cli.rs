@@ -1,6 +1,8 @@
 //! The command line, run as the built binary: help, version, `genconfig` round trip
 //! through `--check-config`, the warning for an unknown variable, derived limits,
-//! and README.md's configuration table against the key declarations.
+//! and README.md's configuration table against the key declarations; then the
+//! binary serving real clients: no message content in its log at any level,
+//! `--dev` secrets across a restart, and the `migrate` and `copy` commands.
 
 mod common;
 
@@ -451,4 +453,139 @@ async fn dev_secrets_survive_a_restart() {
     drop(ws);
     let (code, log) = second.stop();
     assert_eq!(code, Some(0), "{log}");
+}
+
+/// The tables of the embedded store in `dir` (empty when there is no store).
+fn tables(dir: &std::path::Path) -> Vec<String> {
+    let path = dir.join("chatbox.db");
+    if !path.exists() {
+        return Vec::new();
+    }
+    let c = rusqlite::Connection::open(path).unwrap();
+    let mut q = c
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+        .unwrap();
+    q.query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+/// An in-process server on the embedded store in `dir` (never MongoDB).
+fn embedded(dir: &std::path::Path) -> chatbox::Config {
+    chatbox::Config {
+        data_dir: dir.to_owned(),
+        mongo_uri: None,
+        ..common::config()
+    }
+}
+
+/// Conversations stored through a real server in `dir`: user `copy-a` with one
+/// exchange, user `copy-b` with two. Returns (session id, user, texts sent).
+async fn store_conversations(dir: &std::path::Path) -> Vec<(String, String, Vec<String>)> {
+    let server = common::start(embedded(dir));
+    let mut made = Vec::new();
+    for (user, n) in [("copy-a", 1), ("copy-b", 2)] {
+        let mut ws = common::connect_user(server.local_addr(), user).await;
+        let mut sid = None;
+        let mut texts = Vec::new();
+        for i in 0..n {
+            let text = format!("{user} says {i} {}", marker());
+            sid = Some(ask(&mut ws, sid.as_deref(), &text).await);
+            texts.push(text);
+        }
+        made.push((sid.unwrap(), user.to_owned(), texts));
+    }
+    server.shutdown();
+    common::stop(server).await;
+    made
+}
+
+/// Each session's user messages, as a server on `dir` resumes them.
+async fn resumed(dir: &std::path::Path, made: &[(String, String, Vec<String>)]) {
+    let server = common::start(embedded(dir));
+    for (sid, user, texts) in made {
+        let mut ws = common::connect_user(server.local_addr(), user).await;
+        common::send(
+            &mut ws,
+            serde_json::json!({"type": "resume", "session_id": sid}),
+        )
+        .await;
+        let s = common::recv(&mut ws).await;
+        let msgs = s["messages"].as_array().unwrap_or_else(|| panic!("{s}"));
+        let users: Vec<&str> = msgs
+            .iter()
+            .filter(|m| m["role"] == "user")
+            .map(|m| m["content"].as_str().unwrap())
+            .collect();
+        assert_eq!(users, *texts, "{s}");
+        assert_eq!(msgs.len(), 2 * texts.len(), "each with its answer: {s}");
+    }
+    server.shutdown();
+    common::stop(server).await;
+}
+
+/// `chatbox migrate` creates the embedded store's schema in a fresh data
+/// directory; on one with data (run twice) it changes nothing that was stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_on_a_fresh_and_an_existing_data_dir() {
+    let dir = temp_dir();
+    assert!(tables(&dir).is_empty());
+    let (code, out, err) = run(chatbox().arg("migrate").env("CHATBOX_DATA_DIR", &dir));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("is ready (schema and indexes up to date)"),
+        "{out}"
+    );
+    let fresh = tables(&dir);
+    for t in ["messages", "outbox", "session_events", "sessions"] {
+        assert!(fresh.iter().any(|f| f == t), "{t} in {fresh:?}");
+    }
+
+    let made = store_conversations(&dir).await;
+    for _ in 0..2 {
+        let (code, out, err) = run(chatbox().arg("migrate").env("CHATBOX_DATA_DIR", &dir));
+        assert_eq!(code, Some(0), "{err}");
+        assert!(out.contains("is ready"), "{out}");
+    }
+    assert_eq!(tables(&dir), fresh);
+    resumed(&dir, &made).await;
+}
+
+/// `chatbox copy` from the embedded store to MongoDB and back into another data
+/// directory: the counts it reports are what was stored, a second run copies
+/// nothing again, and the copy serves the same conversations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs MongoDB: set CHATBOX_TEST_MONGO_URI (see .ci/run)"]
+async fn copy_embedded_to_mongodb_and_back_with_the_counts() {
+    let uri = std::env::var("CHATBOX_TEST_MONGO_URI")
+        .expect("this test needs CHATBOX_TEST_MONGO_URI (a MongoDB; .ci/run starts SecantusDB)");
+    let database = format!("chatbox_copy_{:016x}", rand::random::<u64>());
+    let (from_dir, to_dir) = (temp_dir(), temp_dir());
+    let made = store_conversations(&from_dir).await;
+    let copy = |from: &str, to: &str, dir: &std::path::Path| {
+        run(chatbox()
+            .args(["copy", "--from", from, "--to", to])
+            .env("CHATBOX_DATA_DIR", dir)
+            .env("CHATBOX_MONGO_URI", &uri)
+            .env("CHATBOX_MONGO_DATABASE", &database))
+    };
+    let (code, out, err) = copy("sqlite", "mongo", &from_dir);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("copied 2 sessions (6 messages,")
+            && out.contains("; 0 sessions were there already"),
+        "{out}"
+    );
+    let (code, out, err) = copy("sqlite", "mongo", &from_dir);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("copied 0 sessions (0 messages,")
+            && out.contains("; 2 sessions were there already"),
+        "run again, it copies nothing twice: {out}"
+    );
+    let (code, out, err) = copy("mongo", "sqlite", &to_dir);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("copied 2 sessions (6 messages,"), "{out}");
+    resumed(&to_dir, &made).await;
 }
