@@ -161,7 +161,7 @@ struct Ctx {
 }
 
 async fn serve(sock: TcpStream, ctx: Ctx) {
-    let (mut rd, mut wr) = sock.into_split();
+    let (mut rd, wr) = sock.into_split();
     let Some((headers, body)) = read_request(&mut rd).await else {
         return;
     };
@@ -187,7 +187,7 @@ async fn serve(sock: TcpStream, ctx: Ctx) {
         body: "unscripted request",
     });
     // Notice the client going away while we write.
-    let (gone_tx, mut gone_rx) = tokio::sync::oneshot::channel::<Instant>();
+    let (gone_tx, gone_rx) = tokio::sync::oneshot::channel::<Instant>();
     tokio::spawn(async move {
         let mut b = [0u8; 64];
         while let Ok(n) = rd.read(&mut b).await {
@@ -197,77 +197,117 @@ async fn serve(sock: TcpStream, ctx: Ctx) {
         }
         let _ = gone_tx.send(Instant::now());
     });
-    let mark_closed = |at: Instant| {
-        ctx.seen.lock().unwrap()[index].client_closed = Some(at);
-        let _ = ctx.closed.send((index, at));
+    let mut out = Out {
+        wr,
+        gone: gone_rx,
+        ctx: &ctx,
+        index,
     };
-    const SSE_HEAD: &str = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n";
-    match reply {
+    let closed = match reply {
         Reply::Status {
             code,
             retry_after,
             body,
-        } => {
-            let extra = retry_after
-                .map(|s| format!("Retry-After: {s}\r\n"))
-                .unwrap_or_default();
-            let resp = format!(
-                "HTTP/1.1 {code} Error\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = wr.write_all(resp.as_bytes()).await;
-        }
-        Reply::Endless { prefix, piece } => {
-            let head = format!("{SSE_HEAD}{prefix}");
-            if wr.write_all(head.as_bytes()).await.is_err() {
-                return;
-            }
-            loop {
-                tokio::select! {
-                    at = &mut gone_rx => return mark_closed(at.unwrap_or_else(|_| Instant::now())),
-                    r = wr.write_all(piece.as_bytes()) => if r.is_err() {
-                        return mark_closed(Instant::now());
-                    }
-                }
-                ctx.seen.lock().unwrap()[index].bytes_sent += piece.len();
-            }
-        }
+        } => out.status(code, retry_after, body).await,
+        Reply::Endless { prefix, piece } => out.endless(&prefix, &piece).await,
         Reply::Stream {
             events,
             gap,
             gate,
             then,
-        } => {
-            if wr.write_all(SSE_HEAD.as_bytes()).await.is_err() {
-                return;
-            }
-            for ev in events {
-                let wait = async {
-                    if let Some(g) = &gate {
-                        g.pass().await;
-                    }
-                    tokio::time::sleep(gap).await;
-                };
-                tokio::select! {
-                    at = &mut gone_rx => return mark_closed(at.unwrap_or_else(|_| Instant::now())),
-                    _ = wait => {}
-                }
-                if wr.write_all(ev.as_bytes()).await.is_err() {
-                    return mark_closed(Instant::now());
-                }
-                let mut s = ctx.seen.lock().unwrap();
-                s[index].events_sent += 1;
-                s[index].bytes_sent += ev.len();
-            }
-            if then == End::Stall {
-                if let Ok(at) = gone_rx.await {
-                    mark_closed(at);
-                }
-                return;
-            }
+        } => out.stream(events, gap, gate, then).await,
+    };
+    match closed {
+        Some(at) => {
+            ctx.seen.lock().unwrap()[index].client_closed = Some(at);
+            let _ = ctx.closed.send((index, at));
+        }
+        None => {
+            let _ = out.wr.shutdown().await;
         }
     }
-    let _ = wr.shutdown().await;
+}
+
+const SSE_HEAD: &str = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n";
+
+/// The writing half of one request's connection; each reply returns when the
+/// client closed it first, `None` when the reply was written in full.
+struct Out<'a> {
+    wr: tokio::net::tcp::OwnedWriteHalf,
+    gone: tokio::sync::oneshot::Receiver<Instant>,
+    ctx: &'a Ctx,
+    index: usize,
+}
+
+impl Out<'_> {
+    fn sent(&self, events: usize, bytes: usize) {
+        let mut s = self.ctx.seen.lock().unwrap();
+        s[self.index].events_sent += events;
+        s[self.index].bytes_sent += bytes;
+    }
+
+    async fn status(&mut self, code: u16, retry_after: Option<u64>, body: &str) -> Option<Instant> {
+        let extra = retry_after
+            .map(|s| format!("Retry-After: {s}\r\n"))
+            .unwrap_or_default();
+        let resp = format!(
+            "HTTP/1.1 {code} Error\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n{body}",
+            body.len()
+        );
+        self.wr
+            .write_all(resp.as_bytes())
+            .await
+            .err()
+            .map(|_| Instant::now())
+    }
+
+    async fn endless(&mut self, prefix: &str, piece: &str) -> Option<Instant> {
+        let head = format!("{SSE_HEAD}{prefix}");
+        if self.wr.write_all(head.as_bytes()).await.is_err() {
+            return Some(Instant::now());
+        }
+        loop {
+            tokio::select! {
+                at = &mut self.gone => return Some(at.unwrap_or_else(|_| Instant::now())),
+                r = self.wr.write_all(piece.as_bytes()) => if r.is_err() {
+                    return Some(Instant::now());
+                }
+            }
+            self.sent(0, piece.len());
+        }
+    }
+
+    async fn stream(
+        &mut self,
+        events: Vec<String>,
+        gap: Duration,
+        gate: Option<Gate>,
+        then: End,
+    ) -> Option<Instant> {
+        if self.wr.write_all(SSE_HEAD.as_bytes()).await.is_err() {
+            return Some(Instant::now());
+        }
+        for ev in events {
+            let wait = async {
+                if let Some(g) = &gate {
+                    g.pass().await;
+                }
+                tokio::time::sleep(gap).await;
+            };
+            tokio::select! {
+                at = &mut self.gone => return Some(at.unwrap_or_else(|_| Instant::now())),
+                _ = wait => {}
+            }
+            if self.wr.write_all(ev.as_bytes()).await.is_err() {
+                return Some(Instant::now());
+            }
+            self.sent(1, ev.len());
+        }
+        if then == End::Stall {
+            return Some((&mut self.gone).await.unwrap_or_else(|_| Instant::now()));
+        }
+        None
+    }
 }
 
 /// OpenAI chat-completion chunks for `words`, optional usage, then `[DONE]`.
