@@ -114,7 +114,7 @@ impl Refusal {
 /// The kinds of failed answers, as labelled in `/metrics`. They live here, below
 /// the LLM providers, so that metrics import nothing above them; `llm::ErrorKind`
 /// indexes this list and a compile-time assertion there keeps the two in step.
-pub const LLM_ERROR_LABELS: [&str; 7] = [
+pub const LLM_ERROR_LABELS: [&str; 8] = [
     "connect",
     "timeout",
     "rate_limited",
@@ -122,6 +122,7 @@ pub const LLM_ERROR_LABELS: [&str; 7] = [
     "client_error",
     "provider",
     "stream_ended",
+    "too_large",
 ];
 
 /// The counters of one core.

@@ -1,6 +1,10 @@
 //! The command line, run as the built binary: help, version, `genconfig` round trip
 //! through `--check-config`, the warning for an unknown variable, derived limits,
-//! and README.md's configuration table against the key declarations.
+//! and README.md's configuration table against the key declarations; then the
+//! binary serving real clients: no message content in its log at any level,
+//! `--dev` secrets across a restart, and the `migrate` and `copy` commands.
+
+mod common;
 
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Output, Stdio};
@@ -252,4 +256,336 @@ fn readme_table_is_the_declared_keys() {
             key.shown
         );
     }
+}
+
+// ---- The binary serving real clients: logs, --dev restarts, storage commands ----
+
+/// A `chatbox` process: its address, stdout lines after the banner so far, and
+/// its whole stderr (read by a thread all along, so a chatty log never blocks it).
+struct Running {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+    stdout: std::sync::mpsc::Receiver<String>,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+impl Running {
+    /// Spawns `cmd` (listening on 127.0.0.1:0) and waits for its banner line.
+    fn spawn(cmd: &mut Command) -> Running {
+        let mut child = cmd
+            .env("CHATBOX_LISTEN", "127.0.0.1:0")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the binary starts");
+        let out = child.stdout.take().expect("piped stdout");
+        let mut err = child.stderr.take().expect("piped stderr");
+        let stderr = std::thread::spawn(move || {
+            let mut s = Vec::new();
+            let _ = err.read_to_end(&mut s);
+            String::from_utf8_lossy(&s).into_owned()
+        });
+        let (tx, stdout) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut r = Running {
+            child,
+            addr: "0.0.0.0:0".parse().unwrap(),
+            stdout,
+            stderr,
+        };
+        let banner = r.line_starting("chatbox listening on http://");
+        let rest = &banner["chatbox listening on http://".len()..];
+        let host = rest.split('/').next().unwrap();
+        r.addr = host.parse().expect("an address in the banner");
+        r
+    }
+
+    /// The next stdout line starting with `prefix` (earlier ones are skipped).
+    fn line_starting(&mut self, prefix: &str) -> String {
+        loop {
+            let line = self
+                .stdout
+                .recv_timeout(common::WAIT)
+                .unwrap_or_else(|e| panic!("no stdout line {prefix:?}: {e}"));
+            if line.trim_start().starts_with(prefix) {
+                return line.trim_start().to_owned();
+            }
+        }
+    }
+
+    /// SIGTERM, then the exit code and everything the process logged.
+    fn stop(mut self) -> (Option<i32>, String) {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().expect("the child exits");
+        (status.code(), self.stderr.join().unwrap())
+    }
+}
+
+async fn ws_at(addr: std::net::SocketAddr, token: &str) -> common::Ws {
+    common::connect(addr, "/ws", Some(token), None)
+        .await
+        .expect("upgrade accepted")
+}
+
+/// One user message answered to the end; returns the session id.
+async fn ask(ws: &mut common::Ws, sid: Option<&str>, content: &str) -> String {
+    let mut m = serde_json::json!({"type": "user_message", "content": content});
+    if let Some(s) = sid {
+        m["session_id"] = s.into();
+    }
+    common::send(ws, m).await;
+    let (ack, _) = common::until(ws, "ack").await;
+    common::until(ws, "ai_done").await;
+    ack["session_id"].as_str().unwrap().to_owned()
+}
+
+/// A marker no log line could contain by chance.
+fn marker() -> String {
+    format!("zqmark{:016x}", rand::random::<u64>())
+}
+
+/// A conversation carrying `marker` everywhere content goes: user messages, the
+/// demo's answers (which quote the user), a help request, a takeover with the
+/// admin's and the user's messages, the hand-back, a resume.
+async fn converse_with_marker(addr: std::net::SocketAddr, marker: &str) {
+    use common::{recv, send, until};
+    use serde_json::json;
+    let admin = common::token_with("agent-log", &["admin"], chatbox::auth::now_secs() + 3600);
+    let mut a = ws_at(addr, &admin).await;
+    let mut u = ws_at(addr, &common::token("user-log")).await;
+    let sid = ask(&mut u, None, &format!("my order {marker} is late")).await;
+    send(&mut u, json!({"type": "help_request", "session_id": sid})).await;
+    until(&mut a, "help_requested").await;
+    send(&mut a, json!({"type": "admin_join", "session_id": sid})).await;
+    until(&mut u, "admin_joined").await;
+    send(
+        &mut u,
+        json!({"type": "user_message", "session_id": sid, "content": format!("human? {marker}")}),
+    )
+    .await;
+    until(&mut a, "user_message").await;
+    send(&mut a, json!({"type": "admin_message", "session_id": sid, "content": format!("admin says {marker}")})).await;
+    until(&mut u, "admin_message").await;
+    send(&mut a, json!({"type": "admin_leave", "session_id": sid})).await;
+    until(&mut u, "admin_left").await;
+    ask(&mut u, Some(&sid), &format!("thanks {marker}")).await;
+    send(&mut u, json!({"type": "resume", "session_id": sid})).await;
+    let s = recv(&mut u).await;
+    assert!(s.to_string().contains(marker), "the content is there: {s}");
+}
+
+/// Message content never reaches the log, at any level (trace included, every
+/// crate's) and in both formats, through answers, a takeover and a resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_content_is_absent_from_the_logs_at_every_level() {
+    for format in ["text", "json"] {
+        let server = Running::spawn(
+            chatbox()
+                .env("RUST_LOG", "trace")
+                .env("CHATBOX_LOG_FORMAT", format)
+                .env("CHATBOX_JWT_SECRET", SECRET)
+                .env("CHATBOX_ENCRYPTION_KEY", KEY)
+                .env("CHATBOX_DATA_DIR", temp_dir())
+                .env("CHATBOX_CORES", "2")
+                .env("CHATBOX_DEMO_CHUNK_DELAY_MS", "1"),
+        );
+        let marker = marker();
+        converse_with_marker(server.addr, &marker).await;
+        let (code, log) = server.stop();
+        assert_eq!(code, Some(0), "{format}");
+        assert!(
+            log.lines().count() > 50 && log.contains("TRACE"),
+            "the log ran at trace level ({format}):\n{log}"
+        );
+        let leaks: Vec<&str> = log.lines().filter(|l| l.contains(&marker)).collect();
+        assert!(
+            leaks.is_empty(),
+            "message content in the {format} log:\n{}",
+            leaks.join("\n")
+        );
+    }
+}
+
+/// `--dev` keeps its secrets in the data directory: after a restart on the same
+/// directory, a token printed by the first run still works and the stored
+/// conversation still decrypts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_secrets_survive_a_restart() {
+    let dir = temp_dir();
+    let dev = || {
+        let mut c = chatbox();
+        c.arg("--dev")
+            .env("CHATBOX_DATA_DIR", &dir)
+            .env("CHATBOX_CORES", "1")
+            .env("CHATBOX_DEMO_CHUNK_DELAY_MS", "1");
+        c
+    };
+    let mut first = Running::spawn(&mut dev());
+    let token = first.line_starting("user token:")["user token:".len()..]
+        .trim()
+        .to_owned();
+    let text = format!("kept across restarts {}", marker());
+    let mut ws = ws_at(first.addr, &token).await;
+    let sid = ask(&mut ws, None, &text).await;
+    drop(ws);
+    let (code, log) = first.stop();
+    assert_eq!(code, Some(0), "{log}");
+
+    let second = Running::spawn(&mut dev());
+    let mut ws = ws_at(second.addr, &token).await;
+    common::send(
+        &mut ws,
+        serde_json::json!({"type": "resume", "session_id": sid}),
+    )
+    .await;
+    let s = common::recv(&mut ws).await;
+    assert_eq!(s["type"], "session", "{s}");
+    let messages = s["messages"].as_array().unwrap();
+    assert_eq!(messages[0]["content"], serde_json::json!(text), "{s}");
+    assert_eq!(messages[1]["role"], "assistant");
+    drop(ws);
+    let (code, log) = second.stop();
+    assert_eq!(code, Some(0), "{log}");
+}
+
+/// The tables of the embedded store in `dir` (empty when there is no store).
+fn tables(dir: &std::path::Path) -> Vec<String> {
+    let path = dir.join("chatbox.db");
+    if !path.exists() {
+        return Vec::new();
+    }
+    let c = rusqlite::Connection::open(path).unwrap();
+    let mut q = c
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+        .unwrap();
+    q.query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+/// An in-process server on the embedded store in `dir` (never MongoDB).
+fn embedded(dir: &std::path::Path) -> chatbox::Config {
+    chatbox::Config {
+        data_dir: dir.to_owned(),
+        mongo_uri: None,
+        ..common::config()
+    }
+}
+
+/// Conversations stored through a real server in `dir`: user `copy-a` with one
+/// exchange, user `copy-b` with two. Returns (session id, user, texts sent).
+async fn store_conversations(dir: &std::path::Path) -> Vec<(String, String, Vec<String>)> {
+    let server = common::start(embedded(dir));
+    let mut made = Vec::new();
+    for (user, n) in [("copy-a", 1), ("copy-b", 2)] {
+        let mut ws = common::connect_user(server.local_addr(), user).await;
+        let mut sid = None;
+        let mut texts = Vec::new();
+        for i in 0..n {
+            let text = format!("{user} says {i} {}", marker());
+            sid = Some(ask(&mut ws, sid.as_deref(), &text).await);
+            texts.push(text);
+        }
+        made.push((sid.unwrap(), user.to_owned(), texts));
+    }
+    server.shutdown();
+    common::stop(server).await;
+    made
+}
+
+/// Each session's user messages, as a server on `dir` resumes them.
+async fn resumed(dir: &std::path::Path, made: &[(String, String, Vec<String>)]) {
+    let server = common::start(embedded(dir));
+    for (sid, user, texts) in made {
+        let mut ws = common::connect_user(server.local_addr(), user).await;
+        common::send(
+            &mut ws,
+            serde_json::json!({"type": "resume", "session_id": sid}),
+        )
+        .await;
+        let s = common::recv(&mut ws).await;
+        let msgs = s["messages"].as_array().unwrap_or_else(|| panic!("{s}"));
+        let users: Vec<&str> = msgs
+            .iter()
+            .filter(|m| m["role"] == "user")
+            .map(|m| m["content"].as_str().unwrap())
+            .collect();
+        assert_eq!(users, *texts, "{s}");
+        assert_eq!(msgs.len(), 2 * texts.len(), "each with its answer: {s}");
+    }
+    server.shutdown();
+    common::stop(server).await;
+}
+
+/// `chatbox migrate` creates the embedded store's schema in a fresh data
+/// directory; on one with data (run twice) it changes nothing that was stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_on_a_fresh_and_an_existing_data_dir() {
+    let dir = temp_dir();
+    assert!(tables(&dir).is_empty());
+    let (code, out, err) = run(chatbox().arg("migrate").env("CHATBOX_DATA_DIR", &dir));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("is ready (schema and indexes up to date)"),
+        "{out}"
+    );
+    let fresh = tables(&dir);
+    for t in ["messages", "outbox", "session_events", "sessions"] {
+        assert!(fresh.iter().any(|f| f == t), "{t} in {fresh:?}");
+    }
+
+    let made = store_conversations(&dir).await;
+    for _ in 0..2 {
+        let (code, out, err) = run(chatbox().arg("migrate").env("CHATBOX_DATA_DIR", &dir));
+        assert_eq!(code, Some(0), "{err}");
+        assert!(out.contains("is ready"), "{out}");
+    }
+    assert_eq!(tables(&dir), fresh);
+    resumed(&dir, &made).await;
+}
+
+/// `chatbox copy` from the embedded store to MongoDB and back into another data
+/// directory: the counts it reports are what was stored, a second run copies
+/// nothing again, and the copy serves the same conversations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs MongoDB: set CHATBOX_TEST_MONGO_URI (see .ci/run)"]
+async fn copy_embedded_to_mongodb_and_back_with_the_counts() {
+    let uri = std::env::var("CHATBOX_TEST_MONGO_URI")
+        .expect("this test needs CHATBOX_TEST_MONGO_URI (a MongoDB; .ci/run starts SecantusDB)");
+    let database = format!("chatbox_copy_{:016x}", rand::random::<u64>());
+    let (from_dir, to_dir) = (temp_dir(), temp_dir());
+    let made = store_conversations(&from_dir).await;
+    let copy = |from: &str, to: &str, dir: &std::path::Path| {
+        run(chatbox()
+            .args(["copy", "--from", from, "--to", to])
+            .env("CHATBOX_DATA_DIR", dir)
+            .env("CHATBOX_MONGO_URI", &uri)
+            .env("CHATBOX_MONGO_DATABASE", &database))
+    };
+    let (code, out, err) = copy("sqlite", "mongo", &from_dir);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("copied 2 sessions (6 messages,")
+            && out.contains("; 0 sessions were there already"),
+        "{out}"
+    );
+    let (code, out, err) = copy("sqlite", "mongo", &from_dir);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("copied 0 sessions (0 messages,")
+            && out.contains("; 2 sessions were there already"),
+        "run again, it copies nothing twice: {out}"
+    );
+    let (code, out, err) = copy("mongo", "sqlite", &to_dir);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("copied 2 sessions (6 messages,"), "{out}");
+    resumed(&to_dir, &made).await;
 }

@@ -5,211 +5,13 @@
 
 mod common;
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chatbox::config::LlmProvider;
-use chatbox::llm::{LlmSection, ModelConfig};
+use chatbox::llm::ModelConfig;
+use common::fake_llm::*;
 use common::*;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-
-/// How the fake answers one request.
-#[derive(Clone)]
-enum Reply {
-    /// 200 text/event-stream: each step is written after `gap`; then close.
-    Stream {
-        events: Vec<String>,
-        gap: Duration,
-        then: End,
-    },
-    Status {
-        code: u16,
-        retry_after: Option<u64>,
-        body: &'static str,
-    },
-}
-
-#[derive(Clone, Copy, PartialEq)]
-enum End {
-    /// Close the connection after the last event.
-    Close,
-    /// Keep the connection open, sending nothing, until the client goes away.
-    Stall,
-}
-
-/// What the fake saw of one request.
-#[derive(Debug, Clone)]
-struct Seen {
-    headers: String,
-    body: Value,
-    /// When the client closed the connection, if it did before we finished.
-    client_closed: Option<Instant>,
-    events_sent: usize,
-}
-
-struct Fake {
-    addr: std::net::SocketAddr,
-    seen: Arc<Mutex<Vec<Seen>>>,
-    closed: tokio::sync::mpsc::UnboundedReceiver<(usize, Instant)>,
-}
-
-impl Fake {
-    async fn start(script: Vec<Reply>) -> Fake {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let script = Arc::new(Mutex::new(VecDeque::from(script)));
-        let (closed_tx, closed) = tokio::sync::mpsc::unbounded_channel();
-        let s = seen.clone();
-        tokio::spawn(async move {
-            loop {
-                let (sock, _) = listener.accept().await.unwrap();
-                let reply = script
-                    .lock()
-                    .unwrap()
-                    .pop_front()
-                    .expect("the fake got more requests than scripted");
-                tokio::spawn(serve(sock, reply, s.clone(), closed_tx.clone()));
-            }
-        });
-        Fake { addr, seen, closed }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}/v1", self.addr)
-    }
-
-    fn requests(&self) -> Vec<Seen> {
-        self.seen.lock().unwrap().clone()
-    }
-
-    /// Waits for the client to close request `n`'s connection.
-    async fn wait_closed(&mut self, n: usize) -> Instant {
-        loop {
-            let (i, at) = tokio::time::timeout(WAIT, self.closed.recv())
-                .await
-                .expect("upstream closed in time")
-                .unwrap();
-            if i == n {
-                return at;
-            }
-        }
-    }
-}
-
-async fn serve(
-    sock: TcpStream,
-    reply: Reply,
-    seen: Arc<Mutex<Vec<Seen>>>,
-    closed: tokio::sync::mpsc::UnboundedSender<(usize, Instant)>,
-) {
-    let (mut rd, mut wr) = sock.into_split();
-    let (headers, body) = read_request(&mut rd).await.expect("a request");
-    let body: Value = serde_json::from_slice(&body).unwrap();
-    let index = {
-        let mut s = seen.lock().unwrap();
-        s.push(Seen {
-            headers,
-            body,
-            client_closed: None,
-            events_sent: 0,
-        });
-        s.len() - 1
-    };
-    // Notice the client going away while we write.
-    let (gone_tx, mut gone_rx) = tokio::sync::oneshot::channel::<Instant>();
-    tokio::spawn(async move {
-        let mut b = [0u8; 64];
-        while let Ok(n) = rd.read(&mut b).await {
-            if n == 0 {
-                break;
-            }
-        }
-        let _ = gone_tx.send(Instant::now());
-    });
-    let mark_closed = |at: Instant| {
-        seen.lock().unwrap()[index].client_closed = Some(at);
-        let _ = closed.send((index, at));
-    };
-    match reply {
-        Reply::Status {
-            code,
-            retry_after,
-            body,
-        } => {
-            let extra = retry_after
-                .map(|s| format!("Retry-After: {s}\r\n"))
-                .unwrap_or_default();
-            let resp = format!(
-                "HTTP/1.1 {code} Error\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = wr.write_all(resp.as_bytes()).await;
-        }
-        Reply::Stream { events, gap, then } => {
-            let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n";
-            if wr.write_all(head.as_bytes()).await.is_err() {
-                return;
-            }
-            for ev in events {
-                tokio::select! {
-                    at = &mut gone_rx => return mark_closed(at.unwrap_or_else(|_| Instant::now())),
-                    _ = tokio::time::sleep(gap) => {}
-                }
-                if wr.write_all(ev.as_bytes()).await.is_err() {
-                    return mark_closed(Instant::now());
-                }
-                seen.lock().unwrap()[index].events_sent += 1;
-            }
-            if then == End::Stall {
-                if let Ok(at) = gone_rx.await {
-                    mark_closed(at);
-                }
-                return;
-            }
-        }
-    }
-    let _ = wr.shutdown().await;
-}
-
-fn openai_events(words: &[&str], usage: Option<(u64, u64)>) -> Vec<String> {
-    let mut ev: Vec<String> = words
-        .iter()
-        .map(|w| format!("data: {}\n\n", json!({"id": "c1", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": null}]})))
-        .collect();
-    if let Some((p, c)) = usage {
-        ev.push(format!("data: {}\n\n", json!({"id": "c1", "choices": [], "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}})));
-    }
-    ev.push("data: [DONE]\n\n".into());
-    ev
-}
-
-fn stream(events: Vec<String>, gap_ms: u64) -> Reply {
-    Reply::Stream {
-        events,
-        gap: Duration::from_millis(gap_ms),
-        then: End::Close,
-    }
-}
-
-fn model(id: &str, provider: LlmProvider, fake: &Fake) -> ModelConfig {
-    let mut m = ModelConfig::new(id, provider);
-    m.base_url = Some(fake.url());
-    m.api_key = Some("test-key".into());
-    m.model = Some(format!("upstream-{id}"));
-    m
-}
-
-fn with_models(models: Vec<ModelConfig>) -> chatbox::Config {
-    chatbox::Config {
-        llm: LlmSection { models },
-        llm_system_prompt: "Be brief.".into(),
-        ..config()
-    }
-}
 
 fn chunks_text(frames: &[Value]) -> String {
     frames
@@ -304,11 +106,14 @@ async fn the_conversation_so_far_is_sent_upstream() {
     assert_eq!(roles, expect.map(|(a, b)| (a.to_owned(), b.to_owned())));
 }
 
+/// Step by step: one chunk is out, the user cancels, the upstream connection
+/// closes with no second event sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_closes_the_upstream_connection_at_once() {
     let words: Vec<String> = (0..200).map(|i| format!("w{i} ")).collect();
     let words: Vec<&str> = words.iter().map(String::as_str).collect();
-    let mut fake = Fake::start(vec![stream(openai_events(&words, None), 10)]).await;
+    let gate = Gate::new();
+    let mut fake = Fake::start(vec![stepped(openai_events(&words, None), &gate)]).await;
     let server = start(with_models(vec![model("gpt", LlmProvider::Openai, &fake)]));
     let mut ws = connect_user(server.local_addr(), "cancel").await;
     send(
@@ -316,6 +121,7 @@ async fn cancel_closes_the_upstream_connection_at_once() {
         json!({"type": "user_message", "content": "long please"}),
     )
     .await;
+    gate.release(1);
     let (_, before) = until(&mut ws, "ai_chunk").await;
     let sid = session_of(&before);
     let sent_at = Instant::now();
@@ -324,10 +130,9 @@ async fn cancel_closes_the_upstream_connection_at_once() {
     let (done, _) = until(&mut ws, "ai_done").await;
     assert_eq!(done["cancelled"], true);
     let req = &fake.requests()[0];
-    assert!(
-        req.events_sent < 200,
-        "the provider stopped streaming early: {}",
-        req.events_sent
+    assert_eq!(
+        req.events_sent, 1,
+        "the provider sent nothing after the cancel"
     );
     // Recorded in PERF.md; not asserted (tests do not assert wall-clock times).
     eprintln!(
@@ -335,13 +140,18 @@ async fn cancel_closes_the_upstream_connection_at_once() {
         closed_at.saturating_duration_since(sent_at)
     );
     assert_eq!(total(&server, |m| m.answers_cancelled.get()), 1);
+    assert_eq!(fake.requests().len(), 1);
 }
 
+/// Step by step: five chunks reach the only connection, it goes away, a new one
+/// resumes after seq 5, and only then does the model go on: every chunk exactly
+/// once, and the upstream request outlived the disconnect.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconnecting_client_resumes_with_every_chunk_exactly_once() {
     let words: Vec<String> = (1..=30).map(|i| format!("<{i}>")).collect();
     let words: Vec<&str> = words.iter().map(String::as_str).collect();
-    let fake = Fake::start(vec![stream(openai_events(&words, Some((5, 30))), 15)]).await;
+    let gate = Gate::new();
+    let fake = Fake::start(vec![stepped(openai_events(&words, Some((5, 30))), &gate)]).await;
     let server = start(with_models(vec![model("gpt", LlmProvider::Openai, &fake)]));
     let addr = server.local_addr();
     let mut a = connect_user(addr, "blip").await;
@@ -350,6 +160,7 @@ async fn a_reconnecting_client_resumes_with_every_chunk_exactly_once() {
         json!({"type": "user_message", "content": "count to thirty"}),
     )
     .await;
+    gate.release(5);
     let mut seen = String::new();
     let mut sid = String::new();
     loop {
@@ -365,13 +176,16 @@ async fn a_reconnecting_client_resumes_with_every_chunk_exactly_once() {
         }
     }
     // The network blip: the only connection goes away entirely, then comes back.
-    drop(a);
+    close_and_wait(a).await;
     let mut b = connect_user(addr, "blip").await;
     send(
         &mut b,
         json!({"type": "resume", "session_id": sid, "after_seq": 5}),
     )
     .await;
+    let (s, _) = until(&mut b, "session").await;
+    assert_eq!(s["session_id"], json!(sid));
+    gate.open();
     let (done, rest) = until(&mut b, "ai_done").await;
     let seqs: Vec<u64> = rest
         .iter()
@@ -382,27 +196,33 @@ async fn a_reconnecting_client_resumes_with_every_chunk_exactly_once() {
     seen.push_str(&chunks_text(&rest));
     assert_eq!(seen, words.concat(), "every chunk exactly once, in order");
     assert_eq!(done["cancelled"], Value::Null);
+    let reqs = fake.requests();
+    assert_eq!(reqs.len(), 1);
     assert!(
-        fake.requests()[0].client_closed.is_none(),
+        reqs[0].client_closed.is_none(),
         "the grace period kept the upstream request"
     );
 }
 
+/// Step by step: one chunk, then the user is gone; after the grace period the
+/// upstream request is dropped with nothing more sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_the_grace_period_the_upstream_request_is_dropped() {
     let words: Vec<String> = (0..500).map(|i| format!("w{i} ")).collect();
     let words: Vec<&str> = words.iter().map(String::as_str).collect();
-    let mut fake = Fake::start(vec![stream(openai_events(&words, None), 10)]).await;
+    let gate = Gate::new();
+    let mut fake = Fake::start(vec![stepped(openai_events(&words, None), &gate)]).await;
     let server = start(chatbox::Config {
         llm_grace_secs: 1,
         ..with_models(vec![model("gpt", LlmProvider::Openai, &fake)])
     });
     let mut ws = connect_user(server.local_addr(), "gone").await;
     send(&mut ws, json!({"type": "user_message", "content": "talk"})).await;
+    gate.release(1);
     until(&mut ws, "ai_chunk").await;
     drop(ws);
     fake.wait_closed(0).await;
-    assert!(fake.requests()[0].events_sent < 500);
+    assert_eq!(fake.requests()[0].events_sent, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -410,7 +230,7 @@ async fn a_429_is_retried_honouring_retry_after_then_succeeds() {
     let fake = Fake::start(vec![
         Reply::Status {
             code: 429,
-            retry_after: Some(0),
+            retry_after: Some(2),
             body: r#"{"error":{"message":"slow down"}}"#,
         },
         Reply::Status {
@@ -426,8 +246,28 @@ async fn a_429_is_retried_honouring_retry_after_then_succeeds() {
     send(&mut ws, json!({"type": "user_message", "content": "hi"})).await;
     let (_, before) = until(&mut ws, "ai_done").await;
     assert_eq!(chunks_text(&before), "ok");
-    assert_eq!(fake.requests().len(), 3);
+    let reqs = fake.requests();
+    assert_eq!(reqs.len(), 3, "one try and two retries, nothing more");
+    assert!(reqs.iter().all(|r| !r.unscripted));
+    assert!(
+        reqs.iter().all(|r| r.body == reqs[0].body),
+        "each retry asks the same"
+    );
+    // The upstream asked for 2 s: the retry waited at least that; the retry after
+    // the 503 (no Retry-After) used the short backoff (at most 400 ms here).
+    let first_wait = reqs[1].at - reqs[0].at;
+    let second_wait = reqs[2].at - reqs[1].at;
+    assert!(
+        first_wait >= Duration::from_secs(2),
+        "Retry-After: 2 honoured, waited {first_wait:?}"
+    );
+    assert!(
+        second_wait < first_wait,
+        "backoff without Retry-After is shorter: {second_wait:?} vs {first_wait:?}"
+    );
     assert_eq!(total(&server, |m| m.llm_retries.get()), 2);
+    server.shutdown();
+    stop(server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -453,8 +293,13 @@ async fn persistent_failure_is_llm_unavailable_and_the_fallback_model_is_tried()
     send(&mut ws, json!({"type": "user_message", "content": "hi"})).await;
     let (_, before) = until(&mut ws, "ai_done").await;
     assert_eq!(chunks_text(&before), "from fallback");
-    assert_eq!(bad.requests().len(), 2, "one try and one retry");
-    assert_eq!(good.requests()[0].body["model"], "upstream-backup");
+    let tried = bad.requests();
+    assert_eq!(tried.len(), 2, "one try and one retry, no more");
+    assert!(tried.iter().all(|r| r.body["model"] == "upstream-primary"));
+    let used = good.requests();
+    assert_eq!(used.len(), 1, "the fallback was asked once");
+    assert_eq!(used[0].body["model"], "upstream-backup");
+    assert!(!used[0].unscripted);
 
     // Without a fallback: one clean llm_unavailable, no ai_done.
     let bad = Fake::start(vec![Reply::Status {
@@ -474,6 +319,7 @@ async fn persistent_failure_is_llm_unavailable_and_the_fallback_model_is_tried()
     .await;
     let (err, before) = until(&mut ws, "error").await;
     assert_eq!(err["code"], "llm_unavailable");
+    assert_eq!(bad.requests().len(), 1, "max_retries 0: no retry");
     assert!(
         before
             .iter()
@@ -514,6 +360,7 @@ async fn a_stalled_stream_times_out_and_a_broken_one_keeps_its_partial_text() {
     let stall = Fake::start(vec![Reply::Stream {
         events: vec![],
         gap: Duration::ZERO,
+        gate: None,
         then: End::Stall,
     }])
     .await;
@@ -648,7 +495,14 @@ async fn model_id_picks_a_configured_model_and_unknown_ones_are_refused() {
     .await;
     let (_, before) = until(&mut ws, "ai_done").await;
     assert_eq!(chunks_text(&before), "from b");
-    assert!(a.requests().is_empty());
+    assert!(
+        a.requests().is_empty(),
+        "the other model was not called: {:?}",
+        a.requests()
+    );
+    let asked = b.requests();
+    assert_eq!(asked.len(), 1);
+    assert_eq!(asked[0].body["model"], "upstream-b");
 }
 
 #[test]
@@ -658,4 +512,42 @@ fn plain_http_endpoints_are_refused_unless_loopback() {
     let cfg = with_models(vec![m]);
     let e = chatbox::check_config(&cfg, false).unwrap_err().to_string();
     assert!(e.contains("must be https"), "{e}");
+}
+
+/// An upstream that never ends an event: the answer fails with the `too_large`
+/// kind once `llm_event_bytes_max` is passed, and the upstream request is dropped,
+/// instead of the buffer growing until a timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_upstream_event_is_bounded() {
+    let cases = [
+        // One `data:` line that never ends.
+        ("data: ", "x".repeat(1024)),
+        // Endless `data:` lines of one event (never a blank line).
+        ("", format!("data: {}\n", "y".repeat(100))),
+    ];
+    for (prefix, piece) in cases {
+        let mut fake = Fake::start(vec![Reply::Endless {
+            prefix: prefix.into(),
+            piece,
+        }])
+        .await;
+        let server = start(chatbox::Config {
+            llm_event_bytes_max: 4096,
+            ..with_models(vec![model("gpt", LlmProvider::Openai, &fake)])
+        });
+        let mut ws = connect_user(server.local_addr(), "endless").await;
+        send(&mut ws, json!({"type": "user_message", "content": "hi"})).await;
+        let (err, _) = until(&mut ws, "error").await;
+        assert_eq!(err["code"], "llm_unavailable", "{prefix:?}");
+        fake.wait_closed(0).await;
+        assert_eq!(
+            total(&server, |m| m
+                .llm_error_count(chatbox::llm::ErrorKind::TooLarge.index())),
+            1,
+            "{prefix:?}"
+        );
+        assert_eq!(fake.requests().len(), 1, "too large is not retried");
+        server.shutdown();
+        stop(server).await;
+    }
 }

@@ -188,6 +188,7 @@ async fn mongodb_stopped_mid_load_and_restarted_loses_no_acked_message() {
     for id in &second {
         send(&mut ws, user_message(id, &sid)).await;
     }
+    no_ack_while_down(&mut ws, addr).await;
     // It comes back: the held messages are written and acked, once each.
     mongod.restart();
     let (later, _) = answers(&mut ws, &second).await;
@@ -238,6 +239,30 @@ async fn a_slow_mongodb_reaches_the_client_as_a_clear_error() {
     server.shutdown();
     stop(server).await;
     assert_stored_once(&cfg, &sid, &ids).await;
+}
+
+/// While MongoDB is down, nothing sent is acked. Sync points, not sleeps: the
+/// reply to a probe frame sent after the messages means the server has handled
+/// (and submitted) every one of them; `/readyz` answering 503 afterwards means
+/// it went on failing to reach MongoDB meanwhile (the writer retrying); every
+/// frame that arrived up to then is read without waiting, and none is an ack.
+async fn no_ack_while_down(ws: &mut Ws, addr: std::net::SocketAddr) {
+    use futures_util::{FutureExt, StreamExt};
+    send(ws, json!({"type": "no_such_frame", "id": "probe"})).await;
+    let (probe, before) = until(ws, "error").await;
+    assert_eq!(probe["id"], "probe", "{probe}");
+    let mut seen = before;
+    let (status, _, body) = get(addr, "/chatbox/readyz").await;
+    assert_eq!(status, 503, "MongoDB is still down: {body}");
+    while let Some(Some(Ok(m))) = ws.next().now_or_never() {
+        if let tokio_tungstenite::tungstenite::Message::Text(t) = m {
+            seen.push(serde_json::from_str(&t).unwrap());
+        }
+    }
+    assert!(
+        seen.iter().all(|v| v["type"] != "ack"),
+        "an ack arrived while MongoDB was down: {seen:?}"
+    );
 }
 
 /// Sends 30 messages at once; returns their ids.

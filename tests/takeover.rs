@@ -115,12 +115,14 @@ async fn help_takeover_chat_and_hand_back_across_cores() {
     );
 }
 
+/// Step by step: one chunk has gone out when the admin joins; the answer ends
+/// cancelled with that chunk only, and the upstream request is dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn joining_cancels_a_running_answer() {
-    let server = start(chatbox::Config {
-        demo_chunk_delay_ms: 40,
-        ..config()
-    });
+    let words: Vec<String> = (1..=10).map(|i| format!("w{i} ")).collect();
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    let (cfg, mut fake, gate) = fake_llm::stepped_server(&[&words]).await;
+    let server = start(cfg);
     let addr = server.local_addr();
     let mut a = admin(addr, "agent-x").await;
     let mut u = connect_user(addr, "impatient").await;
@@ -129,20 +131,29 @@ async fn joining_cancels_a_running_answer() {
         json!({"type": "user_message", "content": "tell me everything"}),
     )
     .await;
-    let (_, before) = until(&mut u, "ai_chunk").await;
+    gate.release(1);
+    let (chunk, before) = until(&mut u, "ai_chunk").await;
+    assert_eq!(chunk["content"], "w1 ");
     let sid = before[0]["session_id"].as_str().unwrap().to_owned();
     send(&mut a, json!({"type": "admin_join", "session_id": sid})).await;
     // Both arrive; their order is not fixed (the answer is stored as it stops).
     let (mut done, mut joined) = (None, false);
     while done.is_none() || !joined {
         let v = recv(&mut u).await;
+        assert_ne!(v["type"], "ai_chunk", "no chunk after the join: {v}");
         if v["type"] == "ai_done" {
             done = Some(v);
         } else if v["type"] == "admin_joined" {
             joined = true;
         }
     }
-    assert_eq!(done.unwrap()["cancelled"], true);
+    let done = done.unwrap();
+    assert_eq!(done["cancelled"], true);
+    assert_eq!(done["usage"]["output_tokens"], 1, "{done}");
+    fake.wait_closed(0).await;
+    gate.open();
+    let seen = fake.requests();
+    assert_eq!((seen.len(), seen[0].events_sent), (1, 1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

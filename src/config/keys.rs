@@ -359,6 +359,8 @@ declare_config! {
     llm_context_chars_max: usize = 24_000, range(100, NO_MAX), unit "chars";
     /// How long an answer keeps streaming after the user's last connection closed, so a quick reconnect resumes it.
     llm_grace_secs: u64 = 15, unit "s";
+    /// Largest server-sent event (one line, or all `data` lines of one event) taken from an LLM provider; beyond it the answer fails (error kind `too_large`).
+    llm_event_bytes_max: usize = 1024 * 1024, range(1024, NO_MAX), unit "bytes";
     /// Admin API requests per admin per minute (burst the same), per core.
     admin_rate_limit_per_minute: u32 = 600, unit "requests/min";
     /// Help requests are POSTed here (https, or http on loopback), signed with `notify_webhook_secret`.

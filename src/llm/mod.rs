@@ -24,8 +24,6 @@ use crate::pool::BlockingPool;
 
 /// Events the stream's channel holds before the provider task waits for the core.
 const STREAM_QUEUE_EVENTS: usize = 64;
-/// Longest SSE line accepted from a provider.
-const SSE_LINE_BYTES_MAX: usize = 1024 * 1024;
 /// Longest error body kept for the log.
 const ERROR_BODY_BYTES_MAX: usize = 2048;
 /// Longest wait between retries, whatever Retry-After says.
@@ -153,10 +151,12 @@ pub enum ErrorKind {
     ClientError,
     Provider,
     StreamEnded,
+    /// An event larger than `llm_event_bytes_max`.
+    TooLarge,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 7] = [
+    pub const ALL: [ErrorKind; 8] = [
         ErrorKind::Connect,
         ErrorKind::Timeout,
         ErrorKind::RateLimited,
@@ -164,6 +164,7 @@ impl ErrorKind {
         ErrorKind::ClientError,
         ErrorKind::Provider,
         ErrorKind::StreamEnded,
+        ErrorKind::TooLarge,
     ];
     /// Its position in [`crate::metrics::LLM_ERROR_LABELS`] (and in `ALL`).
     pub fn index(self) -> usize {
@@ -247,6 +248,8 @@ pub struct Models {
     specs: HashMap<String, Arc<ModelSpec>>,
     order: Vec<String>,
     pub system_prompt: String,
+    /// `llm_event_bytes_max`: the bound of one upstream event.
+    event_bytes_max: usize,
 }
 
 /// The configured models: `[[llm.models]]`, or the single model of
@@ -364,6 +367,7 @@ impl Models {
             specs,
             order,
             system_prompt: cfg.llm_system_prompt.clone(),
+            event_bytes_max: cfg.llm_event_bytes_max,
         })
     }
 
@@ -601,7 +605,7 @@ async fn attempt_once(
         total: start + spec.total_timeout,
     };
     let resp = open_stream(models, spec, turns, &deadlines).await?;
-    let Some(got) = relay_stream(spec, resp, tx, &deadlines).await? else {
+    let Some(got) = relay_stream(spec, models.event_bytes_max, resp, tx, &deadlines).await? else {
         return Ok(()); // nobody listens any more: the request was dropped
     };
     let _ = tx
@@ -698,12 +702,13 @@ struct Relayed {
 /// `None` once nobody listens.
 async fn relay_stream(
     spec: &ModelSpec,
+    event_bytes_max: usize,
     mut resp: reqwest::Response,
     tx: &async_channel::Sender<LlmEvent>,
     deadlines: &Deadlines,
 ) -> Result<Option<Relayed>, AttemptError> {
     let wire = spec.wire();
-    let mut parser = sse::Parser::new(SSE_LINE_BYTES_MAX);
+    let mut parser = sse::Parser::new(event_bytes_max);
     let mut got = Relayed::default();
     loop {
         let sent_text = got.chunks > 0;
@@ -715,7 +720,7 @@ async fn relay_stream(
         let bytes = next_bytes(&mut resp, deadline, sent_text).await?;
         let events = parser
             .feed(&bytes)
-            .map_err(|e| AttemptError::new(ErrorKind::Provider, e.to_string(), sent_text))?;
+            .map_err(|e| AttemptError::new(ErrorKind::TooLarge, e.to_string(), sent_text))?;
         for ev in events {
             let pieces = match wire.interpret(&ev) {
                 Ok(p) => p,

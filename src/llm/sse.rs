@@ -8,31 +8,38 @@ pub struct Event {
     pub data: String,
 }
 
+/// An upstream that never ends a line or an event would grow the parser without
+/// end; past the bound the stream is refused instead.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("an SSE line is longer than {0} bytes")]
-pub struct LineTooLong(pub usize);
+pub enum TooLarge {
+    #[error("an SSE line is longer than {0} bytes")]
+    Line(usize),
+    #[error("an SSE event's data is larger than {0} bytes")]
+    Event(usize),
+}
 
 pub struct Parser {
     line: Vec<u8>,
     name: String,
     data: String,
     has_data: bool,
-    line_bytes_max: usize,
+    /// Bounds one line and, separately, the joined `data` of one event.
+    bytes_max: usize,
 }
 
 impl Parser {
-    pub fn new(line_bytes_max: usize) -> Parser {
+    pub fn new(bytes_max: usize) -> Parser {
         Parser {
             line: Vec::new(),
             name: String::new(),
             data: String::new(),
             has_data: false,
-            line_bytes_max,
+            bytes_max,
         }
     }
 
     /// Feeds bytes; returns the events they complete.
-    pub fn feed(&mut self, bytes: &[u8]) -> Result<Vec<Event>, LineTooLong> {
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<Vec<Event>, TooLarge> {
         let mut out = Vec::new();
         let mut rest = bytes;
         while let Some(i) = memchr::memchr(b'\n', rest) {
@@ -42,16 +49,19 @@ impl Parser {
             if line.last() == Some(&b'\r') {
                 line.pop();
             }
-            self.line_done(&String::from_utf8_lossy(&line), &mut out);
+            if line.len() > self.bytes_max {
+                return Err(TooLarge::Line(self.bytes_max));
+            }
+            self.line_done(&String::from_utf8_lossy(&line), &mut out)?;
         }
         self.line.extend_from_slice(rest);
-        if self.line.len() > self.line_bytes_max {
-            return Err(LineTooLong(self.line_bytes_max));
+        if self.line.len() > self.bytes_max {
+            return Err(TooLarge::Line(self.bytes_max));
         }
         Ok(out)
     }
 
-    fn line_done(&mut self, line: &str, out: &mut Vec<Event>) {
+    fn line_done(&mut self, line: &str, out: &mut Vec<Event>) -> Result<(), TooLarge> {
         if line.is_empty() {
             if self.has_data || !self.name.is_empty() {
                 out.push(Event {
@@ -60,10 +70,10 @@ impl Parser {
                 });
             }
             self.has_data = false;
-            return;
+            return Ok(());
         }
         if line.starts_with(':') {
-            return; // comment / keep-alive
+            return Ok(()); // comment / keep-alive
         }
         let (field, value) = match line.split_once(':') {
             Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
@@ -72,6 +82,9 @@ impl Parser {
         match field {
             "event" => self.name = value.to_owned(),
             "data" => {
+                if self.data.len() + value.len() + 1 > self.bytes_max {
+                    return Err(TooLarge::Event(self.bytes_max));
+                }
                 if self.has_data {
                     self.data.push('\n');
                 }
@@ -80,6 +93,7 @@ impl Parser {
             }
             _ => {} // id, retry: not needed here
         }
+        Ok(())
     }
 }
 
@@ -118,6 +132,18 @@ mod tests {
     #[test]
     fn an_endless_line_is_an_error_not_unbounded_memory() {
         let mut p = Parser::new(16);
-        assert_eq!(p.feed(&[b'a'; 17]), Err(LineTooLong(16)));
+        assert_eq!(p.feed(&[b'a'; 17]), Err(TooLarge::Line(16)));
+    }
+
+    #[test]
+    fn endless_data_lines_of_one_event_are_an_error() {
+        let mut p = Parser::new(16);
+        assert_eq!(p.feed(b"data: 12345\ndata: 6789\n"), Ok(vec![]));
+        assert_eq!(p.feed(b"data: abcdef\n"), Err(TooLarge::Event(16)));
+        // Events under the bound each start from zero.
+        let mut p = Parser::new(16);
+        for _ in 0..10 {
+            assert_eq!(p.feed(b"data: 0123456789\n\n").unwrap().len(), 1);
+        }
     }
 }

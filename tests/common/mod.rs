@@ -2,6 +2,8 @@
 //! cores, tokens, a real WebSocket client (tokio-tungstenite) and raw HTTP.
 #![allow(dead_code)]
 
+pub mod fake_llm;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
