@@ -130,6 +130,12 @@ impl BlockingPool {
         rx.recv().map_err(|_| PoolError::Dropped)
     }
 
+    /// The pool's runtime, for long-lived clients that spawn their own tasks (the
+    /// bus); they are not counted against the bound.
+    pub fn handle(&self) -> tokio::runtime::Handle {
+        self.handle.clone()
+    }
+
     /// Enters the pool's runtime, for building clients that must be created in it.
     pub fn enter(&self) -> tokio::runtime::EnterGuard<'_> {
         self.handle.enter()

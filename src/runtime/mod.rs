@@ -9,6 +9,7 @@
 
 pub mod addr;
 pub mod app;
+pub mod bus;
 pub mod core;
 pub mod gate;
 pub mod http;

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod fake_llm;
+pub mod nats;
 
 use std::net::SocketAddr;
 use std::time::Duration;
