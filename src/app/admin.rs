@@ -418,18 +418,37 @@ pub struct CloseUser {
     reply: async_channel::Sender<usize>,
 }
 
+impl CloseUser {
+    /// A close request and the receiving end of its answer.
+    pub fn new(user: Arc<str>, deleted: bool) -> (CloseUser, async_channel::Receiver<usize>) {
+        let (reply, answer) = async_channel::bounded(1);
+        let msg = CloseUser {
+            user,
+            deleted,
+            reply,
+        };
+        (msg, answer)
+    }
+}
+
+/// Closes `user`'s connections on this node and, in a cluster, on every other
+/// node; an error names what did not confirm.
+async fn close_user(core: &Rc<Core>, user: &str, deleted: bool) -> Result<usize, String> {
+    let here = close_user_on_node(core, user, deleted).await?;
+    let Some(bus) = &core.shared.app.bus else {
+        return Ok(here);
+    };
+    let elsewhere = super::cluster::close_user_elsewhere(bus, user, deleted).await?;
+    Ok(here + elsewhere)
+}
+
 /// Closes `user`'s connections on the core that owns them (all of a user's
 /// connections live there) and returns how many it closed. An error says which
 /// core did not take the request or did not answer within half the HTTP request's
 /// time, so the admin hears of it instead of a success.
-async fn close_user(core: &Rc<Core>, user: &str, deleted: bool) -> Result<usize, String> {
+async fn close_user_on_node(core: &Rc<Core>, user: &str, deleted: bool) -> Result<usize, String> {
     let owner = owner_core(user, core.shared.mesh.cores());
-    let (reply, answer) = async_channel::bounded(1);
-    let msg = CloseUser {
-        user: user.into(),
-        deleted,
-        reply,
-    };
+    let (msg, answer) = CloseUser::new(user.into(), deleted);
     core.send_app(owner, ChatMsg::CloseUser(Box::new(msg)))
         .map_err(|e| format!("the user's connections were not closed: {e}"))?;
     let wait = Duration::from_millis(core.shared.config.http_request_timeout_ms / 2);

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod chat;
+pub mod cluster;
 pub mod conn;
 pub mod frames;
 
@@ -21,6 +22,7 @@ use crate::config::{Config, ConfigError};
 use crate::crypto::KeyRing;
 use crate::pool::BlockingPool;
 use crate::runtime::app::Body;
+use crate::runtime::mesh::Mesh;
 use crate::runtime::{App, ConnId, Hooks, StartError};
 use crate::store::{Backend, StoreError};
 use chat::takeover::{self, AdminOp};
@@ -105,10 +107,17 @@ impl App for ChatApp {
     }
 
     fn render_metrics(shared: &ChatShared) -> String {
-        shared.notifier.render_metrics()
+        let mut out = shared.notifier.render_metrics();
+        if let Some(bus) = &shared.bus {
+            bus.render_metrics(&mut out);
+        }
+        out
     }
 
     fn stopped(shared: &ChatShared) {
+        if let Some(bus) = &shared.bus {
+            bus.leave(&shared.pool, Duration::from_secs(1));
+        }
         flush_storage(shared);
     }
 }
@@ -130,6 +139,8 @@ pub enum AppStartError {
         #[source]
         source: StoreError,
     },
+    #[error("cannot connect to the bus")]
+    Bus(#[source] crate::runtime::bus::BusError),
     #[error("cannot start the notifier: {0}")]
     Pool(String),
     #[error("cannot create the data directory {dir}")]
@@ -172,13 +183,17 @@ pub fn start(config: Config, hooks: Hooks) -> Result<ServerHandle, StartError> {
     // One TLS crypto provider (ring) for every client: LLM providers, webhooks, SMTP.
     // Installing twice (a second server in one process) is harmless.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    crate::runtime::start::<ChatApp, _>(config, hooks, |config, pool| {
-        Ok(chat_shared(config, pool)?)
+    crate::runtime::start::<ChatApp, _>(config, hooks, |config, pool, mesh| {
+        Ok(chat_shared(config, pool, mesh)?)
     })
 }
 
 /// Opens storage and the key ring: everything chat needs that outlives a core.
-fn chat_shared(config: &Config, pool: &BlockingPool) -> Result<ChatShared, AppStartError> {
+fn chat_shared(
+    config: &Config,
+    pool: &BlockingPool,
+    mesh: &Mesh<ChatMsg>,
+) -> Result<ChatShared, AppStartError> {
     let invalid = |e: String| ConfigError::Invalid(vec![e]);
     let key = config.encryption_key.as_deref().ok_or_else(|| {
         invalid("CHATBOX_ENCRYPTION_KEY is required; make one with `openssl rand -hex 32`".into())
@@ -207,6 +222,7 @@ fn chat_shared(config: &Config, pool: &BlockingPool) -> Result<ChatShared, AppSt
     pool.spawn(notifier.clone().run())
         .map_err(|e| AppStartError::Pool(e.to_string()))?;
     let models = crate::llm::Models::new(config, pool).map_err(invalid)?;
+    let bus = cluster::start_bus(config, pool, mesh).map_err(AppStartError::Bus)?;
     Ok(ChatShared::new(
         config,
         store,
@@ -214,6 +230,7 @@ fn chat_shared(config: &Config, pool: &BlockingPool) -> Result<ChatShared, AppSt
         Arc::new(models),
         notifier,
         pool.clone(),
+        bus,
     ))
 }
 

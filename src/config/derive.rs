@@ -79,6 +79,17 @@ impl Config {
             (self.http_head_timeout_ms, self.http_request_timeout_ms) = (head, request);
             note(field, value.to_string(), from);
         }
+        if !given("cluster_member_timeout_ms") {
+            let timeout = 3 * self.cluster_heartbeat_ms;
+            if timeout != self.cluster_member_timeout_ms {
+                self.cluster_member_timeout_ms = timeout;
+                note(
+                    "cluster_member_timeout_ms",
+                    timeout.to_string(),
+                    "cluster_heartbeat_ms",
+                );
+            }
+        }
         if !given("notify_smtp_port") {
             if let Some(port) = smtp_port_for(&self.notify_smtp_tls) {
                 self.notify_smtp_port = port;

@@ -389,6 +389,20 @@ declare_config! {
     notify_max_attempts: u32 = 8, unit "attempts";
     /// First retry delay of a notification; doubles per attempt (with jitter).
     notify_retry_base_ms: u64 = 1000, unit "ms";
+    /// NATS servers (comma list of `nats://host:port`); set, this node runs in cluster mode (docs/CLUSTER.md) and needs `mongo_uri`.
+    #[secret]
+    nats_url: Vec<String> = Vec::new();
+    /// This node's name on the bus (letters, digits, `-`, `_`; at most 64); the host name and process id by default.
+    node_id: Option<String> = None;
+    /// Every bus subject sits under this prefix, so several clusters can share one bus.
+    nats_subject_prefix: String = "chatbox".into();
+    /// How often a node tells the others it is alive.
+    cluster_heartbeat_ms: u64 = 1000, range(50, 60_000), unit "ms";
+    /// Silence after which another node counts as gone.
+    cluster_member_timeout_ms: u64 = 3000, range(150, 600_000), unit "ms",
+        derived "3 x cluster_heartbeat_ms";
+    /// How long a request to every node (disconnect, delete) waits for their answers.
+    bus_request_timeout_ms: u64 = 2000, range(50, 60_000), unit "ms";
     /// `[[llm.models]]`: several models (provider, endpoint, key, timeouts, fallback), in the environment a JSON or TOML array; empty: the `llm_*` keys define one.
     llm: LlmSection = LlmSection::default(), file "llm.models", env "CHATBOX_LLM_MODELS";
 }

@@ -152,6 +152,36 @@ impl Config {
         }
     }
 
+    /// Whether this node is one of a cluster (`nats_url` set).
+    pub fn cluster(&self) -> bool {
+        !self.nats_url.is_empty()
+    }
+
+    /// This node's name on the bus: `node_id`, or the host name and process id
+    /// (each character a subject may not hold becomes `-`), so that a restarted
+    /// process is a new member.
+    pub fn node_name(&self) -> String {
+        if let Some(id) = &self.node_id {
+            return id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_default();
+        let host: String = host
+            .chars()
+            .take(40)
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '_' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        let host = if host.is_empty() { "node".into() } else { host };
+        format!("{host}-{}", std::process::id())
+    }
+
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_secs(self.shutdown_timeout_secs)
     }

@@ -110,6 +110,7 @@ impl Config {
                 );
             }
         }
+        problems.extend(self.cluster_problems());
         let concern = &self.mongo_write_concern;
         if concern != "majority" && !concern.parse::<u32>().is_ok_and(|n| n >= 1) {
             problems.push(
@@ -120,6 +121,47 @@ impl Config {
         if db.is_empty() || db.len() > 63 || db.contains(['/', '\\', '.', ' ', '"', '$']) {
             problems.push(
                 "CHATBOX_MONGO_DATABASE must be 1-63 characters without / \\ . space \" $".into(),
+            );
+        }
+        problems
+    }
+
+    fn cluster_problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if !self.nats_url.is_empty() && self.mongo_uri.is_none() {
+            problems.push(
+                "CHATBOX_NATS_URL turns cluster mode on, which needs CHATBOX_MONGO_URI: every \
+                 node must reach the same store, where messages become durable and a \
+                 session's owner is fenced (docs/CLUSTER.md)"
+                    .into(),
+            );
+        }
+        for url in &self.nats_url {
+            if !url.starts_with("nats://") && !url.starts_with("tls://") {
+                problems.push("CHATBOX_NATS_URL entries must start with nats:// or tls://".into());
+            }
+        }
+        if let Some(id) = &self.node_id {
+            if !subject_token_ok(id, 64) {
+                problems.push("CHATBOX_NODE_ID must be 1-64 letters, digits, '-' or '_'".into());
+            }
+        }
+        let prefix_ok = self
+            .nats_subject_prefix
+            .split('.')
+            .all(|t| subject_token_ok(t, 64));
+        if !prefix_ok {
+            problems.push(
+                "CHATBOX_NATS_SUBJECT_PREFIX must be dot-separated tokens of letters, digits, \
+                 '-' or '_'"
+                    .into(),
+            );
+        }
+        if self.cluster_member_timeout_ms < 2 * self.cluster_heartbeat_ms {
+            problems.push(
+                "CHATBOX_CLUSTER_MEMBER_TIMEOUT_MS must be at least twice \
+                 CHATBOX_CLUSTER_HEARTBEAT_MS (one lost heartbeat must not drop a node)"
+                    .into(),
             );
         }
         problems
@@ -170,6 +212,14 @@ pub fn parse_encryption_key(key: &str) -> Result<[u8; 32], String> {
 }
 
 /// `scheme://host[:port]` with nothing after it.
+/// A NATS subject token chatbox accepts: no dots, wildcards or spaces.
+pub fn subject_token_ok(token: &str, len_max: usize) -> bool {
+    (1..=len_max).contains(&token.len())
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 fn valid_origin(o: &str) -> bool {
     let Some((scheme, rest)) = o.split_once("://") else {
         return false;

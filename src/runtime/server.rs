@@ -88,7 +88,7 @@ pub struct ServerHandle<A: App> {
 pub fn start<A, F>(config: Config, hooks: Hooks, make_app: F) -> Result<ServerHandle<A>, StartError>
 where
     A: App,
-    F: FnOnce(&Config, &BlockingPool) -> Result<A::Shared, StartError>,
+    F: FnOnce(&Config, &BlockingPool, &Mesh<A::Msg>) -> Result<A::Shared, StartError>,
 {
     let secret = config.jwt_secret.clone().ok_or_else(|| {
         crate::config::ConfigError::Invalid(vec!["CHATBOX_JWT_SECRET is required".into()])
@@ -111,7 +111,7 @@ where
         timeout: config.shutdown_timeout(),
         triggered: Arc::new(AtomicBool::new(false)),
     };
-    let app = make_app(&config, &pool)?;
+    let app = make_app(&config, &pool, &mesh)?;
     let checks = crate::auth::Checks {
         issuer: config.jwt_issuer.clone(),
         audience: config.jwt_audience.clone(),

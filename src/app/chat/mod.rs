@@ -63,6 +63,8 @@ pub struct ChatShared {
     pub grace: Duration,
     pub notifier: Arc<Notifier>,
     pub pool: BlockingPool,
+    /// This node's bus to the others, in cluster mode.
+    pub bus: Option<crate::runtime::bus::Bus>,
     /// Core threads; sessions are sharded over them by user.
     pub cores: usize,
 }
@@ -75,6 +77,7 @@ impl ChatShared {
         models: Arc<Models>,
         notifier: Arc<Notifier>,
         pool: BlockingPool,
+        bus: Option<crate::runtime::bus::Bus>,
     ) -> ChatShared {
         ChatShared {
             store,
@@ -99,6 +102,7 @@ impl ChatShared {
             grace: Duration::from_secs(config.llm_grace_secs),
             notifier,
             pool,
+            bus,
             cores: config.core_count(),
         }
     }

@@ -361,6 +361,11 @@ pub fn help_request(core: &Rc<Core>, sid: &Arc<str>, user: &Identity, conn: Conn
         core.metrics().mesh_dropped.inc();
         tracing::warn!(error = %e, "help request not delivered to one core's admins");
     }
+    if let Some(bus) = &core.shared.app.bus {
+        if let Err(e) = crate::app::cluster::admin_feed(bus, &frame) {
+            tracing::warn!(error = %e, "help request not sent to the other nodes' admins");
+        }
+    }
     notify_help(core, sid, user, at);
 }
 

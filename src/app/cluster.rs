@@ -1,0 +1,162 @@
+//! What one node asks of the others over the bus, and how a node answers.
+//!
+//! The cross-node twin of [`super::ChatMsg`]: a help request for every admin of
+//! every node, and closing a user's connections wherever they are. A message that
+//! arrives is handed to the right core over the mesh, exactly as a core would hand
+//! it; docs/CLUSTER.md says what each one may lose and why that is safe.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::admin::CloseUser;
+use super::ChatMsg;
+use crate::config::Config;
+use crate::pool::BlockingPool;
+use crate::runtime::bus::{Bus, BusError, BusSettings, Handler, Inbound};
+use crate::runtime::mesh::{owner_core, CoreMsg, Mesh};
+
+/// A message between nodes, as JSON on the bus.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum NodeMsg {
+    /// A frame for every admin connection of the receiving node (`help_requested`).
+    AdminFeed { frame: String },
+    /// Close a user's connections on the receiving node; `deleted`: their data was
+    /// deleted, so their sessions leave memory too. Answered with [`Closed`].
+    CloseUser { user_id: String, deleted: bool },
+}
+
+/// A node's answer to [`NodeMsg::CloseUser`].
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Closed {
+    pub closed: usize,
+}
+
+impl NodeMsg {
+    fn encode(&self) -> Vec<u8> {
+        // Serialising a plain enum of strings cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// Connects this node to the bus when cluster mode is on.
+pub fn start_bus(
+    config: &Config,
+    pool: &BlockingPool,
+    mesh: &Mesh<ChatMsg>,
+) -> Result<Option<Bus>, BusError> {
+    if !config.cluster() {
+        return Ok(None);
+    }
+    let settings = BusSettings {
+        servers: config.nats_url.clone(),
+        node_id: config.node_name().into(),
+        prefix: config.nats_subject_prefix.clone(),
+        heartbeat: Duration::from_millis(config.cluster_heartbeat_ms),
+        member_timeout: Duration::from_millis(config.cluster_member_timeout_ms),
+        request_timeout: Duration::from_millis(config.bus_request_timeout_ms),
+    };
+    tracing::info!(node = %settings.node_id, prefix = %settings.prefix, "cluster mode");
+    let mesh = mesh.clone();
+    let handler: Handler = Arc::new(move |msg| on_inbound(&mesh, msg));
+    Bus::start(settings, pool, handler).map(Some)
+}
+
+/// Runs on a pool thread for every message another node sent this one.
+fn on_inbound(mesh: &Mesh<ChatMsg>, msg: Inbound) {
+    let parsed = serde_json::from_slice::<NodeMsg>(&msg.payload);
+    match parsed {
+        Ok(NodeMsg::AdminFeed { frame }) => {
+            for e in mesh.admin_feed(&frame) {
+                tracing::warn!(error = %e, "a help request from another node missed one core");
+            }
+        }
+        Ok(NodeMsg::CloseUser { user_id, deleted }) => close_here(mesh, msg, &user_id, deleted),
+        Err(e) => tracing::warn!(error = %e, "an unreadable bus message was ignored"),
+    }
+}
+
+/// Hands a close to the user's core and answers the asking node once it is done;
+/// no answer (the core is stuck or stopping) is what the asker reports.
+fn close_here(mesh: &Mesh<ChatMsg>, msg: Inbound, user_id: &str, deleted: bool) {
+    let (close, answer) = CloseUser::new(user_id.into(), deleted);
+    let core = owner_core(user_id, mesh.cores());
+    if mesh
+        .send(core, CoreMsg::App(ChatMsg::CloseUser(Box::new(close))))
+        .is_err()
+    {
+        return;
+    }
+    tokio::spawn(async move {
+        if let Ok(closed) = answer.recv().await {
+            let reply = serde_json::to_vec(&Closed { closed }).unwrap_or_default();
+            msg.reply(reply);
+        }
+    });
+}
+
+/// Sends a help request's frame to the admins of every other node.
+pub fn admin_feed(bus: &Bus, frame: &str) -> Result<(), BusError> {
+    let msg = NodeMsg::AdminFeed {
+        frame: frame.to_owned(),
+    };
+    bus.publish_all(msg.encode())
+}
+
+/// Closes a user's connections on every other node: how many were closed, or
+/// which nodes did not confirm.
+pub async fn close_user_elsewhere(
+    bus: &Bus,
+    user_id: &str,
+    deleted: bool,
+) -> Result<usize, String> {
+    let msg = NodeMsg::CloseUser {
+        user_id: user_id.to_owned(),
+        deleted,
+    };
+    let gathered = bus
+        .gather(msg.encode())
+        .await
+        .map_err(|e| format!("the other nodes were not asked ({e})"))?;
+    let mut closed = 0;
+    for (node, body) in &gathered.replies {
+        match serde_json::from_slice::<Closed>(body) {
+            Ok(c) => closed += c.closed,
+            Err(_) => return Err(format!("node {node} answered what is not a count")),
+        }
+    }
+    if !gathered.missing.is_empty() {
+        let names: Vec<&str> = gathered.missing.iter().map(|n| &**n).collect();
+        return Err(format!(
+            "node(s) {} did not confirm closing the user's connections",
+            names.join(", ")
+        ));
+    }
+    Ok(closed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_messages_round_trip_as_tagged_json() {
+        for msg in [
+            NodeMsg::AdminFeed {
+                frame: r#"{"type":"help_requested"}"#.into(),
+            },
+            NodeMsg::CloseUser {
+                user_id: "josé".into(),
+                deleted: true,
+            },
+        ] {
+            let bytes = msg.encode();
+            assert_eq!(serde_json::from_slice::<NodeMsg>(&bytes).unwrap(), msg);
+        }
+        let wire = br#"{"kind":"close_user","user_id":"u","deleted":false}"#;
+        assert!(serde_json::from_slice::<NodeMsg>(wire).is_ok());
+        assert!(serde_json::from_slice::<NodeMsg>(br#"{"kind":"nope"}"#).is_err());
+    }
+}

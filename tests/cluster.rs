@@ -1,0 +1,191 @@
+//! Three chatbox nodes as one service: a real nats-server between them and one
+//! MongoDB-compatible store. Help requests reach the admins of every node once; an
+//! admin's disconnect or delete on one node closes the user's connections on all.
+//! Ignored unless asked for (`--include-ignored`): CI sets CHATBOX_TEST_NATS_SERVER
+//! and CHATBOX_TEST_MONGO_URI.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use chatbox::auth::now_secs;
+use chatbox::{Config, ServerHandle};
+use common::nats::NatsServer;
+use common::*;
+use serde_json::{json, Value};
+
+struct Cluster {
+    nodes: Vec<ServerHandle>,
+    _nats: NatsServer,
+}
+
+impl Cluster {
+    /// Starts `n` nodes on one bus and one store, and waits until every node sees
+    /// all the others.
+    async fn start(n: usize) -> Cluster {
+        let nats = NatsServer::start();
+        let uri = std::env::var("CHATBOX_TEST_MONGO_URI")
+            .expect("the cluster tests need CHATBOX_TEST_MONGO_URI (see .ci/run)");
+        let db = format!("chatbox_cluster_{:016x}", rand::random::<u64>());
+        let nodes: Vec<ServerHandle> = (0..n)
+            .map(|i| {
+                start(Config {
+                    mongo_uri: Some(uri.clone()),
+                    mongo_database: db.clone(),
+                    nats_url: vec![nats.url()],
+                    node_id: Some(format!("node-{i}")),
+                    cluster_heartbeat_ms: 100,
+                    ..config()
+                })
+            })
+            .collect();
+        for node in &nodes {
+            wait_metric(node.local_addr(), "chatbox_cluster_members", n as u64).await;
+        }
+        Cluster { nodes, _nats: nats }
+    }
+
+    fn addr(&self, i: usize) -> SocketAddr {
+        self.nodes[i].local_addr()
+    }
+
+    async fn stop(self) {
+        for node in self.nodes {
+            node.shutdown();
+            stop(node).await;
+        }
+    }
+}
+
+/// Waits (bounded) until `/metrics` shows `name` at `value`: membership is learnt
+/// from heartbeats, and this is where a node says what it has learnt.
+async fn wait_metric(addr: SocketAddr, name: &str, value: u64) {
+    let deadline = Instant::now() + WAIT;
+    let want = format!("{name} {value}");
+    loop {
+        let (_, _, body) = get(addr, "/chatbox/metrics").await;
+        if body.lines().any(|l| l == want) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{addr} never showed {want}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn admin(addr: SocketAddr, id: &str) -> Ws {
+    let t = token_with(id, &["admin"], now_secs() + 3600);
+    connect(addr, "/ws", Some(&t), None)
+        .await
+        .expect("admin connects")
+}
+
+async fn admin_call(addr: SocketAddr, method: &str, path: &str) -> (u16, Value) {
+    let token = token_with("boss", &["admin"], now_secs() + 3600);
+    let req = format!(
+        "{method} /chatbox/admin{path} HTTP/1.1\r\nHost: x\r\n\
+         Authorization: Bearer {token}\r\nContent-Length: 0\r\n\r\n"
+    );
+    let (status, _, body) = http(addr, &req).await;
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+/// A user's session with one answered message, and the user's socket.
+async fn user_session(addr: SocketAddr, user: &str) -> (Ws, String) {
+    let mut ws = connect_user(addr, user).await;
+    send(&mut ws, json!({"type": "user_message", "content": "hello"})).await;
+    let (_, before) = until(&mut ws, "ai_done").await;
+    let sid = before[0]["session_id"].as_str().unwrap().to_owned();
+    (ws, sid)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs nats-server and MongoDB (CHATBOX_TEST_NATS_SERVER, CHATBOX_TEST_MONGO_URI)"]
+async fn a_help_request_reaches_the_admins_of_every_node_once() {
+    let cluster = Cluster::start(3).await;
+    let mut admins = Vec::new();
+    for i in 0..3 {
+        admins.push(admin(cluster.addr(i), &format!("agent-{i}")).await);
+    }
+    let (mut first, first_sid) = user_session(cluster.addr(0), "ann").await;
+    let (mut second, second_sid) = user_session(cluster.addr(2), "bob").await;
+    send(
+        &mut first,
+        json!({"type": "help_request", "session_id": first_sid}),
+    )
+    .await;
+    until(&mut first, "help_requested").await;
+    // The second request is the marker: every admin reads up to it, and the first
+    // must have come exactly once before it.
+    send(
+        &mut second,
+        json!({"type": "help_request", "session_id": second_sid}),
+    )
+    .await;
+    until(&mut second, "help_requested").await;
+    for (i, a) in admins.iter_mut().enumerate() {
+        let mut seen = Vec::new();
+        loop {
+            let (help, _) = until(a, "help_requested").await;
+            let sid = help["session_id"].as_str().unwrap().to_owned();
+            seen.push(sid.clone());
+            if seen.contains(&first_sid) && seen.contains(&second_sid) {
+                break;
+            }
+        }
+        let firsts = seen.iter().filter(|s| **s == first_sid).count();
+        assert_eq!(firsts, 1, "admin on node {i} saw {seen:?}");
+    }
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs nats-server and MongoDB (CHATBOX_TEST_NATS_SERVER, CHATBOX_TEST_MONGO_URI)"]
+async fn a_disconnect_on_one_node_closes_the_user_on_every_node() {
+    let cluster = Cluster::start(3).await;
+    let mut sockets = Vec::new();
+    for i in 0..3 {
+        sockets.push(connect_user(cluster.addr(i), "carl").await);
+    }
+    let _other = connect_user(cluster.addr(0), "dora").await;
+    let (status, body) = admin_call(cluster.addr(1), "POST", "/users/carl/disconnect").await;
+    assert_eq!((status, &body["closed"]), (200, &json!(3)), "{body}");
+    for ws in &mut sockets {
+        assert_eq!(close_code(ws).await.map(u16::from), Some(4003));
+    }
+    // Deleting closes them too, wherever they are, and says how many.
+    let _again = connect_user(cluster.addr(2), "carl").await;
+    let (status, body) = admin_call(cluster.addr(0), "DELETE", "/users/carl").await;
+    assert_eq!((status, &body["closed"]), (200, &json!(1)), "{body}");
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs nats-server and MongoDB (CHATBOX_TEST_NATS_SERVER, CHATBOX_TEST_MONGO_URI)"]
+async fn a_disconnect_a_node_cannot_confirm_is_reported_not_counted() {
+    let cluster = Cluster::start(2).await;
+    // A member that heartbeats but never answers (a node stuck mid-GC, say).
+    let (runtime, pool) = chatbox::pool::PoolRuntime::start(1, 16).unwrap();
+    let settings = chatbox::runtime::bus::BusSettings {
+        servers: vec![cluster._nats.url()],
+        node_id: "mute-node".into(),
+        prefix: "chatbox".into(),
+        heartbeat: Duration::from_millis(100),
+        member_timeout: Duration::from_secs(60),
+        request_timeout: Duration::from_secs(1),
+    };
+    let _mute =
+        chatbox::runtime::bus::Bus::start(settings, &pool, std::sync::Arc::new(|_| {})).unwrap();
+    wait_metric(cluster.addr(0), "chatbox_cluster_members", 3).await;
+    let _ws = connect_user(cluster.addr(1), "erin").await;
+    let (status, body) = admin_call(cluster.addr(0), "POST", "/users/erin/disconnect").await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (503, &json!("unavailable")),
+        "{body}"
+    );
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("mute-node"), "{message}");
+    cluster.stop().await;
+    runtime.shutdown_background();
+}
