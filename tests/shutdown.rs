@@ -6,7 +6,9 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
 use common::*;
+use serde_json::json;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
 
 /// Raises this process's soft open-files limit to `want` (or the hard limit):
 /// 1,000 clients and their 1,000 server ends need more descriptors than the usual
@@ -194,4 +196,74 @@ fn check_config_reports_what_to_fix() {
             && text.contains("4 connections per user"),
         "{text}"
     );
+}
+
+/// A client that stops reading while the server has frames for it is closed with
+/// 1013 once its queue passes its bound, and the close frame reaches it when it
+/// reads again (after every whole frame it was already sent); another user, who
+/// reads, keeps everything and carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_is_closed_with_1013_and_others_carry_on() {
+    let mut cfg = config();
+    cfg.ws_outbox_frames_max = 8;
+    cfg.ws_write_buffer_bytes_max = 64 * 1024;
+    let server = start(cfg);
+    let addr = server.local_addr();
+    // Never polled until the end: tokio-tungstenite reads only when asked.
+    let mut slow = connect_user(addr, "slow-reader").await;
+    let good = connect_user(addr, "good-reader").await;
+    // The good reader reads everything, saying when it got each broadcast, until "end".
+    let (got_tx, mut got_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let reader = tokio::spawn(async move {
+        let mut good = good;
+        let mut n = 0u64;
+        loop {
+            match next_msg(&mut good).await {
+                Some(Message::Text(t)) if t.as_str() == "end" => return (good, n),
+                Some(Message::Text(_)) => {
+                    n += 1;
+                    got_tx.send(()).await.unwrap();
+                }
+                other => panic!("the good reader lost its connection: {other:?}"),
+            }
+        }
+    });
+    let big = "x".repeat(60 * 1024);
+    let mut sent = 0u64;
+    // Until the server gives up on the slow reader; bounded so a bug fails.
+    while total(&server, |m| m.slow_consumers.get()) == 0 {
+        assert!(sent < 4_000, "the slow reader was never closed");
+        // Paced by the good reader, which keeps up: only the slow one falls behind.
+        assert!(server.broadcast(&big).is_empty(), "broadcast refused");
+        sent += 1;
+        tokio::time::timeout(WAIT, got_rx.recv())
+            .await
+            .expect("the good reader keeps up");
+    }
+    assert!(server.broadcast("end").is_empty());
+    // Reading again, the slow client gets whole frames, then 1013.
+    let mut frames = 0;
+    let code = loop {
+        match next_msg(&mut slow).await {
+            Some(Message::Text(t)) => {
+                assert_eq!(t.len(), big.len(), "a whole frame");
+                frames += 1;
+            }
+            Some(Message::Close(f)) => break f.map(|f| f.code),
+            other => panic!("expected frames then a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(code, Some(CloseCode::Again), "after {frames} frames");
+    assert!(frames > 0);
+    let (mut good, got) = tokio::time::timeout(WAIT, reader).await.unwrap().unwrap();
+    assert_eq!(got, sent, "the good reader got every broadcast");
+    send(
+        &mut good,
+        json!({"type": "user_message", "content": "still here?"}),
+    )
+    .await;
+    until(&mut good, "ai_done").await;
+    assert_eq!(total(&server, |m| m.slow_consumers.get()), 1);
+    server.shutdown();
+    stop(server).await;
 }

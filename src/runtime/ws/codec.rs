@@ -144,6 +144,9 @@ pub struct Codec {
     reassembled: bool,
     /// Encoded frames not yet sent (a partial send drains what went).
     tx: Vec<u8>,
+    /// Bytes at the head of `tx` that finish a frame already partly sent: they
+    /// must go before anything else, or the peer's framing breaks.
+    tx_front: usize,
     closing: Closing,
     limits: Limits,
     /// Counts every frame the peer sends, of any kind; absent on the echo route.
@@ -159,6 +162,7 @@ impl Codec {
             frag: None,
             reassembled: false,
             tx: Vec::new(),
+            tx_front: 0,
             closing: Closing::Open,
             limits,
             guard: None,
@@ -431,6 +435,14 @@ impl Codec {
         Ok(())
     }
 
+    /// Closes at once, before the frames still queued: drops every frame not yet
+    /// begun (the rest of one partly sent still goes) and queues the close. For a
+    /// peer that does not read, so that the close is the next thing it gets.
+    pub fn close_before_queued(&mut self, code: CloseCode, reason: &str) {
+        self.tx.truncate(self.tx_front);
+        let _ = self.send_close(code, reason);
+    }
+
     /// True once close frames went both ways: the connection is over.
     pub fn is_closed(&self) -> bool {
         self.closing == Closing::Done
@@ -484,6 +496,7 @@ impl Codec {
                 Ok(n) => sent += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // Rare (the peer reads slowly): keep only what is left.
+                    self.tx_front = self.front_after(sent);
                     self.tx.drain(..sent);
                     return Ok(sent);
                 }
@@ -491,7 +504,28 @@ impl Codec {
             }
         }
         self.tx = Vec::new();
+        self.tx_front = 0;
         Ok(sent)
+    }
+
+    /// Once the first `sent` bytes of `tx` are gone: how many of the rest finish a
+    /// frame already begun. Our frames are whole in `tx` and unmasked.
+    fn front_after(&self, sent: usize) -> usize {
+        let mut end = self.tx_front;
+        while end < sent {
+            end += own_frame_len(&self.tx[end..]);
+        }
+        end - sent
+    }
+}
+
+/// The length, header included, of the frame of ours that `buf` starts with.
+fn own_frame_len(buf: &[u8]) -> usize {
+    let be = |b: &[u8]| b.iter().fold(0usize, |n, &x| (n << 8) | x as usize);
+    match buf[1] & 0x7f {
+        126 => 4 + be(&buf[2..4]),
+        127 => 10 + be(&buf[2..10]),
+        n => 2 + n as usize,
     }
 }
 
