@@ -283,8 +283,10 @@ declare_config! {
     max_connections_per_user: u32 = 10, range(1, 10_000), unit "connections";
     /// User messages per minute (token bucket whose burst is the same number).
     rate_limit_per_minute: u32 = 60, range(1, 1_000_000), unit "messages/min";
-    /// Graceful shutdown drains for at most this long.
+    /// Graceful shutdown takes at most this long, every step included (draining, closing connections, the storage flush, the notifier).
     shutdown_timeout_secs: u64 = 20, range(1, 3600), unit "s";
+    /// At shutdown, how long answers still streaming may finish before they are cancelled and stored with their partial text; at most half of `shutdown_timeout_secs`.
+    shutdown_grace_secs: u64 = 10, range(0, 3600), unit "s";
     /// Unauthenticated echo endpoint under the prefix, for WebSocket conformance runs; leave unset in production.
     echo_path: Option<String> = None;
     /// When set, `/metrics` needs `Authorization: Bearer <token>`.

@@ -17,6 +17,10 @@ use super::core::Core;
 use super::io::{HyperIo, Socket};
 use crate::metrics::Refusal;
 
+/// The `Retry-After` of every refusal while shutting down: long enough for a load
+/// balancer to move the client to another instance, short enough for a restart.
+pub const RETRY_AFTER_SHUTDOWN_SECS: u64 = 5;
+
 /// `{"error":{"code":..,"message":..}}`, the one error body of every endpoint.
 pub fn error_body(code: &str, message: &str) -> String {
     serde_json::json!({"error": {"code": code, "message": message}}).to_string()
@@ -46,6 +50,17 @@ impl Refuse {
             why,
             headers: Vec::new(),
         }
+    }
+
+    /// 503 while the server drains or stops: try again (another instance) shortly.
+    pub fn shutting_down() -> Refuse {
+        Refuse::new(
+            503,
+            "shutting_down",
+            "server is shutting down",
+            Refusal::ShuttingDown,
+        )
+        .header("Retry-After", RETRY_AFTER_SHUTDOWN_SECS.to_string())
     }
 
     pub fn header(mut self, name: &'static str, value: impl Into<String>) -> Refuse {
@@ -153,6 +168,11 @@ async fn route<A: App>(core: &Rc<Core<A>>, req: Request<hyper::body::Incoming>) 
         );
         return r;
     }
+    if core.gate.is_closing() && !known {
+        // Draining: only the probes and the metrics are still served.
+        core.metrics().refused(Refusal::ShuttingDown);
+        return shutting_down();
+    }
     match path.as_str() {
         "/healthz" => json(StatusCode::OK, r#"{"status":"ok"}"#.into()),
         "/readyz" => ready(core).await,
@@ -171,13 +191,23 @@ pub fn not_found() -> Response<Body> {
     error(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
 }
 
+/// 503 `shutting_down` with `Retry-After`.
+fn shutting_down() -> Response<Body> {
+    let mut r = error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "shutting_down",
+        "server is shutting down",
+    );
+    r.headers_mut().insert(
+        hyper::header::RETRY_AFTER,
+        hyper::header::HeaderValue::from(RETRY_AFTER_SHUTDOWN_SECS),
+    );
+    r
+}
+
 async fn ready<A: App>(core: &Rc<Core<A>>) -> Response<Body> {
     if core.gate.is_closing() {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "shutting_down",
-            "server is shutting down",
-        );
+        return shutting_down();
     }
     match A::ready(core).await {
         Ok(()) => json(StatusCode::OK, r#"{"status":"ready"}"#.into()),
