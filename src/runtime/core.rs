@@ -266,9 +266,22 @@ impl<A: App> Core<A> {
         }
     }
 
-    /// Serves messages from other cores until the runtime stops.
-    pub async fn mesh_loop(self: Rc<Self>, rx: async_channel::Receiver<CoreMsg<A::Msg>>) {
-        while let Ok(msg) = rx.recv().await {
+    /// Serves messages from other cores until `stop` closes, which the core does
+    /// once it has shut down, so that the loop ends, and its inbox is dropped, on
+    /// this thread. Left pending, its waker stayed in the inbox; another core's
+    /// later send then freed the orphaned task on the sender's thread, inside the
+    /// inbox's lock, and deadlocked (seen as a core that never stopped).
+    pub async fn mesh_loop(
+        self: Rc<Self>,
+        rx: async_channel::Receiver<CoreMsg<A::Msg>>,
+        stop: async_channel::Receiver<()>,
+    ) {
+        loop {
+            let msg = monoio::select! {
+                msg = rx.recv() => msg,
+                _ = stop.recv() => return,
+            };
+            let Ok(msg) = msg else { return };
             match msg {
                 CoreMsg::Handover(h) => {
                     self.metrics().handovers_in.inc();

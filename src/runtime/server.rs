@@ -302,7 +302,8 @@ fn run_core<A: App>(
             }
         };
         monoio::spawn(core.clone().accept_loop(listener));
-        monoio::spawn(core.clone().mesh_loop(mesh_rx));
+        let (mesh_stop, mesh_stopped) = async_channel::bounded::<()>(1);
+        let mesh = monoio::spawn(core.clone().mesh_loop(mesh_rx, mesh_stopped));
         monoio::spawn(core.clone().keepalive_loop());
         let addr_limits = monoio::spawn(core.addr.clone().serve());
         A::spawn_tasks(&core);
@@ -314,7 +315,9 @@ fn run_core<A: App>(
             .unwrap_or_else(|_| Deadlines::from_now(Duration::ZERO, Duration::ZERO));
         let at = monoio::time::Instant::from_std;
         core.shutdown(at(d.grace), at(d.cores)).await;
-        // Finished here, on this thread: see `AddrLimits::serve`.
+        // Finished here, on this thread: see `Core::mesh_loop` and `AddrLimits::serve`.
+        drop(mesh_stop);
+        mesh.await;
         core.addr.stop();
         addr_limits.await;
     };
