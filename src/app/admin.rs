@@ -82,13 +82,24 @@ impl ApiError {
             }
         };
         let mut r = error(status, code, &self.to_string());
-        if let ApiError::RateLimited { retry_after_secs } = self {
+        if let Some(secs) = self.retry_after_secs() {
             r.headers_mut().insert(
                 hyper::header::RETRY_AFTER,
-                hyper::header::HeaderValue::from(retry_after_secs),
+                hyper::header::HeaderValue::from(secs),
             );
         }
         r
+    }
+
+    /// `Retry-After` in whole seconds (at least 1) for a refusal that is worth
+    /// retrying: the rate limit, and storage's back-pressure (its write queue
+    /// full, every read connection busy).
+    fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            ApiError::RateLimited { retry_after_secs } => Some(*retry_after_secs),
+            ApiError::Storage(e) => e.retry_after_ms().map(|ms| ms.div_ceil(1000).max(1)),
+            _ => None,
+        }
     }
 }
 
@@ -468,6 +479,25 @@ pub fn close_user_here(core: &Rc<Core>, msg: CloseUser) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn storage_back_pressure_says_when_to_retry() {
+        let full = ApiError::Storage(StoreError::Overloaded(8));
+        assert_eq!(full.retry_after_secs(), Some(1), "a full write queue");
+        let busy = ApiError::Storage(StoreError::ReadersBusy {
+            readers: 2,
+            retry_after_ms: 2500,
+        });
+        assert_eq!(busy.retry_after_secs(), Some(3), "every reader busy");
+        assert_eq!(
+            ApiError::Storage(StoreError::Stopped).retry_after_secs(),
+            None
+        );
+        let limited = ApiError::RateLimited {
+            retry_after_secs: 4,
+        };
+        assert_eq!(limited.retry_after_secs(), Some(4));
+    }
 
     #[test]
     fn cursors_round_trip_and_garbage_is_refused() {

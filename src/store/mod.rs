@@ -401,12 +401,15 @@ pub fn open(
     pool: crate::pool::BlockingPool,
 ) -> Result<Arc<dyn Store>, StoreError> {
     Ok(match backend {
-        Backend::Sqlite => Arc::new(sqlite::SqliteStore::open(
-            &config.data_dir,
-            pool,
-            config.blocking_threads,
-            config.store_queue_max,
-        )?),
+        Backend::Sqlite => Arc::new(
+            sqlite::SqliteStore::open(
+                &config.data_dir,
+                pool,
+                config.sqlite_readers_max,
+                config.store_queue_max,
+            )?
+            .with_read_wait(std::time::Duration::from_millis(config.store_read_wait_ms)),
+        ),
         Backend::Mongo => {
             let settings = mongo::MongoSettings::from_config(config)
                 .ok_or_else(|| StoreError::Setting("MongoDB needs CHATBOX_MONGO_URI".into()))?;

@@ -25,7 +25,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::frames::{self, error_frame, Code};
+use super::frames::{self, store_read_error, Code};
 use super::Core;
 use crate::clock::{now_ms, Millis};
 use crate::config::Config;
@@ -354,11 +354,7 @@ pub fn with_session(
                             core.metrics().store_errors.inc();
                             tracing::error!(session = %sid, error = %e, "loading a session failed");
                             let msg = "could not load the session; retry";
-                            effects::reply(
-                                &core,
-                                conn,
-                                error_frame(Code::Internal, msg, id.as_deref()),
-                            );
+                            effects::reply(&core, conn, store_read_error(&e, msg, id.as_deref()));
                         }
                     }
                 },
