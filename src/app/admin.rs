@@ -396,14 +396,18 @@ async fn export(core: &Core, user_id: &str) -> Result<Value, ApiError> {
 }
 
 async fn delete_user(core: &Rc<Core>, user_id: &str, admin: &Identity) -> Result<Value, ApiError> {
+    // Their live connections close and their sessions leave memory first, so their
+    // core queues no more writes for them; a write still queued ahead of the
+    // delete is deleted with the rest, and one behind it (an answer finishing) is
+    // refused by storage, its session being gone: nothing comes back.
+    let closed = close_user(core, user_id, true).await;
     let op = WriteOp::DeleteUser {
         user_id: user_id.to_owned(),
     };
     core.shared.app.store.write(vec![op]).await?;
     tracing::info!(user = %user_id, admin = %admin.user_id, "user data deleted");
-    // Their live connections close and their sessions leave memory. The data is
-    // already gone: a core that did not confirm is reported, and a retry is safe.
-    let closed = close_user(core, user_id, true).await.map_err(|e| {
+    // A core that did not confirm is reported, and a retry is safe.
+    let closed = closed.map_err(|e| {
         ApiError::Unavailable(format!(
             "the user's stored data was deleted, but {e}; retry the request"
         ))

@@ -18,6 +18,9 @@ use std::sync::Arc;
 
 use crate::crypto::Sealed;
 
+/// What replaces a deleted user's ids and name in the notification outbox.
+pub const SCRUBBED: &str = "[deleted]";
+
 /// Milliseconds since the Unix epoch.
 pub type Millis = i64;
 

@@ -124,7 +124,10 @@ fn open(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path).map_err(StoreError::sqlite(Op::Open))?;
     conn.busy_timeout(std::time::Duration::from_secs(5))
         .map_err(StoreError::sqlite(Op::Open))?;
-    let pragmas: [(&str, rusqlite::types::Value); 6] = [
+    let pragmas: [(&str, rusqlite::types::Value); 7] = [
+        // Deleted content is overwritten with zeros, not left in free pages: an
+        // erased user's rows must not stay readable in the file.
+        ("secure_delete", "ON".to_owned().into()),
         ("journal_mode", "WAL".to_owned().into()),
         // FULL: a commit is on disk before its ack leaves, even across power loss.
         ("synchronous", "FULL".to_owned().into()),
