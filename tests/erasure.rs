@@ -1,13 +1,14 @@
-//! Erasure in storage, on every backend (the embedded store always; MongoDB when
+//! Privacy in storage, on every backend (the embedded store always; MongoDB when
 //! `CHATBOX_TEST_MONGO_URI` names a server, ignored otherwise, as in
 //! tests/storage.rs): a write queued behind a user's deletion brings nothing
-//! back, the notification outbox forgets the user, and (embedded store) deleted
-//! bytes leave the database file.
+//! back, the notification outbox forgets the user, (embedded store) deleted
+//! bytes leave the database file, and a row edited past the store fails to open
+//! while rows sealed before the format version still open.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use chatbox::crypto::KeyRing;
+use chatbox::crypto::{KeyRing, Place};
 use chatbox::pool::{BlockingPool, PoolRuntime};
 use chatbox::store::mongo::{MongoSettings, MongoStore};
 use chatbox::store::sqlite::SqliteStore;
@@ -37,6 +38,7 @@ macro_rules! on_every_backend {
 on_every_backend!(
     a_write_queued_behind_a_delete_brings_nothing_back,
     a_deleted_users_notifications_are_dropped_or_scrubbed,
+    an_edited_row_fails_to_open_and_an_old_one_opens,
 );
 
 /// Where a backend keeps its rows, for reading them raw.
@@ -129,7 +131,16 @@ fn append(ring: &KeyRing, user: &str, sid: &str, seq: u64, text: &str) -> WriteO
             role: Role::Assistant,
             author: String::new(),
             client_id: None,
-            sealed: ring.seal(sid, &id, text),
+            sealed: ring.seal(
+                &Place {
+                    session_id: sid,
+                    message_id: &id,
+                    role: "assistant",
+                    author: "",
+                    seq,
+                },
+                text,
+            ),
             created_at: 10 + seq as i64,
             tokens_in: 0,
             tokens_out: 0,
@@ -329,4 +340,110 @@ fn deleted_content_leaves_the_database_file() {
     );
     assert_eq!(bytes_of(b"Erin Erase"), 0, "the name is still in the file");
     assert!(bytes_of(b"keep-sess") > 0, "other users' rows stay");
+}
+
+/// A row sealed before the format version existed (ids-only associated data, no
+/// version stored), put straight into the backend.
+fn insert_legacy_row(b: &Backend, sid: &str, seq: i64, message_id: &str, text: &str) {
+    use aes_gcm::aead::{Aead, KeyInit, Payload};
+    let key: [u8; 32] = [0x44; 32];
+    let mut aad = Vec::new();
+    for s in [sid, message_id] {
+        aad.extend_from_slice(&(s.len() as u32).to_be_bytes());
+        aad.extend_from_slice(s.as_bytes());
+    }
+    let nonce: [u8; 12] = rand::random();
+    let payload = Payload {
+        msg: text.as_bytes(),
+        aad: &aad,
+    };
+    let cipher = aes_gcm::Aes256Gcm::new(&key.into());
+    let ciphertext = cipher.encrypt(&nonce.into(), payload).unwrap();
+    let key_id = chatbox::crypto::key_id(&key);
+    match &b.raw {
+        Raw::Sqlite(dir) => {
+            let c = rusqlite::Connection::open(dir.path().join("chatbox.db")).unwrap();
+            c.execute(
+                "INSERT INTO messages (session_id, seq, message_id, role, author, user_id,
+                     key_id, nonce, ciphertext, created_at)
+                 VALUES (?1, ?2, ?3, 'user', 'u', 'u', ?4, ?5, ?6, 1)",
+                rusqlite::params![sid, seq, message_id, key_id, &nonce[..], ciphertext],
+            )
+            .unwrap();
+        }
+        Raw::Mongo { .. } => mongo_raw(b, |db| async move {
+            use ::mongodb::bson::{doc, spec::BinarySubtype, Binary};
+            let bin = |bytes: Vec<u8>| Binary {
+                subtype: BinarySubtype::Generic,
+                bytes,
+            };
+            db.collection::<::mongodb::bson::Document>("messages")
+                .insert_one(doc! {"_id": message_id, "session_id": sid, "seq": seq,
+                "role": "user", "author": "u", "user_id": "u", "key_id": i64::from(key_id),
+                "nonce": bin(nonce.to_vec()), "ciphertext": bin(ciphertext),
+                "created_at": 1i64, "tokens_in": 0i64, "tokens_out": 0i64, "cancelled": false})
+                .await
+                .unwrap();
+        }),
+    }
+}
+
+/// Runs `f` on the test's MongoDB database.
+fn mongo_raw<F: std::future::Future<Output = ()>>(
+    b: &Backend,
+    f: impl FnOnce(::mongodb::Database) -> F,
+) {
+    let Raw::Mongo { uri, database } = &b.raw else {
+        unreachable!()
+    };
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let client = ::mongodb::Client::with_uri_str(uri).await.unwrap();
+            f(client.database(database)).await
+        })
+}
+
+fn an_edited_row_fails_to_open_and_an_old_one_opens(b: &Backend) {
+    let ring = ring();
+    let s = &b.store;
+    let mut ops = vec![WriteOp::CreateSession(session("edited", "u"))];
+    ops.extend((1..=3).map(|i| append(&ring, "u", "edited", i, &format!("text {i}"))));
+    block(s.write(ops)).unwrap();
+    // The second message moved to another place in the session, past the store.
+    match &b.raw {
+        Raw::Sqlite(dir) => {
+            let c = rusqlite::Connection::open(dir.path().join("chatbox.db")).unwrap();
+            let sql = "UPDATE messages SET seq = 9 WHERE session_id = 'edited' AND seq = 2";
+            assert_eq!(c.execute(sql, []).unwrap(), 1);
+        }
+        Raw::Mongo { .. } => mongo_raw(b, |db| async move {
+            use ::mongodb::bson::doc;
+            let r = db
+                .collection::<::mongodb::bson::Document>("messages")
+                .update_one(doc! {"_id": "edited-m2"}, doc! {"$set": {"seq": 9i64}})
+                .await
+                .unwrap();
+            assert_eq!(r.modified_count, 1);
+        }),
+    }
+    insert_legacy_row(b, "edited", 7, "legacy-7", "sealed before v1");
+    let (_, messages) = block(s.load_session("edited", 100)).unwrap().unwrap();
+    let opened: Vec<(u64, Option<String>)> = messages
+        .iter()
+        .map(|m| (m.seq, ring.open(&m.place(), &m.sealed).ok()))
+        .collect();
+    assert_eq!(
+        opened,
+        [
+            (1, Some("text 1".to_owned())),
+            (3, Some("text 3".to_owned())),
+            (7, Some("sealed before v1".to_owned())),
+            (9, None),
+        ],
+        "{}",
+        b.name
+    );
 }

@@ -323,7 +323,7 @@ async fn session(core: &Core, id: &str) -> Result<Value, ApiError> {
                 "tokens_out": m.tokens_out,
                 "cancelled": m.cancelled,
             });
-            match keys.open(&m.session_id, &m.message_id, &m.sealed) {
+            match keys.open(&m.place(), &m.sealed) {
                 Ok(content) => v["content"] = json!(content),
                 Err(e) => {
                     core.metrics().integrity_failures.inc();
@@ -384,7 +384,7 @@ async fn export(core: &Core, user_id: &str) -> Result<Value, ApiError> {
             let messages: Vec<Value> = msgs
                 .iter()
                 .map(|m| {
-                    let content = keys.open(&m.session_id, &m.message_id, &m.sealed).ok();
+                    let content = keys.open(&m.place(), &m.sealed).ok();
                     json!({"message_id": m.message_id, "role": m.role.as_str(), "author": m.author,
                            "created_at": m.created_at, "content": content, "cancelled": m.cancelled})
                 })

@@ -163,6 +163,20 @@ pub struct MessageRecord {
     pub cancelled: bool,
 }
 
+impl MessageRecord {
+    /// Where the message sits, as its sealing binds it: a row whose ids, role,
+    /// author or seq were changed no longer opens.
+    pub fn place(&self) -> crate::crypto::Place<'_> {
+        crate::crypto::Place {
+            session_id: &self.session_id,
+            message_id: &self.message_id,
+            role: self.role.as_str(),
+            author: &self.author,
+            seq: self.seq,
+        }
+    }
+}
+
 /// One change. A call's changes commit together or not at all.
 #[derive(Debug, Clone)]
 pub enum WriteOp {

@@ -272,10 +272,7 @@ impl ChatCore {
         if !sessions.contains_key(sid) {
             // A message that fails authentication is reported on resume, not used here.
             let opened = messages.iter().filter_map(|m| {
-                let text = shared
-                    .keys
-                    .open(&m.session_id, &m.message_id, &m.sealed)
-                    .ok()?;
+                let text = shared.keys.open(&m.place(), &m.sealed).ok()?;
                 Some((m.role, text))
             });
             let last_seq = messages.last().map_or(0, |m| m.seq);

@@ -93,7 +93,7 @@ fn open_history(core: &Core, sid: &str, messages: &[MessageRecord]) -> (Vec<Hist
     let mut withheld = 0;
     let history = messages
         .iter()
-        .filter_map(|m| match keys.open(&m.session_id, &m.message_id, &m.sealed) {
+        .filter_map(|m| match keys.open(&m.place(), &m.sealed) {
             Ok(content) => Some(HistoryItem {
                 message_id: m.message_id.clone(),
                 role: m.role.as_str(),

@@ -80,6 +80,9 @@ fn message_from(d: &Document) -> MessageRecord {
             key_id: u32::try_from(get_i64(d, "key_id")).unwrap_or(0),
             nonce: nonce.as_slice().try_into().unwrap_or([0u8; NONCE_BYTES]),
             ciphertext: bytes_of(d, "ciphertext"),
+            // Absent on rows written before the version existed: 0. Out of range
+            // is corruption: it will fail to open.
+            version: u8::try_from(get_i64(d, "aad_version")).unwrap_or(u8::MAX),
         },
         created_at: get_i64(d, "created_at"),
         tokens_in: get_i64(d, "tokens_in").max(0) as u64,

@@ -336,7 +336,7 @@ fn message_doc(user_id: &str, m: &MessageRecord) -> Document {
         "key_id": i64::from(m.sealed.key_id), "nonce": binary(&m.sealed.nonce),
         "ciphertext": binary(&m.sealed.ciphertext), "created_at": m.created_at,
         "tokens_in": i64_of(m.tokens_in), "tokens_out": i64_of(m.tokens_out),
-        "cancelled": m.cancelled,
+        "cancelled": m.cancelled, "aad_version": i32::from(m.sealed.version),
     };
     if let Some(client_id) = &m.client_id {
         d.insert("client_id", client_id);

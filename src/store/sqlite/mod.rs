@@ -91,6 +91,8 @@ const MIGRATIONS: &[&str] = &[
         last_error TEXT
     );
     CREATE INDEX outbox_due ON outbox(state, next_at);",
+    // 4: the format of each message's associated data (0: the ids only, before).
+    "ALTER TABLE messages ADD COLUMN aad_version INTEGER NOT NULL DEFAULT 0;",
 ];
 
 pub struct SqliteStore {
@@ -423,7 +425,16 @@ mod tests {
             role: Role::User,
             author: "u1".into(),
             client_id: client.map(str::to_owned),
-            sealed: ring.seal(session, id, text),
+            sealed: ring.seal(
+                &crate::crypto::Place {
+                    session_id: session,
+                    message_id: id,
+                    role: "user",
+                    author: "u1",
+                    seq,
+                },
+                text,
+            ),
             created_at: 1000 + seq as i64,
             tokens_in: 0,
             tokens_out: 0,
@@ -480,7 +491,7 @@ mod tests {
         assert_eq!(s.message_count, 1);
         assert_eq!(s.last_activity, 1001);
         assert_eq!(msgs.len(), 1);
-        assert_eq!(ring.open("s1", "m1", &msgs[0].sealed).unwrap(), "hi");
+        assert_eq!(ring.open(&msgs[0].place(), &msgs[0].sealed).unwrap(), "hi");
         assert!(block(store.load_session("nope", 10)).unwrap().is_none());
         block(store.ping()).unwrap();
     }

@@ -182,7 +182,7 @@ pub(super) fn load(
     };
     let mut stmt = conn.prepare_cached(
         "SELECT seq, message_id, role, author, client_id, key_id, nonce, ciphertext, created_at,
-                tokens_in, tokens_out, cancelled
+                tokens_in, tokens_out, cancelled, aad_version
          FROM messages WHERE session_id = ?1 ORDER BY seq DESC LIMIT ?2",
     )?;
     let rows = stmt.query_map(params![id, messages_max as i64], |r| {
@@ -200,6 +200,8 @@ pub(super) fn load(
                 key_id: r.get(5)?,
                 nonce: nonce.as_slice().try_into().unwrap_or([0u8; NONCE_BYTES]),
                 ciphertext: r.get(7)?,
+                // Out of range is corruption too: it will fail to open.
+                version: u8::try_from(r.get::<_, i64>(12)?).unwrap_or(u8::MAX),
             },
             created_at: r.get(8)?,
             tokens_in: r.get::<_, i64>(9)? as u64,

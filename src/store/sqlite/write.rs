@@ -222,8 +222,8 @@ fn append(
 ) -> rusqlite::Result<WriteOutcome> {
     let inserted = exec(conn,
         "INSERT INTO messages (session_id, seq, message_id, role, author, user_id, client_id, key_id,
-             nonce, ciphertext, created_at, tokens_in, tokens_out, cancelled)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+             nonce, ciphertext, created_at, tokens_in, tokens_out, cancelled, aad_version)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
          ON CONFLICT(user_id, client_id) WHERE client_id IS NOT NULL DO NOTHING",
         params![
             m.session_id,
@@ -240,6 +240,7 @@ fn append(
             m.tokens_in as i64,
             m.tokens_out as i64,
             m.cancelled,
+            m.sealed.version,
         ],
     )?;
     if inserted == 0 {
