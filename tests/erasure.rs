@@ -3,7 +3,8 @@
 //! tests/storage.rs): a write queued behind a user's deletion brings nothing
 //! back, the notification outbox forgets the user, (embedded store) deleted
 //! bytes leave the database file, and a row edited past the store fails to open
-//! while rows sealed before the format version still open.
+//! while rows sealed before the format version still open; and histories read in
+//! keyset pages (the admin transcript and export stream them).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,7 +40,26 @@ on_every_backend!(
     a_write_queued_behind_a_delete_brings_nothing_back,
     a_deleted_users_notifications_are_dropped_or_scrubbed,
     an_edited_row_fails_to_open_and_an_old_one_opens,
+    messages_come_in_keyset_pages,
 );
+
+fn messages_come_in_keyset_pages(b: &Backend) {
+    let ring = ring();
+    let s = &b.store;
+    let mut ops = vec![WriteOp::CreateSession(session("paged", "u"))];
+    ops.extend((1..=7).map(|i| append(&ring, "u", "paged", i, "x")));
+    block(s.write(ops)).unwrap();
+    let mut after = 0;
+    let mut pages = Vec::new();
+    loop {
+        let page = block(s.messages_after("paged", after, 3)).unwrap();
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        pages.push(page.iter().map(|m| m.seq).collect::<Vec<_>>());
+    }
+    assert_eq!(pages, [vec![1, 2, 3], vec![4, 5, 6], vec![7]], "{}", b.name);
+    assert!(block(s.messages_after("nope", 0, 3)).unwrap().is_empty());
+}
 
 /// Where a backend keeps its rows, for reading them raw.
 enum Raw {

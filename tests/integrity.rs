@@ -155,7 +155,13 @@ async fn an_edited_row_fails_to_open_and_an_old_one_still_opens() {
         error["message"].as_str().unwrap().starts_with("3 stored"),
         "{error}"
     );
-    assert!(total(&server, |m| m.integrity_failures.get()) >= 6);
+    // Counted: by the history (on the core) and by the streamed transcript.
+    assert_eq!(total(&server, |m| m.integrity_failures.get()), 3);
+    let (_, _, metrics) = get(addr, "/chatbox/metrics").await;
+    assert!(
+        metrics.contains("\nchatbox_admin_integrity_failures_total 3\n"),
+        "{metrics}"
+    );
     server.shutdown();
     stop(server).await;
 }

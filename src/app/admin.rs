@@ -31,15 +31,11 @@ use crate::runtime::app::Body;
 /// Page size bounds of the session list.
 const PAGE_DEFAULT: usize = 50;
 const PAGE_MAX: usize = 200;
-/// Messages returned with one session.
-const TRANSCRIPT_MESSAGES_MAX: usize = 10_000;
-/// Sessions in one user export.
-const EXPORT_SESSIONS_MAX: usize = 10_000;
 const STATES: [&str; 4] = SessionState::NAMES;
 
 /// Why an admin request failed; mapped to its HTTP response in one place.
 #[derive(Debug, thiserror::Error)]
-enum ApiError {
+pub(super) enum ApiError {
     #[error("{0}")]
     BadRequest(String),
     #[error("an admin token is required (Authorization: Bearer)")]
@@ -115,31 +111,38 @@ pub async fn handle(
     path: &str,
 ) -> Response<Body> {
     match route(core, req, path).await {
-        Ok(body) => json_response(StatusCode::OK, body.to_string()),
+        Ok(r) => r,
         Err(e) => e.into_response(core),
     }
+}
+
+fn ok(body: Value) -> Response<Body> {
+    json_response(StatusCode::OK, body.to_string())
 }
 
 async fn route(
     core: &Rc<Core>,
     req: &Request<hyper::body::Incoming>,
     path: &str,
-) -> Result<Value, ApiError> {
+) -> Result<Response<Body>, ApiError> {
     let admin = authorize(core, req)?;
     let params = parse_query(req.uri().query().unwrap_or(""));
     let decoded = path_segments(path)?;
     let segments: Vec<&str> = decoded.iter().map(|s| &**s).collect();
     match (req.method(), segments.as_slice()) {
-        (&Method::GET, ["sessions"]) => list(core, &params).await,
+        (&Method::GET, ["sessions"]) => list(core, &params).await.map(ok),
         (&Method::GET, ["sessions", id]) => {
             check_params(&params, &[])?;
-            session(core, id).await
+            super::admin_stream::transcript(core, id).await
         }
-        (&Method::POST, ["sessions", id, "end"]) => end(core, id, &admin).await,
-        (&Method::GET, ["metrics"]) => metrics(core, &params).await,
-        (&Method::GET, ["users", id, "export"]) => export(core, id).await,
-        (&Method::DELETE, ["users", id]) => delete_user(core, id, &admin).await,
-        (&Method::POST, ["users", id, "disconnect"]) => disconnect(core, id, &admin).await,
+        (&Method::POST, ["sessions", id, "end"]) => end(core, id, &admin).await.map(ok),
+        (&Method::GET, ["metrics"]) => metrics(core, &params).await.map(ok),
+        (&Method::GET, ["users", id, "export"]) => {
+            check_params(&params, &[])?;
+            super::admin_stream::export(core, id)
+        }
+        (&Method::DELETE, ["users", id]) => delete_user(core, id, &admin).await.map(ok),
+        (&Method::POST, ["users", id, "disconnect"]) => disconnect(core, id, &admin).await.map(ok),
         _ => Err(ApiError::NotFound("no such admin endpoint")),
     }
 }
@@ -217,7 +220,7 @@ fn millis(params: &Params, name: &str) -> Result<Option<Millis>, ApiError> {
         .transpose()
 }
 
-fn session_json(s: &SessionRecord) -> Value {
+pub(super) fn session_json(s: &SessionRecord) -> Value {
     json!({
         "session_id": s.id,
         "user_id": s.user_id,
@@ -301,46 +304,6 @@ async fn list(core: &Core, params: &Params) -> Result<Value, ApiError> {
     Ok(json!({"sessions": sessions, "next_cursor": next}))
 }
 
-async fn session(core: &Core, id: &str) -> Result<Value, ApiError> {
-    let store = &core.shared.app.store;
-    let (loaded, events) = (
-        store.load_session(id, TRANSCRIPT_MESSAGES_MAX),
-        store.session_events(id),
-    );
-    let (rec, messages) = loaded.await?.ok_or(ApiError::NotFound("no such session"))?;
-    let events = events.await?;
-    let keys = &core.shared.app.keys;
-    let transcript: Vec<Value> = messages
-        .iter()
-        .map(|m| {
-            let mut v = json!({
-                "message_id": m.message_id,
-                "seq": m.seq,
-                "role": m.role.as_str(),
-                "author": m.author,
-                "created_at": m.created_at,
-                "tokens_in": m.tokens_in,
-                "tokens_out": m.tokens_out,
-                "cancelled": m.cancelled,
-            });
-            match keys.open(&m.place(), &m.sealed) {
-                Ok(content) => v["content"] = json!(content),
-                Err(e) => {
-                    core.metrics().integrity_failures.inc();
-                    tracing::error!(session = %rec.id, message = %m.message_id, error = %e, "stored message failed its integrity check");
-                    v["error"] = json!("integrity check failed; content withheld");
-                }
-            }
-            v
-        })
-        .collect();
-    let events: Vec<Value> = events
-        .iter()
-        .map(|e| json!({"at": e.at, "actor": e.actor, "action": e.action, "state": e.state}))
-        .collect();
-    Ok(json!({"session": session_json(&rec), "messages": transcript, "events": events}))
-}
-
 async fn end(core: &Rc<Core>, id: &str, admin: &Identity) -> Result<Value, ApiError> {
     let store = &core.shared.app.store;
     let (rec, _) = store
@@ -368,31 +331,6 @@ async fn metrics(core: &Core, params: &Params) -> Result<Value, ApiError> {
     let (from, to) = (millis(params, "from")?, millis(params, "to")?);
     let m = core.shared.app.store.window_metrics(from, to).await?;
     Ok(json!({"from": from, "to": to, "metrics": m}))
-}
-
-async fn export(core: &Core, user_id: &str) -> Result<Value, ApiError> {
-    let keys = &core.shared.app.keys;
-    let all = core
-        .shared
-        .app
-        .store
-        .user_sessions(user_id, EXPORT_SESSIONS_MAX)
-        .await?;
-    let sessions: Vec<Value> = all
-        .iter()
-        .map(|(rec, msgs)| {
-            let messages: Vec<Value> = msgs
-                .iter()
-                .map(|m| {
-                    let content = keys.open(&m.place(), &m.sealed).ok();
-                    json!({"message_id": m.message_id, "role": m.role.as_str(), "author": m.author,
-                           "created_at": m.created_at, "content": content, "cancelled": m.cancelled})
-                })
-                .collect();
-            json!({"session": session_json(rec), "messages": messages})
-        })
-        .collect();
-    Ok(json!({"user_id": user_id, "sessions": sessions}))
 }
 
 async fn delete_user(core: &Rc<Core>, user_id: &str, admin: &Identity) -> Result<Value, ApiError> {

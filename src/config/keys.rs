@@ -348,6 +348,8 @@ declare_config! {
     demo_chunk_delay_ms: u64 = 20, unit "ms";
     /// Writes queued for storage before clients are told it is overloaded.
     store_queue_max: usize = 4096, range(1, NO_MAX), unit "writes";
+    /// Messages (or sessions) per page read from storage while the admin transcript and export stream.
+    admin_page_messages: usize = 200, range(1, 10_000), unit "rows";
     /// Read connections of the embedded store (a fixed pool; a read waits for one, never opens another).
     sqlite_readers_max: usize = 2, range(1, 256), unit "connections",
         derived "blocking_threads";

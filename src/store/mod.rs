@@ -363,6 +363,14 @@ pub trait Store: Send + Sync + 'static {
     fn write(&self, ops: Vec<WriteOp>) -> StoreFuture<Vec<WriteOutcome>>;
     /// A session with at most `messages_max` of its latest messages.
     fn load_session(&self, id: &str, messages_max: usize) -> StoreFuture<Option<Loaded>>;
+    /// Up to `limit` messages of a session after `after_seq`, in order: one page
+    /// of a history read in pages (admin transcript and export).
+    fn messages_after(
+        &self,
+        session_id: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> StoreFuture<Vec<MessageRecord>>;
     /// Succeeds when the store can serve requests.
     fn ping(&self) -> StoreFuture<()>;
     /// One page of the admin session list.

@@ -65,6 +65,10 @@ pub struct ChatShared {
     pub pool: BlockingPool,
     /// Core threads; sessions are sharded over them by user.
     pub cores: usize,
+    /// Rows per page of the admin transcript and export.
+    pub admin_page: usize,
+    /// What those streams did.
+    pub pages: crate::app::admin_stream::PageStats,
 }
 
 impl ChatShared {
@@ -100,6 +104,8 @@ impl ChatShared {
             notifier,
             pool,
             cores: config.core_count(),
+            admin_page: config.admin_page_messages,
+            pages: Default::default(),
         }
     }
 }

@@ -186,6 +186,23 @@ pub(super) async fn load(c: Colls, id: String, messages_max: usize) -> Result<Op
     Ok(Some((session_from(&session), messages)))
 }
 
+/// Up to `limit` of a session's messages after `after_seq`, in order.
+pub(super) async fn messages_after(
+    c: Colls,
+    id: String,
+    after_seq: u64,
+    limit: usize,
+) -> Result<Vec<MessageRecord>> {
+    let found = collect(
+        c.messages
+            .find(doc! {"session_id": &id, "seq": {"$gt": i64_of(after_seq)}})
+            .sort(doc! {"seq": 1})
+            .limit(i64_of(limit as u64)),
+    )
+    .await?;
+    Ok(found.iter().map(message_from).collect())
+}
+
 /// Totals over every session started in the window. Counts are aggregations over
 /// all matching documents (`$group`), never over a page; response times walk the
 /// matching messages in order, projected to role and time only.

@@ -16,8 +16,8 @@ use rusqlite::Connection;
 
 use super::writer::{self, WriteQueue};
 use super::{
-    Loaded, Millis, Notification, Op, SessionEvent, SessionPage, SessionQuery, Store, StoreError,
-    StoreFuture, WindowMetrics, WriteOp, WriteOutcome,
+    Loaded, MessageRecord, Millis, Notification, Op, SessionEvent, SessionPage, SessionQuery,
+    Store, StoreError, StoreFuture, WindowMetrics, WriteOp, WriteOutcome,
 };
 use crate::pool::BlockingPool;
 
@@ -356,6 +356,18 @@ impl Store for SqliteStore {
     fn load_session(&self, id: &str, messages_max: usize) -> StoreFuture<Option<Loaded>> {
         let id = id.to_owned();
         self.read(Op::LoadSession, move |c| read::load(c, &id, messages_max))
+    }
+
+    fn messages_after(
+        &self,
+        session_id: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> StoreFuture<Vec<MessageRecord>> {
+        let id = session_id.to_owned();
+        self.read(Op::MessagePage, move |c| {
+            read::messages_after(c, &id, after_seq, limit)
+        })
     }
 
     fn ping(&self) -> StoreFuture<()> {
