@@ -6,6 +6,7 @@
 //! the notifier, and starts the runtime with them.
 
 pub mod admin;
+mod admin_stream;
 pub mod chat;
 pub mod conn;
 pub mod frames;
@@ -104,7 +105,7 @@ impl App for ChatApp {
     }
 
     fn render_metrics(shared: &ChatShared) -> String {
-        shared.notifier.render_metrics()
+        shared.notifier.render_metrics() + &shared.pages.render()
     }
 
     async fn drain(core: &Rc<Core>, grace: monoio::time::Instant, deadline: monoio::time::Instant) {

@@ -79,6 +79,14 @@ impl Config {
             (self.http_head_timeout_ms, self.http_request_timeout_ms) = (head, request);
             note(field, value.to_string(), from);
         }
+        if !given("sqlite_readers_max") && self.sqlite_readers_max != self.blocking_threads {
+            self.sqlite_readers_max = self.blocking_threads;
+            note(
+                "sqlite_readers_max",
+                self.blocking_threads.to_string(),
+                "blocking_threads",
+            );
+        }
         if !given("notify_smtp_port") {
             if let Some(port) = smtp_port_for(&self.notify_smtp_tls) {
                 self.notify_smtp_port = port;

@@ -350,6 +350,13 @@ declare_config! {
     demo_chunk_delay_ms: u64 = 20, unit "ms";
     /// Writes queued for storage before clients are told it is overloaded.
     store_queue_max: usize = 4096, range(1, NO_MAX), unit "writes";
+    /// Messages (or sessions) per page read from storage while the admin transcript and export stream.
+    admin_page_messages: usize = 200, range(1, 10_000), unit "rows";
+    /// Read connections of the embedded store (a fixed pool; a read waits for one, never opens another).
+    sqlite_readers_max: usize = 2, range(1, 256), unit "connections",
+        derived "blocking_threads";
+    /// How long a read waits for a free read connection before the request is refused (503 / `unavailable`).
+    store_read_wait_ms: u64 = 2000, range(1, 60_000), unit "ms";
     /// Frames of any kind one connection may send per minute (burst the same); beyond it, close 1008.
     ws_frames_per_minute_max: u32 = 600, unit "frames/min",
         derived "max(600, 10 x rate_limit_per_minute)";

@@ -14,8 +14,14 @@ use super::core::Core;
 use super::registry::ConnId;
 use crate::auth::Identity;
 
-/// A plain HTTP response body.
-pub type Body = Full<Bytes>;
+/// An HTTP response body: whole ([`full`]), or sent page by page as another
+/// thread produces it ([`super::http::paged`]).
+pub type Body = http_body_util::Either<Full<Bytes>, super::http::PagedBody>;
+
+/// A whole response body.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    http_body_util::Either::Left(Full::new(bytes.into()))
+}
 
 /// An application served by the runtime. Every method runs on a core thread;
 /// `core` is the core that calls, and all state reached through it is that core's.

@@ -9,6 +9,9 @@ use std::sync::Arc;
 
 use super::WriteOp;
 
+/// When a caller refused for a full write queue should try again.
+pub const OVERLOADED_RETRY_AFTER_MS: u64 = 1000;
+
 /// The storage operation that failed, named in every backend error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
@@ -26,6 +29,7 @@ pub enum Op {
     Delivered,
     DeliveryFailed,
     LoadSession,
+    MessagePage,
     ListSessions,
     SessionEvents,
     WindowMetrics,
@@ -49,6 +53,7 @@ impl Op {
             Op::Delivered => "mark notification delivered",
             Op::DeliveryFailed => "record failed delivery",
             Op::LoadSession => "load session",
+            Op::MessagePage => "read a page of messages",
             Op::ListSessions => "list sessions",
             Op::SessionEvents => "read audit trail",
             Op::WindowMetrics => "window metrics",
@@ -90,6 +95,10 @@ pub enum StoreError {
     /// not failure: the write was not queued and may be sent again.
     #[error("storage is overloaded ({0} writes queued)")]
     Overloaded(usize),
+    /// Every read connection stayed busy for the whole bounded wait. Back-pressure,
+    /// like `Overloaded`: nothing was read, ask again after `retry_after_ms`.
+    #[error("storage is busy: all {readers} read connections stayed in use; retry")]
+    ReadersBusy { readers: usize, retry_after_ms: u64 },
     #[error("storage has stopped")]
     Stopped,
     #[error("{op}: {source}")]
@@ -155,6 +164,16 @@ impl StoreError {
         move |source| StoreError::Io {
             op,
             source: Arc::new(source),
+        }
+    }
+
+    /// For back-pressure (a full write queue, every reader busy): when to try
+    /// again. `None` for failures.
+    pub fn retry_after_ms(&self) -> Option<u64> {
+        match self {
+            StoreError::Overloaded(_) => Some(OVERLOADED_RETRY_AFTER_MS),
+            StoreError::ReadersBusy { retry_after_ms, .. } => Some(*retry_after_ms),
+            _ => None,
         }
     }
 

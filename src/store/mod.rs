@@ -18,6 +18,9 @@ use std::sync::Arc;
 
 use crate::crypto::Sealed;
 
+/// What replaces a deleted user's ids and name in the notification outbox.
+pub const SCRUBBED: &str = "[deleted]";
+
 /// Milliseconds since the Unix epoch.
 pub type Millis = i64;
 
@@ -158,6 +161,20 @@ pub struct MessageRecord {
     pub tokens_in: u64,
     pub tokens_out: u64,
     pub cancelled: bool,
+}
+
+impl MessageRecord {
+    /// Where the message sits, as its sealing binds it: a row whose ids, role,
+    /// author or seq were changed no longer opens.
+    pub fn place(&self) -> crate::crypto::Place<'_> {
+        crate::crypto::Place {
+            session_id: &self.session_id,
+            message_id: &self.message_id,
+            role: self.role.as_str(),
+            author: &self.author,
+            seq: self.seq,
+        }
+    }
 }
 
 /// One change. A call's changes commit together or not at all.
@@ -346,6 +363,14 @@ pub trait Store: Send + Sync + 'static {
     fn write(&self, ops: Vec<WriteOp>) -> StoreFuture<Vec<WriteOutcome>>;
     /// A session with at most `messages_max` of its latest messages.
     fn load_session(&self, id: &str, messages_max: usize) -> StoreFuture<Option<Loaded>>;
+    /// Up to `limit` messages of a session after `after_seq`, in order: one page
+    /// of a history read in pages (admin transcript and export).
+    fn messages_after(
+        &self,
+        session_id: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> StoreFuture<Vec<MessageRecord>>;
     /// Succeeds when the store can serve requests.
     fn ping(&self) -> StoreFuture<()>;
     /// One page of the admin session list.
@@ -401,12 +426,15 @@ pub fn open(
     pool: crate::pool::BlockingPool,
 ) -> Result<Arc<dyn Store>, StoreError> {
     Ok(match backend {
-        Backend::Sqlite => Arc::new(sqlite::SqliteStore::open(
-            &config.data_dir,
-            pool,
-            config.blocking_threads,
-            config.store_queue_max,
-        )?),
+        Backend::Sqlite => Arc::new(
+            sqlite::SqliteStore::open(
+                &config.data_dir,
+                pool,
+                config.sqlite_readers_max,
+                config.store_queue_max,
+            )?
+            .with_read_wait(std::time::Duration::from_millis(config.store_read_wait_ms)),
+        ),
         Backend::Mongo => {
             let settings = mongo::MongoSettings::from_config(config)
                 .ok_or_else(|| StoreError::Setting("MongoDB needs CHATBOX_MONGO_URI".into()))?;

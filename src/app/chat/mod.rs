@@ -25,7 +25,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::frames::{self, error_frame, Code};
+use super::frames::{self, store_read_error, Code};
 use super::Core;
 use crate::clock::{now_ms, Millis};
 use crate::config::Config;
@@ -65,6 +65,10 @@ pub struct ChatShared {
     pub pool: BlockingPool,
     /// Core threads; sessions are sharded over them by user.
     pub cores: usize,
+    /// Rows per page of the admin transcript and export.
+    pub admin_page: usize,
+    /// What those streams did.
+    pub pages: crate::app::admin_stream::PageStats,
 }
 
 impl ChatShared {
@@ -100,6 +104,8 @@ impl ChatShared {
             notifier,
             pool,
             cores: config.core_count(),
+            admin_page: config.admin_page_messages,
+            pages: Default::default(),
         }
     }
 }
@@ -272,10 +278,7 @@ impl ChatCore {
         if !sessions.contains_key(sid) {
             // A message that fails authentication is reported on resume, not used here.
             let opened = messages.iter().filter_map(|m| {
-                let text = shared
-                    .keys
-                    .open(&m.session_id, &m.message_id, &m.sealed)
-                    .ok()?;
+                let text = shared.keys.open(&m.place(), &m.sealed).ok()?;
                 Some((m.role, text))
             });
             let last_seq = messages.last().map_or(0, |m| m.seq);
@@ -354,11 +357,7 @@ pub fn with_session(
                             core.metrics().store_errors.inc();
                             tracing::error!(session = %sid, error = %e, "loading a session failed");
                             let msg = "could not load the session; retry";
-                            effects::reply(
-                                &core,
-                                conn,
-                                error_frame(Code::Internal, msg, id.as_deref()),
-                            );
+                            effects::reply(&core, conn, store_read_error(&e, msg, id.as_deref()));
                         }
                     }
                 },

@@ -211,7 +211,16 @@ impl Session {
             role: msg.role,
             author: msg.author.to_owned(),
             client_id: msg.client_id,
-            sealed: keys.seal(sid, msg.message_id, msg.text),
+            sealed: keys.seal(
+                &crate::crypto::Place {
+                    session_id: sid,
+                    message_id: msg.message_id,
+                    role: msg.role.as_str(),
+                    author: msg.author,
+                    seq,
+                },
+                msg.text,
+            ),
             created_at: now,
             tokens_in: msg.usage.input_tokens,
             tokens_out: msg.usage.output_tokens,

@@ -195,7 +195,7 @@ fn records_take_consecutive_places() {
     assert_eq!((a.seq, b.seq), (1, 2));
     assert_eq!(s.last_activity, 7);
     assert_eq!(
-        keys.open("s1", "m2", &b.sealed).ok().as_deref(),
+        keys.open(&b.place(), &b.sealed).ok().as_deref(),
         Some("hello")
     );
 }

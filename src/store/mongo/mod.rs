@@ -23,8 +23,8 @@ use mongodb::{Client, Collection, Database, IndexModel};
 
 use super::writer::{self, WriteQueue};
 use super::{
-    Loaded, Millis, Notification, Op, SessionEvent, SessionPage, SessionQuery, Store, StoreError,
-    StoreFuture, WindowMetrics, WriteOp, WriteOutcome,
+    Loaded, MessageRecord, Millis, Notification, Op, SessionEvent, SessionPage, SessionQuery,
+    Store, StoreError, StoreFuture, WindowMetrics, WriteOp, WriteOutcome,
 };
 use crate::pool::BlockingPool;
 
@@ -214,6 +214,16 @@ impl Store for MongoStore {
     fn load_session(&self, id: &str, messages_max: usize) -> StoreFuture<Option<Loaded>> {
         let load = read::load(self.colls(), id.to_owned(), messages_max);
         self.read(Op::LoadSession, load)
+    }
+
+    fn messages_after(
+        &self,
+        session_id: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> StoreFuture<Vec<MessageRecord>> {
+        let page = read::messages_after(self.colls(), session_id.to_owned(), after_seq, limit);
+        self.read(Op::MessagePage, page)
     }
 
     fn ping(&self) -> StoreFuture<()> {

@@ -291,6 +291,7 @@ async fn add_counters(
     s: &mut ClientSession,
     counters: Counters<'_>,
 ) -> Result<(), mongodb::error::Error> {
+    let sessions = counters.len();
     let updates: Vec<Document> = counters
         .into_iter()
         .map(|(sid, n, tin, tout, at)| {
@@ -305,12 +306,27 @@ async fn add_counters(
         c.db.run_command(doc! {"update": c.sessions.name(), "updates": updates, "ordered": true})
             .session(&mut *s)
             .await?;
-    match reply.get_array("writeErrors") {
-        Ok(errors) => Err(mongodb::error::Error::custom(format!(
+    if let Ok(errors) = reply.get_array("writeErrors") {
+        return Err(mongodb::error::Error::custom(format!(
             "updating session counters: {errors:?}"
-        ))),
-        Err(_) => Ok(()),
+        )));
     }
+    // A session not stored (any more: its user was deleted while the append was
+    // queued) fails the job, and its transaction takes the messages back.
+    let matched = reply
+        .get_i32("n")
+        .map(i64::from)
+        .or_else(|_| reply.get_i64("n"))
+        .unwrap_or(0);
+    if matched < sessions as i64 {
+        return Err(session_gone("a message's"));
+    }
+    Ok(())
+}
+
+/// The refusal of a change to a session that is not stored (see `add_counters`).
+fn session_gone(session_id: &str) -> mongodb::error::Error {
+    mongodb::error::Error::custom(format!("session {session_id} is not stored (deleted?)"))
 }
 
 fn message_doc(user_id: &str, m: &MessageRecord) -> Document {
@@ -320,7 +336,7 @@ fn message_doc(user_id: &str, m: &MessageRecord) -> Document {
         "key_id": i64::from(m.sealed.key_id), "nonce": binary(&m.sealed.nonce),
         "ciphertext": binary(&m.sealed.ciphertext), "created_at": m.created_at,
         "tokens_in": i64_of(m.tokens_in), "tokens_out": i64_of(m.tokens_out),
-        "cancelled": m.cancelled,
+        "cancelled": m.cancelled, "aad_version": i32::from(m.sealed.version),
     };
     if let Some(client_id) = &m.client_id {
         d.insert("client_id", client_id);
@@ -414,13 +430,17 @@ async fn set_state(
         set.insert("ended_at", at);
         set.insert("end_key", at);
     }
-    c.sessions
+    let updated = c
+        .sessions
         .update_one(
             doc! {"_id": session_id},
             doc! {"$set": set, "$max": {"last_activity": at}},
         )
         .session(&mut *s)
         .await?;
+    if updated.matched_count == 0 {
+        return Err(session_gone(session_id));
+    }
     c.events
         .insert_one(doc! {"session_id": session_id, "at": at, "actor": actor,
         "action": action.as_str(), "state": state.as_str()})
@@ -459,7 +479,72 @@ async fn delete_user(
         .delete_many(doc! {"user_id": user_id})
         .session(&mut *s)
         .await?;
+    scrub_outbox(c, s, user_id).await
+}
+
+/// The user's traces in the notification outbox, as the embedded store scrubs
+/// them: pending notifications dropped, sent and dead ones with their ids and name
+/// replaced. Payloads are JSON strings, so candidates are found by the user id's
+/// JSON text and confirmed by parsing.
+async fn scrub_outbox(
+    c: &Colls,
+    s: &mut ClientSession,
+    user_id: &str,
+) -> Result<(), mongodb::error::Error> {
+    let quoted = serde_json::to_string(user_id).unwrap_or_default();
+    let pattern = format!("\"user_id\":{}", regex_escape(&quoted));
+    let mut found = c
+        .outbox
+        .find(doc! {"payload": {"$regex": pattern}})
+        .projection(doc! {"_id": 1, "payload": 1, "state": 1})
+        .session(&mut *s)
+        .await?;
+    let mut pending = Vec::new();
+    let mut scrubbed = Vec::new();
+    while let Some(d) = found.next(&mut *s).await.transpose()? {
+        let Ok(mut payload) =
+            serde_json::from_str::<serde_json::Value>(d.get_str("payload").unwrap_or_default())
+        else {
+            continue;
+        };
+        if payload["user_id"].as_str() != Some(user_id) {
+            continue;
+        }
+        let id = d.get("_id").cloned().unwrap_or(Bson::Null);
+        if d.get_str("state") == Ok("pending") {
+            pending.push(id);
+        } else {
+            for field in ["user_id", "user_name", "session_id"] {
+                payload[field] = crate::store::SCRUBBED.into();
+            }
+            scrubbed.push((id, payload.to_string()));
+        }
+    }
+    if !pending.is_empty() {
+        c.outbox
+            .delete_many(doc! {"_id": {"$in": pending}})
+            .session(&mut *s)
+            .await?;
+    }
+    for (id, payload) in scrubbed {
+        c.outbox
+            .update_one(doc! {"_id": id}, doc! {"$set": {"payload": payload}})
+            .session(&mut *s)
+            .await?;
+    }
     Ok(())
+}
+
+/// `text` matched literally by a MongoDB (PCRE) regular expression.
+fn regex_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 8);
+    for ch in text.chars() {
+        if "\\^$.|?*+()[]{}".contains(ch) {
+            out.push('\\');
+        }
+        out.push(ch);
+    }
+    out
 }
 
 /// A notification in the outbox, numbered by a counter (ids only grow, as
