@@ -53,6 +53,9 @@ pub enum ChatMsg {
     CloseUser(Box<admin::CloseUser>),
     /// An admin ended a session the receiving core owns.
     EndSession(Arc<str>),
+    /// A stored session idle past `session_end_idle_secs`, found by the sweep:
+    /// its owning core ends it unless it was active meanwhile.
+    EndIdle(Arc<str>),
 }
 
 impl App for ChatApp {
@@ -77,6 +80,7 @@ impl App for ChatApp {
         match msg {
             ChatMsg::Admin(op) => takeover::on_admin_op(core, *op),
             ChatMsg::EndSession(sid) => takeover::end(core, &sid),
+            ChatMsg::EndIdle(sid) => chat::end_if_idle(core, &sid),
             ChatMsg::CloseUser(close) => admin::close_user_here(core, *close),
         }
     }

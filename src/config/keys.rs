@@ -334,8 +334,14 @@ declare_config! {
     log_format: LogFormat = LogFormat::Text;
     /// I/O driver of the cores: `auto` (io_uring when the kernel allows it), `iouring` or `epoll`.
     io_driver: IoDriver = IoDriver::Auto;
-    /// A session with no connection and no activity for this long leaves memory (it stays stored).
-    session_idle_secs: u64 = 1800, range(1, NO_MAX), unit "s";
+    /// A session with no connection and no activity for this long leaves memory (it stays stored; see `session_end_idle_secs` for ending it).
+    session_idle_secs: u64 = 1800, range(1, NO_MAX), unit "s",
+        derived "1800, or session_end_idle_secs when that is set lower";
+    /// A session with no activity (messages, help requests, admins joining or leaving) for this long is ended (state `ended`, end time set, audit `ended_idle`), in memory or only stored; its connections get `session_ended`.
+    session_end_idle_secs: u64 = 86_400, range(1, NO_MAX), unit "s",
+        derived "86400, or session_idle_secs when that is set higher";
+    /// After the last admin hands a session back to the AI, `help_request` on it is refused for this long (0: no cooldown).
+    help_cooldown_secs: u64 = 60, range(0, 86_400), unit "s";
     /// Sessions one user may have in memory at once.
     sessions_per_user_max: usize = 64, range(1, NO_MAX), unit "sessions";
     /// Messages `resume` returns at most (the latest ones).
@@ -398,6 +404,12 @@ declare_config! {
     notify_max_attempts: u32 = 8, unit "attempts";
     /// First retry delay of a notification; doubles per attempt (with jitter).
     notify_retry_base_ms: u64 = 1000, unit "ms";
+    /// Delivered notifications are deleted from the outbox this long after delivery.
+    outbox_delivered_retention_secs: u64 = 7 * 86_400, range(1, NO_MAX), unit "s",
+        derived "604800, or outbox_dead_retention_secs when that is set lower";
+    /// Dead letters (notifications given up) are deleted this long after they were queued; at least `outbox_delivered_retention_secs`.
+    outbox_dead_retention_secs: u64 = 30 * 86_400, range(1, NO_MAX), unit "s",
+        derived "2592000, or outbox_delivered_retention_secs when that is set higher";
     /// `[[llm.models]]`: several models (provider, endpoint, key, timeouts, fallback), in the environment a JSON or TOML array; empty: the `llm_*` keys define one.
     llm: LlmSection = LlmSection::default(), file "llm.models", env "CHATBOX_LLM_MODELS";
 }

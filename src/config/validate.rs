@@ -53,6 +53,22 @@ impl Config {
                 self.http_request_timeout_ms, self.http_head_timeout_ms
             ));
         }
+        if self.session_end_idle_secs < self.session_idle_secs {
+            problems.push(format!(
+                "CHATBOX_SESSION_END_IDLE_SECS ({}) must be at least CHATBOX_SESSION_IDLE_SECS \
+                 ({}): an idle session leaves memory no later than it ends; set only one of them and \
+                 the other follows",
+                self.session_end_idle_secs, self.session_idle_secs
+            ));
+        }
+        if self.outbox_dead_retention_secs < self.outbox_delivered_retention_secs {
+            problems.push(format!(
+                "CHATBOX_OUTBOX_DEAD_RETENTION_SECS ({}) must be at least \
+                 CHATBOX_OUTBOX_DELIVERED_RETENTION_SECS ({}): dead letters are kept longer; \
+                 set only one of them and the other follows",
+                self.outbox_dead_retention_secs, self.outbox_delivered_retention_secs
+            ));
+        }
         problems
     }
 

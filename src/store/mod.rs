@@ -108,14 +108,17 @@ pub enum AuditAction {
     AdminLeave,
     /// An admin ended the session (`ended`).
     End,
+    /// Nothing happened in the session for `session_end_idle_secs` (`ended`).
+    EndedIdle,
 }
 
 impl AuditAction {
-    pub const ALL: [AuditAction; 4] = [
+    pub const ALL: [AuditAction; 5] = [
         AuditAction::HelpRequest,
         AuditAction::AdminJoin,
         AuditAction::AdminLeave,
         AuditAction::End,
+        AuditAction::EndedIdle,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -124,6 +127,7 @@ impl AuditAction {
             AuditAction::AdminJoin => "admin_join",
             AuditAction::AdminLeave => "admin_leave",
             AuditAction::End => "end",
+            AuditAction::EndedIdle => "ended_idle",
         }
     }
 
@@ -197,6 +201,15 @@ pub enum WriteOp {
         action: AuditAction,
         at: Millis,
     },
+    /// Ends the session for idleness, only if it has not ended yet and saw no
+    /// activity since `idle_before`; the audit trail gets `ended_idle` (by the
+    /// empty actor, the server) only when it did end. Conditional, so a sweep
+    /// that raced a new message or an admin's end changes nothing.
+    EndIdle {
+        session_id: String,
+        idle_before: Millis,
+        at: Millis,
+    },
     /// Deletes everything stored for a user (sessions, messages, audit trail).
     DeleteUser { user_id: String },
     /// Queues a notification in the durable outbox.
@@ -213,6 +226,13 @@ pub enum WriteOp {
         error: String,
         next_at: Millis,
         dead: bool,
+    },
+    /// Retention: deletes delivered notifications delivered before
+    /// `delivered_before` and dead letters created before `dead_before`; pending
+    /// ones are never purged.
+    PurgeOutbox {
+        delivered_before: Millis,
+        dead_before: Millis,
     },
 }
 
@@ -389,6 +409,20 @@ pub trait Store: Send + Sync + 'static {
     fn due_notifications(&self, now: Millis, limit: usize) -> StoreFuture<Vec<Notification>>;
     /// When the next pending notification is due, if any.
     fn next_notification_at(&self) -> StoreFuture<Option<Millis>>;
+    /// Sessions not ended whose last activity is before `before`, least recent
+    /// first, at most `limit`: (session id, user id). Both backends implement it;
+    /// the default (none) serves test doubles that store no sessions.
+    fn idle_sessions(&self, before: Millis, limit: usize) -> StoreFuture<Vec<(String, String)>> {
+        let _ = (before, limit);
+        Box::pin(async { Ok(Vec::new()) })
+    }
+    /// How many notifications are in the outbox in `state` (`pending`,
+    /// `delivered`, `dead`): for retention checks and tests. Both backends
+    /// implement it; the default (0) serves test doubles.
+    fn outbox_count(&self, state: &str) -> StoreFuture<u64> {
+        let _ = state;
+        Box::pin(async { Ok(0) })
+    }
 }
 
 /// Which backend to open.
@@ -459,7 +493,13 @@ mod tests {
         let actions: Vec<&str> = AuditAction::ALL.iter().map(|a| a.as_str()).collect();
         assert_eq!(
             actions,
-            ["help_request", "admin_join", "admin_leave", "end"]
+            [
+                "help_request",
+                "admin_join",
+                "admin_leave",
+                "end",
+                "ended_idle"
+            ]
         );
         for s in SessionState::ALL {
             assert_eq!(SessionState::parse(s.as_str()), Some(s));

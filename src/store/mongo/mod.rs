@@ -262,6 +262,15 @@ impl Store for MongoStore {
     fn next_notification_at(&self) -> StoreFuture<Option<Millis>> {
         self.read(Op::NextNotification, read::next_due(self.colls()))
     }
+
+    fn idle_sessions(&self, before: Millis, limit: usize) -> StoreFuture<Vec<(String, String)>> {
+        self.read(Op::IdleSessions, read::idle(self.colls(), before, limit))
+    }
+
+    fn outbox_count(&self, state: &str) -> StoreFuture<u64> {
+        let count = read::outbox_count(self.colls(), state.to_owned());
+        self.read(Op::OutboxCount, count)
+    }
 }
 
 impl std::fmt::Debug for MongoStore {

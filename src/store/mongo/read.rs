@@ -360,6 +360,25 @@ pub(super) async fn due(c: Colls, now: Millis, limit: usize) -> Result<Vec<Notif
         .collect())
 }
 
+pub(super) async fn idle(c: Colls, before: Millis, limit: usize) -> Result<Vec<(String, String)>> {
+    let docs: Vec<Document> = collect(
+        c.sessions
+            .find(doc! {"last_activity": {"$lt": before}, "state": {"$ne": "ended"}})
+            .projection(doc! {"user_id": 1})
+            .sort(doc! {"last_activity": 1})
+            .limit(i64_of(limit as u64)),
+    )
+    .await?;
+    Ok(docs
+        .iter()
+        .map(|d| (text(d, "_id"), text(d, "user_id")))
+        .collect())
+}
+
+pub(super) async fn outbox_count(c: Colls, state: String) -> Result<u64> {
+    c.outbox.count_documents(doc! {"state": state}).await
+}
+
 pub(super) async fn next_due(c: Colls) -> Result<Option<Millis>> {
     let d = c
         .outbox

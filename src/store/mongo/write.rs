@@ -352,6 +352,7 @@ fn binary(bytes: &[u8]) -> Bson {
 }
 
 /// One change that is not an append (`apply_all` batches appends).
+// Long: one arm per kind of change, each a statement or two; the longer ones are helpers.
 async fn apply(
     c: &Colls,
     s: &mut ClientSession,
@@ -384,6 +385,15 @@ async fn apply(
             action,
             at,
         } => set_state(c, s, session_id, *state, actor, *action, *at).await?,
+        WriteOp::EndIdle {
+            session_id,
+            idle_before,
+            at,
+        } => end_idle(c, s, session_id, *idle_before, *at).await?,
+        WriteOp::PurgeOutbox {
+            delivered_before,
+            dead_before,
+        } => purge_outbox(c, s, *delivered_before, *dead_before).await?,
         WriteOp::DeleteUser { user_id } => delete_user(c, s, user_id).await?,
         WriteOp::Enqueue { kind, payload, at } => enqueue(c, s, kind, payload, *at).await?,
         WriteOp::Delivered { id, at } => {
@@ -444,6 +454,52 @@ async fn set_state(
     c.events
         .insert_one(doc! {"session_id": session_id, "at": at, "actor": actor,
         "action": action.as_str(), "state": state.as_str()})
+        .session(&mut *s)
+        .await?;
+    Ok(())
+}
+
+/// Ends a session idle since before `idle_before` unless it ended already; the
+/// audit event is written only when this update matched.
+async fn end_idle(
+    c: &Colls,
+    s: &mut ClientSession,
+    session_id: &str,
+    idle_before: Millis,
+    at: Millis,
+) -> Result<(), mongodb::error::Error> {
+    let ended = SessionState::Ended.as_str();
+    let r = c
+        .sessions
+        .update_one(
+            doc! {"_id": session_id, "state": {"$ne": ended}, "last_activity": {"$lt": idle_before}},
+            doc! {"$set": {"state": ended, "ended_at": at, "end_key": at}},
+        )
+        .session(&mut *s)
+        .await?;
+    if r.modified_count == 1 {
+        c.events
+            .insert_one(doc! {"session_id": session_id, "at": at, "actor": "",
+            "action": AuditAction::EndedIdle.as_str(), "state": ended})
+            .session(&mut *s)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Retention: delivered rows delivered before `delivered_before`, dead letters
+/// queued before `dead_before`; pending rows stay.
+async fn purge_outbox(
+    c: &Colls,
+    s: &mut ClientSession,
+    delivered_before: Millis,
+    dead_before: Millis,
+) -> Result<(), mongodb::error::Error> {
+    c.outbox
+        .delete_many(doc! {"$or": [
+            {"state": "delivered", "delivered_at": {"$lt": delivered_before}},
+            {"state": "dead", "created_at": {"$lt": dead_before}},
+        ]})
         .session(&mut *s)
         .await?;
     Ok(())

@@ -405,6 +405,15 @@ impl Store for SqliteStore {
             read::user_sessions(c, &user_id, sessions_max)
         })
     }
+
+    fn idle_sessions(&self, before: Millis, limit: usize) -> StoreFuture<Vec<(String, String)>> {
+        self.read(Op::IdleSessions, move |c| read::idle(c, before, limit))
+    }
+
+    fn outbox_count(&self, state: &str) -> StoreFuture<u64> {
+        let state = state.to_owned();
+        self.read(Op::OutboxCount, move |c| read::outbox_count(c, &state))
+    }
 }
 
 #[cfg(test)]

@@ -277,6 +277,30 @@ pub(super) fn next_due(conn: &Connection) -> rusqlite::Result<Option<Millis>> {
     )
 }
 
+/// Sessions not ended and idle since before `before`, least recent first.
+pub(super) fn idle(
+    conn: &Connection,
+    before: Millis,
+    limit: usize,
+) -> rusqlite::Result<Vec<(String, String)>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, user_id FROM sessions WHERE last_activity < ?1 AND state != 'ended'
+         ORDER BY last_activity LIMIT ?2",
+    )?;
+    let rows = stmt.query_map(params![before, limit as i64], |r| {
+        Ok((r.get(0)?, r.get(1)?))
+    })?;
+    rows.collect()
+}
+
+pub(super) fn outbox_count(conn: &Connection, state: &str) -> rusqlite::Result<u64> {
+    conn.query_row(
+        "SELECT COUNT(*) FROM outbox WHERE state = ?1",
+        params![state],
+        |r| r.get(0),
+    )
+}
+
 /// A user's sessions, oldest first, each with all its messages.
 pub(super) fn user_sessions(
     conn: &Connection,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use rusqlite::{params, Connection};
 
 use crate::store::writer::{Commit, Failure, JobResult};
-use crate::store::{Op, StoreError, WriteOp, WriteOutcome};
+use crate::store::{AuditAction, Op, SessionState, StoreError, WriteOp, WriteOutcome};
 
 /// The writer's connection, driven by [`crate::store::writer::run`] on a thread
 /// of its own.
@@ -142,6 +142,7 @@ fn query_one<T>(
     conn.prepare_cached(sql)?.query_row(params, f)
 }
 
+// Long: one arm per kind of change, each a statement or two; the longer ones are helpers.
 fn apply(conn: &Connection, op: &WriteOp) -> Result<WriteOutcome, rusqlite::Error> {
     match op {
         WriteOp::CreateSession(s) => {
@@ -174,6 +175,23 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<WriteOutcome, rusqlite::Erro
                 "INSERT INTO session_events (session_id, at, actor, action, state)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![session_id, at, actor, action.as_str(), state.as_str()],
+            )?;
+            Ok(WriteOutcome::Done)
+        }
+        WriteOp::EndIdle {
+            session_id,
+            idle_before,
+            at,
+        } => end_idle(conn, session_id, *idle_before, *at),
+        WriteOp::PurgeOutbox {
+            delivered_before,
+            dead_before,
+        } => {
+            exec(
+                conn,
+                "DELETE FROM outbox WHERE (state = 'delivered' AND delivered_at < ?1)
+                    OR (state = 'dead' AND created_at < ?2)",
+                params![delivered_before, dead_before],
             )?;
             Ok(WriteOutcome::Done)
         }
@@ -211,6 +229,32 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<WriteOutcome, rusqlite::Erro
             Ok(WriteOutcome::Done)
         }
     }
+}
+
+/// Ends a session idle since before `idle_before` unless it ended already; the
+/// audit event is written only when the update matched.
+fn end_idle(
+    conn: &Connection,
+    session_id: &str,
+    idle_before: i64,
+    at: i64,
+) -> Result<WriteOutcome, rusqlite::Error> {
+    let ended = exec(
+        conn,
+        "UPDATE sessions SET state = 'ended', ended_at = ?3
+         WHERE id = ?1 AND state != 'ended' AND last_activity < ?2",
+        params![session_id, idle_before, at],
+    )?;
+    if ended == 1 {
+        let action = AuditAction::EndedIdle.as_str();
+        exec(
+            conn,
+            "INSERT INTO session_events (session_id, at, actor, action, state)
+             VALUES (?1, ?2, '', ?3, ?4)",
+            params![session_id, at, action, SessionState::Ended.as_str()],
+        )?;
+    }
+    Ok(WriteOutcome::Done)
 }
 
 /// A message and its session's counters; a resent client id is answered with
