@@ -7,7 +7,7 @@ use std::hint::black_box;
 
 use chatbox::app::frames::{self, Limits};
 use chatbox::auth::{mint, now_secs, Claims, Verifier};
-use chatbox::crypto::KeyRing;
+use chatbox::crypto::{KeyRing, Place};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 const SMALL: &str = r#"{"type":"user_message","id":"c-123","session_id":"s_0123456789abcdef01234567","content":"Hello, I cannot log in to my account since this morning. Can you help?"}"#;
@@ -73,14 +73,19 @@ fn parse(c: &mut Criterion) {
 fn seal_open(c: &mut Criterion) {
     let keys = KeyRing::new(&"42".repeat(32), &[]).unwrap();
     let text = "Hello, I cannot log in to my account since this morning. Can you help?".repeat(4);
+    let at = Place {
+        session_id: "s_1",
+        message_id: "m_1",
+        role: "user",
+        author: "u_1",
+        seq: 1,
+    };
     let mut g = c.benchmark_group("crypto");
     g.throughput(Throughput::Bytes(text.len() as u64));
-    g.bench_function("seal_280B", |b| {
-        b.iter(|| keys.seal("s_1", "m_1", black_box(&text)))
-    });
-    let sealed = keys.seal("s_1", "m_1", &text);
+    g.bench_function("seal_280B", |b| b.iter(|| keys.seal(&at, black_box(&text))));
+    let sealed = keys.seal(&at, &text);
     g.bench_function("open_280B", |b| {
-        b.iter(|| keys.open("s_1", "m_1", black_box(&sealed)).unwrap())
+        b.iter(|| keys.open(&at, black_box(&sealed)).unwrap())
     });
     g.finish();
 }

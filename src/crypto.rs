@@ -1,6 +1,12 @@
 //! Encryption at rest: AES-256-GCM per message with a fresh random nonce, the
-//! session and message ids bound as associated data, and a key id stored beside
-//! each ciphertext so keys can rotate (new key for writes, old keys still read).
+//! message's place bound as associated data, and a key id stored beside each
+//! ciphertext so keys can rotate (new key for writes, old keys still read).
+//!
+//! What is bound has a format version stored with each row ([`Sealed::version`]):
+//! version 1 (every new row) binds session id, message id, role, author and
+//! sequence number, so a row whose fields were edited in the database fails to
+//! open; version 0 (rows written before) bound the two ids only and still opens.
+//! A v1 row relabelled as v0 fails too: the two associated data differ.
 
 use std::collections::HashMap;
 
@@ -12,18 +18,39 @@ use crate::config::parse_encryption_key;
 
 pub const NONCE_BYTES: usize = 12;
 
-/// A message as stored: which key, which nonce, and the ciphertext (with tag).
+/// A message as stored: which key, which nonce, the ciphertext (with tag), and
+/// which associated data it was sealed with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sealed {
     pub key_id: u32,
     pub nonce: [u8; NONCE_BYTES],
     pub ciphertext: Vec<u8>,
+    /// The format of the associated data: [`AAD_IDS_ONLY`] or [`AAD_CURRENT`].
+    pub version: u8,
+}
+
+/// Rows sealed before the format version existed: the two ids only.
+pub const AAD_IDS_ONLY: u8 = 0;
+/// The ids, role, author and sequence number.
+pub const AAD_CURRENT: u8 = 1;
+
+/// Where a message sits: what its associated data binds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Place<'a> {
+    pub session_id: &'a str,
+    pub message_id: &'a str,
+    /// The role's stored name (`user`, `assistant`, ...).
+    pub role: &'a str,
+    pub author: &'a str,
+    pub seq: u64,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CryptoError {
     #[error("no key with id {0:08x} is configured (was it removed from CHATBOX_ENCRYPTION_PREVIOUS_KEYS?)")]
     UnknownKey(u32),
+    #[error("unknown sealing format version {0} (written by a newer build?)")]
+    UnknownVersion(u8),
     #[error("ciphertext failed authentication (tampered, moved between rows, or wrong key)")]
     Tampered,
     #[error("{0}")]
@@ -81,19 +108,36 @@ impl KeyRing {
         self.current
     }
 
-    /// Associated data: both ids, length-prefixed so no two pairs collide.
-    fn aad(session_id: &str, message_id: &str) -> Vec<u8> {
-        let mut aad = Vec::with_capacity(8 + session_id.len() + message_id.len());
-        aad.extend_from_slice(&(session_id.len() as u32).to_be_bytes());
-        aad.extend_from_slice(session_id.as_bytes());
-        aad.extend_from_slice(&(message_id.len() as u32).to_be_bytes());
-        aad.extend_from_slice(message_id.as_bytes());
-        aad
+    /// Associated data of format `version`: each field length-prefixed, so no
+    /// two places collide; version 1 starts with a tag no version 0 data can
+    /// equal, so relabelling a row's version makes it fail.
+    fn aad(version: u8, at: &Place<'_>) -> Result<Vec<u8>, CryptoError> {
+        let field = |aad: &mut Vec<u8>, s: &str| {
+            aad.extend_from_slice(&(s.len() as u32).to_be_bytes());
+            aad.extend_from_slice(s.as_bytes());
+        };
+        let mut aad = Vec::with_capacity(64 + at.session_id.len() + at.message_id.len());
+        match version {
+            AAD_IDS_ONLY => {
+                field(&mut aad, at.session_id);
+                field(&mut aad, at.message_id);
+            }
+            AAD_CURRENT => {
+                aad.extend_from_slice(b"\xffchatbox aad v1");
+                for s in [at.session_id, at.message_id, at.role, at.author] {
+                    field(&mut aad, s);
+                }
+                aad.extend_from_slice(&at.seq.to_be_bytes());
+            }
+            v => return Err(CryptoError::UnknownVersion(v)),
+        }
+        Ok(aad)
     }
 
-    pub fn seal(&self, session_id: &str, message_id: &str, plaintext: &str) -> Sealed {
+    /// Seals `plaintext` for its place, in the current format.
+    pub fn seal(&self, at: &Place<'_>, plaintext: &str) -> Sealed {
         let nonce: [u8; NONCE_BYTES] = rand::random();
-        let aad = Self::aad(session_id, message_id);
+        let aad = Self::aad(AAD_CURRENT, at).expect("the current format is known");
         let cipher = &self.keys[&self.current];
         let ciphertext = cipher
             .encrypt(
@@ -108,20 +152,18 @@ impl KeyRing {
             key_id: self.current,
             nonce,
             ciphertext,
+            version: AAD_CURRENT,
         }
     }
 
-    pub fn open(
-        &self,
-        session_id: &str,
-        message_id: &str,
-        sealed: &Sealed,
-    ) -> Result<String, CryptoError> {
+    /// Opens a message sealed for `at`, in the format its row names. A row moved
+    /// or edited (another place) fails with `Tampered`.
+    pub fn open(&self, at: &Place<'_>, sealed: &Sealed) -> Result<String, CryptoError> {
         let cipher = self
             .keys
             .get(&sealed.key_id)
             .ok_or(CryptoError::UnknownKey(sealed.key_id))?;
-        let aad = Self::aad(session_id, message_id);
+        let aad = Self::aad(sealed.version, at)?;
         let plain = cipher
             .decrypt(
                 &Nonce::from(sealed.nonce),
@@ -143,46 +185,121 @@ mod tests {
         KeyRing::new(&"11".repeat(32), &[]).unwrap()
     }
 
-    #[test]
-    fn round_trip_with_fresh_nonces() {
-        let r = ring();
-        let a = r.seal("s1", "m1", "hello");
-        let b = r.seal("s1", "m1", "hello");
-        assert_ne!(a.nonce, b.nonce);
-        assert_ne!(a.ciphertext, b.ciphertext);
-        assert!(!a.ciphertext.windows(5).any(|w| w == b"hello"));
-        assert_eq!(r.open("s1", "m1", &a).unwrap(), "hello");
+    fn at<'a>(session_id: &'a str, message_id: &'a str) -> Place<'a> {
+        Place {
+            session_id,
+            message_id,
+            role: "user",
+            author: "u1",
+            seq: 1,
+        }
     }
 
     #[test]
-    fn ids_are_bound_and_tampering_is_detected() {
+    fn round_trip_with_fresh_nonces() {
         let r = ring();
-        let s = r.seal("s1", "m1", "hello");
-        assert_eq!(
-            r.open("s1", "m2", &s),
-            Err(CryptoError::Tampered),
-            "moved to another message"
-        );
-        assert_eq!(
-            r.open("s2", "m1", &s),
-            Err(CryptoError::Tampered),
-            "moved to another session"
-        );
+        let a = r.seal(&at("s1", "m1"), "hello");
+        let b = r.seal(&at("s1", "m1"), "hello");
+        assert_ne!(a.nonce, b.nonce);
+        assert_ne!(a.ciphertext, b.ciphertext);
+        assert_eq!(a.version, AAD_CURRENT);
+        assert!(!a.ciphertext.windows(5).any(|w| w == b"hello"));
+        assert_eq!(r.open(&at("s1", "m1"), &a).unwrap(), "hello");
+    }
+
+    #[test]
+    fn the_place_is_bound_and_tampering_is_detected() {
+        let r = ring();
+        let place = at("s1", "m1");
+        let s = r.seal(&place, "hello");
+        let moved = [
+            ("another message", at("s1", "m2")),
+            ("another session", at("s2", "m1")),
+            (
+                "another role",
+                Place {
+                    role: "admin",
+                    ..place
+                },
+            ),
+            (
+                "another author",
+                Place {
+                    author: "u2",
+                    ..place
+                },
+            ),
+            ("another place in the session", Place { seq: 2, ..place }),
+        ];
+        for (what, other) in moved {
+            assert_eq!(r.open(&other, &s), Err(CryptoError::Tampered), "{what}");
+        }
         let mut t = s.clone();
         t.ciphertext[0] ^= 1;
-        assert_eq!(r.open("s1", "m1", &t), Err(CryptoError::Tampered));
+        assert_eq!(r.open(&place, &t), Err(CryptoError::Tampered));
+        let relabelled = Sealed {
+            version: AAD_IDS_ONLY,
+            ..s.clone()
+        };
+        assert_eq!(r.open(&place, &relabelled), Err(CryptoError::Tampered));
+        let future = Sealed { version: 9, ..s };
+        assert_eq!(r.open(&place, &future), Err(CryptoError::UnknownVersion(9)));
+    }
+
+    /// A row sealed before the format version existed: the two ids only, and
+    /// no version stored (read as 0).
+    fn sealed_the_old_way(r: &KeyRing, session_id: &str, message_id: &str, text: &str) -> Sealed {
+        let mut aad = Vec::new();
+        for s in [session_id, message_id] {
+            aad.extend_from_slice(&(s.len() as u32).to_be_bytes());
+            aad.extend_from_slice(s.as_bytes());
+        }
+        let nonce: [u8; NONCE_BYTES] = rand::random();
+        let ciphertext = r.keys[&r.current]
+            .encrypt(
+                &Nonce::from(nonce),
+                Payload {
+                    msg: text.as_bytes(),
+                    aad: &aad,
+                },
+            )
+            .unwrap();
+        Sealed {
+            key_id: r.current,
+            nonce,
+            ciphertext,
+            version: AAD_IDS_ONLY,
+        }
+    }
+
+    #[test]
+    fn rows_sealed_before_the_version_still_open() {
+        let r = ring();
+        let old = sealed_the_old_way(&r, "s1", "m1", "from before");
+        // Whatever role, author and seq the row has: version 0 did not bind them.
+        let place = Place {
+            role: "assistant",
+            author: "",
+            seq: 7,
+            ..at("s1", "m1")
+        };
+        assert_eq!(r.open(&place, &old).unwrap(), "from before");
+        assert_eq!(r.open(&at("s1", "m2"), &old), Err(CryptoError::Tampered));
     }
 
     #[test]
     fn rotation_reads_old_writes_new() {
         let old = KeyRing::new(&"11".repeat(32), &[]).unwrap();
-        let sealed_old = old.seal("s", "m", "before rotation");
+        let sealed_old = old.seal(&at("s", "m"), "before rotation");
         let new = KeyRing::new(&"22".repeat(32), &["11".repeat(32)]).unwrap();
-        assert_eq!(new.open("s", "m", &sealed_old).unwrap(), "before rotation");
-        assert_ne!(new.seal("s", "m", "x").key_id, sealed_old.key_id);
+        assert_eq!(
+            new.open(&at("s", "m"), &sealed_old).unwrap(),
+            "before rotation"
+        );
+        assert_ne!(new.seal(&at("s", "m"), "x").key_id, sealed_old.key_id);
         let forgotten = KeyRing::new(&"22".repeat(32), &[]).unwrap();
         assert_eq!(
-            forgotten.open("s", "m", &sealed_old),
+            forgotten.open(&at("s", "m"), &sealed_old),
             Err(CryptoError::UnknownKey(sealed_old.key_id))
         );
     }

@@ -214,7 +214,7 @@ fn run(config: Config, dev: bool) -> anyhow::Result<()> {
         signal_hook::consts::SIGINT,
     ])
     .context("cannot install signal handlers")?;
-    let server = chatbox::start(config, chatbox::Hooks::default()).context("start-up failed")?;
+    let server = chatbox::start(config, hooks()).context("start-up failed")?;
     let trigger = server.trigger();
     std::thread::Builder::new()
         .name("chatbox-signals".into())
@@ -243,6 +243,28 @@ fn run(config: Config, dev: bool) -> anyhow::Result<()> {
     server.join()?;
     tracing::info!("shutdown complete");
     Ok(())
+}
+
+/// Production has no hooks. Debug builds only: `CHATBOX_TEST_HANG=<fault point>`
+/// makes the thread that passes that point (`flush`, `answer`, ...) hang for good,
+/// so that tests can show shutdown's deadline holding against a stuck step.
+fn hooks() -> chatbox::Hooks {
+    #[cfg(debug_assertions)]
+    if let Ok(point) = std::env::var("CHATBOX_TEST_HANG") {
+        tracing::warn!(point = %point, "debug build: this fault point hangs (CHATBOX_TEST_HANG)");
+        return chatbox::Hooks {
+            fault: Some(std::sync::Arc::new(move |at: &str| {
+                if at == point {
+                    tracing::warn!(point = at, "fault point reached: hanging here for good");
+                    loop {
+                        std::thread::park();
+                    }
+                }
+            })),
+            ..Default::default()
+        };
+    }
+    chatbox::Hooks::default()
 }
 
 fn init_logging(format: LogFormat) {

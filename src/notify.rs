@@ -26,6 +26,9 @@ const BATCH: usize = 32;
 const IDLE_POLL: Duration = Duration::from_secs(5);
 /// One delivery attempt's time limit.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bounds of how often delivered rows and dead letters past retention are purged.
+const PURGE_EVERY_MIN: Duration = Duration::from_secs(1);
+const PURGE_EVERY_MAX: Duration = Duration::from_secs(3600);
 /// The longest wait between two attempts.
 const RETRY_WAIT_MAX: Duration = Duration::from_secs(3600);
 
@@ -79,6 +82,9 @@ pub struct Notifier {
     retry_base: Duration,
     wake: tokio::sync::Notify,
     pub metrics: NotifyMetrics,
+    /// How long delivered rows and dead letters stay in the outbox.
+    delivered_retention: Duration,
+    dead_retention: Duration,
 }
 
 /// Problems with the notification settings, for `crate::check_config`.
@@ -183,7 +189,34 @@ impl Notifier {
             retry_base: Duration::from_millis(cfg.notify_retry_base_ms),
             wake: tokio::sync::Notify::new(),
             metrics: NotifyMetrics::default(),
+            delivered_retention: Duration::from_secs(cfg.outbox_delivered_retention_secs),
+            dead_retention: Duration::from_secs(cfg.outbox_dead_retention_secs),
         })
+    }
+
+    /// The retention purge as of `now`: delivered rows older than
+    /// `outbox_delivered_retention_secs` (since delivery) and dead letters older than
+    /// `outbox_dead_retention_secs` (since queued) go; pending rows always stay.
+    pub fn purge_op(&self, now: Millis) -> WriteOp {
+        let ago =
+            |d: Duration| now.saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        WriteOp::PurgeOutbox {
+            delivered_before: ago(self.delivered_retention),
+            dead_before: ago(self.dead_retention),
+        }
+    }
+
+    /// How often the worker purges: a quarter of the shorter retention, so a row
+    /// outlives its retention by at most that, between a second and an hour.
+    fn purge_every(&self) -> Duration {
+        (self.delivered_retention / 4).clamp(PURGE_EVERY_MIN, PURGE_EVERY_MAX)
+    }
+
+    async fn purge(&self) {
+        let op = self.purge_op(crate::clock::now_ms());
+        if let Err(e) = self.store.write(vec![op]).await {
+            tracing::warn!(error = %e, "purging the notification outbox failed; the next purge retries");
+        }
     }
 
     /// The outbox rows that announce `event` on every configured channel.
@@ -234,9 +267,15 @@ impl Notifier {
         )
     }
 
-    /// The worker: delivers due rows, sleeps until the next is due or it is woken.
+    /// The worker: delivers due rows, sleeps until the next is due or it is woken,
+    /// and purges the outbox of rows past their retention now and then.
     pub async fn run(self: Arc<Self>) {
+        let mut next_purge = tokio::time::Instant::now();
         loop {
+            if tokio::time::Instant::now() >= next_purge {
+                self.purge().await;
+                next_purge = tokio::time::Instant::now() + self.purge_every();
+            }
             let now = crate::clock::now_ms();
             let due = match self.store.due_notifications(now, BATCH).await {
                 Ok(d) => d,

@@ -110,6 +110,32 @@ async fn admin_call(addr: SocketAddr, method: &str, path: &str, token: &str) -> 
     (status, serde_json::from_str(&body).unwrap_or(Value::Null))
 }
 
+/// [`admin_call`] from the source address `src` (any of 127.0.0.0/8).
+async fn admin_call_from(
+    addr: SocketAddr,
+    src: std::net::Ipv4Addr,
+    method: &str,
+    path: &str,
+    token: &str,
+) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::new(src.into(), 0)).unwrap();
+    let mut s = sock.connect(addr).await.unwrap();
+    let req = format!(
+        "{method} /chatbox/admin{path} HTTP/1.1\r\nHost: x\r\n\
+         Authorization: Bearer {token}\r\nContent-Length: 0\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut out))
+        .await
+        .expect("response in time")
+        .ok();
+    let (status, _, body) = parse_response(&out);
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_closes_with_4001_when_its_token_expires() {
     let server = start(fast_sweep());
@@ -348,21 +374,22 @@ async fn a_disconnect_or_delete_the_users_core_cannot_confirm_is_a_503() {
     };
     let server = start_with(cfg, hooks);
     let addr = server.local_addr();
-    // The blocked core must not be the home core of the test's address: there every
-    // new connection waits for its address slot and is refused as `overloaded`
-    // before the admin API runs at all.
-    let loopback_home = AddrKey::of(addr.ip()).home(2);
-    let blocker = (0..)
-        .map(|i| format!("blocker-{i}"))
-        .find(|u| owner_core(u, 2) != loopback_home)
-        .unwrap();
     let (gone, deleted) = (
-        same_core_as(&blocker, "gone"),
-        same_core_as(&blocker, "deleted"),
+        same_core_as("blocker", "gone"),
+        same_core_as("blocker", "deleted"),
     );
-    let mut blocker = connect_user(addr, &blocker).await;
+    let mut blocker = connect_user(addr, "blocker").await;
     let _gone_ws = connect_user(addr, &gone).await;
     let entered = Arc::new(Mutex::new(entered_rx));
+    // The admin's requests come from an address whose per-address limits live on
+    // the core that is not blocked: from one counted on the blocked core, every
+    // request would wait for that core at the front door (and be refused there as
+    // `overloaded`) before reaching the admin API this test is about.
+    let blocked = owner_core("blocker", 2);
+    let src = (2..=250u8)
+        .map(|i| std::net::Ipv4Addr::new(127, 0, 0, i))
+        .find(|ip| AddrKey::of((*ip).into()).home(2) != blocked)
+        .unwrap();
 
     // Each request is its own TCP connection, which the kernel gives to either core:
     // those on the blocked core wait, those on the other one ask the blocked core,
@@ -379,7 +406,9 @@ async fn a_disconnect_or_delete_the_users_core_cannot_confirm_is_a_503() {
         let mut calls = tokio::task::JoinSet::new();
         for _ in 0..16 {
             let path = path.clone();
-            calls.spawn(async move { admin_call(addr, method, &path, &admin_token()).await });
+            calls.spawn(
+                async move { admin_call_from(addr, src, method, &path, &admin_token()).await },
+            );
         }
         let (status, v) = calls.join_next().await.unwrap().unwrap();
         assert_eq!(

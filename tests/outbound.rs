@@ -110,6 +110,9 @@ impl Store for OneWebhook {
     fn ping(&self) -> StoreFuture<()> {
         Box::pin(async { Ok(()) })
     }
+    fn messages_after(&self, _: &str, _: u64, _: usize) -> StoreFuture<Vec<store::MessageRecord>> {
+        Box::pin(async { Err(StoreError::Stopped) })
+    }
     fn list_sessions(&self, _: store::SessionQuery) -> StoreFuture<store::SessionPage> {
         Box::pin(async { Err(StoreError::Stopped) })
     }

@@ -6,10 +6,46 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
 use common::*;
+use serde_json::json;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{self, Message};
+
+/// Raises this process's soft open-files limit to `want` (or the hard limit):
+/// 1,000 clients and their 1,000 server ends need more descriptors than the usual
+/// soft limit of 1024. `Err` says why it cannot, when the hard limit is too low.
+fn raise_open_files(want: u64) -> Result<(), String> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on a valid, owned struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(format!("getrlimit: {}", std::io::Error::last_os_error()));
+    }
+    if lim.rlim_cur >= want as libc::rlim_t {
+        return Ok(());
+    }
+    if lim.rlim_max < want as libc::rlim_t {
+        return Err(format!(
+            "the hard open-files limit is {} and this test needs {want}; raise it with `ulimit -Hn`",
+            lim.rlim_max
+        ));
+    }
+    lim.rlim_cur = lim.rlim_max.min(want.max(65_536) as libc::rlim_t);
+    // SAFETY: as above.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        return Err(format!("setrlimit: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_closes_1000_clients_with_1001_and_exits_cleanly() {
+    // Client and server ends both live in this process, plus the runtime's own.
+    if let Err(why) = raise_open_files(2_400) {
+        eprintln!("SKIPPED shutdown_closes_1000_clients_with_1001_and_exits_cleanly: {why}");
+        return;
+    }
     let server = start(config());
     let addr = server.local_addr();
     let mut tasks = Vec::new();
@@ -160,4 +196,460 @@ fn check_config_reports_what_to_fix() {
             && text.contains("4 connections per user"),
         "{text}"
     );
+}
+
+/// A client that stops reading while the server has frames for it is closed with
+/// 1013 once its queue passes its bound, and the close frame reaches it when it
+/// reads again (after every whole frame it was already sent); another user, who
+/// reads, keeps everything and carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_is_closed_with_1013_and_others_carry_on() {
+    let mut cfg = config();
+    cfg.ws_outbox_frames_max = 8;
+    cfg.ws_write_buffer_bytes_max = 64 * 1024;
+    let server = start(cfg);
+    let addr = server.local_addr();
+    // Never polled until the end: tokio-tungstenite reads only when asked.
+    let mut slow = connect_user(addr, "slow-reader").await;
+    let good = connect_user(addr, "good-reader").await;
+    // The good reader reads everything, saying when it got each broadcast, until "end".
+    let (got_tx, mut got_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let reader = tokio::spawn(async move {
+        let mut good = good;
+        let mut n = 0u64;
+        loop {
+            match next_msg(&mut good).await {
+                Some(Message::Text(t)) if t.as_str() == "end" => return (good, n),
+                Some(Message::Text(_)) => {
+                    n += 1;
+                    got_tx.send(()).await.unwrap();
+                }
+                other => panic!("the good reader lost its connection: {other:?}"),
+            }
+        }
+    });
+    let big = "x".repeat(60 * 1024);
+    let mut sent = 0u64;
+    // Until the server gives up on the slow reader; bounded so a bug fails.
+    while total(&server, |m| m.slow_consumers.get()) == 0 {
+        assert!(sent < 4_000, "the slow reader was never closed");
+        // Paced by the good reader, which keeps up: only the slow one falls behind.
+        assert!(server.broadcast(&big).is_empty(), "broadcast refused");
+        sent += 1;
+        tokio::time::timeout(WAIT, got_rx.recv())
+            .await
+            .expect("the good reader keeps up");
+    }
+    assert!(server.broadcast("end").is_empty());
+    // Reading again, the slow client gets whole frames, then 1013.
+    let mut frames = 0;
+    let code = loop {
+        match next_msg(&mut slow).await {
+            Some(Message::Text(t)) => {
+                assert_eq!(t.len(), big.len(), "a whole frame");
+                frames += 1;
+            }
+            Some(Message::Close(f)) => break f.map(|f| f.code),
+            other => panic!("expected frames then a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(code, Some(CloseCode::Again), "after {frames} frames");
+    assert!(frames > 0);
+    let (mut good, got) = tokio::time::timeout(WAIT, reader).await.unwrap().unwrap();
+    assert_eq!(got, sent, "the good reader got every broadcast");
+    send(
+        &mut good,
+        json!({"type": "user_message", "content": "still here?"}),
+    )
+    .await;
+    until(&mut good, "ai_done").await;
+    assert_eq!(total(&server, |m| m.slow_consumers.get()), 1);
+    server.shutdown();
+    stop(server).await;
+}
+
+// ---- Shutdown's deadline, draining, and answers cut off by it ----
+
+/// A fake OpenAI-style model driven step by step: it sends the next event of an
+/// answer only when the test says so, whatever the request.
+struct StepLlm {
+    addr: std::net::SocketAddr,
+    steps: tokio::sync::mpsc::UnboundedSender<Step>,
+    requests: tokio::sync::mpsc::UnboundedReceiver<()>,
+}
+
+enum Step {
+    Chunk(&'static str),
+    Done,
+}
+
+impl StepLlm {
+    async fn start() -> StepLlm {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (steps, rx) = tokio::sync::mpsc::unbounded_channel::<Step>();
+        let rx = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
+        let (seen, requests) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let (sock, _) = listener.accept().await.unwrap();
+                let (rx, seen) = (rx.clone(), seen.clone());
+                tokio::spawn(async move {
+                    let (mut rd, mut wr) = sock.into_split();
+                    if read_request(&mut rd).await.is_none() {
+                        return;
+                    }
+                    let _ = seen.send(());
+                    let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n";
+                    if wr.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    // One answer at a time takes the steps; a client that goes
+                    // away lets the next one have them.
+                    let mut steps = rx.lock().await;
+                    let mut b = [0u8; 64];
+                    loop {
+                        let step = tokio::select! {
+                            s = steps.recv() => s,
+                            _ = rd.read(&mut b) => return,
+                        };
+                        let event = match step {
+                            Some(Step::Chunk(w)) => format!(
+                                "data: {}\n\n",
+                                json!({"id": "c1", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": null}]})
+                            ),
+                            Some(Step::Done) | None => "data: [DONE]\n\n".to_owned(),
+                        };
+                        let last = !event.contains("chunk");
+                        if wr.write_all(event.as_bytes()).await.is_err() || last {
+                            let _ = wr.shutdown().await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        StepLlm {
+            addr,
+            steps,
+            requests,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    fn step(&self, s: Step) {
+        self.steps.send(s).unwrap();
+    }
+
+    async fn request_seen(&mut self) {
+        tokio::time::timeout(WAIT, self.requests.recv())
+            .await
+            .expect("the model was asked in time")
+            .unwrap();
+    }
+
+    /// The CHATBOX_* settings that make the binary use this model.
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("CHATBOX_LLM_PROVIDER", "openai".into()),
+            ("CHATBOX_LLM_BASE_URL", self.url()),
+            ("CHATBOX_LLM_API_KEY", "test-key".into()),
+        ]
+    }
+}
+
+/// The real binary, serving; its log lines (stderr) arrive on `log`.
+struct Proc {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+    log: std::sync::mpsc::Receiver<String>,
+}
+
+fn spawn_server(data: &std::path::Path, env: &[(&str, String)]) -> Proc {
+    let mut cmd = chatbox();
+    cmd.env("CHATBOX_DATA_DIR", data)
+        .env("CHATBOX_LISTEN", "127.0.0.1:0")
+        .env("CHATBOX_CORES", "2")
+        .env("CHATBOX_JWT_SECRET", SECRET)
+        .env("CHATBOX_ENCRYPTION_KEY", KEY)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let (tx, log) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let line = strip_ansi(&line);
+            eprintln!("[chatbox] {line}");
+            let _ = tx.send(line);
+        }
+    });
+    let stdout = child.stdout.take().unwrap();
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Some(rest) = line.strip_prefix("chatbox listening on http://") {
+                let addr = rest
+                    .trim_end_matches("/chatbox")
+                    .parse::<std::net::SocketAddr>();
+                let _ = addr_tx.send(addr.unwrap());
+            }
+        }
+    });
+    let addr = addr_rx.recv_timeout(WAIT).expect("the readiness line");
+    Proc { child, addr, log }
+}
+
+impl Proc {
+    fn signal(&self, sig: i32) {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Reads log lines until one contains `text`; returns every line read.
+    fn log_until(&self, text: &str) -> Vec<String> {
+        let mut seen = Vec::new();
+        loop {
+            let line = self
+                .log
+                .recv_timeout(WAIT)
+                .unwrap_or_else(|_| panic!("no log line with {text:?}; got {seen:#?}"));
+            let found = line.contains(text);
+            seen.push(line);
+            if found {
+                return seen;
+            }
+        }
+    }
+
+    /// Waits for the process to exit; its exit code and the rest of its log.
+    fn wait(mut self) -> (Option<i32>, String) {
+        let status = self.child.wait().unwrap();
+        let rest: Vec<String> = self.log.iter().collect();
+        (status.code(), rest.join("\n"))
+    }
+}
+
+/// The log without its colours (the text format colours it even into a pipe).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn block<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_cut_off_by_shutdown_is_stored_as_cancelled_and_resumes() {
+    let mut llm = StepLlm::start().await;
+    let data = data_dir();
+    let mut env = llm.env();
+    env.push(("CHATBOX_SHUTDOWN_GRACE_SECS", "1".into()));
+    let server = block(|| spawn_server(&data, &env));
+    let mut ws = connect_user(server.addr, "pat").await;
+    send(
+        &mut ws,
+        json!({"type": "user_message", "content": "my order is late", "id": "c1"}),
+    )
+    .await;
+    let (session, _) = until(&mut ws, "session").await;
+    let sid = session["session_id"].as_str().unwrap().to_owned();
+    llm.request_seen().await;
+    llm.step(Step::Chunk("Let me check "));
+    until(&mut ws, "ai_chunk").await;
+    llm.step(Step::Chunk("your order"));
+    let (chunk, _) = until(&mut ws, "ai_chunk").await;
+    assert_eq!(chunk["seq"], 2);
+    server.signal(libc::SIGTERM);
+    // The grace ends with the answer still streaming: it is closed as cancelled.
+    let (done, _) = until(&mut ws, "ai_done").await;
+    assert_eq!(done["cancelled"], true, "{done}");
+    assert_eq!(close_code(&mut ws).await, Some(CloseCode::Away));
+    let (code, log) = block(|| server.wait());
+    assert_eq!(code, Some(0), "{log}");
+
+    let server = block(|| spawn_server(&data, &env));
+    let mut ws = connect_user(server.addr, "pat").await;
+    send(&mut ws, json!({"type": "resume", "session_id": sid})).await;
+    let (session, _) = until(&mut ws, "session").await;
+    let messages = session["messages"].as_array().expect("history");
+    let last = messages.last().expect("messages");
+    assert_eq!(last["role"], "assistant", "{session}");
+    assert_eq!(last["content"], "Let me check your order", "{session}");
+    assert_eq!(last["cancelled"], true, "{session}");
+    // The session goes on.
+    send(
+        &mut ws,
+        json!({"type": "user_message", "session_id": sid, "content": "and?", "id": "c2"}),
+    )
+    .await;
+    llm.request_seen().await;
+    llm.step(Step::Chunk("It ships today."));
+    llm.step(Step::Done);
+    let (done, before) = until(&mut ws, "ai_done").await;
+    assert!(done.get("cancelled").is_none_or(|c| c == false), "{done}");
+    assert!(before.iter().any(|f| f["content"] == "It ships today."));
+    server.signal(libc::SIGTERM);
+    let (code, log) = block(|| server.wait());
+    assert_eq!(code, Some(0), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_draining_requests_get_503_and_healthz_stays_200() {
+    let mut llm = StepLlm::start().await;
+    let mut cfg = config();
+    cfg.llm_provider = chatbox::config::LlmProvider::Openai;
+    cfg.llm_base_url = Some(llm.url());
+    cfg.llm_api_key = Some("test-key".into());
+    // Long enough that the answer below, not the clock, ends the draining.
+    cfg.shutdown_timeout_secs = 120;
+    cfg.shutdown_grace_secs = 60;
+    let server = start(cfg);
+    let addr = server.local_addr();
+    let mut ws = connect_user(addr, "dora").await;
+    send(
+        &mut ws,
+        json!({"type": "user_message", "content": "hi", "id": "c1"}),
+    )
+    .await;
+    llm.request_seen().await;
+    llm.step(Step::Chunk("Hello"));
+    until(&mut ws, "ai_chunk").await;
+    server.shutdown();
+    // Draining once /readyz says so (each core answers for itself: ask both).
+    let mut unready = 0;
+    while unready < 4 {
+        let (status, head, body) = get(addr, "/chatbox/readyz").await;
+        if status == 503 {
+            assert_eq!(error_code(&body), "shutting_down");
+            assert!(head.contains("retry-after: 5"), "{head}");
+            unready += 1;
+        } else {
+            assert_eq!(status, 200);
+        }
+    }
+    for _ in 0..4 {
+        let (status, _, _) = get(addr, "/chatbox/healthz").await;
+        assert_eq!(status, 200, "healthz while draining");
+        let (status, head, body) = get(addr, "/chatbox/admin/sessions").await;
+        assert_eq!((status, error_code(&body)), (503, "shutting_down".into()));
+        assert!(head.contains("retry-after: 5"), "{head}");
+        match connect(addr, "/ws", Some(&token("late-comer")), None).await {
+            Err(tungstenite::Error::Http(resp)) => {
+                assert_eq!(resp.status().as_u16(), 503);
+                assert_eq!(resp.headers()["retry-after"], "5");
+            }
+            other => panic!(
+                "expected a 503 upgrade refusal, got {:?}",
+                other.map(|_| ())
+            ),
+        }
+    }
+    // The answer under way finishes on its connection, which then gets 1001.
+    llm.step(Step::Chunk(" there"));
+    llm.step(Step::Done);
+    let (done, _) = until(&mut ws, "ai_done").await;
+    assert!(done.get("cancelled").is_none_or(|c| c == false), "{done}");
+    assert_eq!(close_code(&mut ws).await, Some(CloseCode::Away));
+    stop(server).await;
+}
+
+/// Shutdown with a step that hangs: cut off at the deadline, named, non-zero exit.
+/// `core_hangs`: the hang is on the connection's core (which then says nothing).
+async fn hung_step_is_cut_off(
+    hang: &str,
+    step: &str,
+    timeout_secs: u64,
+    core_hangs: bool,
+) -> String {
+    let data = data_dir();
+    let env = [
+        ("CHATBOX_TEST_HANG", hang.to_owned()),
+        ("CHATBOX_SHUTDOWN_TIMEOUT_SECS", timeout_secs.to_string()),
+    ];
+    let server = block(|| spawn_server(&data, &env));
+    let mut ws = connect_user(server.addr, "hal").await;
+    send(
+        &mut ws,
+        json!({"type": "user_message", "content": "hi", "id": "c1"}),
+    )
+    .await;
+    if core_hangs {
+        block(|| server.log_until("fault point reached"));
+    } else {
+        until(&mut ws, "ai_done").await;
+    }
+    let asked = std::time::Instant::now();
+    server.signal(libc::SIGTERM);
+    if !core_hangs {
+        assert_eq!(close_code(&mut ws).await, Some(CloseCode::Away));
+    }
+    let (code, log) = block(|| server.wait());
+    let took = asked.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(timeout_secs + 3),
+        "exited {took:?} after SIGTERM; deadline {timeout_secs} s\n{log}"
+    );
+    assert_eq!(code, Some(1), "{log}");
+    assert!(
+        log.contains(&format!("step=\"{step}\"")) && log.contains("cut off"),
+        "the warning names the step: {log}"
+    );
+    log
+}
+
+#[cfg(debug_assertions)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_storage_flush_is_cut_off_at_the_deadline() {
+    let log = hung_step_is_cut_off("flush", "storage flush", 2, false).await;
+    assert!(log.contains("could not be flushed"), "{log}");
+}
+
+#[cfg(debug_assertions)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_core_is_cut_off_at_the_deadline() {
+    // The answer's fault point hangs its core thread: shutdown cannot stop it.
+    let log = hung_step_is_cut_off("answer", "stopping cores", 2, true).await;
+    assert!(log.contains("could not be flushed"), "{log}");
+}
+
+#[cfg(debug_assertions)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_while_draining_exits_at_once() {
+    let data = data_dir();
+    let env = [
+        ("CHATBOX_TEST_HANG", "flush".to_owned()),
+        ("CHATBOX_SHUTDOWN_TIMEOUT_SECS", "600".to_owned()),
+    ];
+    let server = block(|| spawn_server(&data, &env));
+    server.signal(libc::SIGTERM);
+    block(|| server.log_until("shutting down gracefully"));
+    let asked = std::time::Instant::now();
+    server.signal(libc::SIGINT);
+    let (code, log) = block(|| server.wait());
+    assert!(asked.elapsed() < WAIT);
+    assert_eq!(code, Some(130), "{log}");
+    assert!(log.contains("second signal"), "{log}");
 }

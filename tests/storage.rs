@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chatbox::crypto::KeyRing;
+use chatbox::crypto::{KeyRing, Place};
 use chatbox::pool::{BlockingPool, PoolRuntime};
 use chatbox::store::mongo::{MongoSettings, MongoStore};
 use chatbox::store::sqlite::SqliteStore;
@@ -141,7 +141,16 @@ fn message(
         role,
         author: "author".into(),
         client_id: client.map(str::to_owned),
-        sealed: ring.seal(sid, &id, &format!("text {seq}")),
+        sealed: ring.seal(
+            &Place {
+                session_id: sid,
+                message_id: &id,
+                role: role.as_str(),
+                author: "author",
+                seq,
+            },
+            &format!("text {seq}"),
+        ),
         created_at: at,
         tokens_in: tokens.0,
         tokens_out: tokens.1,
@@ -214,7 +223,10 @@ fn messages_round_trip_sealed_and_resends_are_recognised(b: &Backend) {
         b.name
     );
     assert_eq!(msgs.len(), 2, "{}", b.name);
-    assert_eq!(ring.open("s1", "s1-m2", &msgs[1].sealed).unwrap(), "text 2");
+    assert_eq!(
+        ring.open(&msgs[1].place(), &msgs[1].sealed).unwrap(),
+        "text 2"
+    );
     assert_eq!(msgs[0].client_id.as_deref(), Some("c1"));
     let latest = block(s.load_session("s1", 1)).unwrap().unwrap().1;
     assert_eq!(latest[0].seq, 2, "{}: the latest messages", b.name);
@@ -620,7 +632,7 @@ fn copy_moves_everything_and_can_run_again(b: &Backend) {
                 let (_, msgs) = block(s.load_session(&rec.id, 100)).unwrap().unwrap();
                 let texts: Vec<String> = msgs
                     .iter()
-                    .map(|m| ring.open(&rec.id, &m.message_id, &m.sealed).unwrap())
+                    .map(|m| ring.open(&m.place(), &m.sealed).unwrap())
                     .collect();
                 let events = block(s.session_events(&rec.id)).unwrap();
                 (rec, texts, events)

@@ -31,15 +31,11 @@ use crate::runtime::app::Body;
 /// Page size bounds of the session list.
 const PAGE_DEFAULT: usize = 50;
 const PAGE_MAX: usize = 200;
-/// Messages returned with one session.
-const TRANSCRIPT_MESSAGES_MAX: usize = 10_000;
-/// Sessions in one user export.
-const EXPORT_SESSIONS_MAX: usize = 10_000;
 const STATES: [&str; 4] = SessionState::NAMES;
 
 /// Why an admin request failed; mapped to its HTTP response in one place.
 #[derive(Debug, thiserror::Error)]
-enum ApiError {
+pub(super) enum ApiError {
     #[error("{0}")]
     BadRequest(String),
     #[error("an admin token is required (Authorization: Bearer)")]
@@ -82,13 +78,24 @@ impl ApiError {
             }
         };
         let mut r = error(status, code, &self.to_string());
-        if let ApiError::RateLimited { retry_after_secs } = self {
+        if let Some(secs) = self.retry_after_secs() {
             r.headers_mut().insert(
                 hyper::header::RETRY_AFTER,
-                hyper::header::HeaderValue::from(retry_after_secs),
+                hyper::header::HeaderValue::from(secs),
             );
         }
         r
+    }
+
+    /// `Retry-After` in whole seconds (at least 1) for a refusal that is worth
+    /// retrying: the rate limit, and storage's back-pressure (its write queue
+    /// full, every read connection busy).
+    fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            ApiError::RateLimited { retry_after_secs } => Some(*retry_after_secs),
+            ApiError::Storage(e) => e.retry_after_ms().map(|ms| ms.div_ceil(1000).max(1)),
+            _ => None,
+        }
     }
 }
 
@@ -104,31 +111,38 @@ pub async fn handle(
     path: &str,
 ) -> Response<Body> {
     match route(core, req, path).await {
-        Ok(body) => json_response(StatusCode::OK, body.to_string()),
+        Ok(r) => r,
         Err(e) => e.into_response(core),
     }
+}
+
+fn ok(body: Value) -> Response<Body> {
+    json_response(StatusCode::OK, body.to_string())
 }
 
 async fn route(
     core: &Rc<Core>,
     req: &Request<hyper::body::Incoming>,
     path: &str,
-) -> Result<Value, ApiError> {
+) -> Result<Response<Body>, ApiError> {
     let admin = authorize(core, req)?;
     let params = parse_query(req.uri().query().unwrap_or(""));
     let decoded = path_segments(path)?;
     let segments: Vec<&str> = decoded.iter().map(|s| &**s).collect();
     match (req.method(), segments.as_slice()) {
-        (&Method::GET, ["sessions"]) => list(core, &params).await,
+        (&Method::GET, ["sessions"]) => list(core, &params).await.map(ok),
         (&Method::GET, ["sessions", id]) => {
             check_params(&params, &[])?;
-            session(core, id).await
+            super::admin_stream::transcript(core, id).await
         }
-        (&Method::POST, ["sessions", id, "end"]) => end(core, id, &admin).await,
-        (&Method::GET, ["metrics"]) => metrics(core, &params).await,
-        (&Method::GET, ["users", id, "export"]) => export(core, id).await,
-        (&Method::DELETE, ["users", id]) => delete_user(core, id, &admin).await,
-        (&Method::POST, ["users", id, "disconnect"]) => disconnect(core, id, &admin).await,
+        (&Method::POST, ["sessions", id, "end"]) => end(core, id, &admin).await.map(ok),
+        (&Method::GET, ["metrics"]) => metrics(core, &params).await.map(ok),
+        (&Method::GET, ["users", id, "export"]) => {
+            check_params(&params, &[])?;
+            super::admin_stream::export(core, id)
+        }
+        (&Method::DELETE, ["users", id]) => delete_user(core, id, &admin).await.map(ok),
+        (&Method::POST, ["users", id, "disconnect"]) => disconnect(core, id, &admin).await.map(ok),
         _ => Err(ApiError::NotFound("no such admin endpoint")),
     }
 }
@@ -206,7 +220,7 @@ fn millis(params: &Params, name: &str) -> Result<Option<Millis>, ApiError> {
         .transpose()
 }
 
-fn session_json(s: &SessionRecord) -> Value {
+pub(super) fn session_json(s: &SessionRecord) -> Value {
     json!({
         "session_id": s.id,
         "user_id": s.user_id,
@@ -290,46 +304,6 @@ async fn list(core: &Core, params: &Params) -> Result<Value, ApiError> {
     Ok(json!({"sessions": sessions, "next_cursor": next}))
 }
 
-async fn session(core: &Core, id: &str) -> Result<Value, ApiError> {
-    let store = &core.shared.app.store;
-    let (loaded, events) = (
-        store.load_session(id, TRANSCRIPT_MESSAGES_MAX),
-        store.session_events(id),
-    );
-    let (rec, messages) = loaded.await?.ok_or(ApiError::NotFound("no such session"))?;
-    let events = events.await?;
-    let keys = &core.shared.app.keys;
-    let transcript: Vec<Value> = messages
-        .iter()
-        .map(|m| {
-            let mut v = json!({
-                "message_id": m.message_id,
-                "seq": m.seq,
-                "role": m.role.as_str(),
-                "author": m.author,
-                "created_at": m.created_at,
-                "tokens_in": m.tokens_in,
-                "tokens_out": m.tokens_out,
-                "cancelled": m.cancelled,
-            });
-            match keys.open(&m.session_id, &m.message_id, &m.sealed) {
-                Ok(content) => v["content"] = json!(content),
-                Err(e) => {
-                    core.metrics().integrity_failures.inc();
-                    tracing::error!(session = %rec.id, message = %m.message_id, error = %e, "stored message failed its integrity check");
-                    v["error"] = json!("integrity check failed; content withheld");
-                }
-            }
-            v
-        })
-        .collect();
-    let events: Vec<Value> = events
-        .iter()
-        .map(|e| json!({"at": e.at, "actor": e.actor, "action": e.action, "state": e.state}))
-        .collect();
-    Ok(json!({"session": session_json(&rec), "messages": transcript, "events": events}))
-}
-
 async fn end(core: &Rc<Core>, id: &str, admin: &Identity) -> Result<Value, ApiError> {
     let store = &core.shared.app.store;
     let (rec, _) = store
@@ -359,40 +333,19 @@ async fn metrics(core: &Core, params: &Params) -> Result<Value, ApiError> {
     Ok(json!({"from": from, "to": to, "metrics": m}))
 }
 
-async fn export(core: &Core, user_id: &str) -> Result<Value, ApiError> {
-    let keys = &core.shared.app.keys;
-    let all = core
-        .shared
-        .app
-        .store
-        .user_sessions(user_id, EXPORT_SESSIONS_MAX)
-        .await?;
-    let sessions: Vec<Value> = all
-        .iter()
-        .map(|(rec, msgs)| {
-            let messages: Vec<Value> = msgs
-                .iter()
-                .map(|m| {
-                    let content = keys.open(&m.session_id, &m.message_id, &m.sealed).ok();
-                    json!({"message_id": m.message_id, "role": m.role.as_str(), "author": m.author,
-                           "created_at": m.created_at, "content": content, "cancelled": m.cancelled})
-                })
-                .collect();
-            json!({"session": session_json(rec), "messages": messages})
-        })
-        .collect();
-    Ok(json!({"user_id": user_id, "sessions": sessions}))
-}
-
 async fn delete_user(core: &Rc<Core>, user_id: &str, admin: &Identity) -> Result<Value, ApiError> {
+    // Their live connections close and their sessions leave memory first, so their
+    // core queues no more writes for them; a write still queued ahead of the
+    // delete is deleted with the rest, and one behind it (an answer finishing) is
+    // refused by storage, its session being gone: nothing comes back.
+    let closed = close_user(core, user_id, true).await;
     let op = WriteOp::DeleteUser {
         user_id: user_id.to_owned(),
     };
     core.shared.app.store.write(vec![op]).await?;
     tracing::info!(user = %user_id, admin = %admin.user_id, "user data deleted");
-    // Their live connections close and their sessions leave memory. The data is
-    // already gone: a core that did not confirm is reported, and a retry is safe.
-    let closed = close_user(core, user_id, true).await.map_err(|e| {
+    // A core that did not confirm is reported, and a retry is safe.
+    let closed = closed.map_err(|e| {
         ApiError::Unavailable(format!(
             "the user's stored data was deleted, but {e}; retry the request"
         ))
@@ -487,6 +440,25 @@ pub fn close_user_here(core: &Rc<Core>, msg: CloseUser) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn storage_back_pressure_says_when_to_retry() {
+        let full = ApiError::Storage(StoreError::Overloaded(8));
+        assert_eq!(full.retry_after_secs(), Some(1), "a full write queue");
+        let busy = ApiError::Storage(StoreError::ReadersBusy {
+            readers: 2,
+            retry_after_ms: 2500,
+        });
+        assert_eq!(busy.retry_after_secs(), Some(3), "every reader busy");
+        assert_eq!(
+            ApiError::Storage(StoreError::Stopped).retry_after_secs(),
+            None
+        );
+        let limited = ApiError::RateLimited {
+            retry_after_secs: 4,
+        };
+        assert_eq!(limited.retry_after_secs(), Some(4));
+    }
 
     #[test]
     fn cursors_round_trip_and_garbage_is_refused() {

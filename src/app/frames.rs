@@ -44,6 +44,9 @@ pub enum Code {
     NotFound,
     LlmUnavailable,
     Overloaded,
+    /// Storage is busy reading (every read connection in use): retry after
+    /// `retry_after_ms`.
+    Unavailable,
     Internal,
 }
 
@@ -421,6 +424,24 @@ impl ServerFrame<'_> {
 }
 
 /// An `error` frame with just a code and message (and the client's id).
+/// The error for a read from storage that failed: `unavailable` with when to
+/// retry for back-pressure (every read connection busy, queue full), else
+/// `internal` with `message`.
+pub fn store_read_error(e: &crate::store::StoreError, message: &str, id: Option<&str>) -> String {
+    let (code, message, retry_after_ms) = match e.retry_after_ms() {
+        Some(ms) => (Code::Unavailable, "storage is busy; retry", Some(ms)),
+        None => (Code::Internal, message, None),
+    };
+    ServerFrame::Error {
+        code,
+        message,
+        id,
+        session_id: None,
+        retry_after_ms,
+    }
+    .to_json()
+}
+
 pub fn error_frame(code: Code, message: &str, id: Option<&str>) -> String {
     ServerFrame::Error {
         code,
@@ -571,5 +592,23 @@ mod tests {
             error_frame(Code::RateLimited, "slow down", Some("c1")),
             r#"{"type":"error","code":"rate_limited","message":"slow down","id":"c1"}"#
         );
+    }
+
+    #[test]
+    fn busy_storage_is_unavailable_with_when_to_retry() {
+        use crate::store::StoreError;
+        let busy = StoreError::ReadersBusy {
+            readers: 1,
+            retry_after_ms: 250,
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(&store_read_error(&busy, "x", Some("c1"))).unwrap();
+        assert_eq!(v["code"], "unavailable");
+        assert_eq!(v["retry_after_ms"], 250);
+        assert_eq!(v["id"], "c1");
+        let broken: serde_json::Value =
+            serde_json::from_str(&store_read_error(&StoreError::Stopped, "gone", None)).unwrap();
+        assert_eq!(broken["code"], "internal");
+        assert!(broken.get("retry_after_ms").is_none() || broken["retry_after_ms"].is_null());
     }
 }

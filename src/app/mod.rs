@@ -6,6 +6,7 @@
 //! the notifier, and starts the runtime with them.
 
 pub mod admin;
+mod admin_stream;
 pub mod chat;
 pub mod cluster;
 pub mod conn;
@@ -13,7 +14,6 @@ pub mod frames;
 
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
 
 use hyper::{Request, Response};
 
@@ -55,6 +55,9 @@ pub enum ChatMsg {
     CloseUser(Box<admin::CloseUser>),
     /// An admin ended a session the receiving core owns.
     EndSession(Arc<str>),
+    /// A stored session idle past `session_end_idle_secs`, found by the sweep:
+    /// its owning core ends it unless it was active meanwhile.
+    EndIdle(Arc<str>),
 }
 
 impl App for ChatApp {
@@ -79,6 +82,7 @@ impl App for ChatApp {
         match msg {
             ChatMsg::Admin(op) => takeover::on_admin_op(core, *op),
             ChatMsg::EndSession(sid) => takeover::end(core, &sid),
+            ChatMsg::EndIdle(sid) => chat::end_if_idle(core, &sid),
             ChatMsg::CloseUser(close) => admin::close_user_here(core, *close),
         }
     }
@@ -107,18 +111,27 @@ impl App for ChatApp {
     }
 
     fn render_metrics(shared: &ChatShared) -> String {
-        let mut out = shared.notifier.render_metrics();
+        let mut out = shared.notifier.render_metrics() + &shared.pages.render();
         if let Some(bus) = &shared.bus {
             bus.render_metrics(&mut out);
         }
         out
     }
 
-    fn stopped(shared: &ChatShared) {
+    async fn drain(core: &Rc<Core>, grace: monoio::time::Instant, deadline: monoio::time::Instant) {
+        chat::answer::drain(core, grace, deadline).await;
+    }
+
+    fn stopped(
+        shared: &ChatShared,
+        hooks: &Hooks,
+        deadline: std::time::Instant,
+    ) -> Result<(), String> {
         if let Some(bus) = &shared.bus {
-            bus.leave(&shared.pool, Duration::from_secs(1));
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            bus.leave(&shared.pool, left.min(std::time::Duration::from_secs(1)));
         }
-        flush_storage(shared);
+        flush_storage(shared, hooks.clone(), deadline)
     }
 }
 
@@ -253,19 +266,46 @@ fn private_data_dir(dir: &std::path::Path) -> Result<(), AppStartError> {
 }
 
 /// Waits until every write submitted before now is committed: an empty write is
-/// a barrier, since the writer commits in order. Bounded by a deadline.
-fn flush_storage(shared: &ChatShared) {
-    const FLUSH_WAIT: Duration = Duration::from_secs(5);
-    let barrier = shared.store.write(Vec::new());
-    let flushed = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        // The timer must be created inside the runtime, hence the async block.
-        .map(|rt| rt.block_on(async { tokio::time::timeout(FLUSH_WAIT, barrier).await }));
-    match flushed {
-        Ok(Ok(Ok(_))) => tracing::info!("storage flushed"),
-        Ok(Ok(Err(e))) => tracing::error!(error = %e, "storage flush failed"),
-        Ok(Err(_)) => tracing::error!("storage flush did not finish in time"),
-        Err(e) => tracing::error!(error = %e, "cannot wait for the storage flush"),
+/// a barrier, since the writer commits in order. On a thread of its own, so that
+/// the wait is cut off at `deadline` whatever the storage does (hangs included).
+fn flush_storage(
+    shared: &ChatShared,
+    hooks: Hooks,
+    deadline: std::time::Instant,
+) -> Result<(), String> {
+    const STEP: &str = "storage flush";
+    let store = shared.store.clone();
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let spawned = std::thread::Builder::new()
+        .name("chatbox-flush".into())
+        .spawn(move || {
+            hooks.fault_point("flush");
+            let barrier = store.write(Vec::new());
+            let flushed = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .map_err(|e| format!("cannot wait for the storage flush: {e}"))
+                .and_then(|rt| rt.block_on(barrier).map_err(|e| e.to_string()));
+            let _ = tx.send(flushed);
+        });
+    if let Err(e) = spawned {
+        return Err(format!("cannot start the storage flush: {e}"));
+    }
+    let left = deadline.saturating_duration_since(std::time::Instant::now());
+    match rx.recv_timeout(left) {
+        Ok(Ok(_)) => {
+            tracing::info!("storage flushed");
+            Ok(())
+        }
+        Ok(Err(e)) => {
+            tracing::error!(step = STEP, error = %e, "storage flush failed; recent writes may be lost");
+            Err(format!("the storage flush failed: {e}"))
+        }
+        Err(_) => {
+            tracing::warn!(
+                step = STEP,
+                "shutdown deadline reached; step cut off, recent writes may be lost"
+            );
+            Err("the storage flush was cut off at the shutdown deadline".into())
+        }
     }
 }

@@ -90,6 +90,25 @@ impl Config {
                 );
             }
         }
+        if !given("sqlite_readers_max") && self.sqlite_readers_max != self.blocking_threads {
+            self.sqlite_readers_max = self.blocking_threads;
+            note(
+                "sqlite_readers_max",
+                self.blocking_threads.to_string(),
+                "blocking_threads",
+            );
+        }
+        for (low, high) in [
+            ("session_idle_secs", "session_end_idle_secs"),
+            (
+                "outbox_delivered_retention_secs",
+                "outbox_dead_retention_secs",
+            ),
+        ] {
+            if let Some((field, value, from)) = self.order_secs(low, high, &given) {
+                note(field, value.to_string(), from);
+            }
+        }
         if !given("notify_smtp_port") {
             if let Some(port) = smtp_port_for(&self.notify_smtp_tls) {
                 self.notify_smtp_port = port;
@@ -97,6 +116,41 @@ impl Config {
             }
         }
         notes
+    }
+}
+
+impl Config {
+    /// The seconds field `name`, for the pairs [`Config::order_secs`] keeps ordered.
+    fn secs_mut(&mut self, name: &str) -> Option<&mut u64> {
+        Some(match name {
+            "session_idle_secs" => &mut self.session_idle_secs,
+            "session_end_idle_secs" => &mut self.session_end_idle_secs,
+            "outbox_delivered_retention_secs" => &mut self.outbox_delivered_retention_secs,
+            "outbox_dead_retention_secs" => &mut self.outbox_dead_retention_secs,
+            _ => return None,
+        })
+    }
+
+    /// Keeps `low <= high` for two seconds keys by moving the one not given;
+    /// returns (moved key, its value, the key it followed) when one moved.
+    fn order_secs(
+        &mut self,
+        low: &'static str,
+        high: &'static str,
+        given: &dyn Fn(&str) -> bool,
+    ) -> Option<(&'static str, u64, &'static str)> {
+        let lo = *self.secs_mut(low)?;
+        let hi = *self.secs_mut(high)?;
+        let (new_lo, new_hi) = ordered_pair(lo, given(low), hi, given(high));
+        if new_lo != lo {
+            *self.secs_mut(low)? = new_lo;
+            return Some((low, new_lo, high));
+        }
+        if new_hi != hi {
+            *self.secs_mut(high)? = new_hi;
+            return Some((high, new_hi, low));
+        }
+        None
     }
 }
 
@@ -146,6 +200,22 @@ mod tests {
         assert!(notes.is_empty(), "{notes:?}");
         assert_eq!(c.ws_frames_per_minute_max, 600);
         assert_eq!(c.notify_smtp_port, 587);
+    }
+
+    #[test]
+    fn the_member_timeout_follows_the_heartbeat_unless_set() {
+        let cfg = Config {
+            cluster_heartbeat_ms: 200,
+            ..Config::default()
+        };
+        let (c, notes) = derived(&["cluster_heartbeat_ms"], cfg.clone());
+        assert_eq!(c.cluster_member_timeout_ms, 600);
+        assert_eq!(
+            notes,
+            ["cluster_member_timeout_ms = 600 (derived from cluster_heartbeat_ms)"]
+        );
+        let (c, _) = derived(&["cluster_heartbeat_ms", "cluster_member_timeout_ms"], cfg);
+        assert_eq!(c.cluster_member_timeout_ms, 3000, "a set value stays");
     }
 
     #[test]
@@ -206,6 +276,67 @@ mod tests {
         let (c, _) = derived(&["http_request_timeout_ms"], quick_request);
         assert_eq!(c.http_head_timeout_ms, 2_000);
         c.validate(true).unwrap();
+    }
+
+    #[test]
+    fn ending_idle_sessions_and_evicting_them_follow_each_other() {
+        let quick_end = Config {
+            session_end_idle_secs: 60,
+            ..Config::default()
+        };
+        let (c, notes) = derived(&["session_end_idle_secs"], quick_end);
+        assert_eq!(c.session_idle_secs, 60);
+        assert!(
+            notes[0].starts_with("session_idle_secs = 60 (derived from session_end_idle_secs)"),
+            "{notes:?}"
+        );
+        c.validate(true).unwrap();
+        let slow_evict = Config {
+            session_idle_secs: 200_000,
+            ..Config::default()
+        };
+        let (c, _) = derived(&["session_idle_secs"], slow_evict);
+        assert_eq!(c.session_end_idle_secs, 200_000);
+        c.validate(true).unwrap();
+        let contradiction = Config {
+            session_idle_secs: 100,
+            session_end_idle_secs: 50,
+            ..Config::default()
+        };
+        let (c, _) = derived(
+            &["session_idle_secs", "session_end_idle_secs"],
+            contradiction,
+        );
+        let e = c.validate(true).unwrap_err().to_string();
+        assert!(e.contains("CHATBOX_SESSION_END_IDLE_SECS (50)"), "{e}");
+    }
+
+    #[test]
+    fn dead_letters_are_kept_at_least_as_long_as_delivered_rows() {
+        let long_delivered = Config {
+            outbox_delivered_retention_secs: 90 * 86_400,
+            ..Config::default()
+        };
+        let (c, notes) = derived(&["outbox_delivered_retention_secs"], long_delivered);
+        assert_eq!(c.outbox_dead_retention_secs, 90 * 86_400);
+        assert!(
+            notes[0].starts_with("outbox_dead_retention_secs = 7776000"),
+            "{notes:?}"
+        );
+        let contradiction = Config {
+            outbox_delivered_retention_secs: 100,
+            outbox_dead_retention_secs: 10,
+            ..Config::default()
+        };
+        let (c, _) = derived(
+            &[
+                "outbox_delivered_retention_secs",
+                "outbox_dead_retention_secs",
+            ],
+            contradiction,
+        );
+        let e = c.validate(true).unwrap_err().to_string();
+        assert!(e.contains("CHATBOX_OUTBOX_DEAD_RETENTION_SECS (10)"), "{e}");
     }
 
     #[test]

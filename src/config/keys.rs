@@ -283,8 +283,10 @@ declare_config! {
     max_connections_per_user: u32 = 10, range(1, 10_000), unit "connections";
     /// User messages per minute (token bucket whose burst is the same number).
     rate_limit_per_minute: u32 = 60, range(1, 1_000_000), unit "messages/min";
-    /// Graceful shutdown drains for at most this long.
+    /// Graceful shutdown takes at most this long, every step included (draining, closing connections, the storage flush, the notifier).
     shutdown_timeout_secs: u64 = 20, range(1, 3600), unit "s";
+    /// At shutdown, how long answers still streaming may finish before they are cancelled and stored with their partial text; at most half of `shutdown_timeout_secs`.
+    shutdown_grace_secs: u64 = 10, range(0, 3600), unit "s";
     /// Unauthenticated echo endpoint under the prefix, for WebSocket conformance runs; leave unset in production.
     echo_path: Option<String> = None;
     /// When set, `/metrics` needs `Authorization: Bearer <token>`.
@@ -332,8 +334,14 @@ declare_config! {
     log_format: LogFormat = LogFormat::Text;
     /// I/O driver of the cores: `auto` (io_uring when the kernel allows it), `iouring` or `epoll`.
     io_driver: IoDriver = IoDriver::Auto;
-    /// A session with no connection and no activity for this long leaves memory (it stays stored).
-    session_idle_secs: u64 = 1800, range(1, NO_MAX), unit "s";
+    /// A session with no connection and no activity for this long leaves memory (it stays stored; see `session_end_idle_secs` for ending it).
+    session_idle_secs: u64 = 1800, range(1, NO_MAX), unit "s",
+        derived "1800, or session_end_idle_secs when that is set lower";
+    /// A session with no activity (messages, help requests, admins joining or leaving) for this long is ended (state `ended`, end time set, audit `ended_idle`), in memory or only stored; its connections get `session_ended`.
+    session_end_idle_secs: u64 = 86_400, range(1, NO_MAX), unit "s",
+        derived "86400, or session_idle_secs when that is set higher";
+    /// After the last admin hands a session back to the AI, `help_request` on it is refused for this long (0: no cooldown).
+    help_cooldown_secs: u64 = 60, range(0, 86_400), unit "s";
     /// Sessions one user may have in memory at once.
     sessions_per_user_max: usize = 64, range(1, NO_MAX), unit "sessions";
     /// Messages `resume` returns at most (the latest ones).
@@ -348,6 +356,13 @@ declare_config! {
     demo_chunk_delay_ms: u64 = 20, unit "ms";
     /// Writes queued for storage before clients are told it is overloaded.
     store_queue_max: usize = 4096, range(1, NO_MAX), unit "writes";
+    /// Messages (or sessions) per page read from storage while the admin transcript and export stream.
+    admin_page_messages: usize = 200, range(1, 10_000), unit "rows";
+    /// Read connections of the embedded store (a fixed pool; a read waits for one, never opens another).
+    sqlite_readers_max: usize = 2, range(1, 256), unit "connections",
+        derived "blocking_threads";
+    /// How long a read waits for a free read connection before the request is refused (503 / `unavailable`).
+    store_read_wait_ms: u64 = 2000, range(1, 60_000), unit "ms";
     /// Frames of any kind one connection may send per minute (burst the same); beyond it, close 1008.
     ws_frames_per_minute_max: u32 = 600, unit "frames/min",
         derived "max(600, 10 x rate_limit_per_minute)";
@@ -389,6 +404,12 @@ declare_config! {
     notify_max_attempts: u32 = 8, unit "attempts";
     /// First retry delay of a notification; doubles per attempt (with jitter).
     notify_retry_base_ms: u64 = 1000, unit "ms";
+    /// Delivered notifications are deleted from the outbox this long after delivery.
+    outbox_delivered_retention_secs: u64 = 7 * 86_400, range(1, NO_MAX), unit "s",
+        derived "604800, or outbox_dead_retention_secs when that is set lower";
+    /// Dead letters (notifications given up) are deleted this long after they were queued; at least `outbox_delivered_retention_secs`.
+    outbox_dead_retention_secs: u64 = 30 * 86_400, range(1, NO_MAX), unit "s",
+        derived "2592000, or outbox_delivered_retention_secs when that is set higher";
     /// NATS servers (comma list of `nats://host:port`); set, this node runs in cluster mode (docs/CLUSTER.md) and needs `mongo_uri`.
     #[secret]
     nats_url: Vec<String> = Vec::new();

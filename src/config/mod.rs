@@ -185,6 +185,12 @@ impl Config {
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_secs(self.shutdown_timeout_secs)
     }
+
+    /// How long answers may finish at shutdown: `shutdown_grace_secs`, but never
+    /// more than half the shutdown deadline (the rest is for storing and closing).
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs).min(self.shutdown_timeout() / 2)
+    }
 }
 
 /// The file's configuration, and the keys it sets (those keep their value even

@@ -53,6 +53,22 @@ impl Config {
                 self.http_request_timeout_ms, self.http_head_timeout_ms
             ));
         }
+        if self.session_end_idle_secs < self.session_idle_secs {
+            problems.push(format!(
+                "CHATBOX_SESSION_END_IDLE_SECS ({}) must be at least CHATBOX_SESSION_IDLE_SECS \
+                 ({}): an idle session leaves memory no later than it ends; set only one of them and \
+                 the other follows",
+                self.session_end_idle_secs, self.session_idle_secs
+            ));
+        }
+        if self.outbox_dead_retention_secs < self.outbox_delivered_retention_secs {
+            problems.push(format!(
+                "CHATBOX_OUTBOX_DEAD_RETENTION_SECS ({}) must be at least \
+                 CHATBOX_OUTBOX_DELIVERED_RETENTION_SECS ({}): dead letters are kept longer; \
+                 set only one of them and the other follows",
+                self.outbox_dead_retention_secs, self.outbox_delivered_retention_secs
+            ));
+        }
         problems
     }
 
@@ -274,6 +290,36 @@ mod tests {
             e.contains("CHATBOX_CORES must be between 0 and 1024"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn cluster_mode_needs_mongodb_and_subject_safe_names() {
+        let c = Config {
+            nats_url: vec!["nats://127.0.0.1:4222".into(), "http://x".into()],
+            node_id: Some("node.1".into()),
+            nats_subject_prefix: "acme.chat*".into(),
+            cluster_heartbeat_ms: 1000,
+            cluster_member_timeout_ms: 1500,
+            ..Config::default()
+        };
+        let e = c.validate(true).unwrap_err().to_string();
+        for needle in [
+            "CHATBOX_NATS_URL turns cluster mode on, which needs CHATBOX_MONGO_URI",
+            "entries must start with nats://",
+            "CHATBOX_NODE_ID must be",
+            "CHATBOX_NATS_SUBJECT_PREFIX must be",
+            "at least twice",
+        ] {
+            assert!(e.contains(needle), "{needle}: {e}");
+        }
+        let ok = Config {
+            nats_url: vec!["nats://127.0.0.1:4222".into()],
+            mongo_uri: Some("mongodb://127.0.0.1:27017".into()),
+            node_id: Some("node-1".into()),
+            nats_subject_prefix: "acme.chat".into(),
+            ..Config::default()
+        };
+        assert!(ok.validate(true).is_ok());
     }
 
     #[test]

@@ -243,7 +243,7 @@ impl AddrLimits {
         monoio::select! {
             r = answer => r.map_err(|_| Refused::Busy)??,
             _ = monoio::time::sleep_until(deadline) => return Err(Refused::Busy),
-            _ = gate.closed() => return Err(Refused::ShuttingDown),
+            _ = gate.stopped() => return Err(Refused::ShuttingDown),
         }
         Ok(self.slot(key))
     }

@@ -14,8 +14,14 @@ use super::core::Core;
 use super::registry::ConnId;
 use crate::auth::Identity;
 
-/// A plain HTTP response body.
-pub type Body = Full<Bytes>;
+/// An HTTP response body: whole ([`full`]), or sent page by page as another
+/// thread produces it ([`super::http::paged`]).
+pub type Body = http_body_util::Either<Full<Bytes>, super::http::PagedBody>;
+
+/// A whole response body.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    http_body_util::Either::Left(Full::new(bytes.into()))
+}
 
 /// An application served by the runtime. Every method runs on a core thread;
 /// `core` is the core that calls, and all state reached through it is that core's.
@@ -48,8 +54,21 @@ pub trait App: Sized + 'static {
     ) -> impl Future<Output = Response<Body>>;
     /// Prometheus text the application adds to `/metrics`.
     fn render_metrics(shared: &Self::Shared) -> String;
-    /// Runs once after every core stopped: flush what must not be lost.
-    fn stopped(shared: &Self::Shared);
+    /// Shutdown's first step on each core, while requests get 503: finish or stop
+    /// the work under way, giving it until `grace` to end on its own. The runtime
+    /// cuts it off at `deadline`.
+    fn drain(
+        core: &Rc<Core<Self>>,
+        grace: monoio::time::Instant,
+        deadline: monoio::time::Instant,
+    ) -> impl Future<Output = ()>;
+    /// Runs once after every core stopped: flush what must not be lost, by
+    /// `deadline`. `Err` says what could not be saved (the process exits non-zero).
+    fn stopped(
+        shared: &Self::Shared,
+        hooks: &Hooks,
+        deadline: std::time::Instant,
+    ) -> Result<(), String>;
 }
 
 /// What one authenticated connection does with its messages. The runtime has
@@ -81,7 +100,7 @@ pub struct Hooks {
     /// Called with every text message before it is handled (a test makes it panic).
     pub on_text: Option<TextHook>,
     /// Debug builds only: called with the name of each fault point a task passes
-    /// (`answer`, `store_reply`, `takeover`, `resume`, `expiry`), so a test can make
+    /// (`answer`, `store_reply`, `takeover`, `resume`, `expiry`, `flush`), so a test can make
     /// that task panic. Release builds have no such field and no such calls.
     #[cfg(debug_assertions)]
     pub fault: Option<TextHook>,

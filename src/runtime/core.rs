@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -42,6 +43,12 @@ pub struct Shared<A: App> {
     pub app: A::Shared,
     /// The queues into every core's per-address limits.
     pub addr_mesh: AddrMesh,
+    /// Cores still draining at shutdown: every core keeps accepting (answering
+    /// 503) until all of them are done, since the kernel spreads new connections
+    /// over every core's listener.
+    draining: AtomicUsize,
+    /// Notified when `draining` reaches zero.
+    all_drained: event_listener::Event,
     /// `{prefix}/ws` and `{prefix}{echo_path}`, precomputed for routing.
     ws_path: String,
     echo_path: Option<String>,
@@ -65,6 +72,8 @@ impl<A: App> Shared<A> {
                 .map(|p| format!("{}{p}", config.path_prefix)),
             metrics: (0..cores).map(|_| CoreMetrics::default()).collect(),
             addr_mesh: AddrMesh::new(cores),
+            draining: AtomicUsize::new(cores),
+            all_drained: event_listener::Event::new(),
             config,
             verifier,
             mesh,
@@ -158,13 +167,14 @@ impl<A: App> Core<A> {
         self.shutdown_deadline.get()
     }
 
-    /// Accepts connections until the gate closes.
+    /// Accepts connections until the gate stops (so, while draining too: requests
+    /// then get 503, `/healthz` still 200).
     pub async fn accept_loop(self: Rc<Self>, listener: TcpListener) {
         let mut emfile_logged = false;
         loop {
             let accepted = monoio::select! {
                 r = listener.accept() => r,
-                _ = self.gate.closed() => break,
+                _ = self.gate.stopped() => break,
             };
             match accepted {
                 Ok((stream, _peer)) => {
@@ -191,7 +201,7 @@ impl<A: App> Core<A> {
                         }
                         monoio::select! {
                             _ = monoio::time::sleep(Duration::from_millis(50)) => {}
-                            _ = self.gate.closed() => break,
+                            _ = self.gate.stopped() => break,
                         }
                     } else {
                         tracing::debug!(core = self.id, error = %e, "accept failed");
@@ -250,15 +260,28 @@ impl<A: App> Core<A> {
         loop {
             monoio::select! {
                 _ = monoio::time::sleep(every) => {}
-                _ = self.gate.closed() => return,
+                _ = self.gate.stopped() => return,
             }
             self.registry.borrow().sweep(periods);
         }
     }
 
-    /// Serves messages from other cores until the runtime stops.
-    pub async fn mesh_loop(self: Rc<Self>, rx: async_channel::Receiver<CoreMsg<A::Msg>>) {
-        while let Ok(msg) = rx.recv().await {
+    /// Serves messages from other cores until `stop` closes, which the core does
+    /// once it has shut down, so that the loop ends, and its inbox is dropped, on
+    /// this thread. Left pending, its waker stayed in the inbox; another core's
+    /// later send then freed the orphaned task on the sender's thread, inside the
+    /// inbox's lock, and deadlocked (seen as a core that never stopped).
+    pub async fn mesh_loop(
+        self: Rc<Self>,
+        rx: async_channel::Receiver<CoreMsg<A::Msg>>,
+        stop: async_channel::Receiver<()>,
+    ) {
+        loop {
+            let msg = monoio::select! {
+                msg = rx.recv() => msg,
+                _ = stop.recv() => return,
+            };
+            let Ok(msg) = msg else { return };
             match msg {
                 CoreMsg::Handover(h) => {
                     self.metrics().handovers_in.inc();
@@ -298,18 +321,65 @@ impl<A: App> Core<A> {
         }
     }
 
-    /// Stops accepting, asks every connection to close (1001), and waits for them
-    /// until `deadline`.
-    pub async fn shutdown(&self, deadline: Instant) {
+    /// Shuts this core down by `deadline`, step by step, each step cut off at the
+    /// deadline with a warning that names it:
+    /// 1. draining: `/readyz` fails and new requests get 503, while the
+    ///    application finishes its work (answers get until `grace`, see
+    ///    [`App::drain`]); every core keeps accepting until all of them drained;
+    /// 2. closing connections: no more accepting, every connection is asked to
+    ///    close (1001), and we wait for them.
+    pub async fn shutdown(self: &Rc<Self>, grace: Instant, deadline: Instant) {
         self.shutdown_deadline.set(Some(deadline));
         self.gate.close();
+        tracing::info!(core = self.id, "draining");
+        let drained = monoio::select! {
+            _ = A::drain(self, grace, deadline) => true,
+            _ = monoio::time::sleep_until(deadline) => false,
+        };
+        if !drained {
+            tracing::warn!(
+                core = self.id,
+                step = "draining",
+                "shutdown deadline reached; step cut off"
+            );
+        }
+        let all = monoio::select! {
+            _ = self.others_drained() => true,
+            _ = monoio::time::sleep_until(deadline) => false,
+        };
+        if !all {
+            tracing::warn!(
+                core = self.id,
+                step = "draining (other cores)",
+                "shutdown deadline reached; step cut off"
+            );
+        }
+        self.gate.stop();
         let asked = self.registry.borrow().push_all(&Outgoing::Shutdown);
-        tracing::info!(core = self.id, connections = asked, "draining");
+        tracing::info!(core = self.id, connections = asked, "closing connections");
         monoio::select! {
-            _ = self.gate.drained() => tracing::info!(core = self.id, "drained"),
+            _ = self.gate.drained() => tracing::info!(core = self.id, "connections closed"),
             _ = monoio::time::sleep_until(deadline) => {
-                tracing::warn!(core = self.id, left = self.gate.permits(), "shutdown deadline reached; dropping the rest");
+                tracing::warn!(core = self.id, step = "closing connections", left = self.gate.permits(), "shutdown deadline reached; step cut off, dropping the rest");
             }
+        }
+    }
+
+    /// Marks this core drained and waits until every core is.
+    async fn others_drained(&self) {
+        let shared = &self.shared;
+        if shared.draining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            shared.all_drained.notify(usize::MAX);
+        }
+        loop {
+            if shared.draining.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            let listener = shared.all_drained.listen();
+            if shared.draining.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            listener.await;
         }
     }
 
@@ -319,14 +389,7 @@ impl<A: App> Core<A> {
     async fn accept_upgrade(self: Rc<Self>, sock: Socket, up: Upgrade, addr: Option<Slot>) {
         if self.gate.is_closing() {
             drop(addr);
-            return Refuse::new(
-                503,
-                "shutting_down",
-                "server is shutting down",
-                Refusal::ShuttingDown,
-            )
-            .send(self.metrics(), &sock)
-            .await;
+            return Refuse::shutting_down().send(self.metrics(), &sock).await;
         }
         let outbox = Outbox::new(self.shared.config.ws_outbox_frames_max);
         let user = up.identity.as_ref().map(|i| i.user_id.clone());
@@ -474,12 +537,7 @@ fn head_refusal(e: HeadError) -> Option<Refuse> {
             Refusal::HeadTooLarge,
         ),
         HeadError::Malformed(m) => Refuse::new(400, "bad_request", m, Refusal::BadRequest),
-        HeadError::ShuttingDown => Refuse::new(
-            503,
-            "shutting_down",
-            "server is shutting down",
-            Refusal::ShuttingDown,
-        ),
+        HeadError::ShuttingDown => Refuse::shutting_down(),
         HeadError::Closed | HeadError::Io(_) => return None,
     })
 }
@@ -505,12 +563,7 @@ fn address_refusal(why: Refused) -> Refuse {
             Refusal::AddressRate,
         )
         .header("Retry-After", ms.div_ceil(1000).max(1).to_string()),
-        Refused::ShuttingDown => Refuse::new(
-            503,
-            "shutting_down",
-            "server is shutting down",
-            Refusal::ShuttingDown,
-        ),
+        Refused::ShuttingDown => Refuse::shutting_down(),
         Refused::Busy => Refuse::new(
             503,
             "overloaded",

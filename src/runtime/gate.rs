@@ -1,5 +1,9 @@
 //! The shutdown gate of one core: every task holds a permit, shutdown closes the
 //! gate and waits for the permits to come back (or for the deadline).
+//!
+//! Two steps: `close` starts draining (`/readyz` fails, new requests get 503,
+//! running work may finish, but connections are still accepted so that `/healthz`
+//! answers); `stop` ends accepting and reading new requests.
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -10,7 +14,9 @@ use event_listener::Event;
 pub struct Gate {
     permits: Cell<usize>,
     closing: Cell<bool>,
+    stopping: Cell<bool>,
     closed_event: Event,
+    stopped_event: Event,
     drained_event: Event,
 }
 
@@ -47,6 +53,29 @@ impl Gate {
         self.closed_event.notify(usize::MAX);
         if self.permits.get() == 0 {
             self.drained_event.notify(usize::MAX);
+        }
+    }
+
+    /// Stops accepting (closing the gate first if needed): waiters on
+    /// [`Gate::stopped`] wake up.
+    pub fn stop(&self) {
+        self.close();
+        self.stopping.set(true);
+        self.stopped_event.notify(usize::MAX);
+    }
+
+    /// Resolves once the gate is stopping: no new connection or request is taken.
+    /// Cancel-safe.
+    pub async fn stopped(&self) {
+        loop {
+            if self.stopping.get() {
+                return;
+            }
+            let listener = self.stopped_event.listen();
+            if self.stopping.get() {
+                return;
+            }
+            listener.await;
         }
     }
 

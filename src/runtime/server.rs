@@ -6,7 +6,7 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::app::{App, Hooks};
 use super::core::{Core, Shared};
@@ -40,7 +40,45 @@ pub enum StartError {
 pub enum RunError {
     #[error("core {0} died unexpectedly (panic outside a connection task)")]
     CoreDied(usize),
+    /// Shutdown could not save everything (the storage flush failed or was cut
+    /// off at the deadline).
+    #[error("data could not be flushed at shutdown: {0}")]
+    NotFlushed(String),
 }
+
+/// A shutdown's deadlines: answers may run until `grace`, the cores must have
+/// stopped by `cores`, and all of it (the storage flush and the notifier too) must
+/// be over by `deadline`.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadlines {
+    pub grace: Instant,
+    pub cores: Instant,
+    pub deadline: Instant,
+}
+
+impl Deadlines {
+    /// From now: the last quarter of the timeout (at most 5 s) is kept for what
+    /// follows the cores, so that a core cut off at its deadline still leaves the
+    /// storage flush time to run.
+    fn from_now(timeout: Duration, grace: Duration) -> Deadlines {
+        let now = Instant::now();
+        let reserve = (timeout / 4).min(Duration::from_secs(5));
+        Deadlines {
+            grace: now + grace.min(timeout - reserve),
+            cores: now + timeout - reserve,
+            deadline: now + timeout,
+        }
+    }
+}
+
+/// What the joining thread hears: a core ended, or shutdown began.
+enum Event {
+    Exit(CoreExit),
+    Shutdown(Deadlines),
+}
+
+/// How long past the cores' deadline the joining thread waits for them to end.
+const CORE_EXIT_MARGIN: Duration = Duration::from_millis(200);
 
 /// Which I/O driver a core runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,17 +90,23 @@ pub enum Driver {
 /// Starts shutdown from any thread (signal handler, test, admin).
 #[derive(Clone)]
 pub struct ShutdownTrigger {
-    stops: Arc<[async_channel::Sender<Duration>]>,
+    stops: Arc<[async_channel::Sender<Deadlines>]>,
     timeout: Duration,
+    grace: Duration,
     triggered: Arc<AtomicBool>,
+    events: mpsc::Sender<Event>,
 }
 
 impl ShutdownTrigger {
     /// Begins a graceful shutdown; a second call does nothing.
     pub fn shutdown(&self) {
-        self.triggered.store(true, Ordering::SeqCst);
+        if self.triggered.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let d = Deadlines::from_now(self.timeout, self.grace);
+        let _ = self.events.send(Event::Shutdown(d));
         for s in self.stops.iter() {
-            let _ = s.try_send(self.timeout);
+            let _ = s.try_send(d);
         }
     }
 }
@@ -78,7 +122,7 @@ pub struct ServerHandle<A: App> {
     trigger: ShutdownTrigger,
     shared: Arc<Shared<A>>,
     threads: Vec<JoinHandle<()>>,
-    exits: mpsc::Receiver<CoreExit>,
+    exits: mpsc::Receiver<Event>,
     pool: Option<PoolRuntime>,
 }
 
@@ -106,10 +150,13 @@ where
     let (mesh, mesh_rxs) = mesh::<A::Msg>(cores, config.mesh_queue_max);
     let (stop_txs, stop_rxs): (Vec<_>, Vec<_>) =
         (0..cores).map(|_| async_channel::bounded(1)).unzip();
+    let (exit_tx, exits) = mpsc::channel();
     let trigger = ShutdownTrigger {
         stops: stop_txs.into(),
         timeout: config.shutdown_timeout(),
+        grace: config.shutdown_grace(),
         triggered: Arc::new(AtomicBool::new(false)),
+        events: exit_tx.clone(),
     };
     let app = make_app(&config, &pool, &mesh)?;
     let checks = crate::auth::Checks {
@@ -126,11 +173,7 @@ where
         app,
     ));
 
-    let Cores {
-        threads,
-        exits,
-        ready,
-    } = spawn_cores(&shared, listeners, mesh_rxs, stop_rxs)?;
+    let Cores { threads, ready } = spawn_cores(&shared, listeners, mesh_rxs, stop_rxs, exit_tx)?;
     let drivers = await_cores(cores, &ready).inspect_err(|_| trigger.shutdown())?;
     Ok(ServerHandle {
         addr,
@@ -148,7 +191,6 @@ type Ready = mpsc::Receiver<Result<Driver, String>>;
 /// The running core threads, how each ended, and their start-up reports.
 struct Cores {
     threads: Vec<JoinHandle<()>>,
-    exits: mpsc::Receiver<CoreExit>,
     ready: Ready,
 }
 
@@ -157,10 +199,10 @@ fn spawn_cores<A: App>(
     shared: &Arc<Shared<A>>,
     listeners: Vec<std::net::TcpListener>,
     inboxes: Vec<Inbox<A::Msg>>,
-    stops: Vec<async_channel::Receiver<Duration>>,
+    stops: Vec<async_channel::Receiver<Deadlines>>,
+    exit_tx: mpsc::Sender<Event>,
 ) -> Result<Cores, StartError> {
     let (ready_tx, ready_rx) = mpsc::channel();
-    let (exit_tx, exits) = mpsc::channel();
     let io_driver = shared.config.io_driver;
     let mut threads = Vec::with_capacity(listeners.len());
     let per_core = listeners.into_iter().zip(inboxes).zip(stops);
@@ -173,7 +215,7 @@ fn spawn_cores<A: App>(
                     run_core(id, shared, listener, inbox, stop, ready, io_driver)
                 }));
                 let panicked = run.is_err();
-                let _ = exit.send(CoreExit { core: id, panicked });
+                let _ = exit.send(Event::Exit(CoreExit { core: id, panicked }));
             });
         let thread = spawned.map_err(|e| StartError::Core {
             core: id,
@@ -183,7 +225,6 @@ fn spawn_cores<A: App>(
     }
     Ok(Cores {
         threads,
-        exits,
         ready: ready_rx,
     })
 }
@@ -246,7 +287,7 @@ fn run_core<A: App>(
     shared: Arc<Shared<A>>,
     listener: std::net::TcpListener,
     mesh_rx: Inbox<A::Msg>,
-    stop_rx: async_channel::Receiver<Duration>,
+    stop_rx: async_channel::Receiver<Deadlines>,
     ready: mpsc::Sender<Result<Driver, String>>,
     io_driver: IoDriver,
 ) {
@@ -261,15 +302,22 @@ fn run_core<A: App>(
             }
         };
         monoio::spawn(core.clone().accept_loop(listener));
-        monoio::spawn(core.clone().mesh_loop(mesh_rx));
+        let (mesh_stop, mesh_stopped) = async_channel::bounded::<()>(1);
+        let mesh = monoio::spawn(core.clone().mesh_loop(mesh_rx, mesh_stopped));
         monoio::spawn(core.clone().keepalive_loop());
         let addr_limits = monoio::spawn(core.addr.clone().serve());
         A::spawn_tasks(&core);
         tracing::info!(core = id, ?driver, "core running");
         let _ = ready.send(Ok(driver));
-        let timeout = stop_rx.recv().await.unwrap_or(Duration::ZERO);
-        core.shutdown(monoio::time::Instant::now() + timeout).await;
-        // Finished here, on this thread: see `AddrLimits::serve`.
+        let d = stop_rx
+            .recv()
+            .await
+            .unwrap_or_else(|_| Deadlines::from_now(Duration::ZERO, Duration::ZERO));
+        let at = monoio::time::Instant::from_std;
+        core.shutdown(at(d.grace), at(d.cores)).await;
+        // Finished here, on this thread: see `Core::mesh_loop` and `AddrLimits::serve`.
+        drop(mesh_stop);
+        mesh.await;
         core.addr.stop();
         addr_limits.await;
     };
@@ -344,13 +392,74 @@ impl<A: App> ServerHandle<A> {
         &self.shared.metrics
     }
 
-    /// Waits for every core to stop. A core that dies on its own (not through
+    /// Waits for every core to stop, then flushes what the application must not
+    /// lose, all by the shutdown deadline: a step that overruns it is cut off
+    /// with a warning naming the step. A core that dies on its own (not through
     /// shutdown) stops the others and makes this an error: the process should exit
-    /// and be restarted rather than run with a core missing.
+    /// and be restarted rather than run with a core missing. Data that could not
+    /// be flushed is an error too.
     pub fn join(mut self) -> Result<(), RunError> {
+        let (result, deadline) = self.wait_cores();
+        // Cores that ended are joined; one still running past the deadline is left.
+        for t in self.threads.drain(..) {
+            if t.is_finished() {
+                let _ = t.join();
+            }
+        }
+        let flushed = A::stopped(&self.shared.app, &self.shared.hooks, deadline);
+        if let Some(pool) = self.pool.take() {
+            // The notifier and whatever else runs on the pool; never past the deadline.
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::warn!(step = "notifier", "shutdown deadline reached; step cut off");
+                pool.shutdown_background();
+            } else {
+                pool.shutdown(left.min(Duration::from_secs(1)));
+            }
+        }
+        result?;
+        flushed.map_err(RunError::NotFlushed)
+    }
+
+    /// Waits for the cores' exits, until shutdown's deadline once it began.
+    /// Returns how it went and the deadline (now, if shutdown never began).
+    fn wait_cores(&mut self) -> (Result<(), RunError>, Instant) {
         let mut result = Ok(());
-        for _ in 0..self.threads.len() {
-            let Ok(exit) = self.exits.recv() else { break };
+        let mut deadline: Option<Deadlines> = None;
+        let mut running = self.threads.len();
+        while running > 0 {
+            let event = match deadline {
+                None => self.exits.recv().ok(),
+                Some(d) => {
+                    // A core cut off at its deadline needs a moment to end.
+                    let by = (d.cores + CORE_EXIT_MARGIN).min(d.deadline);
+                    let left = by.saturating_duration_since(Instant::now());
+                    match self.exits.recv_timeout(left) {
+                        Ok(e) => Some(e),
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            tracing::warn!(
+                                step = "stopping cores",
+                                cores = running,
+                                "shutdown deadline reached; step cut off"
+                            );
+                            result = result.and(Err(RunError::NotFlushed(format!(
+                                "{running} core(s) did not stop in time; their work under way was not stored"
+                            ))));
+                            break;
+                        }
+                        Err(mpsc::RecvTimeoutError::Disconnected) => None,
+                    }
+                }
+            };
+            let Some(event) = event else { break };
+            let exit = match event {
+                Event::Shutdown(d) => {
+                    deadline = Some(d);
+                    continue;
+                }
+                Event::Exit(exit) => exit,
+            };
+            running -= 1;
             let unexpected = exit.panicked || !self.trigger.triggered.load(Ordering::SeqCst);
             if unexpected && result.is_ok() {
                 tracing::error!(core = exit.core, "core died; shutting down the others");
@@ -358,14 +467,7 @@ impl<A: App> ServerHandle<A> {
                 self.trigger.shutdown();
             }
         }
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-        A::stopped(&self.shared.app);
-        if let Some(pool) = self.pool.take() {
-            pool.shutdown(Duration::from_secs(1));
-        }
-        result
+        (result, deadline.map_or_else(Instant::now, |d| d.deadline))
     }
 }
 

@@ -9,6 +9,9 @@ use std::sync::Arc;
 
 use super::WriteOp;
 
+/// When a caller refused for a full write queue should try again.
+pub const OVERLOADED_RETRY_AFTER_MS: u64 = 1000;
+
 /// The storage operation that failed, named in every backend error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
@@ -21,11 +24,16 @@ pub enum Op {
     CreateSession,
     AppendMessage,
     SetState,
+    EndIdle,
+    PurgeOutbox,
+    IdleSessions,
+    OutboxCount,
     DeleteUser,
     Enqueue,
     Delivered,
     DeliveryFailed,
     LoadSession,
+    MessagePage,
     ListSessions,
     SessionEvents,
     WindowMetrics,
@@ -44,11 +52,16 @@ impl Op {
             Op::CreateSession => "create session",
             Op::AppendMessage => "append message",
             Op::SetState => "set session state",
+            Op::EndIdle => "end idle session",
+            Op::PurgeOutbox => "purge notification outbox",
+            Op::IdleSessions => "read idle sessions",
+            Op::OutboxCount => "count notifications",
             Op::DeleteUser => "delete user",
             Op::Enqueue => "queue notification",
             Op::Delivered => "mark notification delivered",
             Op::DeliveryFailed => "record failed delivery",
             Op::LoadSession => "load session",
+            Op::MessagePage => "read a page of messages",
             Op::ListSessions => "list sessions",
             Op::SessionEvents => "read audit trail",
             Op::WindowMetrics => "window metrics",
@@ -73,6 +86,8 @@ impl WriteOp {
             WriteOp::CreateSession(_) => Op::CreateSession,
             WriteOp::AppendMessage { .. } => Op::AppendMessage,
             WriteOp::SetState { .. } => Op::SetState,
+            WriteOp::EndIdle { .. } => Op::EndIdle,
+            WriteOp::PurgeOutbox { .. } => Op::PurgeOutbox,
             WriteOp::DeleteUser { .. } => Op::DeleteUser,
             WriteOp::Enqueue { .. } => Op::Enqueue,
             WriteOp::Delivered { .. } => Op::Delivered,
@@ -90,6 +105,10 @@ pub enum StoreError {
     /// not failure: the write was not queued and may be sent again.
     #[error("storage is overloaded ({0} writes queued)")]
     Overloaded(usize),
+    /// Every read connection stayed busy for the whole bounded wait. Back-pressure,
+    /// like `Overloaded`: nothing was read, ask again after `retry_after_ms`.
+    #[error("storage is busy: all {readers} read connections stayed in use; retry")]
+    ReadersBusy { readers: usize, retry_after_ms: u64 },
     #[error("storage has stopped")]
     Stopped,
     #[error("{op}: {source}")]
@@ -155,6 +174,16 @@ impl StoreError {
         move |source| StoreError::Io {
             op,
             source: Arc::new(source),
+        }
+    }
+
+    /// For back-pressure (a full write queue, every reader busy): when to try
+    /// again. `None` for failures.
+    pub fn retry_after_ms(&self) -> Option<u64> {
+        match self {
+            StoreError::Overloaded(_) => Some(OVERLOADED_RETRY_AFTER_MS),
+            StoreError::ReadersBusy { retry_after_ms, .. } => Some(*retry_after_ms),
+            _ => None,
         }
     }
 

@@ -18,6 +18,9 @@ use std::sync::Arc;
 
 use crate::crypto::Sealed;
 
+/// What replaces a deleted user's ids and name in the notification outbox.
+pub const SCRUBBED: &str = "[deleted]";
+
 /// Milliseconds since the Unix epoch.
 pub type Millis = i64;
 
@@ -105,14 +108,17 @@ pub enum AuditAction {
     AdminLeave,
     /// An admin ended the session (`ended`).
     End,
+    /// Nothing happened in the session for `session_end_idle_secs` (`ended`).
+    EndedIdle,
 }
 
 impl AuditAction {
-    pub const ALL: [AuditAction; 4] = [
+    pub const ALL: [AuditAction; 5] = [
         AuditAction::HelpRequest,
         AuditAction::AdminJoin,
         AuditAction::AdminLeave,
         AuditAction::End,
+        AuditAction::EndedIdle,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -121,6 +127,7 @@ impl AuditAction {
             AuditAction::AdminJoin => "admin_join",
             AuditAction::AdminLeave => "admin_leave",
             AuditAction::End => "end",
+            AuditAction::EndedIdle => "ended_idle",
         }
     }
 
@@ -160,6 +167,20 @@ pub struct MessageRecord {
     pub cancelled: bool,
 }
 
+impl MessageRecord {
+    /// Where the message sits, as its sealing binds it: a row whose ids, role,
+    /// author or seq were changed no longer opens.
+    pub fn place(&self) -> crate::crypto::Place<'_> {
+        crate::crypto::Place {
+            session_id: &self.session_id,
+            message_id: &self.message_id,
+            role: self.role.as_str(),
+            author: &self.author,
+            seq: self.seq,
+        }
+    }
+}
+
 /// One change. A call's changes commit together or not at all.
 #[derive(Debug, Clone)]
 pub enum WriteOp {
@@ -180,6 +201,15 @@ pub enum WriteOp {
         action: AuditAction,
         at: Millis,
     },
+    /// Ends the session for idleness, only if it has not ended yet and saw no
+    /// activity since `idle_before`; the audit trail gets `ended_idle` (by the
+    /// empty actor, the server) only when it did end. Conditional, so a sweep
+    /// that raced a new message or an admin's end changes nothing.
+    EndIdle {
+        session_id: String,
+        idle_before: Millis,
+        at: Millis,
+    },
     /// Deletes everything stored for a user (sessions, messages, audit trail).
     DeleteUser { user_id: String },
     /// Queues a notification in the durable outbox.
@@ -196,6 +226,13 @@ pub enum WriteOp {
         error: String,
         next_at: Millis,
         dead: bool,
+    },
+    /// Retention: deletes delivered notifications delivered before
+    /// `delivered_before` and dead letters created before `dead_before`; pending
+    /// ones are never purged.
+    PurgeOutbox {
+        delivered_before: Millis,
+        dead_before: Millis,
     },
 }
 
@@ -346,6 +383,14 @@ pub trait Store: Send + Sync + 'static {
     fn write(&self, ops: Vec<WriteOp>) -> StoreFuture<Vec<WriteOutcome>>;
     /// A session with at most `messages_max` of its latest messages.
     fn load_session(&self, id: &str, messages_max: usize) -> StoreFuture<Option<Loaded>>;
+    /// Up to `limit` messages of a session after `after_seq`, in order: one page
+    /// of a history read in pages (admin transcript and export).
+    fn messages_after(
+        &self,
+        session_id: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> StoreFuture<Vec<MessageRecord>>;
     /// Succeeds when the store can serve requests.
     fn ping(&self) -> StoreFuture<()>;
     /// One page of the admin session list.
@@ -364,6 +409,20 @@ pub trait Store: Send + Sync + 'static {
     fn due_notifications(&self, now: Millis, limit: usize) -> StoreFuture<Vec<Notification>>;
     /// When the next pending notification is due, if any.
     fn next_notification_at(&self) -> StoreFuture<Option<Millis>>;
+    /// Sessions not ended whose last activity is before `before`, least recent
+    /// first, at most `limit`: (session id, user id). Both backends implement it;
+    /// the default (none) serves test doubles that store no sessions.
+    fn idle_sessions(&self, before: Millis, limit: usize) -> StoreFuture<Vec<(String, String)>> {
+        let _ = (before, limit);
+        Box::pin(async { Ok(Vec::new()) })
+    }
+    /// How many notifications are in the outbox in `state` (`pending`,
+    /// `delivered`, `dead`): for retention checks and tests. Both backends
+    /// implement it; the default (0) serves test doubles.
+    fn outbox_count(&self, state: &str) -> StoreFuture<u64> {
+        let _ = state;
+        Box::pin(async { Ok(0) })
+    }
 }
 
 /// Which backend to open.
@@ -401,12 +460,15 @@ pub fn open(
     pool: crate::pool::BlockingPool,
 ) -> Result<Arc<dyn Store>, StoreError> {
     Ok(match backend {
-        Backend::Sqlite => Arc::new(sqlite::SqliteStore::open(
-            &config.data_dir,
-            pool,
-            config.blocking_threads,
-            config.store_queue_max,
-        )?),
+        Backend::Sqlite => Arc::new(
+            sqlite::SqliteStore::open(
+                &config.data_dir,
+                pool,
+                config.sqlite_readers_max,
+                config.store_queue_max,
+            )?
+            .with_read_wait(std::time::Duration::from_millis(config.store_read_wait_ms)),
+        ),
         Backend::Mongo => {
             let settings = mongo::MongoSettings::from_config(config)
                 .ok_or_else(|| StoreError::Setting("MongoDB needs CHATBOX_MONGO_URI".into()))?;
@@ -431,7 +493,13 @@ mod tests {
         let actions: Vec<&str> = AuditAction::ALL.iter().map(|a| a.as_str()).collect();
         assert_eq!(
             actions,
-            ["help_request", "admin_join", "admin_leave", "end"]
+            [
+                "help_request",
+                "admin_join",
+                "admin_leave",
+                "end",
+                "ended_idle"
+            ]
         );
         for s in SessionState::ALL {
             assert_eq!(SessionState::parse(s.as_str()), Some(s));

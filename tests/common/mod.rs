@@ -227,7 +227,36 @@ pub fn parse_response(raw: &[u8]) -> (u16, String, String) {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    (status, head.to_ascii_lowercase(), body.to_owned())
+    let head = head.to_ascii_lowercase();
+    let body = if head.contains("transfer-encoding: chunked") {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    (status, head, body)
+}
+
+/// A chunked body's data. An unterminated body (no last, empty chunk) is a
+/// response cut short: it comes back with `<TRUNCATED>` appended, which no JSON
+/// parser accepts.
+pub fn dechunk(mut rest: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let Some((size, after)) = rest.split_once("\r\n") else {
+            return out + "<TRUNCATED>";
+        };
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            return out + "<TRUNCATED>";
+        };
+        if n == 0 {
+            return out;
+        }
+        if after.len() < n + 2 {
+            return out + "<TRUNCATED>";
+        }
+        out.push_str(&after[..n]);
+        rest = &after[n + 2..];
+    }
 }
 
 pub fn error_code(body: &str) -> String {

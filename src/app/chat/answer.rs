@@ -330,3 +330,53 @@ pub fn orphaned(core: &Rc<Core>) {
         );
     }
 }
+
+/// Shutdown's draining step on one core: answers still streaming may finish until
+/// `grace`; then those left are cancelled, which stores each with the text already
+/// sent (as cancelled, so a `resume` after the restart shows it) and closes it with
+/// `ai_done {cancelled: true}`; we wait for that until `deadline`.
+pub async fn drain(core: &Rc<Core>, grace: monoio::time::Instant, deadline: monoio::time::Instant) {
+    if ended_by(core, grace).await {
+        return;
+    }
+    let cancelled = {
+        let sessions = core.app.sessions.borrow();
+        let running = sessions.values().filter_map(|s| s.running());
+        running.map(|a| a.cancel.cancel()).count()
+    };
+    tracing::info!(
+        core = core.id,
+        answers = cancelled,
+        "shutdown grace over: answers still streaming are stopped and stored as cancelled"
+    );
+    if !ended_by(core, deadline).await {
+        tracing::warn!(
+            core = core.id,
+            step = "storing cancelled answers",
+            left = running_answers(core),
+            "shutdown deadline reached; step cut off"
+        );
+    }
+}
+
+fn running_answers(core: &Core) -> usize {
+    let sessions = core.app.sessions.borrow();
+    sessions.values().filter(|s| s.running().is_some()).count()
+}
+
+/// Waits until no answer runs on this core (true) or `until` passes (false).
+/// Polled: answers end on their own tasks, and a check every few milliseconds for
+/// at most the shutdown's grace costs less than an event every answer would carry.
+async fn ended_by(core: &Core, until: monoio::time::Instant) -> bool {
+    const EVERY: std::time::Duration = std::time::Duration::from_millis(10);
+    loop {
+        if running_answers(core) == 0 {
+            return true;
+        }
+        let now = monoio::time::Instant::now();
+        if now >= until {
+            return false;
+        }
+        monoio::time::sleep((until - now).min(EVERY)).await;
+    }
+}

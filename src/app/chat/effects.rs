@@ -17,6 +17,14 @@ pub fn perform(core: &Rc<Core>, sid: &Arc<str>, actor: &str, effects: Vec<Effect
         match effect {
             Effect::Cancel(flag) => flag.cancel(),
             Effect::Record { state, action } => record_state(core, sid, state, actor, action),
+            Effect::EndIdle { idle_before } => {
+                let op = WriteOp::EndIdle {
+                    session_id: sid.to_string(),
+                    idle_before,
+                    at: now_ms(),
+                };
+                write_state(core, sid, op);
+            }
             Effect::Send(targets, frame) => {
                 let frame: Arc<str> = frame.into();
                 for to in targets {
@@ -66,13 +74,26 @@ pub fn push_session(core: &Core, sid: &str, frame: String) {
 /// Persists a state change with who made it; a failure is counted and logged
 /// (the change already holds in memory).
 fn record_state(core: &Rc<Core>, sid: &Arc<str>, state: State, actor: &str, action: AuditAction) {
+    let at = now_ms();
+    // A state change is activity, in memory as in storage (which moves the
+    // session's last activity with it): idle-ending judges both alike.
+    if let Ok(mut sessions) = core.app.sessions.try_borrow_mut() {
+        if let Some(s) = sessions.get_mut(sid) {
+            s.last_activity = s.last_activity.max(at);
+        }
+    }
     let op = WriteOp::SetState {
         session_id: sid.to_string(),
         state,
         actor: actor.to_owned(),
         action,
-        at: now_ms(),
+        at,
     };
+    write_state(core, sid, op);
+}
+
+/// Writes a state change in the background; a failure is counted and logged.
+fn write_state(core: &Rc<Core>, sid: &Arc<str>, op: WriteOp) {
     let write = core.shared.app.store.write(vec![op]);
     let core = core.clone();
     let sid = sid.clone();

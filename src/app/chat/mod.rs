@@ -25,7 +25,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::frames::{self, error_frame, Code};
+use super::frames::{self, error_frame, store_read_error, Code};
 use super::Core;
 use crate::clock::{now_ms, Millis};
 use crate::config::Config;
@@ -36,8 +36,12 @@ use crate::notify::Notifier;
 use crate::pool::BlockingPool;
 use crate::runtime::ConnId;
 use crate::store::{MessageRecord, SessionRecord, Store};
-use session::{ContextLimits, Session};
+use session::{ContextLimits, Effect, Session};
 
+/// The refusal when a user's sessions in memory are at `sessions_per_user_max`.
+pub const TOO_MANY_SESSIONS: &str = "too many open sessions; close or finish one first";
+/// Idle sessions one sweep of the store ends at most (the next sweep goes on).
+const IDLE_SWEEP_BATCH: usize = 1000;
 /// Sessions one connection may be attached to; the oldest is detached beyond it.
 const SESSIONS_PER_CONNECTION_MAX: usize = 64;
 /// Users whose rate-limit state a core keeps (see [`Limiter`]).
@@ -54,6 +58,10 @@ pub struct ChatShared {
     pub admin_rate_limit_per_minute: u32,
     pub history_messages_max: usize,
     pub session_idle: Duration,
+    /// Sessions with no activity for this long are ended.
+    pub session_end_idle: Duration,
+    /// Help requests refused after a hand-back for this long.
+    pub help_cooldown: Duration,
     pub sessions_per_user_max: usize,
     pub answer_bytes_max: usize,
     pub demo_chunk_delay: Duration,
@@ -67,6 +75,10 @@ pub struct ChatShared {
     pub bus: Option<crate::runtime::bus::Bus>,
     /// Core threads; sessions are sharded over them by user.
     pub cores: usize,
+    /// Rows per page of the admin transcript and export.
+    pub admin_page: usize,
+    /// What those streams did.
+    pub pages: crate::app::admin_stream::PageStats,
 }
 
 impl ChatShared {
@@ -91,6 +103,8 @@ impl ChatShared {
             admin_rate_limit_per_minute: config.admin_rate_limit_per_minute,
             history_messages_max: config.history_messages_max,
             session_idle: Duration::from_secs(config.session_idle_secs),
+            session_end_idle: Duration::from_secs(config.session_end_idle_secs),
+            help_cooldown: Duration::from_secs(config.help_cooldown_secs),
             sessions_per_user_max: config.sessions_per_user_max,
             answer_bytes_max: config.answer_bytes_max,
             demo_chunk_delay: Duration::from_millis(config.demo_chunk_delay_ms),
@@ -104,6 +118,8 @@ impl ChatShared {
             pool,
             bus,
             cores: config.core_count(),
+            admin_page: config.admin_page_messages,
+            pages: Default::default(),
         }
     }
 }
@@ -249,45 +265,68 @@ impl ChatCore {
     ) -> Result<usize, &'static str> {
         self.assert_owner(user);
         let mut sessions = self.sessions.borrow_mut();
-        let mine = |sessions: &HashMap<Arc<str>, Session>| {
-            sessions.values().filter(|s| s.user_id == *user).count()
-        };
-        if mine(&sessions) >= max {
-            sessions.retain(|_, s| s.user_id != *user || !s.idle());
-            if mine(&sessions) >= max {
-                return Err("too many open sessions; close or finish one first");
-            }
-        }
+        make_room(&mut sessions, user, max)?;
         sessions.insert(sid, Session::new(user.clone(), now));
         Ok(sessions.len())
     }
 
     /// Puts a stored session back in memory, unless a load that finished first
-    /// already did. Returns the number of sessions in memory.
+    /// already did. It counts against `sessions_per_user_max` as a new one does
+    /// (the user's idle sessions make room, or it is refused with the same error).
+    /// Returns the number of sessions in memory.
     pub fn restore(
         &self,
         sid: &Arc<str>,
         rec: &SessionRecord,
         messages: &[MessageRecord],
         shared: &ChatShared,
-    ) -> usize {
+    ) -> Result<usize, &'static str> {
         self.assert_owner(&rec.user_id);
         let mut sessions = self.sessions.borrow_mut();
         if !sessions.contains_key(sid) {
+            let user: Arc<str> = rec.user_id.as_str().into();
+            make_room(&mut sessions, &user, shared.sessions_per_user_max)?;
             // A message that fails authentication is reported on resume, not used here.
             let opened = messages.iter().filter_map(|m| {
-                let text = shared
-                    .keys
-                    .open(&m.session_id, &m.message_id, &m.sealed)
-                    .ok()?;
+                let text = shared.keys.open(&m.place(), &m.sealed).ok()?;
                 Some((m.role, text))
             });
             let last_seq = messages.last().map_or(0, |m| m.seq);
             let session = Session::restore(rec, last_seq, opened, shared.context);
             sessions.insert(sid.clone(), session);
         }
-        sessions.len()
+        Ok(sessions.len())
     }
+
+    /// Ends every session here that saw no activity for `idle_ms`; returns each
+    /// one's id and the effects to perform.
+    pub fn end_idle(&self, now: Millis, idle_ms: i64) -> Vec<(Arc<str>, Vec<Effect>)> {
+        let mut sessions = self.sessions.borrow_mut();
+        sessions
+            .iter_mut()
+            .filter_map(|(sid, s)| Some((sid.clone(), s.end_idle(sid, now, idle_ms)?)))
+            .collect()
+    }
+}
+
+/// Makes room for one more session of `user` within `max`: when the bound is
+/// reached the user's idle sessions leave memory (they stay stored); when none
+/// is idle, the new one is refused.
+fn make_room(
+    sessions: &mut HashMap<Arc<str>, Session>,
+    user: &Arc<str>,
+    max: usize,
+) -> Result<(), &'static str> {
+    let mine = |sessions: &HashMap<Arc<str>, Session>| {
+        sessions.values().filter(|s| s.user_id == *user).count()
+    };
+    if mine(sessions) >= max {
+        sessions.retain(|_, s| s.user_id != *user || !s.idle());
+        if mine(sessions) >= max {
+            return Err(TOO_MANY_SESSIONS);
+        }
+    }
+    Ok(())
 }
 
 /// Runs a task of session `sid`. A panic in it ends that task only: it is logged
@@ -349,7 +388,10 @@ pub fn with_session(
                 async move {
                     match load.await {
                         Ok(Some((rec, msgs))) if *rec.user_id == *user => {
-                            rehydrate(&core, &sid, &rec, &msgs);
+                            if let Err(why) = rehydrate(&core, &sid, &rec, &msgs) {
+                                let frame = error_frame(Code::InvalidMessage, why, id.as_deref());
+                                return effects::reply(&core, conn, frame);
+                            }
                             core.app.attach(&sid, conn);
                             then(&core, &sid)
                         }
@@ -358,11 +400,7 @@ pub fn with_session(
                             core.metrics().store_errors.inc();
                             tracing::error!(session = %sid, error = %e, "loading a session failed");
                             let msg = "could not load the session; retry";
-                            effects::reply(
-                                &core,
-                                conn,
-                                error_frame(Code::Internal, msg, id.as_deref()),
-                            );
+                            effects::reply(&core, conn, store_read_error(&e, msg, id.as_deref()));
                         }
                     }
                 },
@@ -372,10 +410,42 @@ pub fn with_session(
     }
 }
 
-/// Puts a stored session back in memory and counts it.
-pub fn rehydrate(core: &Core, sid: &Arc<str>, rec: &SessionRecord, messages: &[MessageRecord]) {
-    let n = core.app.restore(sid, rec, messages, &core.shared.app);
+/// Puts a stored session back in memory and counts it. A session that has been
+/// idle past `session_end_idle_secs` (a sweep has not come around to it yet, or
+/// raced this load) is ended at once. Refused at the per-user bound.
+pub fn rehydrate(
+    core: &Rc<Core>,
+    sid: &Arc<str>,
+    rec: &SessionRecord,
+    messages: &[MessageRecord],
+) -> Result<(), &'static str> {
+    let n = core.app.restore(sid, rec, messages, &core.shared.app)?;
     core.metrics().sessions_in_memory.set(n as u64);
+    end_if_idle(core, sid);
+    Ok(())
+}
+
+/// Ends session `sid` if it is idle past `session_end_idle_secs`: in memory by
+/// its own decision (its connections hear `session_ended`), or, when only
+/// stored, by a conditional write that changes nothing if it saw activity since.
+pub fn end_if_idle(core: &Rc<Core>, sid: &Arc<str>) {
+    let now = now_ms();
+    let idle_ms = core.shared.app.session_end_idle.as_millis() as i64;
+    let decided = core
+        .app
+        .sessions
+        .borrow_mut()
+        .get_mut(sid)
+        .map(|s| s.end_idle(sid, now, idle_ms));
+    let effects = match decided {
+        Some(Some(effects)) => effects,
+        Some(None) => return,
+        None => vec![Effect::EndIdle {
+            idle_before: now - idle_ms,
+        }],
+    };
+    tracing::info!(session = %sid, "ended after being idle");
+    effects::perform(core, sid, "", effects);
 }
 
 /// The refusal for a session that is someone else's or does not exist: the same
@@ -391,10 +461,14 @@ pub fn forbidden(id: Option<&str>, session_id: Option<&str>) -> String {
     .to_json()
 }
 
-/// Expires idle sessions of this core until the gate closes.
+/// Until the gate closes: ends sessions idle past `session_end_idle_secs` and
+/// lets idle ones leave memory after `session_idle_secs`. Core 0 also finds the
+/// idle sessions only stored and sends each to its owning core to be ended.
 pub async fn expiry_loop(core: Rc<Core>) {
     let idle = core.shared.app.session_idle;
-    let every = (idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(60));
+    let end_idle = core.shared.app.session_end_idle;
+    let every = (idle.min(end_idle) / 4).clamp(Duration::from_millis(50), Duration::from_secs(60));
+    let mut store_sweep: Option<monoio::task::JoinHandle<()>> = None;
     loop {
         monoio::select! {
             _ = monoio::time::sleep(every) => {}
@@ -402,7 +476,13 @@ pub async fn expiry_loop(core: Rc<Core>) {
         }
         let swept = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             core.shared.hooks.fault_point("expiry");
-            core.app.expire(now_ms(), idle.as_millis() as i64)
+            let now = now_ms();
+            let ended = core.app.end_idle(now, end_idle.as_millis() as i64);
+            for (sid, effects) in ended {
+                tracing::info!(session = %sid, "ended after being idle");
+                effects::perform(&core, &sid, "", effects);
+            }
+            core.app.expire(now, idle.as_millis() as i64)
         }));
         // A panic costs one sweep, never the loop: the next one runs as usual.
         let Ok(n) = swept else {
@@ -418,6 +498,36 @@ pub async fn expiry_loop(core: Rc<Core>) {
             .set(core.app.sessions_in_memory() as u64);
         if n > 0 {
             tracing::debug!(core = core.id, expired = n, "idle sessions left memory");
+        }
+        if core.id == 0 && store_sweep.as_ref().is_none_or(|h| h.is_finished()) {
+            store_sweep = Some(monoio::spawn(sweep_stored(core.clone(), end_idle)));
+        }
+    }
+}
+
+/// Finds stored sessions idle past `end_idle` and asks each one's owning core to
+/// end it (that core alone knows whether it is active in memory).
+async fn sweep_stored(core: Rc<Core>, end_idle: Duration) {
+    let before = now_ms() - end_idle.as_millis() as i64;
+    let idle = match core
+        .shared
+        .app
+        .store
+        .idle_sessions(before, IDLE_SWEEP_BATCH)
+        .await
+    {
+        Ok(idle) => idle,
+        Err(e) => {
+            core.metrics().store_errors.inc();
+            tracing::warn!(error = %e, "reading idle sessions failed; the next sweep retries");
+            return;
+        }
+    };
+    let cores = core.shared.mesh.cores();
+    for (sid, user) in idle {
+        let owner = crate::runtime::mesh::owner_core(&user, cores);
+        if let Err(e) = core.send_app(owner, super::ChatMsg::EndIdle(sid.as_str().into())) {
+            tracing::warn!(error = %e, session = %sid, "an idle session was not handed to its core; the next sweep retries");
         }
     }
 }

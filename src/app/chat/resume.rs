@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::effects::deliver;
 use super::session::Target;
-use crate::app::frames::{error_frame, Code, HistoryItem, ServerFrame};
+use crate::app::frames::{error_frame, store_read_error, Code, HistoryItem, ServerFrame};
 use crate::app::Core;
 use crate::store::MessageRecord;
 
@@ -31,8 +31,8 @@ pub async fn resume_now(core: Rc<Core>, sid: Arc<str>, to: Target, after_seq: Op
         Err(e) => {
             core.metrics().store_errors.inc();
             tracing::error!(session = %sid, error = %e, "loading history failed");
-            return send(error_frame(
-                Code::Internal,
+            return send(store_read_error(
+                &e,
                 "could not load the history; retry",
                 None,
             ));
@@ -93,7 +93,7 @@ fn open_history(core: &Core, sid: &str, messages: &[MessageRecord]) -> (Vec<Hist
     let mut withheld = 0;
     let history = messages
         .iter()
-        .filter_map(|m| match keys.open(&m.session_id, &m.message_id, &m.sealed) {
+        .filter_map(|m| match keys.open(&m.place(), &m.sealed) {
             Ok(content) => Some(HistoryItem {
                 message_id: m.message_id.clone(),
                 role: m.role.as_str(),

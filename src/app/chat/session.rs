@@ -46,6 +46,9 @@ pub enum Effect {
     Record { state: State, action: AuditAction },
     /// A frame for these connections.
     Send(Vec<Target>, String),
+    /// Persist that the session ended for idleness, only if the stored session
+    /// saw no activity since `idle_before` and has not ended (audit `ended_idle`).
+    EndIdle { idle_before: Millis },
 }
 
 /// Cancels an answer; the answer task waits on it between chunks.
@@ -103,6 +106,8 @@ pub enum Refusal {
     Ended,
     /// The admin has not joined the session.
     NotJoined,
+    /// A help request too soon after an admin handed the session back.
+    Cooldown { retry_after_ms: u64 },
 }
 
 pub struct Session {
@@ -118,6 +123,9 @@ pub struct Session {
     pub state: State,
     /// Admins in the session (takeover); their connections may be on other cores.
     pub admins: Vec<Seat>,
+    /// Until when a help request is refused: set when the last admin hands the
+    /// session back, so a user cannot page the admins again at once.
+    pub help_open_at: Millis,
 }
 
 impl Session {
@@ -132,6 +140,7 @@ impl Session {
             context: VecDeque::new(),
             state: State::Ai,
             admins: Vec::new(),
+            help_open_at: 0,
         }
     }
 
@@ -211,7 +220,16 @@ impl Session {
             role: msg.role,
             author: msg.author.to_owned(),
             client_id: msg.client_id,
-            sealed: keys.seal(sid, msg.message_id, msg.text),
+            sealed: keys.seal(
+                &crate::crypto::Place {
+                    session_id: sid,
+                    message_id: msg.message_id,
+                    role: msg.role.as_str(),
+                    author: msg.author,
+                    seq,
+                },
+                msg.text,
+            ),
             created_at: now,
             tokens_in: msg.usage.input_tokens,
             tokens_out: msg.usage.output_tokens,
@@ -306,8 +324,15 @@ impl Session {
     }
 
     /// An admin leaves (`whole`: every connection of it), or one of its
-    /// connections went. The last admin out hands the session back to the AI.
-    pub fn leave(&mut self, sid: &str, admin: &AdminRef, whole: bool) -> Vec<Effect> {
+    /// connections went. The last admin out hands the session back to the AI, and
+    /// help requests are refused until `help_open_at` (the cooldown's end).
+    pub fn leave(
+        &mut self,
+        sid: &str,
+        admin: &AdminRef,
+        whole: bool,
+        help_open_at: Millis,
+    ) -> Vec<Effect> {
         let Some(i) = self
             .admins
             .iter()
@@ -334,6 +359,7 @@ impl Session {
         effects.push(Effect::Send(self.everyone(), frame));
         if self.admins.is_empty() && self.state == State::Human {
             self.state = State::Ai;
+            self.help_open_at = help_open_at;
             effects.push(Effect::Record {
                 state: State::Ai,
                 action: AuditAction::AdminLeave,
@@ -344,9 +370,13 @@ impl Session {
 
     /// A user asks for a human: the session waits. Returns `None` when it already
     /// waits or a human has it: then nothing changes and nobody is told again.
-    pub fn help(&mut self) -> Result<Option<Vec<Effect>>, Refusal> {
+    /// Within the cooldown after a hand-back it is refused, with when to retry.
+    pub fn help(&mut self, now: Millis) -> Result<Option<Vec<Effect>>, Refusal> {
         match self.state {
             State::Ended => Err(Refusal::Ended),
+            State::Ai if now < self.help_open_at => Err(Refusal::Cooldown {
+                retry_after_ms: (self.help_open_at - now) as u64,
+            }),
             State::Ai => {
                 self.state = State::Waiting;
                 Ok(Some(vec![Effect::Record {
@@ -368,6 +398,27 @@ impl Session {
         self.admins.clear();
         effects
     }
+
+    /// Ends the session if nothing happened in it for `idle_ms` (no answer running,
+    /// no message, no state change since `now - idle_ms`). Everyone in it hears
+    /// `session_ended`, as when an admin ends it. `None`: it is not idle, or ended.
+    pub fn end_idle(&mut self, sid: &str, now: Millis, idle_ms: i64) -> Option<Vec<Effect>> {
+        let idle_before = now - idle_ms;
+        if self.state == State::Ended
+            || self.running().is_some()
+            || self.last_activity >= idle_before
+        {
+            return None;
+        }
+        self.state = State::Ended;
+        let frame = ServerFrame::SessionEnded { session_id: sid }.to_json();
+        let effects = vec![
+            Effect::Send(self.everyone(), frame),
+            Effect::EndIdle { idle_before },
+        ];
+        self.admins.clear();
+        Some(effects)
+    }
 }
 
 /// The refusal a client sees.
@@ -378,13 +429,21 @@ pub fn refusal_frame(why: Refusal, sid: &str, id: Option<&str>) -> String {
             "this session has ended; start a new one",
         ),
         Refusal::NotJoined => (Code::Forbidden, "join the session first"),
+        Refusal::Cooldown { .. } => (
+            Code::RateLimited,
+            "an admin just handed this session back; ask for a human again later",
+        ),
+    };
+    let retry_after_ms = match why {
+        Refusal::Cooldown { retry_after_ms } => Some(retry_after_ms),
+        _ => None,
     };
     ServerFrame::Error {
         code,
         message,
         id,
         session_id: Some(sid),
-        retry_after_ms: None,
+        retry_after_ms,
     }
     .to_json()
 }

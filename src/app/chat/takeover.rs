@@ -148,10 +148,14 @@ pub fn on_admin_op(core: &Rc<Core>, op: AdminOp) {
         async move {
             let to = Target::of(&op.admin);
             match load.await {
-                Ok(Some((rec, msgs))) => {
-                    rehydrate(&core, &op.session_id, &rec, &msgs);
-                    apply(&core, op);
-                }
+                Ok(Some((rec, msgs))) => match rehydrate(&core, &op.session_id, &rec, &msgs) {
+                    Ok(()) => apply(&core, op),
+                    Err(_) if matches!(op.action, AdminAction::Gone | AdminAction::Leave) => {}
+                    Err(why) => {
+                        let frame = error_frame(Code::InvalidMessage, why, None);
+                        deliver(&core, to, frame.into());
+                    }
+                },
                 Ok(None) | Err(_)
                     if matches!(op.action, AdminAction::Gone | AdminAction::Leave) => {}
                 Ok(None) => deliver(
@@ -316,13 +320,10 @@ fn message(
 
 /// `whole`: the admin leaves (all its connections); otherwise one connection went.
 fn leave(core: &Rc<Core>, sid: &Arc<str>, admin: &AdminRef, whole: bool) {
-    let Some(effects) = core
-        .app
-        .sessions
-        .borrow_mut()
-        .get_mut(sid)
-        .map(|s| s.leave(sid, admin, whole))
-    else {
+    let Some(effects) = core.app.sessions.borrow_mut().get_mut(sid).map(|s| {
+        let cooldown = core.shared.app.help_cooldown.as_millis() as i64;
+        s.leave(sid, admin, whole, now_ms() + cooldown)
+    }) else {
         return;
     };
     let back_to_ai = effects
@@ -339,7 +340,7 @@ fn leave(core: &Rc<Core>, sid: &Arc<str>, admin: &AdminRef, whole: bool) {
 /// changes nothing and notifies no one (no frame, no webhook, no e-mail).
 pub fn help_request(core: &Rc<Core>, sid: &Arc<str>, user: &Identity, conn: ConnId) {
     let decided = match core.app.sessions.borrow_mut().get_mut(sid) {
-        Some(s) => s.help(),
+        Some(s) => s.help(now_ms()),
         None => return,
     };
     match decided {

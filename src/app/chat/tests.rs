@@ -137,11 +137,11 @@ fn the_last_admin_out_hands_back_to_the_ai() {
         s.join(&admin(id, 0, conn)).expect("open");
         s.announce(id);
     }
-    let first = s.leave("s1", &admin("a", 0, 9), true);
+    let first = s.leave("s1", &admin("a", 0, 9), true, 0);
     assert_eq!(s.state, State::Human, "b is still there");
     assert!(!first.iter().any(|e| matches!(e, Effect::Record { .. })));
     // One connection of b going is b leaving when it was its only one.
-    let last = s.leave("s1", &admin("b", 0, 8), false);
+    let last = s.leave("s1", &admin("b", 0, 8), false, 0);
     assert_eq!(s.state, State::Ai);
     assert!(last.iter().any(|e| matches!(
         e,
@@ -151,7 +151,7 @@ fn the_last_admin_out_hands_back_to_the_ai() {
         }
     )));
     assert!(
-        s.leave("s1", &admin("b", 0, 8), true).is_empty(),
+        s.leave("s1", &admin("b", 0, 8), true, 0).is_empty(),
         "not seated: nothing"
     );
 }
@@ -159,20 +159,20 @@ fn the_last_admin_out_hands_back_to_the_ai() {
 #[test]
 fn help_waits_once_and_an_ended_session_refuses_everything() {
     let mut s = session("u", 0, vec![1]);
-    assert_eq!(s.help().map(|e| e.map(|e| e.len())), Ok(Some(1)));
+    assert_eq!(s.help(0).map(|e| e.map(|e| e.len())), Ok(Some(1)));
     assert_eq!(s.state, State::Waiting);
     assert!(
-        matches!(s.help(), Ok(None)),
+        matches!(s.help(0), Ok(None)),
         "already waiting: nothing at all"
     );
     s.join(&admin("a", 0, 3)).expect("open");
     assert!(
-        matches!(s.help(), Ok(None)),
+        matches!(s.help(0), Ok(None)),
         "a human has it: nothing at all"
     );
     let effects = s.end("s1");
     assert!(matches!(&effects[..], [Effect::Send(to, _)] if to == &[Target::Local(1)]));
-    assert_eq!(s.help().err(), Some(Refusal::Ended));
+    assert_eq!(s.help(0).err(), Some(Refusal::Ended));
     assert_eq!(s.join(&admin("a", 0, 1)).err(), Some(Refusal::Ended));
     assert_eq!(s.seated("a"), Err(Refusal::NotJoined));
 }
@@ -195,7 +195,111 @@ fn records_take_consecutive_places() {
     assert_eq!((a.seq, b.seq), (1, 2));
     assert_eq!(s.last_activity, 7);
     assert_eq!(
-        keys.open("s1", "m2", &b.sealed).ok().as_deref(),
+        keys.open(&b.place(), &b.sealed).ok().as_deref(),
         Some("hello")
     );
+}
+
+#[test]
+fn after_a_hand_back_help_is_refused_until_the_cooldown_ends() {
+    let mut s = session("u", 0, vec![1]);
+    s.help(100).expect("open").expect("waits");
+    s.join(&admin("a", 0, 3)).expect("open");
+    s.announce("a");
+    s.leave("s1", &admin("a", 0, 3), true, 5_000);
+    assert_eq!(s.state, State::Ai);
+    assert_eq!(
+        s.help(1_000).err(),
+        Some(Refusal::Cooldown {
+            retry_after_ms: 4_000
+        })
+    );
+    assert_eq!(s.state, State::Ai, "a refused request changes nothing");
+    let frame = super::session::refusal_frame(
+        Refusal::Cooldown {
+            retry_after_ms: 4_000,
+        },
+        "s1",
+        None,
+    );
+    let v: serde_json::Value = serde_json::from_str(&frame).expect("JSON");
+    assert_eq!(
+        (v["code"].as_str(), v["retry_after_ms"].as_u64()),
+        (Some("rate_limited"), Some(4_000))
+    );
+    assert!(
+        matches!(s.help(5_000), Ok(Some(_))),
+        "open again at the cooldown's end"
+    );
+    // A hand-back from a session that was never the AI's stays as it was: the
+    // cooldown is set only when the last admin returns it to the AI.
+    let mut fresh = session("u", 0, vec![]);
+    fresh.leave("s2", &admin("a", 0, 3), true, 9_999);
+    assert_eq!(fresh.help_open_at, 0);
+}
+
+#[test]
+fn a_session_idle_long_enough_ends_and_tells_everyone_in_it() {
+    let mut s = session("u", 1_000, vec![1]);
+    s.join(&admin("a", 1, 9)).expect("open");
+    s.announce("a");
+    // Ended only when idle for longer than the setting (as the store's write).
+    assert!(
+        s.end_idle("s1", 5_000, 4_000).is_none(),
+        "idle exactly 4,000 ms: not yet"
+    );
+    let effects = s
+        .end_idle("s1", 5_000, 3_999)
+        .expect("idle longer than 3,999 ms: ends");
+    assert_eq!(s.state, State::Ended);
+    assert!(s.admins.is_empty(), "the admins leave it");
+    match &effects[..] {
+        [Effect::Send(to, frame), Effect::EndIdle { idle_before: 1_001 }] => {
+            assert_eq!(to, &[Target::Local(1), Target::Remote(1, 9)]);
+            assert!(frame.contains("\"session_ended\""), "{frame}");
+        }
+        _ => panic!("a frame to everyone, then the conditional store write"),
+    }
+    assert!(s.end_idle("s1", 99_000, 4_000).is_none(), "ended once");
+    assert_eq!(s.help(99_000).err(), Some(Refusal::Ended));
+    // A running answer is activity: the session stays open while it streams.
+    let mut busy = session("u", 0, vec![]);
+    busy.begin_answer("m1".into(), Rc::new(CancelFlag::default()));
+    assert!(busy.end_idle("s2", 99_000, 1).is_none());
+}
+
+#[test]
+fn the_core_ends_only_its_idle_sessions() {
+    let chat = core_state();
+    {
+        let mut s = chat.sessions.borrow_mut();
+        s.insert("old".into(), session("u", 0, vec![]));
+        s.insert("recent".into(), session("u", 9_000, vec![7]));
+        let mut ended = session("u", 0, vec![]);
+        ended.end("ended");
+        s.insert("ended".into(), ended);
+    }
+    let ended = chat.end_idle(10_000, 5_000);
+    assert_eq!(ended.len(), 1);
+    assert_eq!(&*ended[0].0, "old");
+    assert_eq!(chat.sessions.borrow()["recent"].state, State::Ai);
+}
+
+#[test]
+fn loading_a_session_back_counts_against_the_per_user_bound() {
+    let chat = core_state();
+    {
+        let mut s = chat.sessions.borrow_mut();
+        s.insert("busy".into(), session("u", 0, vec![1]));
+        s.insert("idle".into(), session("u", 0, vec![]));
+    }
+    // At the bound, the idle one makes room, as for a new session.
+    assert!(super::make_room(&mut chat.sessions.borrow_mut(), &"u".into(), 2).is_ok());
+    assert!(!chat.sessions.borrow().contains_key("idle"));
+    // With none idle, it is refused with the creation's error.
+    assert_eq!(
+        super::make_room(&mut chat.sessions.borrow_mut(), &"u".into(), 1),
+        Err(super::TOO_MANY_SESSIONS)
+    );
+    assert!(super::make_room(&mut chat.sessions.borrow_mut(), &"v".into(), 1).is_ok());
 }

@@ -157,7 +157,7 @@ pub async fn read_head(
                 monoio::select! {
                     r = sock.readable() => r?,
                     _ = monoio::time::sleep_until(deadline) => return Err(HeadError::Timeout),
-                    _ = gate.closed() => return Err(HeadError::ShuttingDown),
+                    _ = gate.stopped() => return Err(HeadError::ShuttingDown),
                 }
             }
             Err(e) => return Err(e.into()),

@@ -8,14 +8,19 @@ use std::convert::Infallible;
 use std::rc::Rc;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::StreamBody;
+use hyper::body::Frame;
 use hyper::{Request, Response, StatusCode};
 
 use super::addr::Slot;
-use super::app::{App, Body};
+use super::app::{full, App, Body};
 use super::core::Core;
 use super::io::{HyperIo, Socket};
 use crate::metrics::Refusal;
+
+/// The `Retry-After` of every refusal while shutting down: long enough for a load
+/// balancer to move the client to another instance, short enough for a restart.
+pub const RETRY_AFTER_SHUTDOWN_SECS: u64 = 5;
 
 /// `{"error":{"code":..,"message":..}}`, the one error body of every endpoint.
 pub fn error_body(code: &str, message: &str) -> String {
@@ -46,6 +51,17 @@ impl Refuse {
             why,
             headers: Vec::new(),
         }
+    }
+
+    /// 503 while the server drains or stops: try again (another instance) shortly.
+    pub fn shutting_down() -> Refuse {
+        Refuse::new(
+            503,
+            "shutting_down",
+            "server is shutting down",
+            Refusal::ShuttingDown,
+        )
+        .header("Retry-After", RETRY_AFTER_SHUTDOWN_SECS.to_string())
     }
 
     pub fn header(mut self, name: &'static str, value: impl Into<String>) -> Refuse {
@@ -81,8 +97,45 @@ impl Refuse {
     }
 }
 
+/// Why a paged body ended before its last page. The status line went out with
+/// the first page, so hyper aborts the connection instead: the client sees a
+/// truncated (unterminated chunked) body, never a short one that looks whole.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct PageError(String);
+
+/// A response body whose chunks arrive through a bounded channel.
+pub type PagedBody = StreamBody<async_channel::Receiver<Result<Frame<Bytes>, PageError>>>;
+
+/// The producing side of a [`PagedBody`], usable from any thread.
+pub struct Pages(async_channel::Sender<Result<Frame<Bytes>, PageError>>);
+
+/// A body of chunks of which at most `pages_max` wait while the connection
+/// writes: the producer waits for the writer, so memory stays bounded whatever
+/// the length of the whole.
+pub fn paged(pages_max: usize) -> (Pages, Body) {
+    let (tx, rx) = async_channel::bounded(pages_max.max(1));
+    (
+        Pages(tx),
+        http_body_util::Either::Right(StreamBody::new(rx)),
+    )
+}
+
+impl Pages {
+    /// Queues one chunk, waiting while the queue is full. `false` when the
+    /// client went away (the body was dropped): stop producing.
+    pub async fn send(&self, chunk: impl Into<Bytes>) -> bool {
+        self.0.send(Ok(Frame::data(chunk.into()))).await.is_ok()
+    }
+
+    /// Ends the body with an error: the response is cut short, visibly.
+    pub async fn fail(&self, why: impl Into<String>) {
+        let _ = self.0.send(Err(PageError(why.into()))).await;
+    }
+}
+
 pub fn json(status: StatusCode, body: String) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+    let mut r = Response::new(full(body));
     *r.status_mut() = status;
     r.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
@@ -153,6 +206,11 @@ async fn route<A: App>(core: &Rc<Core<A>>, req: Request<hyper::body::Incoming>) 
         );
         return r;
     }
+    if core.gate.is_closing() && !known {
+        // Draining: only the probes and the metrics are still served.
+        core.metrics().refused(Refusal::ShuttingDown);
+        return shutting_down();
+    }
     match path.as_str() {
         "/healthz" => json(StatusCode::OK, r#"{"status":"ok"}"#.into()),
         "/readyz" => ready(core).await,
@@ -171,13 +229,23 @@ pub fn not_found() -> Response<Body> {
     error(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
 }
 
+/// 503 `shutting_down` with `Retry-After`.
+fn shutting_down() -> Response<Body> {
+    let mut r = error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "shutting_down",
+        "server is shutting down",
+    );
+    r.headers_mut().insert(
+        hyper::header::RETRY_AFTER,
+        hyper::header::HeaderValue::from(RETRY_AFTER_SHUTDOWN_SECS),
+    );
+    r
+}
+
 async fn ready<A: App>(core: &Rc<Core<A>>) -> Response<Body> {
     if core.gate.is_closing() {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "shutting_down",
-            "server is shutting down",
-        );
+        return shutting_down();
     }
     match A::ready(core).await {
         Ok(()) => json(StatusCode::OK, r#"{"status":"ready"}"#.into()),
@@ -207,7 +275,7 @@ fn metrics<A: App>(core: &Core<A>, req: &Request<hyper::body::Incoming>) -> Resp
         }
     }
     let text = crate::metrics::render(&shared.metrics) + &A::render_metrics(&shared.app);
-    let mut r = Response::new(Full::new(Bytes::from(text)));
+    let mut r = Response::new(full(text));
     r.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),

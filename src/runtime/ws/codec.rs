@@ -144,6 +144,9 @@ pub struct Codec {
     reassembled: bool,
     /// Encoded frames not yet sent (a partial send drains what went).
     tx: Vec<u8>,
+    /// Bytes at the head of `tx` that finish a frame already partly sent: they
+    /// must go before anything else, or the peer's framing breaks.
+    tx_front: usize,
     closing: Closing,
     limits: Limits,
     /// Counts every frame the peer sends, of any kind; absent on the echo route.
@@ -159,6 +162,7 @@ impl Codec {
             frag: None,
             reassembled: false,
             tx: Vec::new(),
+            tx_front: 0,
             closing: Closing::Open,
             limits,
             guard: None,
@@ -431,6 +435,14 @@ impl Codec {
         Ok(())
     }
 
+    /// Closes at once, before the frames still queued: drops every frame not yet
+    /// begun (the rest of one partly sent still goes) and queues the close. For a
+    /// peer that does not read, so that the close is the next thing it gets.
+    pub fn close_before_queued(&mut self, code: CloseCode, reason: &str) {
+        self.tx.truncate(self.tx_front);
+        let _ = self.send_close(code, reason);
+    }
+
     /// True once close frames went both ways: the connection is over.
     pub fn is_closed(&self) -> bool {
         self.closing == Closing::Done
@@ -484,6 +496,7 @@ impl Codec {
                 Ok(n) => sent += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // Rare (the peer reads slowly): keep only what is left.
+                    self.tx_front = self.front_after(sent);
                     self.tx.drain(..sent);
                     return Ok(sent);
                 }
@@ -491,7 +504,28 @@ impl Codec {
             }
         }
         self.tx = Vec::new();
+        self.tx_front = 0;
         Ok(sent)
+    }
+
+    /// Once the first `sent` bytes of `tx` are gone: how many of the rest finish a
+    /// frame already begun. Our frames are whole in `tx` and unmasked.
+    fn front_after(&self, sent: usize) -> usize {
+        let mut end = self.tx_front;
+        while end < sent {
+            end += own_frame_len(&self.tx[end..]);
+        }
+        end - sent
+    }
+}
+
+/// The length, header included, of the frame of ours that `buf` starts with.
+fn own_frame_len(buf: &[u8]) -> usize {
+    let be = |b: &[u8]| b.iter().fold(0usize, |n, &x| (n << 8) | x as usize);
+    match buf[1] & 0x7f {
+        126 => 4 + be(&buf[2..4]),
+        127 => 10 + be(&buf[2..10]),
+        n => 2 + n as usize,
     }
 }
 
@@ -523,260 +557,5 @@ fn unmask(buf: &mut [u8], mask: [u8; 4]) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const LIMITS: Limits = Limits {
-        frame_bytes_max: 64,
-        message_bytes_max: 100,
-        tx_bytes_max: 256,
-    };
-
-    /// A client frame: `first` is the FIN/RSV/opcode byte; masked unless `mask` is None.
-    fn frame(first: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
-        let mut f = vec![first];
-        let m = if mask.is_some() { 0x80 } else { 0 };
-        match payload.len() {
-            n if n < 126 => f.push(m | n as u8),
-            n => {
-                f.push(m | 126);
-                f.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-        }
-        match mask {
-            Some(k) => {
-                f.extend_from_slice(&k);
-                f.extend(payload.iter().enumerate().map(|(i, b)| b ^ k[i % 4]));
-            }
-            None => f.extend_from_slice(payload),
-        }
-        f
-    }
-
-    const K: Option<[u8; 4]> = Some([1, 2, 3, 4]);
-    const TEXT: u8 = 0x81;
-    const FIRST_TEXT_FRAGMENT: u8 = 0x01;
-    const CONT: u8 = 0x00;
-    const LAST_CONT: u8 = 0x80;
-    const PING: u8 = 0x89;
-    const CLOSE: u8 = 0x88;
-
-    fn codec(frames: &[Vec<u8>]) -> Codec {
-        Codec::new(frames.concat(), LIMITS)
-    }
-
-    fn text(c: &mut Codec) -> Option<String> {
-        match c.read().expect("valid") {
-            Some(Msg::Text(t)) => Some(t.to_owned()),
-            None => None,
-            other => panic!("expected text, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn unmasks_messages_and_frees_the_read_buffer() {
-        let long = "x".repeat(37); // not a multiple of the 8-byte unmasking stride
-        let mut c = codec(&[frame(TEXT, b"hello", K), frame(TEXT, long.as_bytes(), K)]);
-        assert_eq!(text(&mut c).as_deref(), Some("hello"));
-        assert_eq!(text(&mut c).as_deref(), Some(long.as_str()));
-        assert_eq!(text(&mut c), None);
-        assert_eq!(c.rx.capacity(), 0, "an idle codec holds no read buffer");
-    }
-
-    #[test]
-    fn waits_for_the_rest_of_a_frame() {
-        let f = frame(TEXT, b"hello world", K);
-        let mut c = Codec::new(f[..7].to_vec(), LIMITS);
-        assert_eq!(text(&mut c), None);
-        c.feed(&f[7..]);
-        assert_eq!(text(&mut c).as_deref(), Some("hello world"));
-    }
-
-    #[test]
-    fn feed_appends_like_fill_and_held_reports_what_is_kept() {
-        let f = frame(FIRST_TEXT_FRAGMENT, b"abc", K);
-        let mut c = Codec::new(f[..3].to_vec(), LIMITS);
-        assert_eq!(text(&mut c), None);
-        assert_eq!(c.held().rx_unread, 3, "a partial header waits");
-        c.feed(&f[3..]);
-        assert_eq!(text(&mut c), None);
-        let held = Held {
-            rx_unread: 0,
-            rx_capacity: 0,
-            fragments: 3,
-            tx: 0,
-        };
-        assert_eq!(c.held(), held, "only the fragment is kept");
-        c.feed(&frame(LAST_CONT, b"d", K));
-        assert_eq!(text(&mut c).as_deref(), Some("abcd"));
-        c.feed(&frame(PING, b"", K));
-        assert_eq!(
-            c.held().fragments,
-            0,
-            "a message read is dropped on the next feed"
-        );
-        assert_eq!(text(&mut c), None);
-        assert_eq!(c.queued(), [0x8a, 0], "the pong is queued");
-    }
-
-    #[test]
-    fn reassembles_fragments_and_answers_pings_between_them() {
-        let mut c = codec(&[
-            frame(FIRST_TEXT_FRAGMENT, "ré".as_bytes(), K),
-            frame(PING, b"p1", K),
-            frame(CONT, &"sumé".as_bytes()[..2], K), // cuts a character in two
-            frame(LAST_CONT, &"sumé".as_bytes()[2..], K),
-        ]);
-        assert_eq!(text(&mut c).as_deref(), Some("résumé"));
-        assert_eq!(c.tx, [0x8a, 2, b'p', b'1'], "the pong echoes the ping");
-        assert_eq!(text(&mut c), None);
-        assert!(c.frag.is_none(), "fragments are dropped after use");
-    }
-
-    #[test]
-    fn bad_utf8_fails_at_the_fragment_that_has_it() {
-        let mut c = codec(&[frame(FIRST_TEXT_FRAGMENT, &[b'a', 0xff], K)]);
-        assert_eq!(c.read(), Err(WsError::Utf8));
-        let mut c = codec(&[frame(TEXT, &[0xc3], K)]);
-        assert_eq!(c.read(), Err(WsError::Utf8), "cut off in a final frame");
-    }
-
-    #[test]
-    fn protocol_errors_and_limits() {
-        let cases: Vec<(Vec<u8>, WsError)> = vec![
-            (
-                frame(TEXT, b"a", None),
-                WsError::Protocol("client frames must be masked"),
-            ),
-            (
-                frame(TEXT | 0x40, b"a", K),
-                WsError::Protocol("reserved bits set"),
-            ),
-            (frame(0x83, b"a", K), WsError::Protocol("reserved opcode")),
-            (
-                frame(LAST_CONT, b"a", K),
-                WsError::Protocol("continuation without a message"),
-            ),
-            (
-                frame(0x09, b"a", K),
-                WsError::Protocol("fragmented or oversized control frame"),
-            ),
-            (
-                frame(CLOSE, b"a", K),
-                WsError::Protocol("close frame with a one-byte payload"),
-            ),
-            (
-                frame(CLOSE, &[0x03, 0xed], K),
-                WsError::Protocol("invalid close code"),
-            ),
-            (frame(CLOSE, &[0x03, 0xe8, 0xff], K), WsError::Utf8),
-            (
-                frame(TEXT, &[b'a'; 65], K),
-                WsError::TooBig("frame too big"),
-            ),
-        ];
-        for (bytes, want) in cases {
-            assert_eq!(
-                Codec::new(bytes.clone(), LIMITS).read(),
-                Err(want),
-                "{bytes:x?}"
-            );
-        }
-        let mut c = codec(&[
-            frame(FIRST_TEXT_FRAGMENT, &[b'a'; 60], K),
-            frame(LAST_CONT, &[b'a'; 60], K),
-        ]);
-        assert_eq!(c.read(), Err(WsError::TooBig("message too big")));
-        let mut c = codec(&[frame(FIRST_TEXT_FRAGMENT, b"a", K), frame(TEXT, b"b", K)]);
-        assert_eq!(
-            c.read(),
-            Err(WsError::Protocol("new message inside a fragmented one"))
-        );
-    }
-
-    #[test]
-    fn close_is_answered_once_and_ends_reading() {
-        let mut c = codec(&[
-            frame(CLOSE, &[0x03, 0xe9, b'b', b'y', b'e'], K),
-            frame(TEXT, b"after", K),
-        ]);
-        assert_eq!(c.read(), Ok(Some(Msg::Close)));
-        assert!(c.is_closed());
-        assert_eq!(c.tx, [0x88, 2, 0x03, 0xe8], "answered with 1000");
-        assert_eq!(c.read(), Ok(None), "frames after the close are dropped");
-        c.send_text("late").expect("ignored, not an error");
-        assert_eq!(c.tx.len(), 4, "nothing may follow our close");
-    }
-
-    #[test]
-    fn our_close_waits_for_the_peers() {
-        let mut c = codec(&[frame(TEXT, b"in flight", K), frame(CLOSE, &[0x03, 0xe9], K)]);
-        c.send_close(CloseCode::Away, "bye").expect("queued");
-        assert_eq!(
-            c.read(),
-            Ok(Some(Msg::Close)),
-            "data after our close is skipped"
-        );
-        assert!(c.is_closed());
-        assert_eq!(
-            &c.tx[..4],
-            [0x88, 5, 0x03, 0xe9],
-            "only our own close went out"
-        );
-        assert_eq!(c.tx.len(), 7);
-    }
-
-    #[test]
-    fn the_frame_guard_counts_frames_of_every_kind() {
-        const PONG: u8 = 0x8a;
-        let frames = [
-            frame(PING, b"", K),
-            frame(PONG, b"", K),
-            frame(FIRST_TEXT_FRAGMENT, b"a", K),
-            frame(CONT, b"b", K),
-            frame(LAST_CONT, b"c", K),
-        ];
-        let guarded = |n: u32| {
-            Codec::new(frames.concat(), LIMITS).with_frame_guard(FrameGuard::new(n, now_ms()))
-        };
-        let mut c = guarded(5);
-        assert_eq!(
-            text(&mut c).as_deref(),
-            Some("abc"),
-            "five frames, five allowed"
-        );
-        let mut c = guarded(4);
-        assert_eq!(
-            c.read(),
-            Err(WsError::Flood),
-            "the fifth frame is one too many"
-        );
-        let mut c = guarded(1);
-        assert_eq!(c.read(), Err(WsError::Flood));
-        assert_eq!(
-            c.tx,
-            [0x8a, 0],
-            "the first ping was answered, nothing after it"
-        );
-        assert_eq!(
-            WsError::Flood.close(),
-            Some((CloseCode::Policy, "too many frames"))
-        );
-        let mut unguarded = Codec::new(frames.concat(), LIMITS);
-        assert_eq!(
-            text(&mut unguarded).as_deref(),
-            Some("abc"),
-            "the echo route"
-        );
-    }
-
-    #[test]
-    fn the_write_queue_is_bounded_but_a_close_still_fits() {
-        let mut c = codec(&[]);
-        c.send_text(&"x".repeat(200)).expect("fits");
-        assert_eq!(c.send_text(&"x".repeat(100)), Err(WsError::WriteFull));
-        c.send_close(CloseCode::Again, "too slow")
-            .expect("a close always fits");
-        assert!(c.wants_write());
-    }
-}
+#[path = "codec_tests.rs"]
+mod tests;

@@ -138,8 +138,19 @@ impl<A: App> Conn<A> {
         };
         if let End::Fail(code, reason) = end {
             tracing::debug!(conn = self.reg.id, ?code, reason, "closing websocket");
-            let _ = self.codec.send_close(code, reason);
-            let _ = self.codec.flush(&self.sock);
+            if code == CloseCode::Again {
+                // A slow reader: its close goes before the backlog it cannot take,
+                // and waits for room a little (not past the shutdown deadline).
+                self.gauge.0.metrics().slow_consumers.inc();
+                self.codec.close_before_queued(code, reason);
+                let _ = self.codec.flush(&self.sock);
+                if self.codec.wants_write() {
+                    Box::pin(self.flush_close()).await;
+                }
+            } else {
+                let _ = self.codec.send_close(code, reason);
+                let _ = self.codec.flush(&self.sock);
+            }
         }
         // Unregister before the FIN: a client that saw EOF may reconnect at once and
         // must find its slot free.
@@ -230,7 +241,6 @@ impl<A: App> Conn<A> {
     fn take_outbox(&mut self) -> Option<End> {
         let m = self.gauge.0.metrics();
         if self.outbox.overflowed() {
-            m.slow_consumers.inc();
             return Some(End::Fail(CloseCode::Again, "too slow reading; reconnect"));
         }
         match self.outbox.take_keepalive() {
@@ -271,6 +281,24 @@ impl<A: App> Conn<A> {
             }
         }
         None
+    }
+
+    /// Sends what is left of our close (and the frame before it) as the peer makes
+    /// room, for at most [`CLOSE_REPLY_WAIT`] and never past the shutdown deadline.
+    async fn flush_close(&mut self) {
+        let core = &self.gauge.0;
+        let by = Instant::now() + CLOSE_REPLY_WAIT;
+        let until = core.shutdown_deadline().map_or(by, |d| d.min(by));
+        while self.codec.wants_write() {
+            monoio::select! {
+                r = self.sock.writable() => {
+                    if r.is_err() || self.codec.flush(&self.sock).is_err() {
+                        return;
+                    }
+                }
+                _ = monoio::time::sleep_until(until) => return,
+            }
+        }
     }
 
     /// After our close frame: reads (and drops) until the peer's close or `until`.

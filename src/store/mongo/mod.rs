@@ -23,8 +23,8 @@ use mongodb::{Client, Collection, Database, IndexModel};
 
 use super::writer::{self, WriteQueue};
 use super::{
-    Loaded, Millis, Notification, Op, SessionEvent, SessionPage, SessionQuery, Store, StoreError,
-    StoreFuture, WindowMetrics, WriteOp, WriteOutcome,
+    Loaded, MessageRecord, Millis, Notification, Op, SessionEvent, SessionPage, SessionQuery,
+    Store, StoreError, StoreFuture, WindowMetrics, WriteOp, WriteOutcome,
 };
 use crate::pool::BlockingPool;
 
@@ -216,6 +216,16 @@ impl Store for MongoStore {
         self.read(Op::LoadSession, load)
     }
 
+    fn messages_after(
+        &self,
+        session_id: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> StoreFuture<Vec<MessageRecord>> {
+        let page = read::messages_after(self.colls(), session_id.to_owned(), after_seq, limit);
+        self.read(Op::MessagePage, page)
+    }
+
     fn ping(&self) -> StoreFuture<()> {
         let db = self.db.clone();
         self.read(Op::Ping, async move {
@@ -251,6 +261,15 @@ impl Store for MongoStore {
 
     fn next_notification_at(&self) -> StoreFuture<Option<Millis>> {
         self.read(Op::NextNotification, read::next_due(self.colls()))
+    }
+
+    fn idle_sessions(&self, before: Millis, limit: usize) -> StoreFuture<Vec<(String, String)>> {
+        self.read(Op::IdleSessions, read::idle(self.colls(), before, limit))
+    }
+
+    fn outbox_count(&self, state: &str) -> StoreFuture<u64> {
+        let count = read::outbox_count(self.colls(), state.to_owned());
+        self.read(Op::OutboxCount, count)
     }
 }
 

@@ -80,6 +80,9 @@ fn message_from(d: &Document) -> MessageRecord {
             key_id: u32::try_from(get_i64(d, "key_id")).unwrap_or(0),
             nonce: nonce.as_slice().try_into().unwrap_or([0u8; NONCE_BYTES]),
             ciphertext: bytes_of(d, "ciphertext"),
+            // Absent on rows written before the version existed: 0. Out of range
+            // is corruption: it will fail to open.
+            version: u8::try_from(get_i64(d, "aad_version")).unwrap_or(u8::MAX),
         },
         created_at: get_i64(d, "created_at"),
         tokens_in: get_i64(d, "tokens_in").max(0) as u64,
@@ -181,6 +184,23 @@ pub(super) async fn load(c: Colls, id: String, messages_max: usize) -> Result<Op
     .collect();
     messages.reverse();
     Ok(Some((session_from(&session), messages)))
+}
+
+/// Up to `limit` of a session's messages after `after_seq`, in order.
+pub(super) async fn messages_after(
+    c: Colls,
+    id: String,
+    after_seq: u64,
+    limit: usize,
+) -> Result<Vec<MessageRecord>> {
+    let found = collect(
+        c.messages
+            .find(doc! {"session_id": &id, "seq": {"$gt": i64_of(after_seq)}})
+            .sort(doc! {"seq": 1})
+            .limit(i64_of(limit as u64)),
+    )
+    .await?;
+    Ok(found.iter().map(message_from).collect())
 }
 
 /// Totals over every session started in the window. Counts are aggregations over
@@ -338,6 +358,25 @@ pub(super) async fn due(c: Colls, now: Millis, limit: usize) -> Result<Vec<Notif
             attempts: u32::try_from(get_i64(d, "attempts")).unwrap_or(u32::MAX),
         })
         .collect())
+}
+
+pub(super) async fn idle(c: Colls, before: Millis, limit: usize) -> Result<Vec<(String, String)>> {
+    let docs: Vec<Document> = collect(
+        c.sessions
+            .find(doc! {"last_activity": {"$lt": before}, "state": {"$ne": "ended"}})
+            .projection(doc! {"user_id": 1})
+            .sort(doc! {"last_activity": 1})
+            .limit(i64_of(limit as u64)),
+    )
+    .await?;
+    Ok(docs
+        .iter()
+        .map(|d| (text(d, "_id"), text(d, "user_id")))
+        .collect())
+}
+
+pub(super) async fn outbox_count(c: Colls, state: String) -> Result<u64> {
+    c.outbox.count_documents(doc! {"state": state}).await
 }
 
 pub(super) async fn next_due(c: Colls) -> Result<Option<Millis>> {

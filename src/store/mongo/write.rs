@@ -291,6 +291,7 @@ async fn add_counters(
     s: &mut ClientSession,
     counters: Counters<'_>,
 ) -> Result<(), mongodb::error::Error> {
+    let sessions = counters.len();
     let updates: Vec<Document> = counters
         .into_iter()
         .map(|(sid, n, tin, tout, at)| {
@@ -305,12 +306,27 @@ async fn add_counters(
         c.db.run_command(doc! {"update": c.sessions.name(), "updates": updates, "ordered": true})
             .session(&mut *s)
             .await?;
-    match reply.get_array("writeErrors") {
-        Ok(errors) => Err(mongodb::error::Error::custom(format!(
+    if let Ok(errors) = reply.get_array("writeErrors") {
+        return Err(mongodb::error::Error::custom(format!(
             "updating session counters: {errors:?}"
-        ))),
-        Err(_) => Ok(()),
+        )));
     }
+    // A session not stored (any more: its user was deleted while the append was
+    // queued) fails the job, and its transaction takes the messages back.
+    let matched = reply
+        .get_i32("n")
+        .map(i64::from)
+        .or_else(|_| reply.get_i64("n"))
+        .unwrap_or(0);
+    if matched < sessions as i64 {
+        return Err(session_gone("a message's"));
+    }
+    Ok(())
+}
+
+/// The refusal of a change to a session that is not stored (see `add_counters`).
+fn session_gone(session_id: &str) -> mongodb::error::Error {
+    mongodb::error::Error::custom(format!("session {session_id} is not stored (deleted?)"))
 }
 
 fn message_doc(user_id: &str, m: &MessageRecord) -> Document {
@@ -320,7 +336,7 @@ fn message_doc(user_id: &str, m: &MessageRecord) -> Document {
         "key_id": i64::from(m.sealed.key_id), "nonce": binary(&m.sealed.nonce),
         "ciphertext": binary(&m.sealed.ciphertext), "created_at": m.created_at,
         "tokens_in": i64_of(m.tokens_in), "tokens_out": i64_of(m.tokens_out),
-        "cancelled": m.cancelled,
+        "cancelled": m.cancelled, "aad_version": i32::from(m.sealed.version),
     };
     if let Some(client_id) = &m.client_id {
         d.insert("client_id", client_id);
@@ -336,6 +352,7 @@ fn binary(bytes: &[u8]) -> Bson {
 }
 
 /// One change that is not an append (`apply_all` batches appends).
+// Long: one arm per kind of change, each a statement or two; the longer ones are helpers.
 async fn apply(
     c: &Colls,
     s: &mut ClientSession,
@@ -368,6 +385,15 @@ async fn apply(
             action,
             at,
         } => set_state(c, s, session_id, *state, actor, *action, *at).await?,
+        WriteOp::EndIdle {
+            session_id,
+            idle_before,
+            at,
+        } => end_idle(c, s, session_id, *idle_before, *at).await?,
+        WriteOp::PurgeOutbox {
+            delivered_before,
+            dead_before,
+        } => purge_outbox(c, s, *delivered_before, *dead_before).await?,
         WriteOp::DeleteUser { user_id } => delete_user(c, s, user_id).await?,
         WriteOp::Enqueue { kind, payload, at } => enqueue(c, s, kind, payload, *at).await?,
         WriteOp::Delivered { id, at } => {
@@ -414,16 +440,66 @@ async fn set_state(
         set.insert("ended_at", at);
         set.insert("end_key", at);
     }
-    c.sessions
+    let updated = c
+        .sessions
         .update_one(
             doc! {"_id": session_id},
             doc! {"$set": set, "$max": {"last_activity": at}},
         )
         .session(&mut *s)
         .await?;
+    if updated.matched_count == 0 {
+        return Err(session_gone(session_id));
+    }
     c.events
         .insert_one(doc! {"session_id": session_id, "at": at, "actor": actor,
         "action": action.as_str(), "state": state.as_str()})
+        .session(&mut *s)
+        .await?;
+    Ok(())
+}
+
+/// Ends a session idle since before `idle_before` unless it ended already; the
+/// audit event is written only when this update matched.
+async fn end_idle(
+    c: &Colls,
+    s: &mut ClientSession,
+    session_id: &str,
+    idle_before: Millis,
+    at: Millis,
+) -> Result<(), mongodb::error::Error> {
+    let ended = SessionState::Ended.as_str();
+    let r = c
+        .sessions
+        .update_one(
+            doc! {"_id": session_id, "state": {"$ne": ended}, "last_activity": {"$lt": idle_before}},
+            doc! {"$set": {"state": ended, "ended_at": at, "end_key": at}},
+        )
+        .session(&mut *s)
+        .await?;
+    if r.modified_count == 1 {
+        c.events
+            .insert_one(doc! {"session_id": session_id, "at": at, "actor": "",
+            "action": AuditAction::EndedIdle.as_str(), "state": ended})
+            .session(&mut *s)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Retention: delivered rows delivered before `delivered_before`, dead letters
+/// queued before `dead_before`; pending rows stay.
+async fn purge_outbox(
+    c: &Colls,
+    s: &mut ClientSession,
+    delivered_before: Millis,
+    dead_before: Millis,
+) -> Result<(), mongodb::error::Error> {
+    c.outbox
+        .delete_many(doc! {"$or": [
+            {"state": "delivered", "delivered_at": {"$lt": delivered_before}},
+            {"state": "dead", "created_at": {"$lt": dead_before}},
+        ]})
         .session(&mut *s)
         .await?;
     Ok(())
@@ -459,7 +535,72 @@ async fn delete_user(
         .delete_many(doc! {"user_id": user_id})
         .session(&mut *s)
         .await?;
+    scrub_outbox(c, s, user_id).await
+}
+
+/// The user's traces in the notification outbox, as the embedded store scrubs
+/// them: pending notifications dropped, sent and dead ones with their ids and name
+/// replaced. Payloads are JSON strings, so candidates are found by the user id's
+/// JSON text and confirmed by parsing.
+async fn scrub_outbox(
+    c: &Colls,
+    s: &mut ClientSession,
+    user_id: &str,
+) -> Result<(), mongodb::error::Error> {
+    let quoted = serde_json::to_string(user_id).unwrap_or_default();
+    let pattern = format!("\"user_id\":{}", regex_escape(&quoted));
+    let mut found = c
+        .outbox
+        .find(doc! {"payload": {"$regex": pattern}})
+        .projection(doc! {"_id": 1, "payload": 1, "state": 1})
+        .session(&mut *s)
+        .await?;
+    let mut pending = Vec::new();
+    let mut scrubbed = Vec::new();
+    while let Some(d) = found.next(&mut *s).await.transpose()? {
+        let Ok(mut payload) =
+            serde_json::from_str::<serde_json::Value>(d.get_str("payload").unwrap_or_default())
+        else {
+            continue;
+        };
+        if payload["user_id"].as_str() != Some(user_id) {
+            continue;
+        }
+        let id = d.get("_id").cloned().unwrap_or(Bson::Null);
+        if d.get_str("state") == Ok("pending") {
+            pending.push(id);
+        } else {
+            for field in ["user_id", "user_name", "session_id"] {
+                payload[field] = crate::store::SCRUBBED.into();
+            }
+            scrubbed.push((id, payload.to_string()));
+        }
+    }
+    if !pending.is_empty() {
+        c.outbox
+            .delete_many(doc! {"_id": {"$in": pending}})
+            .session(&mut *s)
+            .await?;
+    }
+    for (id, payload) in scrubbed {
+        c.outbox
+            .update_one(doc! {"_id": id}, doc! {"$set": {"payload": payload}})
+            .session(&mut *s)
+            .await?;
+    }
     Ok(())
+}
+
+/// `text` matched literally by a MongoDB (PCRE) regular expression.
+fn regex_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 8);
+    for ch in text.chars() {
+        if "\\^$.|?*+()[]{}".contains(ch) {
+            out.push('\\');
+        }
+        out.push(ch);
+    }
+    out
 }
 
 /// A notification in the outbox, numbered by a counter (ids only grow, as

@@ -1,21 +1,23 @@
 //! The embedded store: SQLite in WAL mode. Writes go through the shared writer
 //! (`store::writer`) on a thread of their own with group commit (all
 //! jobs waiting when a transaction starts share its fsync); reads run
-//! concurrently on the blocking pool with their own connections.
+//! concurrently on the blocking pool, each on one connection of a fixed pool
+//! ([`Readers`]): a read waits a bounded time for a free one, never opens more.
 
 mod read;
 mod write;
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use rusqlite::Connection;
 
 use super::writer::{self, WriteQueue};
 use super::{
-    Loaded, Millis, Notification, Op, SessionEvent, SessionPage, SessionQuery, Store, StoreError,
-    StoreFuture, WindowMetrics, WriteOp, WriteOutcome,
+    Loaded, MessageRecord, Millis, Notification, Op, SessionEvent, SessionPage, SessionQuery,
+    Store, StoreError, StoreFuture, WindowMetrics, WriteOp, WriteOutcome,
 };
 use crate::pool::BlockingPool;
 
@@ -89,24 +91,45 @@ const MIGRATIONS: &[&str] = &[
         last_error TEXT
     );
     CREATE INDEX outbox_due ON outbox(state, next_at);",
+    // 4: the format of each message's associated data (0: the ids only, before).
+    "ALTER TABLE messages ADD COLUMN aad_version INTEGER NOT NULL DEFAULT 0;",
 ];
 
 pub struct SqliteStore {
     writes: WriteQueue,
     /// Dropping it stops the checkpointer (after a last checkpoint).
     _checkpointer: std::sync::mpsc::Sender<()>,
-    /// Idle read connections, taken and returned by reads on the blocking pool
-    /// (never by a core).
-    readers: Arc<Mutex<Vec<Connection>>>,
-    path: PathBuf,
+    readers: Arc<Readers>,
+    /// How long a read waits for a free connection before it is refused.
+    read_wait: Duration,
     pool: BlockingPool,
+}
+
+/// How long a read waits for a free connection unless told otherwise.
+const READ_WAIT_DEFAULT: Duration = Duration::from_secs(2);
+
+/// The fixed pool of read connections, opened at start. A permit is a claim on
+/// one idle connection: whoever holds one finds one in `idle`. Reads beyond the
+/// pool wait (asynchronously, on the blocking pool's runtime, holding no thread)
+/// and are refused when the wait ends, so a burst of slow reads can neither open
+/// connections without end nor pile up blocked threads.
+struct Readers {
+    idle: Mutex<Vec<Connection>>,
+    permits: tokio::sync::Semaphore,
+    /// Connections in the pool (they never change after start).
+    count: usize,
+    /// Reads refused because no connection came free in time (for tests and logs).
+    refused: AtomicUsize,
 }
 
 fn open(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path).map_err(StoreError::sqlite(Op::Open))?;
     conn.busy_timeout(std::time::Duration::from_secs(5))
         .map_err(StoreError::sqlite(Op::Open))?;
-    let pragmas: [(&str, rusqlite::types::Value); 6] = [
+    let pragmas: [(&str, rusqlite::types::Value); 7] = [
+        // Deleted content is overwritten with zeros, not left in free pages: an
+        // erased user's rows must not stay readable in the file.
+        ("secure_delete", "ON".to_owned().into()),
         ("journal_mode", "WAL".to_owned().into()),
         // FULL: a commit is on disk before its ack leaves, even across power loss.
         ("synchronous", "FULL".to_owned().into()),
@@ -175,9 +198,15 @@ impl SqliteStore {
             .name("chatbox-sqlite-checkpoint".into())
             .spawn(move || checkpoint_loop(checkpointer, stopped, big))
             .map_err(StoreError::io(Op::Open))?;
-        let readers = (0..readers.max(1))
+        let idle = (0..readers.max(1))
             .map(|_| open(&path))
             .collect::<Result<Vec<_>, _>>()?;
+        let readers = Readers {
+            permits: tokio::sync::Semaphore::new(idle.len()),
+            count: idle.len(),
+            idle: Mutex::new(idle),
+            refused: AtomicUsize::new(0),
+        };
         let (writes, jobs) = writer::queue(queue_max);
         // The shared writer is async; here it runs alone on its own thread, where
         // SQLite's synchronous commits block nothing else.
@@ -193,10 +222,21 @@ impl SqliteStore {
         Ok(SqliteStore {
             writes,
             _checkpointer: stop,
-            readers: Arc::new(Mutex::new(readers)),
-            path,
+            readers: Arc::new(readers),
+            read_wait: READ_WAIT_DEFAULT,
             pool,
         })
+    }
+
+    /// Sets how long a read waits for a free read connection.
+    pub fn with_read_wait(mut self, wait: Duration) -> SqliteStore {
+        self.read_wait = wait;
+        self
+    }
+
+    /// Read connections in the pool.
+    pub fn readers(&self) -> usize {
+        self.readers.count
     }
 
     /// Runs `f` with a read connection on the blocking pool; its errors are `op`'s.
@@ -206,27 +246,75 @@ impl SqliteStore {
         f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> StoreFuture<T> {
         let readers = self.readers.clone();
-        let path = self.path.clone();
+        let wait = self.read_wait;
         let call = self.pool.call(async move {
-            tokio::task::spawn_blocking(move || {
-                let taken = readers.lock().map(|mut r| r.pop()).unwrap_or(None);
-                let conn = match taken {
-                    Some(c) => c,
-                    None => open(&path)?,
-                };
-                let out = f(&conn).map_err(StoreError::sqlite(op));
-                if let Ok(mut r) = readers.lock() {
-                    r.push(conn);
+            let permit = match tokio::time::timeout(wait, readers.permits.acquire()).await {
+                Ok(Ok(permit)) => permit,
+                // Timed out (or closed, which never happens: the pool owns it).
+                _ => {
+                    readers.refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(readers = readers.count, wait_ms = wait.as_millis() as u64, %op, "no read connection came free in time");
+                    return Err(busy(&readers, wait));
                 }
-                out
+            };
+            permit.forget();
+            let pool = readers.clone();
+            let done = tokio::task::spawn_blocking(move || {
+                // A permit promises an idle connection; the pool gets it back (and
+                // the permit) whatever `f` does, panics included.
+                let lease = Lease::take(&pool).ok_or_else(|| busy(&pool, wait))?;
+                f(lease.conn()).map_err(StoreError::sqlite(op))
             })
-            .await
-            .map_err(|e| StoreError::Task {
+            .await;
+            done.map_err(|e| StoreError::Task {
                 op,
                 source: Arc::new(e),
             })?
         });
         Box::pin(async move { call.await? })
+    }
+}
+
+/// The refusal of a read that found no free connection within `wait`.
+fn busy(readers: &Readers, wait: Duration) -> StoreError {
+    StoreError::ReadersBusy {
+        readers: readers.count,
+        retry_after_ms: wait.as_millis().clamp(100, 5000) as u64,
+    }
+}
+
+/// One read connection out of the pool, returned with its permit on drop.
+struct Lease<'a> {
+    pool: &'a Readers,
+    conn: Option<Connection>,
+}
+
+impl<'a> Lease<'a> {
+    fn take(pool: &'a Readers) -> Option<Lease<'a>> {
+        let conn = pool.idle.lock().ok().and_then(|mut idle| idle.pop());
+        if conn.is_none() {
+            // Cannot happen while permits match connections; give the permit back.
+            pool.permits.add_permits(1);
+        }
+        Some(Lease {
+            pool,
+            conn: Some(conn?),
+        })
+    }
+
+    fn conn(&self) -> &Connection {
+        self.conn
+            .as_ref()
+            .expect("a lease holds its connection until dropped")
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if let (Some(conn), Ok(mut idle)) = (self.conn.take(), self.pool.idle.lock()) {
+            idle.push(conn);
+        }
+        self.pool.permits.add_permits(1);
     }
 }
 
@@ -270,6 +358,18 @@ impl Store for SqliteStore {
         self.read(Op::LoadSession, move |c| read::load(c, &id, messages_max))
     }
 
+    fn messages_after(
+        &self,
+        session_id: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> StoreFuture<Vec<MessageRecord>> {
+        let id = session_id.to_owned();
+        self.read(Op::MessagePage, move |c| {
+            read::messages_after(c, &id, after_seq, limit)
+        })
+    }
+
     fn ping(&self) -> StoreFuture<()> {
         self.read(Op::Ping, |c| c.query_row("SELECT 1", [], |_| Ok(())))
     }
@@ -305,6 +405,15 @@ impl Store for SqliteStore {
             read::user_sessions(c, &user_id, sessions_max)
         })
     }
+
+    fn idle_sessions(&self, before: Millis, limit: usize) -> StoreFuture<Vec<(String, String)>> {
+        self.read(Op::IdleSessions, move |c| read::idle(c, before, limit))
+    }
+
+    fn outbox_count(&self, state: &str) -> StoreFuture<u64> {
+        let state = state.to_owned();
+        self.read(Op::OutboxCount, move |c| read::outbox_count(c, &state))
+    }
 }
 
 #[cfg(test)]
@@ -337,7 +446,16 @@ mod tests {
             role: Role::User,
             author: "u1".into(),
             client_id: client.map(str::to_owned),
-            sealed: ring.seal(session, id, text),
+            sealed: ring.seal(
+                &crate::crypto::Place {
+                    session_id: session,
+                    message_id: id,
+                    role: "user",
+                    author: "u1",
+                    seq,
+                },
+                text,
+            ),
             created_at: 1000 + seq as i64,
             tokens_in: 0,
             tokens_out: 0,
@@ -394,7 +512,7 @@ mod tests {
         assert_eq!(s.message_count, 1);
         assert_eq!(s.last_activity, 1001);
         assert_eq!(msgs.len(), 1);
-        assert_eq!(ring.open("s1", "m1", &msgs[0].sealed).unwrap(), "hi");
+        assert_eq!(ring.open(&msgs[0].place(), &msgs[0].sealed).unwrap(), "hi");
         assert!(block(store.load_session("nope", 10)).unwrap().is_none());
         block(store.ping()).unwrap();
     }
@@ -476,5 +594,43 @@ mod tests {
         block(store.write(ops)).unwrap();
         let (_, msgs) = block(store.load_session("s", 3)).unwrap().unwrap();
         assert_eq!(msgs.iter().map(|m| m.seq).collect::<Vec<_>>(), [3, 4, 5]);
+    }
+
+    #[test]
+    fn reads_wait_for_the_fixed_pool_and_are_refused_when_it_stays_busy() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_rt, pool) = PoolRuntime::start(2, 64).unwrap();
+        let store = SqliteStore::open(dir.path(), pool, 1, 16)
+            .unwrap()
+            .with_read_wait(Duration::from_millis(50));
+        assert_eq!(store.readers(), 1);
+        // The one connection is held by a read until the test lets it go.
+        let (started, is_started) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let released = Mutex::new(released);
+        let held = store.read(Op::Ping, move |c| {
+            started.send(()).unwrap();
+            released.lock().unwrap().recv().unwrap();
+            c.query_row("SELECT 1", [], |_| Ok(()))
+        });
+        let held = std::thread::spawn(move || block(held));
+        is_started.recv().unwrap();
+        // Before the pool was fixed, this read opened a second connection (kept
+        // for good) and succeeded.
+        match block(store.ping()) {
+            Err(e @ StoreError::ReadersBusy { readers: 1, .. }) => {
+                assert!(e.retry_after_ms().unwrap_or(0) > 0, "{e}");
+            }
+            other => panic!("a read past the pool was not refused: {other:?}"),
+        }
+        assert_eq!(store.readers.refused.load(Ordering::Relaxed), 1);
+        release.send(()).unwrap();
+        held.join().unwrap().unwrap();
+        block(store.ping()).expect("the connection came back to the pool");
+        assert_eq!(
+            store.readers.idle.lock().unwrap().len(),
+            1,
+            "still one connection"
+        );
     }
 }

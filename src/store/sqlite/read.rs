@@ -165,6 +165,52 @@ pub(super) fn window(
     Ok(m)
 }
 
+/// The columns [`message_row`] reads, in its order.
+const MESSAGE_COLUMNS: &str = "seq, message_id, role, author, client_id, key_id, nonce, ciphertext,
+     created_at, tokens_in, tokens_out, cancelled, aad_version";
+
+fn message_row(session_id: &str, r: &rusqlite::Row<'_>) -> rusqlite::Result<MessageRecord> {
+    let nonce: Vec<u8> = r.get(6)?;
+    let role: String = r.get(2)?;
+    Ok(MessageRecord {
+        session_id: session_id.to_owned(),
+        seq: r.get::<_, i64>(0)? as u64,
+        message_id: r.get(1)?,
+        // An unknown role or a malformed nonce is corruption: it will fail to open.
+        role: Role::parse(&role).unwrap_or(Role::System),
+        author: r.get(3)?,
+        client_id: r.get(4)?,
+        sealed: Sealed {
+            key_id: r.get(5)?,
+            nonce: nonce.as_slice().try_into().unwrap_or([0u8; NONCE_BYTES]),
+            ciphertext: r.get(7)?,
+            // Out of range is corruption too: it will fail to open.
+            version: u8::try_from(r.get::<_, i64>(12)?).unwrap_or(u8::MAX),
+        },
+        created_at: r.get(8)?,
+        tokens_in: r.get::<_, i64>(9)? as u64,
+        tokens_out: r.get::<_, i64>(10)? as u64,
+        cancelled: r.get(11)?,
+    })
+}
+
+/// Up to `limit` of a session's messages after `after_seq`, in order: one keyset
+/// page of a long history.
+pub(super) fn messages_after(
+    conn: &Connection,
+    id: &str,
+    after_seq: u64,
+    limit: usize,
+) -> rusqlite::Result<Vec<MessageRecord>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {MESSAGE_COLUMNS} FROM messages WHERE session_id = ?1 AND seq > ?2
+         ORDER BY seq LIMIT ?3"
+    ))?;
+    let after = i64::try_from(after_seq).unwrap_or(i64::MAX);
+    let rows = stmt.query_map(params![id, after, limit as i64], |r| message_row(id, r))?;
+    rows.collect()
+}
+
 pub(super) fn load(
     conn: &Connection,
     id: &str,
@@ -180,33 +226,10 @@ pub(super) fn load(
     let Some(session) = session else {
         return Ok(None);
     };
-    let mut stmt = conn.prepare_cached(
-        "SELECT seq, message_id, role, author, client_id, key_id, nonce, ciphertext, created_at,
-                tokens_in, tokens_out, cancelled
-         FROM messages WHERE session_id = ?1 ORDER BY seq DESC LIMIT ?2",
-    )?;
-    let rows = stmt.query_map(params![id, messages_max as i64], |r| {
-        let nonce: Vec<u8> = r.get(6)?;
-        let role: String = r.get(2)?;
-        Ok(MessageRecord {
-            session_id: id.to_owned(),
-            seq: r.get::<_, i64>(0)? as u64,
-            message_id: r.get(1)?,
-            // An unknown role or a malformed nonce is corruption: it will fail to open.
-            role: Role::parse(&role).unwrap_or(Role::System),
-            author: r.get(3)?,
-            client_id: r.get(4)?,
-            sealed: Sealed {
-                key_id: r.get(5)?,
-                nonce: nonce.as_slice().try_into().unwrap_or([0u8; NONCE_BYTES]),
-                ciphertext: r.get(7)?,
-            },
-            created_at: r.get(8)?,
-            tokens_in: r.get::<_, i64>(9)? as u64,
-            tokens_out: r.get::<_, i64>(10)? as u64,
-            cancelled: r.get(11)?,
-        })
-    })?;
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {MESSAGE_COLUMNS} FROM messages WHERE session_id = ?1 ORDER BY seq DESC LIMIT ?2"
+    ))?;
+    let rows = stmt.query_map(params![id, messages_max as i64], |r| message_row(id, r))?;
     let mut messages = rows.collect::<Result<Vec<_>, _>>()?;
     messages.reverse();
     Ok(Some((session, messages)))
@@ -250,6 +273,30 @@ pub(super) fn next_due(conn: &Connection) -> rusqlite::Result<Option<Millis>> {
     conn.query_row(
         "SELECT MIN(next_at) FROM outbox WHERE state = 'pending'",
         [],
+        |r| r.get(0),
+    )
+}
+
+/// Sessions not ended and idle since before `before`, least recent first.
+pub(super) fn idle(
+    conn: &Connection,
+    before: Millis,
+    limit: usize,
+) -> rusqlite::Result<Vec<(String, String)>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, user_id FROM sessions WHERE last_activity < ?1 AND state != 'ended'
+         ORDER BY last_activity LIMIT ?2",
+    )?;
+    let rows = stmt.query_map(params![before, limit as i64], |r| {
+        Ok((r.get(0)?, r.get(1)?))
+    })?;
+    rows.collect()
+}
+
+pub(super) fn outbox_count(conn: &Connection, state: &str) -> rusqlite::Result<u64> {
+    conn.query_row(
+        "SELECT COUNT(*) FROM outbox WHERE state = ?1",
+        params![state],
         |r| r.get(0),
     )
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use rusqlite::{params, Connection};
 
 use crate::store::writer::{Commit, Failure, JobResult};
-use crate::store::{Op, StoreError, WriteOp, WriteOutcome};
+use crate::store::{AuditAction, Op, SessionState, StoreError, WriteOp, WriteOutcome};
 
 /// The writer's connection, driven by [`crate::store::writer::run`] on a thread
 /// of its own.
@@ -142,6 +142,7 @@ fn query_one<T>(
     conn.prepare_cached(sql)?.query_row(params, f)
 }
 
+// Long: one arm per kind of change, each a statement or two; the longer ones are helpers.
 fn apply(conn: &Connection, op: &WriteOp) -> Result<WriteOutcome, rusqlite::Error> {
     match op {
         WriteOp::CreateSession(s) => {
@@ -160,17 +161,37 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<WriteOutcome, rusqlite::Erro
             action,
             at,
         } => {
-            exec(
+            let changed = exec(
                 conn,
                 "UPDATE sessions SET state = ?2, last_activity = max(last_activity, ?3),
                      ended_at = CASE WHEN ?2 = 'ended' THEN ?3 ELSE ended_at END WHERE id = ?1",
                 params![session_id, state.as_str(), at],
             )?;
+            if changed == 0 {
+                return Err(session_gone(session_id));
+            }
             exec(
                 conn,
                 "INSERT INTO session_events (session_id, at, actor, action, state)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![session_id, at, actor, action.as_str(), state.as_str()],
+            )?;
+            Ok(WriteOutcome::Done)
+        }
+        WriteOp::EndIdle {
+            session_id,
+            idle_before,
+            at,
+        } => end_idle(conn, session_id, *idle_before, *at),
+        WriteOp::PurgeOutbox {
+            delivered_before,
+            dead_before,
+        } => {
+            exec(
+                conn,
+                "DELETE FROM outbox WHERE (state = 'delivered' AND delivered_at < ?1)
+                    OR (state = 'dead' AND created_at < ?2)",
+                params![delivered_before, dead_before],
             )?;
             Ok(WriteOutcome::Done)
         }
@@ -210,6 +231,32 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<WriteOutcome, rusqlite::Erro
     }
 }
 
+/// Ends a session idle since before `idle_before` unless it ended already; the
+/// audit event is written only when the update matched.
+fn end_idle(
+    conn: &Connection,
+    session_id: &str,
+    idle_before: i64,
+    at: i64,
+) -> Result<WriteOutcome, rusqlite::Error> {
+    let ended = exec(
+        conn,
+        "UPDATE sessions SET state = 'ended', ended_at = ?3
+         WHERE id = ?1 AND state != 'ended' AND last_activity < ?2",
+        params![session_id, idle_before, at],
+    )?;
+    if ended == 1 {
+        let action = AuditAction::EndedIdle.as_str();
+        exec(
+            conn,
+            "INSERT INTO session_events (session_id, at, actor, action, state)
+             VALUES (?1, ?2, '', ?3, ?4)",
+            params![session_id, at, action, SessionState::Ended.as_str()],
+        )?;
+    }
+    Ok(WriteOutcome::Done)
+}
+
 /// A message and its session's counters; a resent client id is answered with
 /// where it was stored the first time, and changes nothing.
 fn append(
@@ -219,8 +266,8 @@ fn append(
 ) -> rusqlite::Result<WriteOutcome> {
     let inserted = exec(conn,
         "INSERT INTO messages (session_id, seq, message_id, role, author, user_id, client_id, key_id,
-             nonce, ciphertext, created_at, tokens_in, tokens_out, cancelled)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+             nonce, ciphertext, created_at, tokens_in, tokens_out, cancelled, aad_version)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
          ON CONFLICT(user_id, client_id) WHERE client_id IS NOT NULL DO NOTHING",
         params![
             m.session_id,
@@ -237,6 +284,7 @@ fn append(
             m.tokens_in as i64,
             m.tokens_out as i64,
             m.cancelled,
+            m.sealed.version,
         ],
     )?;
     if inserted == 0 {
@@ -251,7 +299,7 @@ fn append(
             session_id,
         });
     }
-    exec(
+    let counted = exec(
         conn,
         "UPDATE sessions SET message_count = message_count + 1, tokens_in = tokens_in + ?2,
              tokens_out = tokens_out + ?3, last_activity = max(last_activity, ?4) WHERE id = ?1",
@@ -262,6 +310,10 @@ fn append(
             m.created_at
         ],
     )?;
+    if counted == 0 {
+        // The job fails and its savepoint (or transaction) takes the message back.
+        return Err(session_gone(&m.session_id));
+    }
     Ok(WriteOutcome::Done)
 }
 
@@ -281,5 +333,38 @@ fn delete_user(conn: &Connection, user_id: &str) -> rusqlite::Result<()> {
         "DELETE FROM sessions WHERE user_id = ?1",
         params![user_id],
     )?;
+    scrub_outbox(conn, user_id)
+}
+
+/// The user's traces in the notification outbox: notifications not sent yet are
+/// dropped (they would announce a deleted user), sent and dead ones keep their
+/// row (delivery counts, errors) with the ids and the name replaced. A payload
+/// that is not JSON names no user and is left alone.
+fn scrub_outbox(conn: &Connection, user_id: &str) -> rusqlite::Result<()> {
+    const THEIRS: &str =
+        "CASE WHEN json_valid(payload) THEN json_extract(payload, '$.user_id') END = ?1";
+    exec(
+        conn,
+        &format!("DELETE FROM outbox WHERE state = 'pending' AND {THEIRS}"),
+        params![user_id],
+    )?;
+    exec(
+        conn,
+        &format!(
+            "UPDATE outbox SET payload = json_set(payload, '$.user_id', ?2, '$.user_name', ?2,
+                 '$.session_id', ?2) WHERE {THEIRS}"
+        ),
+        params![user_id, crate::store::SCRUBBED],
+    )?;
     Ok(())
+}
+
+/// A change to a session that is not stored (any more: its user was deleted while
+/// the change was queued) is refused, so a late write cannot bring back rows of a
+/// deleted user.
+fn session_gone(session_id: &str) -> rusqlite::Error {
+    rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CONSTRAINT_FOREIGNKEY),
+        Some(format!("session {session_id} is not stored (deleted?)")),
+    )
 }
