@@ -80,7 +80,8 @@ fn keys_named_like_secrets_are_declared_secret() {
         ]
         .iter()
         .any(|w| f.contains(w))
-            || f.ends_with("_url") && f.starts_with("notify");
+            // URLs that may carry credentials (a webhook's token, nats://user:pass@).
+            || f.ends_with("_url") && (f.starts_with("notify") || f.starts_with("nats"));
         assert_eq!(key.secret, named, "{f}: declare it #[secret] or rename it");
     }
 }

@@ -134,7 +134,7 @@ mod tests {
             !m.heard(&beat("a"), 1000),
             "this node is never its own member"
         );
-        assert!(m.heard(&beat("c"), 1000));
+        assert!(m.heard(&beat("c"), 2000));
         assert_eq!(m.others(3999), vec![Arc::from("b"), Arc::from("c")]);
         assert_eq!(m.others(4000), vec![Arc::from("c")], "b fell silent");
         assert!(m.heard(&beat("b"), 4000), "coming back is a join again");
