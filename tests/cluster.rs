@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 struct Cluster {
     nodes: Vec<ServerHandle>,
-    _nats: NatsServer,
+    nats: NatsServer,
 }
 
 impl Cluster {
@@ -43,7 +43,7 @@ impl Cluster {
         for node in &nodes {
             wait_metric(node.local_addr(), "chatbox_cluster_members", n as u64).await;
         }
-        Cluster { nodes, _nats: nats }
+        Cluster { nodes, nats }
     }
 
     fn addr(&self, i: usize) -> SocketAddr {
@@ -167,7 +167,7 @@ async fn a_disconnect_a_node_cannot_confirm_is_reported_not_counted() {
     // A member that heartbeats but never answers (a node stuck mid-GC, say).
     let (runtime, pool) = chatbox::pool::PoolRuntime::start(1, 16).unwrap();
     let settings = chatbox::runtime::bus::BusSettings {
-        servers: vec![cluster._nats.url()],
+        servers: vec![cluster.nats.url()],
         node_id: "mute-node".into(),
         prefix: "chatbox".into(),
         heartbeat: Duration::from_millis(100),
@@ -188,4 +188,64 @@ async fn a_disconnect_a_node_cannot_confirm_is_reported_not_counted() {
     assert!(message.contains("mute-node"), "{message}");
     cluster.stop().await;
     runtime.shutdown_background();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs nats-server and MongoDB (CHATBOX_TEST_NATS_SERVER, CHATBOX_TEST_MONGO_URI)"]
+async fn an_end_on_one_node_reaches_the_user_on_another() {
+    let cluster = Cluster::start(2).await;
+    let (mut ws, sid) = user_session(cluster.addr(0), "fay").await;
+    let (status, body) = admin_call(cluster.addr(1), "POST", &format!("/sessions/{sid}/end")).await;
+    assert_eq!(status, 200, "{body}");
+    let (ended, _) = until(&mut ws, "session_ended").await;
+    assert_eq!(ended["session_id"], json!(sid));
+    // The node that holds it no longer takes messages for it.
+    send(
+        &mut ws,
+        json!({"type": "user_message", "session_id": sid, "content": "still there?"}),
+    )
+    .await;
+    let (error, _) = until(&mut ws, "error").await;
+    assert_eq!(error["session_id"], json!(sid), "{error}");
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs nats-server and MongoDB (CHATBOX_TEST_NATS_SERVER, CHATBOX_TEST_MONGO_URI)"]
+async fn while_the_bus_is_down_nodes_serve_and_say_so_then_recover() {
+    let mut cluster = Cluster::start(2).await;
+    let addr = cluster.addr(0);
+    let (_, _, body) = get(addr, "/chatbox/readyz").await;
+    assert_eq!(body, r#"{"status":"ready"}"#);
+    cluster.nats.stop();
+    wait_metric(addr, "chatbox_bus_up", 0).await;
+    let (status, _, body) = get(addr, "/chatbox/readyz").await;
+    assert_eq!(status, 200, "a degraded node stays in the load balancer");
+    assert!(body.contains("degraded"), "{body}");
+    // Its own users are served meanwhile.
+    let (mut ws, _) = user_session(addr, "gus").await;
+    // What needs the other nodes is refused with a clear error, not lost silently.
+    let _carl = connect_user(addr, "gus").await;
+    let (status, body) = admin_call(addr, "POST", "/users/gus/disconnect").await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (503, &json!("unavailable")),
+        "{body}"
+    );
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("bus"),
+        "{body}"
+    );
+    assert_eq!(
+        close_code(&mut ws).await.map(u16::from),
+        Some(4003),
+        "local ones closed"
+    );
+    // The bus returns: no restart, the nodes find each other again.
+    cluster.nats.restart();
+    wait_metric(addr, "chatbox_bus_up", 1).await;
+    wait_metric(addr, "chatbox_cluster_members", 2).await;
+    let (_, _, body) = get(addr, "/chatbox/readyz").await;
+    assert_eq!(body, r#"{"status":"ready"}"#);
+    cluster.stop().await;
 }

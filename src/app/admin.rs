@@ -323,6 +323,13 @@ async fn end(core: &Rc<Core>, id: &str, admin: &Identity) -> Result<Value, ApiEr
     if let Err(e) = core.send_app(owner, ChatMsg::EndSession(id.into())) {
         tracing::warn!(error = %e, session = %id, "the owning core was not told the session ended");
     }
+    if let Some(bus) = &core.shared.app.bus {
+        // At most once: a node that misses it still has the session ended in the
+        // store, which its next load or sweep reads.
+        if let Err(e) = super::cluster::end_session(bus, id, &rec.user_id) {
+            tracing::warn!(error = %e, session = %id, "the other nodes were not told the session ended");
+        }
+    }
     Ok(json!({"session_id": id, "state": "ended"}))
 }
 

@@ -26,6 +26,9 @@ pub enum NodeMsg {
     /// Close a user's connections on the receiving node; `deleted`: their data was
     /// deleted, so their sessions leave memory too. Answered with [`Closed`].
     CloseUser { user_id: String, deleted: bool },
+    /// An admin ended this session: the node holding it in memory stops taking
+    /// messages for it and tells its connections (the store already says ended).
+    EndSession { session_id: String, user_id: String },
 }
 
 /// A node's answer to [`NodeMsg::CloseUser`].
@@ -74,6 +77,16 @@ fn on_inbound(mesh: &Mesh<ChatMsg>, msg: Inbound) {
             }
         }
         Ok(NodeMsg::CloseUser { user_id, deleted }) => close_here(mesh, msg, &user_id, deleted),
+        Ok(NodeMsg::EndSession {
+            session_id,
+            user_id,
+        }) => {
+            let core = owner_core(&user_id, mesh.cores());
+            let end = CoreMsg::App(ChatMsg::EndSession(session_id.into()));
+            if let Err((e, _)) = mesh.send(core, end) {
+                tracing::warn!(error = %e, "an end from another node missed its core");
+            }
+        }
         Err(e) => tracing::warn!(error = %e, "an unreadable bus message was ignored"),
     }
 }
@@ -101,6 +114,15 @@ fn close_here(mesh: &Mesh<ChatMsg>, msg: Inbound, user_id: &str, deleted: bool) 
 pub fn admin_feed(bus: &Bus, frame: &str) -> Result<(), BusError> {
     let msg = NodeMsg::AdminFeed {
         frame: frame.to_owned(),
+    };
+    bus.publish_all(msg.encode())
+}
+
+/// Tells every other node that an admin ended a session.
+pub fn end_session(bus: &Bus, session_id: &str, user_id: &str) -> Result<(), BusError> {
+    let msg = NodeMsg::EndSession {
+        session_id: session_id.to_owned(),
+        user_id: user_id.to_owned(),
     };
     bus.publish_all(msg.encode())
 }
@@ -150,6 +172,10 @@ mod tests {
             NodeMsg::CloseUser {
                 user_id: "josé".into(),
                 deleted: true,
+            },
+            NodeMsg::EndSession {
+                session_id: "s_1".into(),
+                user_id: "u".into(),
             },
         ] {
             let bytes = msg.encode();

@@ -94,6 +94,14 @@ impl App for ChatApp {
         })
     }
 
+    fn degraded(core: &Rc<Core>) -> Option<String> {
+        let bus = core.shared.app.bus.as_ref()?;
+        (!bus.is_up()).then(|| {
+            "the bus to the other nodes is down: what needs another node is refused until it returns"
+                .to_owned()
+        })
+    }
+
     async fn http(
         core: &Rc<Core>,
         req: Request<hyper::body::Incoming>,

@@ -45,6 +45,12 @@ pub trait App: Sized + 'static {
     fn on_msg(core: &Rc<Core<Self>>, msg: Self::Msg);
     /// `/readyz`: `Err(reason)` while a dependency is unreachable.
     fn ready(core: &Rc<Core<Self>>) -> impl Future<Output = Result<(), String>>;
+    /// `/readyz` while ready: what the node serves only in part (its bus to the
+    /// other nodes is down, say). A degraded node stays ready: taking it out of the
+    /// load balancer would cost its users more than the part it cannot serve.
+    fn degraded(_core: &Rc<Core<Self>>) -> Option<String> {
+        None
+    }
     /// Every HTTP request under the prefix that the runtime does not serve itself
     /// (`path` has the prefix stripped). Answers 404 for what it does not know.
     fn http(

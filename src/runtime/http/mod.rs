@@ -248,7 +248,13 @@ async fn ready<A: App>(core: &Rc<Core<A>>) -> Response<Body> {
         return shutting_down();
     }
     match A::ready(core).await {
-        Ok(()) => json(StatusCode::OK, r#"{"status":"ready"}"#.into()),
+        Ok(()) => {
+            let body = match A::degraded(core) {
+                None => r#"{"status":"ready"}"#.into(),
+                Some(why) => serde_json::json!({"status": "ready", "degraded": why}).to_string(),
+            };
+            json(StatusCode::OK, body)
+        }
         Err(reason) => {
             tracing::warn!(%reason, "not ready");
             error(StatusCode::SERVICE_UNAVAILABLE, "not_ready", &reason)
