@@ -29,26 +29,6 @@ async fn get(addr: SocketAddr, path: &str) -> (u16, Value) {
     call(addr, "GET", path, Some(&admin_token())).await
 }
 
-/// `n` answered messages in a new session of `user`; returns the session id.
-async fn conversation(addr: SocketAddr, user: &str, n: usize) -> String {
-    let mut ws = connect_user(addr, user).await;
-    let mut sid: Option<String> = None;
-    for i in 0..n {
-        let mut m = json!({"type": "user_message", "content": format!("question {i} from {user}")});
-        if let Some(s) = &sid {
-            m["session_id"] = json!(s);
-        }
-        send(&mut ws, m).await;
-        if sid.is_none() {
-            sid = until(&mut ws, "session").await.0["session_id"]
-                .as_str()
-                .map(str::to_owned);
-        }
-        until(&mut ws, "ai_done").await;
-    }
-    sid.unwrap()
-}
-
 fn ids(v: &Value) -> Vec<String> {
     v["sessions"]
         .as_array()

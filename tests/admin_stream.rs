@@ -10,26 +10,6 @@ use chatbox::auth::now_secs;
 use common::*;
 use serde_json::{json, Value};
 
-/// `n` answered messages in a new session of `user`; returns the session id.
-async fn conversation(addr: SocketAddr, user: &str, n: usize) -> String {
-    let mut ws = connect_user(addr, user).await;
-    let mut sid: Option<String> = None;
-    for i in 0..n {
-        let mut m = json!({"type": "user_message", "content": format!("question {i}")});
-        if let Some(s) = &sid {
-            m["session_id"] = json!(s);
-        }
-        send(&mut ws, m).await;
-        if sid.is_none() {
-            sid = until(&mut ws, "session").await.0["session_id"]
-                .as_str()
-                .map(str::to_owned);
-        }
-        until(&mut ws, "ai_done").await;
-    }
-    sid.unwrap()
-}
-
 /// Status, lower-cased head and JSON body of an admin GET.
 async fn admin_get(addr: SocketAddr, path: &str) -> (u16, String, Value) {
     let admin = token_with("boss", &["admin"], now_secs() + 3600);
@@ -69,7 +49,9 @@ async fn long_histories_stream_complete_and_in_order_in_bounded_pages() {
     // 20 messages: seven pages of at most three.
     let long = conversation(addr, "paula", 10).await;
     let short = conversation(addr, "paula", 2).await;
-    let asked: Vec<String> = (0..10).map(|i| format!("question {i}")).collect();
+    let asked: Vec<String> = (0..10)
+        .map(|i| format!("question {i} from paula"))
+        .collect();
 
     let (status, head, t) = admin_get(addr, &format!("/sessions/{long}")).await;
     assert_eq!(status, 200, "{t}");
@@ -109,7 +91,7 @@ async fn long_histories_stream_complete_and_in_order_in_bounded_pages() {
     assert_eq!(questions(&sessions[0]["messages"]), asked);
     assert_eq!(
         questions(&sessions[1]["messages"]),
-        ["question 0", "question 1"]
+        ["question 0 from paula", "question 1 from paula"]
     );
     let (_, _, metrics) = get(addr, "/chatbox/metrics").await;
     assert_eq!(metric(&metrics, "chatbox_admin_page_rows_max "), 3);

@@ -4,33 +4,11 @@
 
 mod common;
 
-use std::net::SocketAddr;
-
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use chatbox::auth::now_secs;
 use common::*;
 use serde_json::{json, Value};
-
-/// `n` answered messages in a new session of `user`; returns the session id.
-async fn conversation(addr: SocketAddr, user: &str, n: usize) -> String {
-    let mut ws = connect_user(addr, user).await;
-    let mut sid: Option<String> = None;
-    for i in 0..n {
-        let mut m = json!({"type": "user_message", "content": format!("question {i}")});
-        if let Some(s) = &sid {
-            m["session_id"] = json!(s);
-        }
-        send(&mut ws, m).await;
-        if sid.is_none() {
-            sid = until(&mut ws, "session").await.0["session_id"]
-                .as_str()
-                .map(str::to_owned);
-        }
-        until(&mut ws, "ai_done").await;
-    }
-    sid.unwrap()
-}
 
 /// A message sealed as rows were before the format version: the two ids only,
 /// length-prefixed, as associated data.
@@ -124,10 +102,10 @@ async fn an_edited_row_fails_to_open_and_an_old_one_still_opens() {
     assert_eq!(status, 200, "{body}");
     let withheld = "error: integrity check failed; content withheld";
     let expected: Vec<(u64, &str)> = vec![
-        (1, "question 0"),
+        (1, "question 0 from ivy"),
         (3, withheld),
         (4, "(an answer)"),
-        (5, "question 2"),
+        (5, "question 2 from ivy"),
         (6, "(an answer)"),
         (50, withheld),
         (60, "written before"),

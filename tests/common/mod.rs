@@ -335,3 +335,23 @@ pub async fn stop(server: ServerHandle) {
         .unwrap()
         .expect("clean shutdown");
 }
+
+/// `n` answered messages in a new session of `user`; returns the session id.
+pub async fn conversation(addr: SocketAddr, user: &str, n: usize) -> String {
+    let mut ws = connect_user(addr, user).await;
+    let mut sid: Option<String> = None;
+    for i in 0..n {
+        let mut m = serde_json::json!({"type": "user_message", "content": format!("question {i} from {user}")});
+        if let Some(s) = &sid {
+            m["session_id"] = serde_json::json!(s);
+        }
+        send(&mut ws, m).await;
+        if sid.is_none() {
+            sid = until(&mut ws, "session").await.0["session_id"]
+                .as_str()
+                .map(str::to_owned);
+        }
+        until(&mut ws, "ai_done").await;
+    }
+    sid.unwrap()
+}
