@@ -24,6 +24,12 @@ impl Cluster {
     /// Starts `n` nodes on one bus and one store, and waits until every node sees
     /// all the others.
     async fn start(n: usize) -> Cluster {
+        Cluster::start_with(n, config()).await
+    }
+
+    /// `n` nodes, each configured as `base` says (with its own bus and store
+    /// settings added).
+    async fn start_with(n: usize, base: Config) -> Cluster {
         let nats = NatsServer::start();
         let uri = std::env::var("CHATBOX_TEST_MONGO_URI")
             .expect("the cluster tests need CHATBOX_TEST_MONGO_URI (see .ci/run)");
@@ -36,7 +42,8 @@ impl Cluster {
                     nats_url: vec![nats.url()],
                     node_id: Some(format!("node-{i}")),
                     cluster_heartbeat_ms: 100,
-                    ..config()
+                    data_dir: data_dir(),
+                    ..base.clone()
                 })
             })
             .collect();
@@ -247,5 +254,35 @@ async fn while_the_bus_is_down_nodes_serve_and_say_so_then_recover() {
     wait_metric(addr, "chatbox_cluster_members", 2).await;
     let (_, _, body) = get(addr, "/chatbox/readyz").await;
     assert_eq!(body, r#"{"status":"ready"}"#);
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs nats-server and MongoDB (CHATBOX_TEST_NATS_SERVER, CHATBOX_TEST_MONGO_URI)"]
+async fn one_user_on_two_nodes_shares_one_session_and_one_cap() {
+    let base = Config {
+        max_connections_per_user: 2,
+        ..config()
+    };
+    let cluster = Cluster::start_with(3, base).await;
+    let (mut first, sid) = user_session(cluster.addr(0), "hal").await;
+    let mut second = connect_user(cluster.addr(1), "hal").await;
+    send(&mut second, json!({"type": "resume", "session_id": sid})).await;
+    until(&mut second, "session").await;
+    // A message on the second socket is answered on both: one session, wherever
+    // the sockets are (two copies of it would answer only the socket that asked).
+    send(
+        &mut second,
+        json!({"type": "user_message", "session_id": sid, "content": "and now?"}),
+    )
+    .await;
+    let (done, _) = until(&mut second, "ai_done").await;
+    let (seen, _) = until(&mut first, "ai_done").await;
+    assert_eq!(done["message_id"], seen["message_id"], "{done} {seen}");
+    // The cap counts both, on whichever node the third one lands.
+    match connect(cluster.addr(2), "/ws", Some(&token("hal")), None).await {
+        Err(e) => assert_eq!(refusal(e).0, 429),
+        Ok(mut third) => assert_eq!(close_code(&mut third).await.map(u16::from), Some(1008)),
+    }
     cluster.stop().await;
 }

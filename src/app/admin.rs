@@ -431,6 +431,9 @@ pub fn close_user_here(core: &Rc<Core>, msg: CloseUser) {
     } else {
         "disconnected by an admin"
     };
+    // Each socket is closed and counted once, by the node that holds it (every
+    // node is asked): what this core serves for sockets elsewhere just ends here.
+    super::remote::end_served_user(core, &msg.user);
     let closed =
         core.registry
             .borrow()

@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::admin::CloseUser;
+use super::remote::{ConnRef, RemoteIdentity, RemoteMsg};
 use super::ChatMsg;
 use crate::config::Config;
 use crate::pool::BlockingPool;
@@ -29,6 +30,23 @@ pub enum NodeMsg {
     /// An admin ended this session: the node holding it in memory stops taking
     /// messages for it and tells its connections (the store already says ended).
     EndSession { session_id: String, user_id: String },
+    /// Edge to owner: serve this socket's user here (docs/CLUSTER.md, delivery).
+    Attach {
+        edge: ConnRef,
+        identity: RemoteIdentity,
+    },
+    /// Edge to owner: a text frame from the socket.
+    Text {
+        edge: ConnRef,
+        user_id: String,
+        text: String,
+    },
+    /// Edge to owner: the socket closed.
+    Detach { edge: ConnRef, user_id: String },
+    /// Owner to edge: a frame for the socket.
+    Deliver { to: ConnRef, frame: String },
+    /// Owner to edge: close the socket with this code.
+    CloseConn { to: ConnRef, code: u16 },
 }
 
 /// A node's answer to [`NodeMsg::CloseUser`].
@@ -38,7 +56,7 @@ pub struct Closed {
 }
 
 impl NodeMsg {
-    fn encode(&self) -> Vec<u8> {
+    pub fn encode(&self) -> Vec<u8> {
         // Serialising a plain enum of strings cannot fail.
         serde_json::to_vec(self).unwrap_or_default()
     }
@@ -62,9 +80,11 @@ pub fn start_bus(
         request_timeout: Duration::from_millis(config.bus_request_timeout_ms),
     };
     tracing::info!(node = %settings.node_id, prefix = %settings.prefix, "cluster mode");
-    let mesh = mesh.clone();
-    let handler: Handler = Arc::new(move |msg| on_inbound(&mesh, msg));
-    Bus::start(settings, pool, handler).map(Some)
+    let inbound = mesh.clone();
+    let handler: Handler = Arc::new(move |msg| on_inbound(&inbound, msg));
+    let bus = Bus::start(settings, pool, handler)?;
+    pool.handle().spawn(watch_leaves(bus.clone(), mesh.clone()));
+    Ok(Some(bus))
 }
 
 /// Runs on a pool thread for every message another node sent this one.
@@ -87,7 +107,68 @@ fn on_inbound(mesh: &Mesh<ChatMsg>, msg: Inbound) {
                 tracing::warn!(error = %e, "an end from another node missed its core");
             }
         }
+        Ok(other) => on_connection_msg(mesh, other),
         Err(e) => tracing::warn!(error = %e, "an unreadable bus message was ignored"),
+    }
+}
+
+/// Hands a remote connection's message to the core it concerns.
+fn on_connection_msg(mesh: &Mesh<ChatMsg>, msg: NodeMsg) {
+    let owner = |user: &str| owner_core(user, mesh.cores());
+    let (core, msg) = match msg {
+        NodeMsg::Attach { edge, identity } => (
+            owner(&identity.user_id),
+            CoreMsg::App(ChatMsg::Remote(Box::new(RemoteMsg::Attach(edge, identity)))),
+        ),
+        NodeMsg::Text {
+            edge,
+            user_id,
+            text,
+        } => (
+            owner(&user_id),
+            CoreMsg::App(ChatMsg::Remote(Box::new(RemoteMsg::Text(edge, text)))),
+        ),
+        NodeMsg::Detach { edge, user_id } => (
+            owner(&user_id),
+            CoreMsg::App(ChatMsg::Remote(Box::new(RemoteMsg::Detach(edge)))),
+        ),
+        NodeMsg::Deliver { to, frame } => (
+            to.core,
+            CoreMsg::Deliver {
+                conn: to.conn,
+                frame: frame.into(),
+            },
+        ),
+        NodeMsg::CloseConn { to, code } => (
+            to.core,
+            CoreMsg::App(ChatMsg::Remote(Box::new(RemoteMsg::Close(to.conn, code)))),
+        ),
+        _ => return,
+    };
+    if core >= mesh.cores() {
+        return tracing::warn!(core, "a bus message for a core this node does not have");
+    }
+    if let Err((e, _)) = mesh.send(core, msg) {
+        tracing::warn!(error = %e, "a connection message from another node was dropped");
+    }
+}
+
+/// Tells every core when a node leaves, so that what it served or was served by
+/// it ends (runs on the pool for the life of the bus).
+async fn watch_leaves(bus: Bus, mesh: Mesh<ChatMsg>) {
+    let mut view = bus.watch_members();
+    let mut before: Vec<Arc<str>> = view.borrow().clone();
+    while view.changed().await.is_ok() {
+        let now: Vec<Arc<str>> = view.borrow().clone();
+        for gone in before.iter().filter(|n| !now.contains(n)) {
+            tracing::info!(node = %gone, "a node left; its connections end here");
+            mesh.send_all(|| {
+                CoreMsg::App(ChatMsg::Remote(Box::new(RemoteMsg::NodeGone(
+                    gone.to_string(),
+                ))))
+            });
+        }
+        before = now;
     }
 }
 

@@ -22,10 +22,15 @@ pub struct ChatConn {
     core: Rc<Core>,
     /// For admins: the sessions this connection joined, and the core owning each.
     joined: OnceCell<Joined>,
+    /// Cluster: the user is served by another node; frames go there.
+    proxy: Option<super::remote::Proxy>,
 }
 
 impl AppConn for ChatConn {
     fn on_text(&mut self, text: &str) -> Reply {
+        if let Some(proxy) = &self.proxy {
+            return self.on_proxied_text(proxy, text);
+        }
         let core = &self.core;
         match core.app.parse(text, &core.shared.app.limits) {
             Err(Refused::TooDeep) => Reply::Close(CloseCode::Policy, "JSON nested too deeply"),
@@ -39,13 +44,38 @@ impl AppConn for ChatConn {
 }
 
 impl ChatConn {
+    /// A connection of this node; its user's sessions are on this core.
     pub fn new(core: Rc<Core>, conn: ConnId, identity: Identity) -> ChatConn {
         ChatConn {
             conn,
             identity,
             core,
             joined: OnceCell::new(),
+            proxy: None,
         }
+    }
+
+    /// A proxied socket's token lives here, at its edge: a refresh is handled here
+    /// (parsed only when the text can be one), everything else by the owner.
+    fn on_proxied_text(&self, proxy: &super::remote::Proxy, text: &str) -> Reply {
+        if text.contains("auth_refresh") {
+            let core = &self.core;
+            if let Ok(inc) = core.app.parse(text, &core.shared.app.limits) {
+                if let ClientFrame::AuthRefresh { token } = &inc.frame {
+                    return Reply::Text(self.refresh(token, inc.id.as_deref()));
+                }
+            }
+        }
+        proxy.on_text(text)
+    }
+
+    /// A socket that arrived here: in a cluster, served by its user's owner node
+    /// when that is another one.
+    pub fn open(core: Rc<Core>, conn: ConnId, identity: Identity) -> ChatConn {
+        let proxy = super::remote::Proxy::for_conn(&core, conn, &identity);
+        let mut chat = ChatConn::new(core, conn, identity);
+        chat.proxy = proxy;
+        chat
     }
 
     // Long: one arm per client frame type, the dispatch table of the protocol.
@@ -181,6 +211,9 @@ impl ChatConn {
 
 impl Drop for ChatConn {
     fn drop(&mut self) {
+        if let Some(proxy) = &self.proxy {
+            return proxy.detach(&self.core);
+        }
         self.core.app.detach_conn(self.conn);
         let joined: Vec<(Arc<str>, usize)> = self
             .joined

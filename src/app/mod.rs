@@ -11,6 +11,7 @@ pub mod chat;
 pub mod cluster;
 pub mod conn;
 pub mod frames;
+pub mod remote;
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -58,6 +59,8 @@ pub enum ChatMsg {
     /// A stored session idle past `session_end_idle_secs`, found by the sweep:
     /// its owning core ends it unless it was active meanwhile.
     EndIdle(Arc<str>),
+    /// Cluster: what another node asks of the connections of this core.
+    Remote(Box<remote::RemoteMsg>),
 }
 
 impl App for ChatApp {
@@ -75,7 +78,7 @@ impl App for ChatApp {
     }
 
     fn open(core: &Rc<Core>, conn: ConnId, identity: Identity) -> ChatConn {
-        ChatConn::new(core.clone(), conn, identity)
+        ChatConn::open(core.clone(), conn, identity)
     }
 
     fn on_msg(core: &Rc<Core>, msg: ChatMsg) {
@@ -84,6 +87,7 @@ impl App for ChatApp {
             ChatMsg::EndSession(sid) => takeover::end(core, &sid),
             ChatMsg::EndIdle(sid) => chat::end_if_idle(core, &sid),
             ChatMsg::CloseUser(close) => admin::close_user_here(core, *close),
+            ChatMsg::Remote(msg) => remote::on_msg(core, *msg),
         }
     }
 

@@ -181,12 +181,15 @@ impl Outbox {
         std::mem::replace(&mut self.0.borrow_mut().keepalive, Keepalive::Nothing)
     }
 
-    /// Resolves when a message is queued, the outbox overflowed or the sweep asked
-    /// for something. Cancel-safe.
+    /// Resolves when a message is queued, the outbox overflowed or closed, or the
+    /// sweep asked for something. Cancel-safe.
     pub async fn ready(&self) {
         poll_fn(|cx| {
             let mut inner = self.0.borrow_mut();
-            if !inner.queue.is_empty() || inner.overflowed || inner.keepalive != Keepalive::Nothing
+            if !inner.queue.is_empty()
+                || inner.overflowed
+                || inner.closed
+                || inner.keepalive != Keepalive::Nothing
             {
                 Poll::Ready(())
             } else {
@@ -197,12 +200,22 @@ impl Outbox {
         .await
     }
 
-    /// Refuses further pushes and drops what is queued.
+    /// Refuses further pushes and drops what is queued; a task waiting in
+    /// [`Outbox::ready`] wakes and finds it closed.
     pub fn close(&self) {
-        let mut inner = self.0.borrow_mut();
-        inner.closed = true;
-        inner.queue.clear();
-        inner.waker = None;
+        let waker = {
+            let mut inner = self.0.borrow_mut();
+            inner.closed = true;
+            inner.queue.clear();
+            inner.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.0.borrow().closed
     }
 }
 

@@ -132,6 +132,11 @@ pub struct ChatCore {
     /// The admin API's rate limit, per admin, on this core.
     admin_limiter: RefCell<Limiter>,
     scratch: RefCell<(Vec<u8>, simd_json::Buffers)>,
+    /// Cluster, owner side: connections whose sockets are on other nodes.
+    pub(crate) served: RefCell<crate::app::remote::ServedMap>,
+    /// Cluster, edge side: this core's sockets served by another node: which node,
+    /// and whose socket it is.
+    pub(crate) proxies: RefCell<crate::app::remote::ProxyMap>,
     /// This core, and how many there are: every session here must be of a user
     /// this core owns (checked in debug builds wherever a session is touched).
     core_id: usize,
@@ -154,6 +159,8 @@ impl ChatCore {
                 ADMIN_LIMITER_USERS_MAX,
             )),
             scratch: RefCell::default(),
+            served: RefCell::default(),
+            proxies: RefCell::default(),
         }
     }
 

@@ -16,6 +16,8 @@ fn core_state() -> ChatCore {
         limiter: std::cell::RefCell::new(Limiter::new(60, 10)),
         admin_limiter: std::cell::RefCell::new(Limiter::new(60, 10)),
         scratch: Default::default(),
+        served: Default::default(),
+        proxies: Default::default(),
         core_id: 0,
         cores: 1,
     }
