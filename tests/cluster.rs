@@ -80,6 +80,24 @@ async fn wait_metric(addr: SocketAddr, name: &str, value: u64) {
     }
 }
 
+/// A user that `node` owns when the other live nodes are `others`.
+fn user_owned_by(node: &str, others: &[&str]) -> String {
+    use chatbox::runtime::bus::{Heartbeat, Members};
+    let mut view = Members::new(node.into(), 60_000);
+    for o in others {
+        let beat = Heartbeat {
+            node: (*o).into(),
+            leaving: false,
+            sync: false,
+        };
+        view.heard(&beat, 0);
+    }
+    (0..)
+        .map(|i| format!("user-{i}"))
+        .find(|u| *view.owner(u, 1) == *node)
+        .unwrap()
+}
+
 async fn admin(addr: SocketAddr, id: &str) -> Ws {
     let t = token_with(id, &["admin"], now_secs() + 3600);
     connect(addr, "/ws", Some(&t), None)
@@ -229,11 +247,21 @@ async fn while_the_bus_is_down_nodes_serve_and_say_so_then_recover() {
     let (status, _, body) = get(addr, "/chatbox/readyz").await;
     assert_eq!(status, 200, "a degraded node stays in the load balancer");
     assert!(body.contains("degraded"), "{body}");
-    // Its own users are served meanwhile.
-    let (mut ws, _) = user_session(addr, "gus").await;
+    // Its own users (those it owns) are served meanwhile...
+    let mine = user_owned_by("node-0", &["node-1"]);
+    let (mut ws, _) = user_session(addr, &mine).await;
+    // ...and one served by the other node is told so, clearly.
+    let theirs = user_owned_by("node-1", &["node-0"]);
+    let mut other = connect_user(addr, &theirs).await;
+    send(
+        &mut other,
+        json!({"type": "user_message", "content": "hello?"}),
+    )
+    .await;
+    let (error, _) = until(&mut other, "error").await;
+    assert_eq!(error["code"], "unavailable", "{error}");
     // What needs the other nodes is refused with a clear error, not lost silently.
-    let _carl = connect_user(addr, "gus").await;
-    let (status, body) = admin_call(addr, "POST", "/users/gus/disconnect").await;
+    let (status, body) = admin_call(addr, "POST", &format!("/users/{mine}/disconnect")).await;
     assert_eq!(
         (status, &body["error"]["code"]),
         (503, &json!("unavailable")),

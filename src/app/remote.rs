@@ -92,7 +92,10 @@ impl Proxy {
                 name: identity.name.to_string(),
             },
         };
-        proxy.send(&attach).ok()?;
+        // Sent even while the bus is down (it is then refused here): the socket
+        // still belongs to the owner, and its frames get `unavailable` until the
+        // owner, hearing a frame of a socket it never attached, closes it (1012).
+        let _ = proxy.send(&attach);
         let mapped = (proxy.owner.clone(), proxy.user_id.clone());
         core.app.proxies.borrow_mut().insert(conn, mapped);
         Some(proxy)
@@ -161,6 +164,11 @@ pub fn attach(core: &Rc<Core>, edge: ConnRef, who: RemoteIdentity) {
 pub fn text(core: &Rc<Core>, edge: ConnRef, text: &str) {
     // Taken out while it runs: handling may reach the map (a close, say).
     let Some(mut served) = core.app.served.borrow_mut().remove(&edge) else {
+        // Its attach was lost (the bus was down): the edge closes it, the client
+        // reconnects and attaches again.
+        if let Some(bus) = &core.shared.app.bus {
+            close_edge(bus, &edge, CLOSE_RESTART);
+        }
         return;
     };
     let reply = served.chat.on_text(text);
