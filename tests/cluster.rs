@@ -314,3 +314,36 @@ async fn one_user_on_two_nodes_shares_one_session_and_one_cap() {
     }
     cluster.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs nats-server and MongoDB (CHATBOX_TEST_NATS_SERVER, CHATBOX_TEST_MONGO_URI)"]
+async fn a_stopping_node_hands_its_users_over() {
+    let cluster = Cluster::start(2).await;
+    let Cluster { mut nodes, nats } = cluster;
+    let edge = nodes[0].local_addr();
+    // Served by node-1 through a socket on node-0.
+    let user = user_owned_by("node-1", &["node-0"]);
+    let (mut ws, sid) = user_session(edge, &user).await;
+    let leaving = nodes.remove(1);
+    leaving.shutdown();
+    // Told at once, while node-1 still drains: reconnect.
+    assert_eq!(close_code(&mut ws).await.map(u16::from), Some(1012));
+    stop(leaving).await;
+    // The reconnect is served by the node that stays, with the whole history.
+    let mut again = connect_user(edge, &user).await;
+    send(&mut again, json!({"type": "resume", "session_id": sid})).await;
+    let (history, _) = until(&mut again, "session").await;
+    let text = history.to_string();
+    assert!(text.contains("hello"), "{text}");
+    send(
+        &mut again,
+        json!({"type": "user_message", "session_id": sid, "content": "still here"}),
+    )
+    .await;
+    until(&mut again, "ai_done").await;
+    for node in nodes {
+        node.shutdown();
+        stop(node).await;
+    }
+    drop(nats);
+}

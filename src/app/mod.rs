@@ -131,6 +131,12 @@ impl App for ChatApp {
     }
 
     async fn drain(core: &Rc<Core>, grace: monoio::time::Instant, deadline: monoio::time::Instant) {
+        // One node-wide step, taken by core 0: the other nodes stop routing users
+        // here and close the sockets this node served for them (1012), so those
+        // users reconnect to a node that stays while this one finishes its work.
+        if let (0, Some(bus)) = (core.id, &core.shared.app.bus) {
+            bus.announce_leaving();
+        }
         chat::answer::drain(core, grace, deadline).await;
     }
 

@@ -138,6 +138,10 @@ pub fn attach(core: &Rc<Core>, edge: ConnRef, who: RemoteIdentity) {
     let Some(bus) = core.shared.app.bus.clone() else {
         return;
     };
+    if core.gate.is_closing() {
+        // Stopping: the edge's client reconnects to a node that stays.
+        return close_edge(&bus, &edge, CLOSE_RESTART);
+    }
     let outbox = Outbox::new(core.shared.config.ws_outbox_frames_max);
     let user: Arc<str> = who.user_id.as_str().into();
     let registered = core

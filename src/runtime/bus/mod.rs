@@ -99,6 +99,8 @@ struct Inner {
     /// The connection's state, as its events report it.
     up: Arc<AtomicBool>,
     in_flight: AtomicUsize,
+    /// This node is stopping: every heartbeat says so from now on.
+    leaving: AtomicBool,
     /// Cold path: written once per heartbeat, read per cross-node request.
     members: Mutex<Members>,
     /// The other live nodes, republished whenever the set changes.
@@ -135,6 +137,7 @@ impl Bus {
                 handle: pool.handle(),
                 up: up.clone(),
                 in_flight: AtomicUsize::new(0),
+                leaving: AtomicBool::new(false),
                 stats: Stats::default(),
             }),
         };
@@ -313,6 +316,15 @@ impl Bus {
         stats.bytes_in.fetch_add(len as u64, Ordering::Relaxed);
     }
 
+    /// Tells the other nodes, without waiting, that this one is stopping: they stop
+    /// sending it users at once (their next view has it gone), while it finishes
+    /// what it serves. Later heartbeats repeat it. Callable from a core.
+    pub fn announce_leaving(&self) {
+        self.inner.leaving.store(true, Ordering::Release);
+        let beat = self.heartbeat(true, false);
+        self.spawn_publish(self.subject("members").into(), None, beat);
+    }
+
     /// Tells the other nodes this one is stopping, waiting at most `deadline`.
     pub fn leave(&self, pool: &BlockingPool, deadline: Duration) {
         let bus = self.clone();
@@ -464,7 +476,8 @@ impl Bus {
             tick.tick().await;
             let now_up = self.is_up();
             if now_up {
-                let beat = self.heartbeat(false, !was_up);
+                let leaving = self.inner.leaving.load(Ordering::Acquire);
+                let beat = self.heartbeat(leaving, !was_up && !leaving);
                 self.spawn_publish(self.subject("members").into(), None, beat);
             }
             was_up = now_up;
