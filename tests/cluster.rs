@@ -42,6 +42,10 @@ impl Cluster {
                     nats_url: vec![nats.url()],
                     node_id: Some(format!("node-{i}")),
                     cluster_heartbeat_ms: 100,
+                    // Generous: a busy CI machine may starve a node's heartbeat for
+                    // a while, and a node thought gone closes what it served. The
+                    // tests that need a node gone have it leave, which is at once.
+                    cluster_member_timeout_ms: 10_000,
                     data_dir: data_dir(),
                     ..base.clone()
                 })
