@@ -92,6 +92,13 @@ struct Stats {
     refused: AtomicU64,
 }
 
+/// One publish waiting for its turn.
+struct Out {
+    subject: async_nats::Subject,
+    headers: Option<async_nats::HeaderMap>,
+    payload: Vec<u8>,
+}
+
 struct Inner {
     settings: BusSettings,
     client: async_nats::Client,
@@ -99,6 +106,10 @@ struct Inner {
     /// The connection's state, as its events report it.
     up: Arc<AtomicBool>,
     in_flight: AtomicUsize,
+    /// Every publish goes through this one queue, drained by one task, so that
+    /// one node's messages to another arrive in the order they were sent (an
+    /// attach before the frames that follow it). Bounded by `in_flight`.
+    out: tokio::sync::mpsc::UnboundedSender<Out>,
     /// This node is stopping: every heartbeat says so from now on.
     leaving: AtomicBool,
     /// Cold path: written once per heartbeat, read per cross-node request.
@@ -128,6 +139,7 @@ impl Bus {
             .block_on(connect(settings.clone(), up.clone()))
             .map_err(|e| BusError::Request(e.to_string()))??;
         let timeout_ms = settings.member_timeout.as_millis() as i64;
+        let (out, queued) = tokio::sync::mpsc::unbounded_channel();
         let bus = Bus {
             inner: Arc::new(Inner {
                 members: Mutex::new(Members::new(settings.node_id.clone(), timeout_ms)),
@@ -137,10 +149,12 @@ impl Bus {
                 handle: pool.handle(),
                 up: up.clone(),
                 in_flight: AtomicUsize::new(0),
+                out,
                 leaving: AtomicBool::new(false),
                 stats: Stats::default(),
             }),
         };
+        pool.handle().spawn(bus.clone().publish_in_order(queued));
         let spawned = bus.clone();
         pool.block_on(async move { spawned.subscribe_all(handler).await })
             .map_err(|e| BusError::Request(e.to_string()))??;
@@ -224,11 +238,28 @@ impl Bus {
         headers: Option<async_nats::HeaderMap>,
         payload: Vec<u8>,
     ) {
-        let bus = self.clone();
         self.inner.in_flight.fetch_add(1, Ordering::AcqRel);
-        self.inner.handle.spawn(async move {
+        let out = Out {
+            subject,
+            headers,
+            payload,
+        };
+        if self.inner.out.send(out).is_err() {
+            // The publisher stopped with the pool: the node is going away.
+            self.inner.in_flight.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// The one task that publishes, in the order the sends were made.
+    async fn publish_in_order(self, mut queued: tokio::sync::mpsc::UnboundedReceiver<Out>) {
+        while let Some(Out {
+            subject,
+            headers,
+            payload,
+        }) = queued.recv().await
+        {
             let len = payload.len() as u64;
-            let client = &bus.inner.client;
+            let client = &self.inner.client;
             let sent = match headers {
                 Some(h) => {
                     client
@@ -237,9 +268,9 @@ impl Bus {
                 }
                 None => client.publish(subject, payload.into()).await,
             };
-            bus.inner.in_flight.fetch_sub(1, Ordering::AcqRel);
-            bus.count_out(len, sent.is_ok());
-        });
+            self.inner.in_flight.fetch_sub(1, Ordering::AcqRel);
+            self.count_out(len, sent.is_ok());
+        }
     }
 
     fn count_out(&self, len: u64, ok: bool) {
