@@ -9,18 +9,10 @@ use std::net::SocketAddr;
 use chatbox::metrics::Refusal;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self};
 use tokio_tungstenite::MaybeTlsStream;
-
-/// A TCP connection from source address `src` (all of 127.0.0.0/8 is loopback).
-async fn tcp_from(addr: SocketAddr, src: &str) -> TcpStream {
-    let sock = TcpSocket::new_v4().unwrap();
-    sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
-    sock.connect(addr).await.unwrap()
-}
 
 /// Opens `/ws` as `user` from `src`, with an optional `X-Forwarded-For`.
 async fn ws_from(
@@ -29,7 +21,7 @@ async fn ws_from(
     user: &str,
     forwarded_for: Option<&str>,
 ) -> Result<Ws, tungstenite::Error> {
-    let tcp = tcp_from(addr, src).await;
+    let tcp = tcp_from(addr, src.parse().unwrap()).await;
     let mut req = format!("ws://{addr}/chatbox/ws")
         .into_client_request()
         .unwrap();
@@ -68,15 +60,8 @@ fn refused(r: Result<Ws, tungstenite::Error>) -> (u16, String, u64) {
 
 /// A plain GET from `src`: status, lower-cased head, body.
 async fn get_from(addr: SocketAddr, src: &str, path: &str) -> (u16, String, String) {
-    let mut s = tcp_from(addr, src).await;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(WAIT, s.read_to_end(&mut out))
-        .await
-        .expect("response in time")
-        .ok();
-    parse_response(&out)
+    let stream = tcp_from(addr, src.parse().unwrap()).await;
+    exchange(stream, &format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n")).await
 }
 
 fn retry_after(head: &str) -> u64 {
@@ -157,7 +142,7 @@ async fn a_connection_still_in_its_handshake_counts() {
         ..config()
     });
     let addr = server.local_addr();
-    let mut idle = tcp_from(addr, "127.0.0.3").await;
+    let mut idle = tcp_from(addr, "127.0.0.3".parse().unwrap()).await;
     let (status, code, _) = refused(ws_from(addr, "127.0.0.3", "waiting", None).await);
     assert_eq!((status, code.as_str()), (429, "too_many_connections"));
     ws_from(addr, "127.0.0.4", "elsewhere", None)

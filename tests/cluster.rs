@@ -109,14 +109,9 @@ async fn admin(addr: SocketAddr, id: &str) -> Ws {
         .expect("admin connects")
 }
 
-async fn admin_call(addr: SocketAddr, method: &str, path: &str) -> (u16, Value) {
+async fn admin_call_as_boss(addr: SocketAddr, method: &str, path: &str) -> (u16, Value) {
     let token = token_with("boss", &["admin"], now_secs() + 3600);
-    let req = format!(
-        "{method} /chatbox/admin{path} HTTP/1.1\r\nHost: x\r\n\
-         Authorization: Bearer {token}\r\nContent-Length: 0\r\n\r\n"
-    );
-    let (status, _, body) = http(addr, &req).await;
-    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+    admin_call(addr, method, path, &token).await
 }
 
 /// A user's session with one answered message, and the user's socket.
@@ -177,14 +172,15 @@ async fn a_disconnect_on_one_node_closes_the_user_on_every_node() {
         sockets.push(connect_user(cluster.addr(i), "carl").await);
     }
     let _other = connect_user(cluster.addr(0), "dora").await;
-    let (status, body) = admin_call(cluster.addr(1), "POST", "/users/carl/disconnect").await;
+    let (status, body) =
+        admin_call_as_boss(cluster.addr(1), "POST", "/users/carl/disconnect").await;
     assert_eq!((status, &body["closed"]), (200, &json!(3)), "{body}");
     for ws in &mut sockets {
         assert_eq!(close_code(ws).await.map(u16::from), Some(4003));
     }
     // Deleting closes them too, wherever they are, and says how many.
     let _again = connect_user(cluster.addr(2), "carl").await;
-    let (status, body) = admin_call(cluster.addr(0), "DELETE", "/users/carl").await;
+    let (status, body) = admin_call_as_boss(cluster.addr(0), "DELETE", "/users/carl").await;
     assert_eq!((status, &body["closed"]), (200, &json!(1)), "{body}");
     cluster.stop().await;
 }
@@ -207,7 +203,8 @@ async fn a_disconnect_a_node_cannot_confirm_is_reported_not_counted() {
         chatbox::runtime::bus::Bus::start(settings, &pool, std::sync::Arc::new(|_| {})).unwrap();
     wait_metric(cluster.addr(0), "chatbox_cluster_members", 3).await;
     let _ws = connect_user(cluster.addr(1), "erin").await;
-    let (status, body) = admin_call(cluster.addr(0), "POST", "/users/erin/disconnect").await;
+    let (status, body) =
+        admin_call_as_boss(cluster.addr(0), "POST", "/users/erin/disconnect").await;
     assert_eq!(
         (status, &body["error"]["code"]),
         (503, &json!("unavailable")),
@@ -224,7 +221,8 @@ async fn a_disconnect_a_node_cannot_confirm_is_reported_not_counted() {
 async fn an_end_on_one_node_reaches_the_user_on_another() {
     let cluster = Cluster::start(2).await;
     let (mut ws, sid) = user_session(cluster.addr(0), "fay").await;
-    let (status, body) = admin_call(cluster.addr(1), "POST", &format!("/sessions/{sid}/end")).await;
+    let (status, body) =
+        admin_call_as_boss(cluster.addr(1), "POST", &format!("/sessions/{sid}/end")).await;
     assert_eq!(status, 200, "{body}");
     let (ended, _) = until(&mut ws, "session_ended").await;
     assert_eq!(ended["session_id"], json!(sid));
@@ -265,7 +263,8 @@ async fn while_the_bus_is_down_nodes_serve_and_say_so_then_recover() {
     let (error, _) = until(&mut other, "error").await;
     assert_eq!(error["code"], "unavailable", "{error}");
     // What needs the other nodes is refused with a clear error, not lost silently.
-    let (status, body) = admin_call(addr, "POST", &format!("/users/{mine}/disconnect")).await;
+    let (status, body) =
+        admin_call_as_boss(addr, "POST", &format!("/users/{mine}/disconnect")).await;
     assert_eq!(
         (status, &body["error"]["code"]),
         (503, &json!("unavailable")),

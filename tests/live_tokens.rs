@@ -9,7 +9,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::sync::{mpsc, Arc, Mutex};
 
 use chatbox::auth::now_secs;
@@ -99,41 +98,6 @@ async fn refresh(ws: &mut Ws, token: &str, id: &str) -> Value {
     )
     .await;
     recv(ws).await
-}
-
-async fn admin_call(addr: SocketAddr, method: &str, path: &str, token: &str) -> (u16, Value) {
-    let req = format!(
-        "{method} /chatbox/admin{path} HTTP/1.1\r\nHost: x\r\n\
-         Authorization: Bearer {token}\r\nContent-Length: 0\r\n\r\n"
-    );
-    let (status, _, body) = http(addr, &req).await;
-    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
-}
-
-/// [`admin_call`] from the source address `src` (any of 127.0.0.0/8).
-async fn admin_call_from(
-    addr: SocketAddr,
-    src: std::net::Ipv4Addr,
-    method: &str,
-    path: &str,
-    token: &str,
-) -> (u16, Value) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.bind(SocketAddr::new(src.into(), 0)).unwrap();
-    let mut s = sock.connect(addr).await.unwrap();
-    let req = format!(
-        "{method} /chatbox/admin{path} HTTP/1.1\r\nHost: x\r\n\
-         Authorization: Bearer {token}\r\nContent-Length: 0\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(WAIT, s.read_to_end(&mut out))
-        .await
-        .expect("response in time")
-        .ok();
-    let (status, _, body) = parse_response(&out);
-    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -406,9 +370,15 @@ async fn a_disconnect_or_delete_the_users_core_cannot_confirm_is_a_503() {
         let mut calls = tokio::task::JoinSet::new();
         for _ in 0..16 {
             let path = path.clone();
-            calls.spawn(
-                async move { admin_call_from(addr, src, method, &path, &admin_token()).await },
-            );
+            calls.spawn(async move {
+                admin_call_on(
+                    tcp_from(addr, src.into()).await,
+                    method,
+                    &path,
+                    &admin_token(),
+                )
+                .await
+            });
         }
         let (status, v) = calls.join_next().await.unwrap().unwrap();
         assert_eq!(

@@ -201,7 +201,39 @@ pub async fn close_and_wait(ws: Ws) {
 
 /// A raw HTTP/1.1 exchange; returns status, headers (lower-cased) and body.
 pub async fn http(addr: SocketAddr, raw_request: &str) -> (u16, String, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
+    exchange(TcpStream::connect(addr).await.unwrap(), raw_request).await
+}
+
+/// A TCP connection from source address `src` (any of 127.0.0.0/8).
+pub async fn tcp_from(addr: SocketAddr, src: std::net::IpAddr) -> TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::new(src, 0)).unwrap();
+    sock.connect(addr).await.unwrap()
+}
+
+/// An admin API call with `token`; returns the status and the JSON body.
+pub async fn admin_call(addr: SocketAddr, method: &str, path: &str, token: &str) -> (u16, Value) {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    admin_call_on(stream, method, path, token).await
+}
+
+/// [`admin_call`] over `stream` (one from a chosen source address, say).
+pub async fn admin_call_on(
+    stream: TcpStream,
+    method: &str,
+    path: &str,
+    token: &str,
+) -> (u16, Value) {
+    let req = format!(
+        "{method} /chatbox/admin{path} HTTP/1.1\r\nHost: x\r\n\
+         Authorization: Bearer {token}\r\nContent-Length: 0\r\n\r\n"
+    );
+    let (status, _, body) = exchange(stream, &req).await;
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+/// Writes `raw_request` on `s` and reads the whole response.
+pub async fn exchange(mut s: TcpStream, raw_request: &str) -> (u16, String, String) {
     s.write_all(raw_request.as_bytes()).await.unwrap();
     let mut out = Vec::new();
     tokio::time::timeout(WAIT, s.read_to_end(&mut out))
