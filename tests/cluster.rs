@@ -350,3 +350,58 @@ async fn a_stopping_node_hands_its_users_over() {
     }
     drop(nats);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs nats-server and MongoDB (CHATBOX_TEST_NATS_SERVER, CHATBOX_TEST_MONGO_URI)"]
+async fn an_admin_on_one_node_takes_over_a_user_on_another() {
+    let cluster = Cluster::start(3).await;
+    // The user is owned by, and connected to, node-0; the admin is on node-1.
+    let user = user_owned_by("node-0", &["node-1", "node-2"]);
+    let (mut u, sid) = user_session(cluster.addr(0), &user).await;
+    let mut a = admin(cluster.addr(1), "agent-x").await;
+    send(&mut u, json!({"type": "help_request", "session_id": sid})).await;
+    until(&mut a, "help_requested").await;
+    send(&mut a, json!({"type": "admin_join", "session_id": sid})).await;
+    // One copy of the session: the admin sees its history, the user sees the join.
+    let (history, _) = until(&mut a, "session").await;
+    assert!(history.to_string().contains("hello"), "{history}");
+    until(&mut a, "admin_joined").await;
+    until(&mut u, "admin_joined").await;
+    send(
+        &mut u,
+        json!({"type": "user_message", "id": "h1", "session_id": sid, "content": "hello human?"}),
+    )
+    .await;
+    until(&mut u, "ack").await;
+    let (seen, _) = until(&mut a, "user_message").await;
+    assert_eq!(seen["content"], "hello human?", "{seen}");
+    send(
+        &mut a,
+        json!({"type": "admin_message", "session_id": sid, "content": "Hi, let me check."}),
+    )
+    .await;
+    let (said, between) = until(&mut u, "admin_message").await;
+    assert_eq!(said["content"], "Hi, let me check.", "{said}");
+    assert!(
+        between.iter().all(|v| v["type"] != "ai_chunk"),
+        "{between:?}"
+    );
+    until(&mut a, "admin_message").await;
+    // The admin's socket closing ends the seat on the owner: the AI answers again.
+    drop(a);
+    until(&mut u, "admin_left").await;
+    send(
+        &mut u,
+        json!({"type": "user_message", "session_id": sid, "content": "thanks"}),
+    )
+    .await;
+    until(&mut u, "ai_done").await;
+    // A second admin, on node-2, joins and leaves by frame.
+    let mut b = admin(cluster.addr(2), "agent-y").await;
+    send(&mut b, json!({"type": "admin_join", "session_id": sid})).await;
+    until(&mut u, "admin_joined").await;
+    send(&mut b, json!({"type": "admin_leave", "session_id": sid})).await;
+    until(&mut u, "admin_left").await;
+    until(&mut b, "admin_left").await;
+    cluster.stop().await;
+}

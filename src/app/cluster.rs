@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::admin::CloseUser;
-use super::remote::{ConnRef, RemoteIdentity, RemoteMsg};
+use super::remote::{ConnRef, RemoteAdminAct, RemoteIdentity, RemoteMsg};
 use super::ChatMsg;
 use crate::config::Config;
 use crate::pool::BlockingPool;
@@ -34,6 +34,14 @@ pub enum NodeMsg {
     Attach {
         edge: ConnRef,
         identity: RemoteIdentity,
+    },
+    /// Edge to owner: an admin's action on a session of `user_id`, whom the
+    /// receiving node owns (docs/CLUSTER.md, admins).
+    AdminOp {
+        edge: ConnRef,
+        admin: RemoteIdentity,
+        user_id: String,
+        act: RemoteAdminAct,
     },
     /// Edge to owner: a text frame from the socket.
     Text {
@@ -119,6 +127,17 @@ fn on_connection_msg(mesh: &Mesh<ChatMsg>, msg: NodeMsg) {
         NodeMsg::Attach { edge, identity } => (
             owner(&identity.user_id),
             CoreMsg::App(ChatMsg::Remote(Box::new(RemoteMsg::Attach(edge, identity)))),
+        ),
+        NodeMsg::AdminOp {
+            edge,
+            admin,
+            user_id,
+            act,
+        } => (
+            owner(&user_id),
+            CoreMsg::App(ChatMsg::Remote(Box::new(RemoteMsg::AdminOp(
+                edge, admin, act,
+            )))),
         ),
         NodeMsg::Text {
             edge,
@@ -243,6 +262,7 @@ pub async fn close_user_elsewhere(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::app::chat::takeover::AdminAction;
 
     #[test]
     fn node_messages_round_trip_as_tagged_json() {
@@ -257,6 +277,26 @@ mod tests {
             NodeMsg::EndSession {
                 session_id: "s_1".into(),
                 user_id: "u".into(),
+            },
+            NodeMsg::AdminOp {
+                edge: ConnRef {
+                    node: "n1".into(),
+                    core: 1,
+                    conn: 7,
+                },
+                admin: RemoteIdentity {
+                    user_id: "agent".into(),
+                    name: "Ann".into(),
+                },
+                user_id: "u".into(),
+                act: RemoteAdminAct {
+                    session_id: "s_1".into(),
+                    action: AdminAction::Message {
+                        content: "hi".into(),
+                        client_id: Some("c".into()),
+                    },
+                    id: Some("c".into()),
+                },
             },
         ] {
             let bytes = msg.encode();

@@ -199,13 +199,26 @@ impl ChatConn {
     }
 
     fn admin(&self, session_id: String, action: AdminAction, id: Option<String>) -> Option<String> {
+        self.admin_action(session_id.into(), action, id, false);
+        None
+    }
+
+    /// Routes an admin's action; `here_only` when this node serves it for the
+    /// admin's own node, which found the session's owner already.
+    pub fn admin_action(
+        &self,
+        session_id: Arc<str>,
+        action: AdminAction,
+        id: Option<String>,
+        here_only: bool,
+    ) {
         let op = AdminOp {
-            session_id: session_id.into(),
+            session_id,
             admin: self.admin_ref(),
             action,
         };
-        takeover::route(&self.core, self.joined.get_or_init(Rc::default), op, id);
-        None
+        let joined = self.joined.get_or_init(Rc::default);
+        takeover::route(&self.core, joined, op, id, here_only);
     }
 }
 
@@ -215,7 +228,7 @@ impl Drop for ChatConn {
             return proxy.detach(&self.core);
         }
         self.core.app.detach_conn(self.conn);
-        let joined: Vec<(Arc<str>, usize)> = self
+        let joined: Vec<(Arc<str>, takeover::Holder)> = self
             .joined
             .get()
             .map(|j| j.borrow_mut().drain().collect())

@@ -423,7 +423,19 @@ impl ServerFrame<'_> {
     }
 }
 
-/// An `error` frame with just a code and message (and the client's id).
+/// `unavailable` for what needs a part of the service that cannot be reached now,
+/// with the pause after which a retry may succeed.
+pub fn unavailable_frame(message: &str, id: Option<&str>, retry_after_ms: u64) -> String {
+    ServerFrame::Error {
+        code: Code::Unavailable,
+        message,
+        id,
+        session_id: None,
+        retry_after_ms: Some(retry_after_ms),
+    }
+    .to_json()
+}
+
 /// The error for a read from storage that failed: `unavailable` with when to
 /// retry for back-pressure (every read connection busy, queue full), else
 /// `internal` with `message`.

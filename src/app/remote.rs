@@ -14,11 +14,14 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::chat::takeover::{AdminAction, AdminOp, Holder};
 use super::cluster::NodeMsg;
 use super::conn::ChatConn;
+use super::frames::unavailable_frame;
 use super::Core;
 use crate::auth::Identity;
 use crate::runtime::bus::Bus;
+use crate::runtime::mesh::owner_core;
 use crate::runtime::outbox::{Outbox, Outgoing};
 use crate::runtime::{AppConn, ConnId, Reply};
 
@@ -26,6 +29,9 @@ use crate::runtime::{AppConn, ConnId, Reply};
 pub const CLOSE_POLICY: u16 = 1008;
 /// Close code when the owner node went away: reconnect, another node serves you.
 pub const CLOSE_RESTART: u16 = 1012;
+/// When a client may retry what needed a node it cannot reach now: about the time
+/// the bus takes to reconnect, or the views to settle after a node left.
+const BUS_RETRY_AFTER_MS: u64 = 1_000;
 
 /// A connection anywhere in the cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -110,10 +116,10 @@ impl Proxy {
         };
         match self.send(&msg) {
             Ok(()) => Reply::None,
-            Err(e) => Reply::Text(super::frames::error_frame(
-                super::frames::Code::Unavailable,
+            Err(e) => Reply::Text(unavailable_frame(
                 &format!("this conversation is served by another node, which cannot be reached now ({e})"),
                 None,
+                BUS_RETRY_AFTER_MS,
             )),
         }
     }
@@ -135,33 +141,159 @@ impl Proxy {
 /// The owner's half: registers the edge's connection here and starts draining its
 /// outbox to the bus. At the per-user cap the edge is told to close.
 pub fn attach(core: &Rc<Core>, edge: ConnRef, who: RemoteIdentity) {
-    let Some(bus) = core.shared.app.bus.clone() else {
-        return;
-    };
-    if core.gate.is_closing() {
-        // Stopping: the edge's client reconnects to a node that stays.
-        return close_edge(&bus, &edge, CLOSE_RESTART);
-    }
-    let outbox = Outbox::new(core.shared.config.ws_outbox_frames_max);
     let user: Arc<str> = who.user_id.as_str().into();
-    let registered = core
-        .registry
-        .borrow_mut()
-        .register(Some(user.clone()), false, outbox.clone());
-    let Ok(conn) = registered else {
-        return close_edge(&bus, &edge, CLOSE_POLICY);
-    };
     let identity = Identity {
-        user_id: user,
+        user_id: user.clone(),
         name: who.name.as_str().into(),
         admin: false,
     };
-    let chat = ChatConn::new(core.clone(), conn, identity);
-    core.app
-        .served
+    match serve(core, &edge, Some(user), identity) {
+        Ok(served) => {
+            core.app.served.borrow_mut().insert(edge, served);
+        }
+        Err(code) => close_edge_of(core, &edge, code),
+    }
+}
+
+/// Registers a socket of another node on this core, its outbox drained to the bus;
+/// `user` counts it against that user's cap. Refused with the close code to send.
+fn serve(
+    core: &Rc<Core>,
+    edge: &ConnRef,
+    user: Option<Arc<str>>,
+    identity: Identity,
+) -> Result<Served, u16> {
+    let Some(bus) = core.shared.app.bus.clone() else {
+        return Err(CLOSE_RESTART);
+    };
+    if core.gate.is_closing() {
+        // Stopping: the edge's client reconnects to a node that stays.
+        return Err(CLOSE_RESTART);
+    }
+    let outbox = Outbox::new(core.shared.config.ws_outbox_frames_max);
+    let registered = core
+        .registry
         .borrow_mut()
-        .insert(edge.clone(), Served { conn, chat });
-    monoio::spawn(drain(core.clone(), bus, edge, conn, outbox));
+        .register(user, false, outbox.clone());
+    let conn = registered.map_err(|_| CLOSE_POLICY)?;
+    let chat = ChatConn::new(core.clone(), conn, identity);
+    monoio::spawn(drain(core.clone(), bus, edge.clone(), outbox));
+    Ok(Served { conn, chat })
+}
+
+/// The owner's side of an admin's action from another node. The admin's socket is
+/// registered on this core on its first action (as no user's connection, so it
+/// counts against no cap and gets no help request twice) and the action is served
+/// exactly as the admin's own node would serve it.
+pub fn admin_served(core: &Rc<Core>, edge: ConnRef, who: RemoteIdentity, act: RemoteAdminAct) {
+    let taken = core.app.served.borrow_mut().remove(&edge);
+    let served = match taken {
+        Some(served) => served,
+        None if matches!(act.action, AdminAction::Leave | AdminAction::Gone) => return,
+        None => {
+            let identity = Identity {
+                user_id: who.user_id.as_str().into(),
+                name: who.name.as_str().into(),
+                admin: true,
+            };
+            match serve(core, &edge, None, identity) {
+                Ok(served) => served,
+                Err(_) => {
+                    let why = "the node holding this session is stopping or full; retry";
+                    let frame = unavailable_frame(why, act.id.as_deref(), BUS_RETRY_AFTER_MS);
+                    return deliver_edge(core, &edge, frame);
+                }
+            }
+        }
+    };
+    let RemoteAdminAct {
+        session_id,
+        action,
+        id,
+    } = act;
+    served
+        .chat
+        .admin_action(session_id.into(), action, id, true);
+    core.app.served.borrow_mut().insert(edge, served);
+}
+
+/// What an admin asks of a session held by another node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteAdminAct {
+    pub session_id: String,
+    #[serde(flatten)]
+    pub action: AdminAction,
+    pub id: Option<String>,
+}
+
+/// Where an admin's action on `user`'s session goes: the owner node when that is
+/// another one (unless `here_only`: this node was chosen already), else the
+/// user's core here.
+pub fn holder_of(core: &Core, user: &str, here_only: bool) -> Holder {
+    if let (false, Some(bus)) = (here_only, &core.shared.app.bus) {
+        let owner = bus.owner(user);
+        if owner != *bus.node_id() {
+            return Holder::Node {
+                node: owner,
+                user: user.into(),
+            };
+        }
+    }
+    Holder::Core(owner_core(user, core.shared.mesh.cores()))
+}
+
+/// A holder that can still be reached: a core always, a node while it is live.
+pub fn reachable(core: &Core, holder: &Holder) -> bool {
+    match (holder, &core.shared.app.bus) {
+        (Holder::Node { node, .. }, Some(bus)) => bus.others().contains(node),
+        _ => true,
+    }
+}
+
+/// The edge's side: sends an admin's action to the node holding the session. A
+/// bus that is down is `unavailable`; the admin's socket closing (`Gone`) ends its
+/// registration there, which leaves every session it joined on that core.
+pub fn admin_op(core: &Rc<Core>, node: &str, user: &str, op: AdminOp, id: Option<String>) {
+    let Some(bus) = &core.shared.app.bus else {
+        return;
+    };
+    let conn = op.admin.conn;
+    let edge = ConnRef {
+        node: bus.node_id().to_string(),
+        core: core.id,
+        conn,
+    };
+    let msg = match op.action {
+        AdminAction::Gone => NodeMsg::Detach {
+            edge,
+            user_id: user.to_owned(),
+        },
+        action => NodeMsg::AdminOp {
+            edge,
+            admin: RemoteIdentity {
+                user_id: op.admin.id.to_string(),
+                name: op.admin.name.to_string(),
+            },
+            user_id: user.to_owned(),
+            act: RemoteAdminAct {
+                session_id: op.session_id.to_string(),
+                action,
+                id: id.clone(),
+            },
+        },
+    };
+    let gone = matches!(msg, NodeMsg::Detach { .. });
+    if let Err(e) = bus.publish_to(node, msg.encode()) {
+        if gone {
+            return tracing::warn!(error = %e, node, "an admin's seats there end with its lease");
+        }
+        let why = format!("the node holding this session cannot be reached now ({e})");
+        let frame = unavailable_frame(&why, id.as_deref(), BUS_RETRY_AFTER_MS);
+        let _ = core
+            .registry
+            .borrow()
+            .push_conn(conn, Outgoing::Text(frame.into()));
+    }
 }
 
 /// A text frame from the edge, handled as the socket's own would be here.
@@ -170,10 +302,7 @@ pub fn text(core: &Rc<Core>, edge: ConnRef, text: &str) {
     let Some(mut served) = core.app.served.borrow_mut().remove(&edge) else {
         // Its attach was lost (the bus was down): the edge closes it, the client
         // reconnects and attaches again.
-        if let Some(bus) = &core.shared.app.bus {
-            close_edge(bus, &edge, CLOSE_RESTART);
-        }
-        return;
+        return close_edge_of(core, &edge, CLOSE_RESTART);
     };
     let reply = served.chat.on_text(text);
     let conn = served.conn;
@@ -212,7 +341,7 @@ pub fn node_gone(core: &Rc<Core>, node: &str) {
 
 /// Sends what the session queues for a remote connection to its edge, until the
 /// connection closes here or there.
-async fn drain(core: Rc<Core>, bus: Bus, edge: ConnRef, conn: ConnId, outbox: Outbox) {
+async fn drain(core: Rc<Core>, bus: Bus, edge: ConnRef, outbox: Outbox) {
     loop {
         outbox.ready().await;
         if outbox.is_closed() {
@@ -228,13 +357,7 @@ async fn drain(core: Rc<Core>, bus: Bus, edge: ConnRef, conn: ConnId, outbox: Ou
         let mut closed = false;
         while let Some(out) = outbox.pop() {
             match out {
-                Outgoing::Text(frame) => {
-                    let msg = NodeMsg::Deliver {
-                        to: edge.clone(),
-                        frame: frame.to_string(),
-                    };
-                    let _ = bus.publish_to(&edge.node, msg.encode());
-                }
+                Outgoing::Text(frame) => send_edge(&bus, &edge, frame.to_string()),
                 Outgoing::Close(code, _) => {
                     close_edge(&bus, &edge, code);
                     closed = true;
@@ -249,8 +372,27 @@ async fn drain(core: Rc<Core>, bus: Bus, edge: ConnRef, conn: ConnId, outbox: Ou
             break;
         }
     }
-    debug_assert!(conn != 0, "a registered connection has a non-zero id");
     detach(&core, &edge);
+}
+
+fn send_edge(bus: &Bus, edge: &ConnRef, frame: String) {
+    let msg = NodeMsg::Deliver {
+        to: edge.clone(),
+        frame,
+    };
+    let _ = bus.publish_to(&edge.node, msg.encode());
+}
+
+fn deliver_edge(core: &Core, edge: &ConnRef, frame: String) {
+    if let Some(bus) = &core.shared.app.bus {
+        send_edge(bus, edge, frame);
+    }
+}
+
+fn close_edge_of(core: &Core, edge: &ConnRef, code: u16) {
+    if let Some(bus) = &core.shared.app.bus {
+        close_edge(bus, edge, code);
+    }
 }
 
 fn close_edge(bus: &Bus, edge: &ConnRef, code: u16) {
@@ -292,6 +434,8 @@ pub fn close_reason(code: u16) -> &'static str {
 /// A cross-node connection request for one core.
 pub enum RemoteMsg {
     Attach(ConnRef, RemoteIdentity),
+    /// An admin's action from another node on a session this core holds.
+    AdminOp(ConnRef, RemoteIdentity, RemoteAdminAct),
     Text(ConnRef, String),
     Detach(ConnRef),
     /// Close this core's socket with this code (its owner asked).
@@ -304,6 +448,7 @@ pub enum RemoteMsg {
 pub fn on_msg(core: &Rc<Core>, msg: RemoteMsg) {
     match msg {
         RemoteMsg::Attach(edge, who) => attach(core, edge, who),
+        RemoteMsg::AdminOp(edge, who, act) => admin_served(core, edge, who, act),
         RemoteMsg::Text(edge, t) => text(core, edge, &t),
         RemoteMsg::Detach(edge) => detach(core, &edge),
         RemoteMsg::Close(conn, code) => {

@@ -17,11 +17,10 @@ use super::rehydrate;
 use super::resume::resume_now;
 use super::session::{refusal_frame, NewMessage, Target};
 use crate::app::frames::{error_frame, Code, ServerFrame, Usage};
-use crate::app::{ChatMsg, Core};
+use crate::app::{remote, ChatMsg, Core};
 use crate::auth::Identity;
 use crate::clock::{new_id, now_ms};
 use crate::llm::TurnRole;
-use crate::runtime::mesh::owner_core;
 use crate::runtime::ConnId;
 use crate::store::{Role, WriteOp};
 
@@ -38,7 +37,8 @@ pub struct AdminRef {
     pub conn: ConnId,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
 pub enum AdminAction {
     Join,
     Message {
@@ -70,20 +70,32 @@ pub struct Seat {
     pub announced: bool,
 }
 
-/// An admin connection's sessions and the core owning each. Created on an
-/// admin's first action, so a user's connection holds no map.
-pub type Joined = Rc<RefCell<HashMap<Arc<str>, usize>>>;
+/// Where a joined session is held: a core of this node, or (in a cluster) the
+/// node that owns the session's user, which serves the admin there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Holder {
+    Core(usize),
+    Node { node: Arc<str>, user: Arc<str> },
+}
 
-/// Sends `op` to the core that owns its session, finding that core from storage
-/// the first time (the session id alone does not say whose it is).
-pub fn route(core: &Rc<Core>, joined: &Joined, op: AdminOp, id: Option<String>) {
-    let known = joined.borrow().get(&op.session_id).copied();
-    if let Some(owner) = known {
+/// An admin connection's sessions and where each is held. Created on an admin's
+/// first action, so a user's connection holds no map.
+pub type Joined = Rc<RefCell<HashMap<Arc<str>, Holder>>>;
+
+/// Sends `op` to where its session is held, finding that from storage the first
+/// time (the session id alone does not say whose it is). `here_only`: the admin
+/// is served here for another node, which already chose this one.
+pub fn route(core: &Rc<Core>, joined: &Joined, op: AdminOp, id: Option<String>, here_only: bool) {
+    let known = joined.borrow().get(&op.session_id).cloned();
+    // A holder node that left took the seat with it: the session is found again.
+    let known = known.filter(|h| remote::reachable(core, h));
+    if let Some(holder) = known {
         if matches!(op.action, AdminAction::Leave) {
             joined.borrow_mut().remove(&op.session_id);
         }
-        return send_op(core, owner, op, id);
+        return send_to(core, holder, op, id);
     }
+    joined.borrow_mut().remove(&op.session_id);
     if !matches!(op.action, AdminAction::Join) {
         let frame = error_frame(Code::Forbidden, "join the session first", id.as_deref());
         return reply(core, op.admin.conn, frame);
@@ -98,9 +110,11 @@ pub fn route(core: &Rc<Core>, joined: &Joined, op: AdminOp, id: Option<String>) 
             let conn = op.admin.conn;
             match load.await {
                 Ok(Some((rec, _))) => {
-                    let owner = owner_core(&rec.user_id, core.shared.mesh.cores());
-                    joined.borrow_mut().insert(op.session_id.clone(), owner);
-                    send_op(&core, owner, op, id);
+                    let holder = remote::holder_of(&core, &rec.user_id, here_only);
+                    joined
+                        .borrow_mut()
+                        .insert(op.session_id.clone(), holder.clone());
+                    send_to(&core, holder, op, id);
                 }
                 Ok(None) => reply(
                     &core,
@@ -116,6 +130,13 @@ pub fn route(core: &Rc<Core>, joined: &Joined, op: AdminOp, id: Option<String>) 
         },
         |_| {},
     );
+}
+
+fn send_to(core: &Rc<Core>, holder: Holder, op: AdminOp, id: Option<String>) {
+    match holder {
+        Holder::Core(owner) => send_op(core, owner, op, id),
+        Holder::Node { node, user } => remote::admin_op(core, &node, &user, op, id),
+    }
 }
 
 fn send_op(core: &Rc<Core>, owner: usize, op: AdminOp, id: Option<String>) {
@@ -408,15 +429,15 @@ fn notify_help(core: &Rc<Core>, sid: &Arc<str>, user: &Identity, at: crate::cloc
 pub fn admin_gone(
     core: &Rc<Core>,
     admin: AdminRef,
-    joined: impl IntoIterator<Item = (Arc<str>, usize)>,
+    joined: impl IntoIterator<Item = (Arc<str>, Holder)>,
 ) {
-    for (sid, owner) in joined {
+    for (sid, holder) in joined {
         let op = AdminOp {
             session_id: sid,
             admin: admin.clone(),
             action: AdminAction::Gone,
         };
-        send_op(core, owner, op, None);
+        send_to(core, holder, op, None);
     }
 }
 
