@@ -149,6 +149,8 @@ pub struct CoreMetrics {
     pub tokens_expired: Counter,
     /// Connections an admin closed (4003): disconnects and deleted users.
     pub admin_disconnects: Counter,
+    /// Cluster: users whose lease moved (fenced off, or the membership changed).
+    pub users_let_go: Counter,
     pub panics: Counter,
     pub accept_errors: Counter,
     pub mesh_dropped: Counter,
@@ -217,6 +219,7 @@ const SERIES: &[(&str, &str, &str, bool, Field)] = &[
     ("chatbox_ws_slow_consumers_total", "Connections closed because they did not read.", "counter", false, |m| &m.slow_consumers),
     ("chatbox_ws_tokens_expired_total", "Connections closed because their token expired.", "counter", false, |m| &m.tokens_expired),
     ("chatbox_ws_admin_disconnects_total", "Connections closed by an admin (disconnect or user deletion).", "counter", false, |m| &m.admin_disconnects),
+    ("chatbox_cluster_users_let_go_total", "Users this node stopped serving because their lease moved to another node (a fenced write or a membership change).", "counter", false, |m| &m.users_let_go),
     ("chatbox_panics_total", "Panics caught in connection tasks.", "counter", false, |m| &m.panics),
     ("chatbox_accept_errors_total", "Failed accept calls (EMFILE and others).", "counter", false, |m| &m.accept_errors),
     ("chatbox_mesh_dropped_total", "Cross-core messages refused because a queue was full.", "counter", false, |m| &m.mesh_dropped),

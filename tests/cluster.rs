@@ -46,6 +46,7 @@ impl Cluster {
                     // a while, and a node thought gone closes what it served. The
                     // tests that need a node gone have it leave, which is at once.
                     cluster_member_timeout_ms: 10_000,
+                    lease_ttl_ms: 20_000,
                     data_dir: data_dir(),
                     ..base.clone()
                 })

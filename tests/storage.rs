@@ -675,3 +675,77 @@ fn copy_moves_everything_and_can_run_again(b: &Backend) {
         b.name
     );
 }
+
+/// Cluster leases (MongoDB only: a cluster needs it). The clock is the `now` each
+/// op carries, so expiry is tested without waiting.
+#[test]
+#[ignore = "needs MongoDB (SecantusDB): set CHATBOX_TEST_MONGO_URI (see .ci/run)"]
+fn leases_fence_off_a_node_whose_user_moved() {
+    let b = mongodb();
+    let (s, ring) = (&b.store, ring());
+    let take = |node: &str, now: i64| WriteOp::TakeLease {
+        user_id: "u1".into(),
+        node: node.into(),
+        now,
+        until: now + 1000,
+    };
+    let fence = |node: &str, epoch: u64| WriteOp::Fence {
+        user_id: "u1".into(),
+        node: node.into(),
+        epoch,
+    };
+    let leased = |r: Result<Vec<WriteOutcome>, StoreError>| match r.unwrap().first() {
+        Some(WriteOutcome::Leased { epoch }) => *epoch,
+        other => panic!("not a lease outcome: {other:?}"),
+    };
+    let first = block(s.write(vec![
+        take("a", 0),
+        WriteOp::CreateSession(session("s1", "u1", 0)),
+    ]));
+    assert_eq!(leased(first), 1);
+    assert_eq!(
+        leased(block(s.write(vec![take("a", 10)]))),
+        1,
+        "its own again"
+    );
+    match block(s.write(vec![take("b", 500)])) {
+        Err(StoreError::LeaseHeld {
+            node,
+            retry_after_ms,
+            ..
+        }) => assert_eq!((node.as_str(), retry_after_ms), ("a", 510)),
+        other => panic!("b took a held lease: {other:?}"),
+    }
+    // Expired: b takes it with the next epoch, and a's fenced write stores nothing,
+    // while b's goes in.
+    assert_eq!(leased(block(s.write(vec![take("b", 2000)]))), 2);
+    let stale = s.write(vec![
+        fence("a", 1),
+        append("u1", message(&ring, "s1", 1, Role::User, None, 1, (0, 0))),
+    ]);
+    let fresh = s.write(vec![
+        fence("b", 2),
+        append("u1", message(&ring, "s1", 2, Role::User, None, 2, (0, 0))),
+    ]);
+    match block(stale) {
+        Err(StoreError::Fenced { epoch: 1, .. }) => {}
+        other => panic!("a wrote after its lease moved: {other:?}"),
+    }
+    assert_eq!(leased(block(fresh)), 2);
+    let (_, msgs) = block(s.load_session("s1", 10)).unwrap().unwrap();
+    let seqs: Vec<u64> = msgs.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, [2], "only the holder's message is stored");
+    // Renewed, b keeps it past the first expiry; released, a takes it at once.
+    block(s.write(vec![WriteOp::RenewLeases {
+        node: "b".into(),
+        until: 10_000,
+    }]))
+    .unwrap();
+    assert!(block(s.write(vec![take("a", 5000)])).is_err(), "renewed");
+    block(s.write(vec![WriteOp::ReleaseLeases {
+        node: "b".into(),
+        users: None,
+    }]))
+    .unwrap();
+    assert_eq!(leased(block(s.write(vec![take("a", 5000)]))), 3);
+}

@@ -187,6 +187,8 @@ async fn watch_leaves(bus: Bus, mesh: Mesh<ChatMsg>) {
                 ))))
             });
         }
+        // After the leaves: what a gone node served is closed before users move.
+        mesh.send_all(|| CoreMsg::App(ChatMsg::Remote(Box::new(RemoteMsg::ViewChanged))));
         before = now;
     }
 }

@@ -75,6 +75,9 @@ impl App for ChatApp {
 
     fn spawn_tasks(core: &Rc<Core>) {
         monoio::spawn(chat::expiry_loop(core.clone()));
+        if core.id == 0 && core.shared.app.bus.is_some() {
+            monoio::spawn(chat::lease::renew_loop(core.clone()));
+        }
     }
 
     fn open(core: &Rc<Core>, conn: ConnId, identity: Identity) -> ChatConn {
@@ -293,12 +296,20 @@ fn flush_storage(
 ) -> Result<(), String> {
     const STEP: &str = "storage flush";
     let store = shared.store.clone();
+    // In a cluster the barrier also lets this node's leases go, after its last
+    // write: the nodes that take its users over need not wait for them to expire.
+    let release: Vec<crate::store::WriteOp> = (shared.bus.iter())
+        .map(|bus| crate::store::WriteOp::ReleaseLeases {
+            node: bus.node_id().to_string(),
+            users: None,
+        })
+        .collect();
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     let spawned = std::thread::Builder::new()
         .name("chatbox-flush".into())
         .spawn(move || {
             hooks.fault_point("flush");
-            let barrier = store.write(Vec::new());
+            let barrier = store.write(release);
             let flushed = tokio::runtime::Builder::new_current_thread()
                 .build()
                 .map_err(|e| format!("cannot wait for the storage flush: {e}"))

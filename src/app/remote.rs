@@ -419,6 +419,24 @@ pub fn end_served_user(core: &Rc<Core>, user: &str) {
     }
 }
 
+/// Tells the edges of `user`'s connections served here to close them with `code`
+/// and ends them here; returns how many.
+pub fn close_served_user(core: &Rc<Core>, user: &str, code: u16) -> usize {
+    let edges: Vec<ConnRef> = core
+        .app
+        .served
+        .borrow()
+        .iter()
+        .filter(|(_, s)| *s.chat.identity.user_id == *user && !s.chat.identity.admin)
+        .map(|(edge, _)| edge.clone())
+        .collect();
+    for edge in &edges {
+        close_edge_of(core, edge, code);
+        detach(core, edge);
+    }
+    edges.len()
+}
+
 /// The reason sent with a close the owner asked for.
 pub fn close_reason(code: u16) -> &'static str {
     match code {
@@ -442,6 +460,8 @@ pub enum RemoteMsg {
     Close(ConnId, u16),
     /// A node left: end what this core serves for it, close what it served.
     NodeGone(String),
+    /// The set of live nodes changed: users another node owns now move there.
+    ViewChanged,
 }
 
 /// Runs a cross-node connection request on the core it was sent to.
@@ -455,6 +475,7 @@ pub fn on_msg(core: &Rc<Core>, msg: RemoteMsg) {
             let close = Outgoing::Close(code, close_reason(code));
             let _ = core.registry.borrow().push_conn(conn, close);
         }
+        RemoteMsg::ViewChanged => super::chat::lease::rebalance(core),
         RemoteMsg::NodeGone(node) => {
             node_gone(core, &node);
             let proxied: Vec<ConnId> = core

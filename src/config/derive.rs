@@ -90,6 +90,13 @@ impl Config {
                 );
             }
         }
+        if !given("lease_ttl_ms") {
+            let ttl = 2 * self.cluster_member_timeout_ms;
+            if ttl != self.lease_ttl_ms {
+                self.lease_ttl_ms = ttl;
+                note("lease_ttl_ms", ttl.to_string(), "cluster_member_timeout_ms");
+            }
+        }
         if !given("sqlite_readers_max") && self.sqlite_readers_max != self.blocking_threads {
             self.sqlite_readers_max = self.blocking_threads;
             note(
@@ -210,9 +217,13 @@ mod tests {
         };
         let (c, notes) = derived(&["cluster_heartbeat_ms"], cfg.clone());
         assert_eq!(c.cluster_member_timeout_ms, 600);
+        assert_eq!(c.lease_ttl_ms, 1200, "the lease follows the member timeout");
         assert_eq!(
             notes,
-            ["cluster_member_timeout_ms = 600 (derived from cluster_heartbeat_ms)"]
+            [
+                "cluster_member_timeout_ms = 600 (derived from cluster_heartbeat_ms)",
+                "lease_ttl_ms = 1200 (derived from cluster_member_timeout_ms)"
+            ]
         );
         let (c, _) = derived(&["cluster_heartbeat_ms", "cluster_member_timeout_ms"], cfg);
         assert_eq!(c.cluster_member_timeout_ms, 3000, "a set value stays");

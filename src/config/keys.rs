@@ -422,6 +422,9 @@ declare_config! {
     /// Silence after which another node counts as gone.
     cluster_member_timeout_ms: u64 = 3000, range(150, 600_000), unit "ms",
         derived "3 x cluster_heartbeat_ms";
+    /// How long a node's lease on its users outlives its last renewal (renewed every third of it): after a node is killed or cut off, its users can be written by another node this long after.
+    lease_ttl_ms: u64 = 6000, range(300, 3_600_000), unit "ms",
+        derived "2 x cluster_member_timeout_ms";
     /// How long a request to every node (disconnect, delete) waits for their answers.
     bus_request_timeout_ms: u64 = 2000, range(50, 60_000), unit "ms";
     /// `[[llm.models]]`: several models (provider, endpoint, key, timeouts, fallback), in the environment a JSON or TOML array; empty: the `llm_*` keys define one.

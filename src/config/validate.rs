@@ -180,6 +180,13 @@ impl Config {
                     .into(),
             );
         }
+        if self.lease_ttl_ms < self.cluster_member_timeout_ms {
+            problems.push(
+                "CHATBOX_LEASE_TTL_MS must be at least CHATBOX_CLUSTER_MEMBER_TIMEOUT_MS (a \
+                 node's users must not move before the others see it gone)"
+                    .into(),
+            );
+        }
         problems
     }
 

@@ -41,6 +41,7 @@ pub enum Op {
     DueNotifications,
     NextNotification,
     Ping,
+    Lease,
 }
 
 impl Op {
@@ -69,6 +70,7 @@ impl Op {
             Op::DueNotifications => "read due notifications",
             Op::NextNotification => "read next notification time",
             Op::Ping => "ping",
+            Op::Lease => "user lease",
         }
     }
 }
@@ -92,6 +94,10 @@ impl WriteOp {
             WriteOp::Enqueue { .. } => Op::Enqueue,
             WriteOp::Delivered { .. } => Op::Delivered,
             WriteOp::DeliveryFailed { .. } => Op::DeliveryFailed,
+            WriteOp::TakeLease { .. }
+            | WriteOp::Fence { .. }
+            | WriteOp::RenewLeases { .. }
+            | WriteOp::ReleaseLeases { .. } => Op::Lease,
         }
     }
 }
@@ -151,6 +157,18 @@ pub enum StoreError {
         "the database was written by a newer chatbox (schema {found}, this build knows {known})"
     )]
     NewerSchema { found: i64, known: i64 },
+    /// Cluster: another node took the user's lease after this node's `epoch`;
+    /// nothing of the job was stored.
+    #[error("user {user}'s lease moved to another node (this node held epoch {epoch})")]
+    Fenced { user: String, epoch: u64 },
+    /// Cluster: another node holds the user's lease for `retry_after_ms` more;
+    /// nothing of the job was stored.
+    #[error("user {user} is served by node {node} for now; retry")]
+    LeaseHeld {
+        user: String,
+        node: String,
+        retry_after_ms: u64,
+    },
     #[error("blocking pool: {0}")]
     Pool(#[from] crate::pool::PoolError),
 }
@@ -182,7 +200,9 @@ impl StoreError {
     pub fn retry_after_ms(&self) -> Option<u64> {
         match self {
             StoreError::Overloaded(_) => Some(OVERLOADED_RETRY_AFTER_MS),
-            StoreError::ReadersBusy { retry_after_ms, .. } => Some(*retry_after_ms),
+            StoreError::ReadersBusy { retry_after_ms, .. }
+            | StoreError::LeaseHeld { retry_after_ms, .. } => Some(*retry_after_ms),
+            StoreError::Fenced { .. } => Some(OVERLOADED_RETRY_AFTER_MS),
             _ => None,
         }
     }

@@ -234,6 +234,32 @@ pub enum WriteOp {
         delivered_before: Millis,
         dead_before: Millis,
     },
+    /// Cluster: takes `user_id`'s lease for `node` when it is free, expired at
+    /// `now` or this node's already, until `until`; else the job is refused with
+    /// [`StoreError::LeaseHeld`]. A grant to another node than the last holder
+    /// increments the epoch; the outcome is [`WriteOutcome::Leased`].
+    TakeLease {
+        user_id: String,
+        node: String,
+        now: Millis,
+        until: Millis,
+    },
+    /// Cluster: the job stores nothing unless `node` still holds `user_id`'s lease
+    /// at `epoch` ([`StoreError::Fenced`]). It runs in the job's transaction, so a
+    /// lease another node takes and this job cannot both commit.
+    Fence {
+        user_id: String,
+        node: String,
+        epoch: u64,
+    },
+    /// Cluster: extends every lease `node` holds to `until`.
+    RenewLeases { node: String, until: Millis },
+    /// Cluster: lets `node`'s leases go (all of them, or these users'), so that the
+    /// next owner takes them at once instead of after they expire.
+    ReleaseLeases {
+        node: String,
+        users: Option<Vec<String>>,
+    },
 }
 
 /// A queued notification due for delivery.
@@ -366,6 +392,10 @@ pub struct WindowMetrics {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteOutcome {
     Done,
+    /// The writing node holds the user's lease at this epoch.
+    Leased {
+        epoch: u64,
+    },
     /// The message was a resend; this is where it was stored the first time.
     Duplicate {
         message_id: String,

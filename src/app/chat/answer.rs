@@ -268,7 +268,7 @@ fn unavailable(sid: &str) -> String {
 
 /// Stores the answer as the session's next message.
 async fn store(
-    core: &Core,
+    core: &Rc<Core>,
     sid: &Arc<str>,
     message_id: &str,
     text: &str,
@@ -276,7 +276,7 @@ async fn store(
     cancelled: bool,
 ) -> Result<(), StoreError> {
     let shared = &core.shared.app;
-    let op = {
+    let (op, user) = {
         let mut sessions = core.app.sessions.borrow_mut();
         let Some(s) = sessions.get_mut(sid) else {
             return Ok(());
@@ -290,12 +290,13 @@ async fn store(
             usage,
             cancelled,
         };
-        WriteOp::AppendMessage {
+        let op = WriteOp::AppendMessage {
             user_id: s.user_id.to_string(),
             message: s.record(sid, new, &shared.keys, now_ms()),
-        }
+        };
+        (op, s.user_id.clone())
     };
-    shared.store.write(vec![op]).await.map(|_| ())
+    super::lease::write(core, &user, vec![op]).await.map(|_| ())
 }
 
 /// Answers left with nobody listening keep going for the grace period, so a quick

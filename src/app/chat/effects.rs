@@ -94,7 +94,16 @@ fn record_state(core: &Rc<Core>, sid: &Arc<str>, state: State, actor: &str, acti
 
 /// Writes a state change in the background; a failure is counted and logged.
 fn write_state(core: &Rc<Core>, sid: &Arc<str>, op: WriteOp) {
-    let write = core.shared.app.store.write(vec![op]);
+    let user = core
+        .app
+        .sessions
+        .borrow()
+        .get(sid)
+        .map(|s| s.user_id.clone());
+    let write = match user {
+        Some(user) => super::lease::write(core, &user, vec![op]),
+        None => Box::pin(core.shared.app.store.write(vec![op])),
+    };
     let core = core.clone();
     let sid = sid.clone();
     super::spawn(

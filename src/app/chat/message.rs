@@ -134,7 +134,7 @@ fn append(
         }])
         .collect();
     core.metrics().messages_in.inc();
-    let write = shared.store.write(ops);
+    let write = super::lease::write(core, user, ops);
     let task = after_write(
         core.clone(),
         sid.clone(),
@@ -156,7 +156,7 @@ async fn after_write(
     user: Arc<str>,
     message_id: Arc<str>,
     msg: Pending,
-    write: crate::store::StoreFuture<Vec<WriteOutcome>>,
+    write: super::lease::Write,
 ) {
     let written = write.await;
     core.shared.hooks.fault_point("store_reply");

@@ -14,6 +14,7 @@
 
 pub mod answer;
 pub mod effects;
+pub mod lease;
 pub mod message;
 pub mod resume;
 pub mod session;
@@ -137,6 +138,9 @@ pub struct ChatCore {
     /// Cluster, edge side: this core's sockets served by another node: which node,
     /// and whose socket it is.
     pub(crate) proxies: RefCell<crate::app::remote::ProxyMap>,
+    /// Cluster: the lease epoch this node holds for each user it wrote for here
+    /// (dropped with the user's last session in memory).
+    pub(crate) leases: RefCell<HashMap<Arc<str>, u64>>,
     /// This core, and how many there are: every session here must be of a user
     /// this core owns (checked in debug builds wherever a session is touched).
     core_id: usize,
@@ -161,6 +165,7 @@ impl ChatCore {
             scratch: RefCell::default(),
             served: RefCell::default(),
             proxies: RefCell::default(),
+            leases: RefCell::default(),
         }
     }
 
@@ -258,6 +263,13 @@ impl ChatCore {
         let mut sessions = self.sessions.borrow_mut();
         let before = sessions.len();
         sessions.retain(|_, s| !(s.idle() && now - s.last_activity >= idle_ms));
+        let mut leases = self.leases.borrow_mut();
+        if !leases.is_empty() {
+            // A lease entry lives as long as state it vouches for.
+            let users: std::collections::HashSet<&Arc<str>> =
+                sessions.values().map(|s| &s.user_id).collect();
+            leases.retain(|u, _| users.contains(u));
+        }
         before - sessions.len()
     }
 

@@ -283,7 +283,7 @@ fn message(
 ) {
     let shared = &core.shared.app;
     let message_id = new_id("m");
-    let op = {
+    let (op, user) = {
         let mut sessions = core.app.sessions.borrow_mut();
         let Some(s) = sessions.get_mut(sid) else {
             return;
@@ -303,12 +303,13 @@ fn message(
             usage: Usage::default(),
             cancelled: false,
         };
-        WriteOp::AppendMessage {
+        let op = WriteOp::AppendMessage {
             user_id: s.user_id.to_string(),
             message: s.record(sid, new, &shared.keys, now_ms()),
-        }
+        };
+        (op, s.user_id.clone())
     };
-    let write = shared.store.write(vec![op]);
+    let write = super::lease::write(core, &user, vec![op]);
     let (core, sid, admin) = (core.clone(), sid.clone(), admin.clone());
     super::spawn(
         &core.clone(),

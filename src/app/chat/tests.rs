@@ -18,6 +18,7 @@ fn core_state() -> ChatCore {
         scratch: Default::default(),
         served: Default::default(),
         proxies: Default::default(),
+        leases: Default::default(),
         core_id: 0,
         cores: 1,
     }

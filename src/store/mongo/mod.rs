@@ -12,6 +12,7 @@
 //! Filters are built from typed values only: no string from a request ever becomes
 //! a field name or an operator.
 
+mod lease;
 mod read;
 mod write;
 
@@ -57,6 +58,7 @@ struct Colls {
     events: Collection<Document>,
     outbox: Collection<Document>,
     counters: Collection<Document>,
+    leases: Collection<Document>,
 }
 
 impl Colls {
@@ -68,6 +70,7 @@ impl Colls {
             events: db.collection("session_events"),
             outbox: db.collection("outbox"),
             counters: db.collection("counters"),
+            leases: db.collection("leases"),
         }
     }
 }
@@ -126,6 +129,9 @@ async fn indexes(db: &Database) -> mongodb::error::Result<()> {
         .await?;
     c.outbox
         .create_indexes([index(doc! {"state": 1, "next_at": 1}, None)])
+        .await?;
+    c.leases
+        .create_indexes([index(doc! {"node": 1}, None)])
         .await?;
     Ok(())
 }

@@ -180,7 +180,10 @@ async fn apply_all(
             .iter()
             .take_while(|op| matches!(op, WriteOp::AppendMessage { .. }))
             .count();
-        if run == 0 {
+        if let Some(leased) = super::lease::apply(c, s, ops[i]).await {
+            out.push(leased?);
+            i += 1;
+        } else if run == 0 {
             let outcome = apply(c, s, ops[i]).await;
             out.push(outcome.map_err(StoreError::mongo(ops[i].op()))?);
             i += 1;
@@ -405,6 +408,11 @@ async fn apply(
                 .session(&mut *s)
                 .await?;
         }
+        // Applied by `lease::apply` before they reach here.
+        WriteOp::TakeLease { .. }
+        | WriteOp::Fence { .. }
+        | WriteOp::RenewLeases { .. }
+        | WriteOp::ReleaseLeases { .. } => {}
         WriteOp::DeliveryFailed {
             id,
             error,

@@ -145,6 +145,10 @@ fn query_one<T>(
 // Long: one arm per kind of change, each a statement or two; the longer ones are helpers.
 fn apply(conn: &Connection, op: &WriteOp) -> Result<WriteOutcome, rusqlite::Error> {
     match op {
+        // Leases fence nodes of a cluster, and a cluster needs MongoDB: one
+        // process on its own file has no one to be fenced from.
+        WriteOp::TakeLease { .. } | WriteOp::Fence { .. } => Ok(WriteOutcome::Leased { epoch: 0 }),
+        WriteOp::RenewLeases { .. } | WriteOp::ReleaseLeases { .. } => Ok(WriteOutcome::Done),
         WriteOp::CreateSession(s) => {
             exec(conn,
                 "INSERT INTO sessions (id, user_id, created_at, last_activity, state) VALUES (?1, ?2, ?3, ?4, ?5)
