@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use chatbox::auth::now_secs;
 use chatbox::{Config, ServerHandle};
+use common::cluster::{user_owned_by, wait_metric};
 use common::nats::NatsServer;
 use common::*;
 use serde_json::{json, Value};
@@ -68,39 +69,6 @@ impl Cluster {
             stop(node).await;
         }
     }
-}
-
-/// Waits (bounded) until `/metrics` shows `name` at `value`: membership is learnt
-/// from heartbeats, and this is where a node says what it has learnt.
-async fn wait_metric(addr: SocketAddr, name: &str, value: u64) {
-    let deadline = Instant::now() + WAIT;
-    let want = format!("{name} {value}");
-    loop {
-        let (_, _, body) = get(addr, "/chatbox/metrics").await;
-        if body.lines().any(|l| l == want) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{addr} never showed {want}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// A user that `node` owns when the other live nodes are `others`.
-fn user_owned_by(node: &str, others: &[&str]) -> String {
-    use chatbox::runtime::bus::{Heartbeat, Members};
-    let mut view = Members::new(node.into(), 60_000);
-    for o in others {
-        let beat = Heartbeat {
-            node: (*o).into(),
-            leaving: false,
-            sync: false,
-        };
-        view.heard(&beat, 0);
-    }
-    (0..)
-        .map(|i| format!("user-{i}"))
-        .find(|u| *view.owner(u, 1) == *node)
-        .unwrap()
 }
 
 async fn admin(addr: SocketAddr, id: &str) -> Ws {

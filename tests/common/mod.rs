@@ -2,8 +2,10 @@
 //! cores, tokens, a real WebSocket client (tokio-tungstenite) and raw HTTP.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod fake_llm;
 pub mod nats;
+pub mod process;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -233,6 +233,11 @@ fn not_stored(core: &Core, sid: &str, conn: ConnId, id: Option<&str>, e: StoreEr
     core.metrics().store_errors.inc();
     tracing::error!(session = %sid, error = %e, "storing a user message failed");
     let (code, message, retry_after_ms) = match e {
+        StoreError::LeaseHeld { .. } | StoreError::Fenced { .. } => (
+            Code::Unavailable,
+            "this conversation is moving to another node; the message was not stored: send it again with the same id",
+            e.retry_after_ms(),
+        ),
         StoreError::Overloaded(_) => (
             Code::Overloaded,
             "storage is busy; the message was not stored: send it again with the same id",
