@@ -7,7 +7,7 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chatbox::auth::now_secs;
 use chatbox::{Config, ServerHandle};
@@ -213,6 +213,9 @@ async fn while_the_bus_is_down_nodes_serve_and_say_so_then_recover() {
     let addr = cluster.addr(0);
     let (_, _, body) = get(addr, "/chatbox/readyz").await;
     assert_eq!(body, r#"{"status":"ready"}"#);
+    // Mid-conversation: a user served by the other node through this one.
+    let theirs = user_owned_by("node-1", &["node-0"]);
+    let (mut other, their_sid) = user_session(addr, &theirs).await;
     cluster.nats.stop();
     wait_metric(addr, "chatbox_bus_up", 0).await;
     let (status, _, body) = get(addr, "/chatbox/readyz").await;
@@ -221,16 +224,12 @@ async fn while_the_bus_is_down_nodes_serve_and_say_so_then_recover() {
     // Its own users (those it owns) are served meanwhile...
     let mine = user_owned_by("node-0", &["node-1"]);
     let (mut ws, _) = user_session(addr, &mine).await;
-    // ...and one served by the other node is told so, clearly.
-    let theirs = user_owned_by("node-1", &["node-0"]);
-    let mut other = connect_user(addr, &theirs).await;
-    send(
-        &mut other,
-        json!({"type": "user_message", "content": "hello?"}),
-    )
-    .await;
+    // ...and one served by the other node is told so, clearly, with when to retry.
+    let lost = json!({"type": "user_message", "session_id": their_sid, "content": "hello?"});
+    send(&mut other, lost).await;
     let (error, _) = until(&mut other, "error").await;
     assert_eq!(error["code"], "unavailable", "{error}");
+    assert!(error["retry_after_ms"].as_u64().is_some(), "{error}");
     // What needs the other nodes is refused with a clear error, not lost silently.
     let (status, body) =
         admin_call_as_boss(addr, "POST", &format!("/users/{mine}/disconnect")).await;
@@ -254,6 +253,24 @@ async fn while_the_bus_is_down_nodes_serve_and_say_so_then_recover() {
     wait_metric(addr, "chatbox_cluster_members", 2).await;
     let (_, _, body) = get(addr, "/chatbox/readyz").await;
     assert_eq!(body, r#"{"status":"ready"}"#);
+    // The conversation carries on over the same socket, its history whole.
+    let again = json!({"type": "user_message", "session_id": their_sid, "content": "back?"});
+    send(&mut other, again).await;
+    until(&mut other, "ai_done").await;
+    send(
+        &mut other,
+        json!({"type": "resume", "session_id": their_sid}),
+    )
+    .await;
+    let (history, _) = until(&mut other, "session").await;
+    let texts: Vec<&str> = history["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["role"] == "user")
+        .map(|m| m["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["hello", "back?"], "{history}");
     cluster.stop().await;
 }
 
