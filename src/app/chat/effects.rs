@@ -102,7 +102,7 @@ fn write_state(core: &Rc<Core>, sid: &Arc<str>, op: WriteOp) {
         .map(|s| s.user_id.clone());
     let write = match user {
         Some(user) => super::lease::write(core, &user, vec![op]),
-        None => Box::pin(core.shared.app.store.write(vec![op])),
+        None => core.shared.app.store.write(vec![op]),
     };
     let core = core.clone();
     let sid = sid.clone();

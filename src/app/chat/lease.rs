@@ -24,7 +24,8 @@ pub type Write = Pin<Box<dyn Future<Output = Result<Vec<WriteOutcome>, StoreErro
 pub fn write(core: &Rc<Core>, user: &Arc<str>, ops: Vec<WriteOp>) -> Write {
     let store = &core.shared.app.store;
     let Some(bus) = &core.shared.app.bus else {
-        return Box::pin(store.write(ops));
+        // One node: the store's future as it is (no second allocation).
+        return store.write(ops);
     };
     let node = bus.node_id().to_string();
     let held = core.app.leases.borrow().get(user).copied();
