@@ -8,7 +8,7 @@
 # stopped on exit (also on Ctrl-C or failure); every wait and run is bounded.
 #
 # Usage:
-#   cargo build --release --bin chatbox -p chatbox-loadtest
+#   cargo build --release -p chatbox -p chatbox-loadtest
 #   bench/cluster.sh MODE 'SCENARIO [FLAGS...]' ['SCENARIO [FLAGS...]' ...]
 #
 # MODE:
@@ -23,10 +23,10 @@
 #            other over the in-process mesh).
 #   both     cluster, then single.
 # Each scenario is a loadtest subcommand and its flags, quoted as one word; the
-# script adds --addr, --pid, --deadline-secs and --out (the secret comes from
-# CHATBOX_JWT_SECRET, made up when unset). It exits 1 when any run lost, refused or
-# failed something (every run's summary is still printed and kept). `compare` is
-# not for here (it starts its own servers). Example (small, about a minute):
+# script adds --addr, --pid, --first-user, --deadline-secs and --out (the secret
+# comes from CHATBOX_JWT_SECRET, made up when unset). It exits 1 when any run lost,
+# refused or failed something (every run's summary is still printed and kept).
+# `compare` is not for here (it starts its own servers). Example (about a minute):
 #   bench/cluster.sh both 'chat --users 300 --secs 5' \
 #       'takeover --users 300 --admins 6 --msg-rate 600 --secs 5'
 #
@@ -35,12 +35,22 @@
 #   LOADTEST_BIN [next to CHATBOX_BIN]/loadtest
 #   NATS_SERVER [/var/tmp/nats-venv/bin/nats-server, else nats-server on PATH]
 #   SECANTUSD [/var/tmp/chatbox-mongo-venv/bin/secantusd-py, else on PATH]
-#   OUT [/tmp/chatbox-cluster-bench-DATE]  summaries: OUT/MODE-SCENARIO-N.json
+#   OUT [/tmp/chatbox-cluster-bench-DATE]  summaries OUT/RUN-SCENARIO-N[-pP].json
+#                     (RUN: cluster, single-cluster-mode, single-no-cluster),
+#                     with each run's stdout/stderr and every server's log
 #   NODE_CORES [1]    core threads per node in cluster mode
 #   SINGLE_CORES [2]  core threads of the single node (2: cross-core hops happen)
 #   PIN [auto]        auto: with 2+ CPUs, chatbox nodes and nats-server on CPU 0,
 #                     loadtest and SecantusDB on CPU 1; none: no pinning.
-#   MEMBER_TIMEOUT_MS [10000]  cluster_member_timeout_ms of every node
+#   MEMBER_TIMEOUT_MS [10000]  cluster_member_timeout_ms of every node: generous
+#                     (as in tests/cluster.rs), since a saturated CPU can starve
+#                     heartbeats, and a node thought gone closes what it served
+#   PROCS [1]         loadtest processes per scenario, run at once, each with the
+#                     scenario's flags as given (so --users/--connections are per
+#                     process) and its own users: one process holds at most about
+#                     19,900 connections, so 3 nodes full need PROCS=3 or more.
+#                     For connect, chat, stream, takeover (churn's end-of-run check
+#                     would see the other processes' connections).
 #   RUN_TIMEOUT [900] seconds one loadtest run may take (passed as --deadline-secs
 #                     too); START_TIMEOUT [60] seconds for any server to be ready
 #
@@ -83,6 +93,7 @@ MEMBER_TIMEOUT_MS=${MEMBER_TIMEOUT_MS:-10000}
 RUN_TIMEOUT=${RUN_TIMEOUT:-900}
 START_TIMEOUT=${START_TIMEOUT:-60}
 PIN=${PIN:-auto}
+PROCS=${PROCS:-1}
 mkdir -p "$OUT"
 WORK=$(mktemp -d /tmp/chatbox-cluster-bench.XXXXXX)
 
@@ -180,23 +191,39 @@ stop_nodes() {
   done
 }
 
-# Runs every scenario against the nodes: run_all LABEL ADDRS PIDS.
+# Runs every scenario against the nodes: run_all LABEL ADDRS PIDS. With PROCS > 1
+# each scenario runs as PROCS loadtest processes at once, process p with users from
+# --first-user p*1000000 (its own users and admins); only the first samples the
+# pids (it runs as long as the others, so its `server` field is the whole cost).
 run_all() {
   local label=$1 addrs=$2 pids=$3 n=0
   for spec in "${SCENARIOS[@]}"; do
     n=$((n + 1))
     read -r -a words <<<"$spec"
-    local file="$OUT/$label-${words[0]}-$n.json"
-    say "$label: loadtest $spec (--addr $addrs --pid $pids)"
-    local status=0
-    # RUST_LIB_BACKTRACE=0: a failed run says why in one line, not a backtrace.
-    (pinned "$HARNESS_CPUS" env RUST_LIB_BACKTRACE=0 timeout "$((RUN_TIMEOUT + 30))" "$LOADTEST_BIN" "${words[@]}" \
-      --addr "$addrs" --pid "$pids" --deadline-secs "$RUN_TIMEOUT" --out "$file") \
-      >"$OUT/$label-${words[0]}-$n.stdout" 2>"$OUT/$label-${words[0]}-$n.stderr" || status=$?
-    cat "$OUT/$label-${words[0]}-$n.stderr" >&2
-    cat "$OUT/$label-${words[0]}-$n.stdout"
-    ((status == 0)) || say "$label ${words[0]}: loadtest exited $status (lost or refused something, see above)"
-    RESULTS+=("$label ${words[0]} $status $file")
+    say "$label: loadtest $spec (--addr $addrs --pid $pids; $PROCS process(es))"
+    local jobs=() names=() p
+    for ((p = 0; p < PROCS; p++)); do
+      local name="$label-${words[0]}-$n" extra=(--first-user "$((p * 1000000))")
+      if ((PROCS > 1)); then name+="-p$p"; fi
+      if ((p == 0)); then extra+=(--pid "$pids"); fi
+      # RUST_LIB_BACKTRACE=0: a failed run says why in one line, not a backtrace.
+      (pinned "$HARNESS_CPUS" env RUST_LIB_BACKTRACE=0 timeout "$((RUN_TIMEOUT + 30))" \
+        "$LOADTEST_BIN" "${words[@]}" --addr "$addrs" "${extra[@]}" \
+        --deadline-secs "$RUN_TIMEOUT" --out "$OUT/$name.json") \
+        >"$OUT/$name.stdout" 2>"$OUT/$name.stderr" &
+      jobs+=($!) names+=("$name")
+    done
+    local i status
+    for i in "${!jobs[@]}"; do
+      status=0
+      wait "${jobs[$i]}" || status=$?
+      cat "$OUT/${names[$i]}.stderr" >&2
+      cat "$OUT/${names[$i]}.stdout"
+      if ((status != 0)); then
+        say "${names[$i]}: loadtest exited $status (lost or refused something, see above)"
+      fi
+      RESULTS+=("${names[$i]} ${words[0]} $status $OUT/${names[$i]}.json")
+    done
   done
 }
 
@@ -225,15 +252,17 @@ fi
 
 # One line per run: the numbers the comparisons read.
 say "summaries (JSON in $OUT)"
-printf '%-22s %-9s %-6s %s\n' run scenario exit key-numbers
+printf '%-26s %-9s %-5s %s\n' run scenario exit key-numbers
 for r in "${RESULTS[@]}"; do
   read -r label scenario status file <<<"$r"
-  nums=$(timeout 10 jq -c '{acks_per_sec, rtt_us: .rtt_us.p50, rtt_p99: .rtt_us.p99,
-      messages_per_sec, delivery_p50: .delivery_us.p50, delivery_p99: .delivery_us.p99,
+  nums=$(timeout 10 jq -c '{connected, pongs_after_hold, refused, failed, dropped,
+      acks_per_sec, rtt_p50: .rtt_us.p50, rtt_p99: .rtt_us.p99,
+      chunks_per_sec, first_chunk_p99: .first_chunk_us.p99, messages_per_sec,
+      delivery_p50: .delivery_us.p50, delivery_p99: .delivery_us.p99,
       sent, lost, duplicated, errors, cpu_secs: .server.cpu_secs,
       rss_kib_peak: .server.rss_kib_peak} | with_entries(select(.value != null))' \
     "$file" 2>/dev/null || echo '(no summary)')
-  printf '%-22s %-9s %-6s %s\n' "$label" "$scenario" "$status" "$nums"
+  printf '%-26s %-9s %-5s %s\n' "$label" "$scenario" "$status" "$nums"
   ((status == 0)) || FAILED=1
 done
 # Every run's summary is printed and kept; the script fails if any run did.

@@ -78,6 +78,11 @@ pub struct Server {
     /// URL prefix of the server's routes
     #[arg(long, value_name = "PATH", default_value = PREFIX)]
     prefix: String,
+    /// Index of this process's first user: user names, nodes and source addresses
+    /// count from it, so several loadtest processes (each at most ~19,900
+    /// connections) can load one cluster without sharing users
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    first_user: usize,
     /// The server's JWT secret, to mint the clients' tokens with
     #[arg(
         long,
@@ -373,6 +378,7 @@ fn defaults(scenario: &str, users: usize, h: Harness) -> Opts {
         hold: Duration::from_secs(HOLD_SECS),
         sizes: vec![2000, 18000],
         pids: Vec::new(),
+        first_user: 0,
         msg_rate: 0,
         chunk_ms: CHUNK_MS,
         admins: ADMINS,
@@ -392,6 +398,7 @@ fn defaults(scenario: &str, users: usize, h: Harness) -> Opts {
 impl Server {
     fn apply(self, o: &mut Opts) {
         o.addrs = self.addr;
+        o.first_user = self.first_user;
         o.prefix = self.prefix;
         o.secret = self.secret;
     }

@@ -37,6 +37,8 @@ pub struct Opts {
     pub sizes: Vec<usize>,
     /// Server processes whose RSS (`idle`) or CPU and RSS (others) are summed.
     pub pids: Vec<u32>,
+    /// This process's first user index (`--first-user`): users are first_user + i.
+    pub first_user: usize,
     pub msg_rate: u64,
     pub chunk_ms: u64,
     pub admins: usize,

@@ -22,8 +22,9 @@ pub fn hist() -> Hist {
     Histogram::new(3).expect("3 significant digits is valid")
 }
 
-/// Opens `n` user connections at `o.rate` per second, user i on its node; counts
-/// failures in `errors`. Returns each connection with its user's index.
+/// Opens `n` user connections at `o.rate` per second, user i (counted from
+/// `--first-user`) on its node; counts failures in `errors`. Returns each
+/// connection with its user's index.
 pub async fn open_users(
     o: &Opts,
     n: usize,
@@ -36,10 +37,11 @@ pub async fn open_users(
     for i in 0..n {
         tokio::time::sleep_until(next).await;
         next += gap;
-        let tok = token(&o.secret, &format!("{prefix}-{i}"));
-        let addr = o.user_addr(i);
-        match open(&url(o, addr), addr, source(i, o.sources), &tok).await {
-            Ok(ws) => out.push((i, ws)),
+        let user = o.first_user + i;
+        let tok = token(&o.secret, &format!("{prefix}-{user}"));
+        let addr = o.user_addr(user);
+        match open(&url(o, addr), addr, source(user, o.sources), &tok).await {
+            Ok(ws) => out.push((user, ws)),
             Err(_) => {
                 errors.fetch_add(1, Ordering::Relaxed);
             }

@@ -41,11 +41,11 @@ fn open_many(
     let start = Instant::now();
     range
         .map(|i| {
-            let user = i % o.users.max(1);
+            let user = o.first_user + i % o.users.max(1);
             let addr = o.user_addr(user);
             let (url, counts, hs) = (url(o, addr), counts.clone(), handshakes.clone());
             let tok = token(&o.secret, &format!("load-{user}"));
-            let src = source(i, o.sources);
+            let src = source(o.first_user + i, o.sources);
             let mut phase = phase.subscribe();
             let at = start + interval * (i as u32 % 1_000_000);
             tokio::spawn(async move {
@@ -64,8 +64,11 @@ fn open_many(
                         return;
                     }
                 };
-                let _ = hs.send(t0.elapsed().as_micros() as u64 + 1);
+                // Counted before the handshake is reported: the ramp ends when the
+                // last report arrives, and reads `connected` at once (the other
+                // order undercounted by the connections still between the two).
                 counts.connected.fetch_add(1, Ordering::Relaxed);
+                let _ = hs.send(t0.elapsed().as_micros() as u64 + 1);
                 for round in 0..2u8 {
                     if !idle_until(&mut ws, &mut phase, round + 1).await
                         || !ping_pong(&mut ws).await
@@ -217,12 +220,13 @@ pub async fn chat(o: &Opts) -> anyhow::Result<Value> {
         (o.msg_rate > 0).then(|| Duration::from_secs_f64(o.users as f64 / o.msg_rate as f64));
     let mut opened = 0;
     for i in 0..o.users {
-        let addr = o.user_addr(i);
+        let user = o.first_user + i;
+        let addr = o.user_addr(user);
         let Ok(ws) = open(
             &url(o, addr),
             addr,
-            source(i, o.sources),
-            &token(&o.secret, &format!("chat-{i}")),
+            source(user, o.sources),
+            &token(&o.secret, &format!("chat-{user}")),
         )
         .await
         else {
@@ -338,9 +342,10 @@ pub async fn churn(o: &Opts) -> anyhow::Result<Value> {
     let (hs_tx, mut hs_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
     let mut workers = Vec::new();
     for w in 0..o.users {
-        let addr = o.user_addr(w);
-        let (url, src) = (url(o, addr), source(w, o.sources));
-        let tok = token(&o.secret, &format!("churn-{w}"));
+        let user = o.first_user + w;
+        let addr = o.user_addr(user);
+        let (url, src) = (url(o, addr), source(user, o.sources));
+        let tok = token(&o.secret, &format!("churn-{user}"));
         let (cycles, errors, hs) = (cycles.clone(), errors.clone(), hs_tx.clone());
         workers.push(tokio::spawn(async move {
             while tokio::time::Instant::now() < end {

@@ -178,16 +178,27 @@ async fn start_admins(
     for (k, mine) in plan.into_iter().enumerate() {
         let mine: Vec<String> = mine.into_iter().map(|j| sessions[j].1.clone()).collect();
         let addr = o.node_addr(node_of(k, o.nodes()));
-        let tok = client::admin_token(&o.secret, &format!("agent-{k}"));
+        // Several loadtest processes (--first-user) must not share admins.
+        let name = match o.first_user {
+            0 => format!("agent-{k}"),
+            first => format!("agent-{first}-{k}"),
+        };
+        let tok = client::admin_token(&o.secret, &name);
         match open(&url(o, addr), addr, source(k, o.sources), &tok).await {
             Ok(ws) => {
                 let run = Duration::from_secs(o.secs);
-                let w = Writer { k, gap, run, base };
+                let w = Writer {
+                    k,
+                    name,
+                    gap,
+                    run,
+                    base,
+                };
                 tasks.push(tokio::spawn(w.run(ws, mine, t.clone())));
             }
             Err(_) => t.error(
                 "admin_connect",
-                &format!("agent-{k} could not connect to {addr}"),
+                &format!("{name} could not connect to {addr}"),
             ),
         }
     }
@@ -255,6 +266,7 @@ async fn start_session(
 /// One admin connection: its number, its share of the write rate, the run.
 struct Writer {
     k: usize,
+    name: String,
     gap: Duration,
     run: Duration,
     base: Instant,
@@ -276,7 +288,7 @@ impl Writer {
         for sid in &mine {
             let join = json!({"type": "admin_join", "session_id": sid});
             if tx.send(Message::text(join.to_string())).await.is_err() {
-                return t.error("admin_send", &format!("agent-{} lost its socket", self.k));
+                return t.error("admin_send", &format!("{} lost its socket", self.name));
             }
             t.joins_sent.fetch_add(1, Ordering::Relaxed);
         }
@@ -324,7 +336,7 @@ impl Writer {
         mine: &[String],
         t: &Tally,
     ) -> Option<Joined> {
-        let me = format!("agent-{}", self.k);
+        let me = &self.name;
         let wanted: HashSet<&str> = mine.iter().map(String::as_str).collect();
         let (mut joined, mut acked, mut refused) = (Vec::new(), 0usize, 0usize);
         let deadline = tokio::time::Instant::now() + JOIN_WAIT;
@@ -400,7 +412,7 @@ impl Writer {
             let m = json!({"type": "admin_message", "session_id": sid,
                            "id": format!("a{}-{n}", self.k), "content": format!("t{at}")});
             if tx.send(Message::text(m.to_string())).await.is_err() {
-                t.error("admin_send", &format!("agent-{} lost its socket", self.k));
+                t.error("admin_send", &format!("{} lost its socket", self.name));
                 break;
             }
             sent += 1;

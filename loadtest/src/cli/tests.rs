@@ -135,6 +135,31 @@ fn perf_md_invocations_parse() {
     let (_, o) =
         ok("loadtest compare --scenario churn --users 50 --secs 5 --rounds 2 --server-cores 1");
     assert_eq!((o.scenario.as_str(), o.users, o.secs), ("churn", 50, 5));
+
+    // "Several nodes": bench/cluster.sh adds --addr, --pid, --deadline-secs, --out.
+    let nodes = "--addr 127.0.0.1:9001,127.0.0.1:9002,127.0.0.1:9003 --pid 11,12,13 \
+                 --deadline-secs 900 --out /tmp/o/cluster-chat-1.json --secret s";
+    let (cmd, o) = ok(&format!("loadtest chat --users 3000 --secs 10 {nodes}"));
+    assert_eq!(
+        (cmd, o.users, o.nodes(), o.pids.len()),
+        ("chat", 3000, 3, 3)
+    );
+    let (cmd, o) = ok(&format!(
+        "loadtest takeover --users 3000 --admins 30 --msg-rate 2000 --secs 10 {nodes}"
+    ));
+    assert_eq!(
+        (cmd, o.admins, o.msg_rate, o.nodes()),
+        ("takeover", 30, 2000, 3)
+    );
+    let (cmd, o) = ok(&format!(
+        "loadtest connect --connections 19000 --rate 3000 --hold-secs 30 {nodes} \
+         --first-user 2000000"
+    ));
+    assert_eq!(
+        (cmd, o.connections, o.first_user),
+        ("connect", 19000, 2_000_000)
+    );
+    assert_eq!(ok("loadtest chat --secret s").1.first_user, 0);
 }
 
 #[test]
