@@ -252,7 +252,7 @@ fi
 
 # One line per run: the numbers the comparisons read.
 say "summaries (JSON in $OUT)"
-printf '%-26s %-9s %-5s %s\n' run scenario exit key-numbers
+printf '%-32s %-9s %-5s %s\n' run scenario exit key-numbers
 for r in "${RESULTS[@]}"; do
   read -r label scenario status file <<<"$r"
   nums=$(timeout 10 jq -c '{connected, pongs_after_hold, refused, failed, dropped,
@@ -262,7 +262,7 @@ for r in "${RESULTS[@]}"; do
       sent, lost, duplicated, errors, cpu_secs: .server.cpu_secs,
       rss_kib_peak: .server.rss_kib_peak} | with_entries(select(.value != null))' \
     "$file" 2>/dev/null || echo '(no summary)')
-  printf '%-26s %-9s %-5s %s\n' "$label" "$scenario" "$status" "$nums"
+  printf '%-32s %-9s %-5s %s\n' "$label" "$scenario" "$status" "$nums"
   ((status == 0)) || FAILED=1
 done
 # Every run's summary is printed and kept; the script fails if any run did.

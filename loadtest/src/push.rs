@@ -144,44 +144,7 @@ async fn stream_user(
             errors.fetch_add(1, Ordering::Relaxed);
             break;
         }
-        let mut last_chunk: Option<Instant> = None;
-        let finished = loop {
-            let m = tokio::select! {
-                m = rx.next() => m,
-                _ = tokio::time::sleep_until(end) => break false,
-            };
-            let Some(Ok(Message::Text(t))) = m else {
-                if matches!(m, Some(Ok(_))) {
-                    continue;
-                }
-                errors.fetch_add(1, Ordering::Relaxed);
-                break false;
-            };
-            let Ok(v) = serde_json::from_str::<Value>(&t) else {
-                continue;
-            };
-            match v["type"].as_str() {
-                Some("ack") => session = v["session_id"].as_str().map(str::to_owned),
-                Some("ai_chunk") => {
-                    let now = Instant::now();
-                    let since = last_chunk.map_or(asked, |l| l);
-                    let h = if last_chunk.is_some() {
-                        &mut st.gap
-                    } else {
-                        &mut st.first_chunk
-                    };
-                    let _ = h.record(now.duration_since(since).as_micros() as u64);
-                    last_chunk = Some(now);
-                    st.chunks += 1;
-                }
-                Some("ai_done") => break true,
-                Some("error") => {
-                    errors.fetch_add(1, Ordering::Relaxed);
-                    break false;
-                }
-                _ => {}
-            }
-        };
+        let finished = read_answer(&mut rx, asked, end, &mut st, &mut session, errors).await;
         if finished {
             st.answers += 1;
         } else {
@@ -191,4 +154,55 @@ async fn stream_user(
     }
     let _ = tx.close().await;
     st
+}
+
+/// Reads one streamed answer to its `ai_done`, timing its chunks into `st` and
+/// taking the session id from the `ack`. False when the run ended first, the
+/// connection failed or the server answered with an error.
+async fn read_answer(
+    rx: &mut futures_util::stream::SplitStream<client::Ws>,
+    asked: Instant,
+    end: tokio::time::Instant,
+    st: &mut StreamStats,
+    session: &mut Option<String>,
+    errors: &AtomicU64,
+) -> bool {
+    let mut last_chunk: Option<Instant> = None;
+    loop {
+        let m = tokio::select! {
+            m = rx.next() => m,
+            _ = tokio::time::sleep_until(end) => return false,
+        };
+        let Some(Ok(Message::Text(t))) = m else {
+            if matches!(m, Some(Ok(_))) {
+                continue;
+            }
+            errors.fetch_add(1, Ordering::Relaxed);
+            return false;
+        };
+        let Ok(v) = serde_json::from_str::<Value>(&t) else {
+            continue;
+        };
+        match v["type"].as_str() {
+            Some("ack") => *session = v["session_id"].as_str().map(str::to_owned),
+            Some("ai_chunk") => {
+                let now = Instant::now();
+                let since = last_chunk.map_or(asked, |l| l);
+                let h = if last_chunk.is_some() {
+                    &mut st.gap
+                } else {
+                    &mut st.first_chunk
+                };
+                let _ = h.record(now.duration_since(since).as_micros() as u64);
+                last_chunk = Some(now);
+                st.chunks += 1;
+            }
+            Some("ai_done") => return true,
+            Some("error") => {
+                errors.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+            _ => {}
+        }
+    }
 }
