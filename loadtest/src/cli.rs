@@ -66,16 +66,23 @@ pub enum Command {
     Compare(CompareArgs),
 }
 
-/// The server a single-server scenario runs against.
+/// The server a single-server scenario runs against: one node, or the nodes of a
+/// cluster (users spread over them round-robin by user index).
 #[derive(Args, Debug)]
 #[command(next_help_heading = "Server")]
 pub struct Server {
-    /// The server's address
-    #[arg(long, value_name = "HOST:PORT", default_value = ADDR)]
-    addr: SocketAddr,
+    /// The server's address; several nodes as a comma list (or the flag repeated):
+    /// user i and its connections go to node i mod N
+    #[arg(long, value_name = "HOST:PORT[,...]", default_value = ADDR, value_delimiter = ',')]
+    addr: Vec<SocketAddr>,
     /// URL prefix of the server's routes
     #[arg(long, value_name = "PATH", default_value = PREFIX)]
     prefix: String,
+    /// Index of this process's first user: user names, nodes and source addresses
+    /// count from it, so several loadtest processes (each at most ~19,900
+    /// connections) can load one cluster without sharing users
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    first_user: usize,
     /// The server's JWT secret, to mint the clients' tokens with
     #[arg(
         long,
@@ -84,6 +91,18 @@ pub struct Server {
         value_parser = NonEmptyStringValueParser::new()
     )]
     secret: String,
+}
+
+/// The server processes whose cost a run reports (every scenario but `idle`, whose
+/// --pid is required and measured its own way).
+#[derive(Args, Debug)]
+#[command(next_help_heading = "Server")]
+pub struct Sample {
+    /// Server process ids (comma list or repeated): their CPU time over the run and
+    /// peak RSS are summed into the summary's `server` field, so a cluster's whole
+    /// cost is counted
+    #[arg(long = "pid", value_name = "PID[,...]", value_delimiter = ',')]
+    pids: Vec<u32>,
 }
 
 /// How the harness itself runs; every subcommand has these.
@@ -120,15 +139,23 @@ pub struct ConnectArgs {
     #[command(flatten)]
     server: Server,
     #[command(flatten)]
+    sample: Sample,
+    #[command(flatten)]
     harness: Harness,
 }
 
 #[derive(Args, Debug)]
 #[command(allow_negative_numbers = true)]
 pub struct IdleArgs {
-    /// The server's process id (its RSS is read from /proc)
-    #[arg(long, value_name = "PID")]
-    pid: u32,
+    /// The server's process id (its RSS is read from /proc); several (comma list
+    /// or repeated) are summed
+    #[arg(
+        long = "pid",
+        value_name = "PID[,...]",
+        value_delimiter = ',',
+        required = true
+    )]
+    pids: Vec<u32>,
     /// The two connection counts to measure RSS at, increasing
     #[arg(long, value_name = "A,B", default_value = SIZES, value_parser = parse_sizes)]
     sizes: Sizes,
@@ -162,6 +189,8 @@ pub struct ChatArgs {
     #[command(flatten)]
     server: Server,
     #[command(flatten)]
+    sample: Sample,
+    #[command(flatten)]
     harness: Harness,
 }
 
@@ -176,6 +205,8 @@ pub struct ChurnArgs {
     secs: u64,
     #[command(flatten)]
     server: Server,
+    #[command(flatten)]
+    sample: Sample,
     #[command(flatten)]
     harness: Harness,
 }
@@ -197,6 +228,8 @@ pub struct StreamArgs {
     chunk_ms: u64,
     #[command(flatten)]
     server: Server,
+    #[command(flatten)]
+    sample: Sample,
     #[command(flatten)]
     harness: Harness,
 }
@@ -221,6 +254,8 @@ pub struct TakeoverArgs {
     secs: u64,
     #[command(flatten)]
     server: Server,
+    #[command(flatten)]
+    sample: Sample,
     #[command(flatten)]
     harness: Harness,
 }
@@ -334,7 +369,7 @@ fn defaults(scenario: &str, users: usize, h: Harness) -> Opts {
     Opts {
         // Only read by single-server scenarios, whose --addr replaces it; compare
         // puts each server's own address here.
-        addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+        addrs: vec![SocketAddr::from(([127, 0, 0, 1], 8080))],
         prefix: PREFIX.into(),
         secret: String::new(),
         connections: CONNECTIONS,
@@ -342,7 +377,8 @@ fn defaults(scenario: &str, users: usize, h: Harness) -> Opts {
         rate: RATE,
         hold: Duration::from_secs(HOLD_SECS),
         sizes: vec![2000, 18000],
-        pid: None,
+        pids: Vec::new(),
+        first_user: 0,
         msg_rate: 0,
         chunk_ms: CHUNK_MS,
         admins: ADMINS,
@@ -361,7 +397,8 @@ fn defaults(scenario: &str, users: usize, h: Harness) -> Opts {
 
 impl Server {
     fn apply(self, o: &mut Opts) {
-        o.addr = self.addr;
+        o.addrs = self.addr;
+        o.first_user = self.first_user;
         o.prefix = self.prefix;
         o.secret = self.secret;
     }
@@ -398,6 +435,7 @@ impl ConnectArgs {
         let users = self.users.unwrap_or(self.connections);
         let mut o = defaults("connect", users, self.harness);
         self.server.apply(&mut o);
+        o.pids = self.sample.pids;
         o.connections = self.connections;
         o.rate = self.rate;
         o.hold = Duration::from_secs(self.hold_secs);
@@ -410,7 +448,7 @@ impl IdleArgs {
         let users = self.users.unwrap_or(self.sizes.1);
         let mut o = defaults("idle", users, self.harness);
         self.server.apply(&mut o);
-        o.pid = Some(self.pid);
+        o.pids = self.pids;
         o.sizes = vec![self.sizes.0, self.sizes.1];
         o.rate = self.rate;
         o.hold = Duration::from_secs(self.hold_secs);
@@ -422,6 +460,7 @@ impl ChatArgs {
     fn into_opts(self) -> Opts {
         let mut o = defaults("chat", self.users, self.harness);
         self.server.apply(&mut o);
+        o.pids = self.sample.pids;
         o.msg_rate = self.msg_rate;
         o.secs = self.secs;
         o
@@ -432,6 +471,7 @@ impl ChurnArgs {
     fn into_opts(self) -> Opts {
         let mut o = defaults("churn", self.users, self.harness);
         self.server.apply(&mut o);
+        o.pids = self.sample.pids;
         o.secs = self.secs;
         o
     }
@@ -441,6 +481,7 @@ impl StreamArgs {
     fn into_opts(self) -> Opts {
         let mut o = defaults("stream", self.users, self.harness);
         self.server.apply(&mut o);
+        o.pids = self.sample.pids;
         o.rate = self.rate;
         o.secs = self.secs;
         o.chunk_ms = self.chunk_ms;
@@ -452,6 +493,7 @@ impl TakeoverArgs {
     fn into_opts(self) -> Opts {
         let mut o = defaults("takeover", self.users, self.harness);
         self.server.apply(&mut o);
+        o.pids = self.sample.pids;
         o.admins = self.admins;
         o.msg_rate = self.msg_rate;
         o.rate = self.rate;

@@ -178,8 +178,8 @@ pub async fn compare(o: &Opts) -> anyhow::Result<Value> {
             eprintln!("round {} of {}: {target:?}", round + 1, o.rounds);
             let mut server = spawn(target, o)?;
             let mut so = o.clone();
-            so.addr = server.addr;
-            so.pid = Some(server.child.id());
+            so.addrs = vec![server.addr];
+            so.pids = vec![server.child.id()];
             let result = crate::run_scenario(&o.scenario, &so).await;
             let _ = server.child.kill();
             let _ = server.child.wait();

@@ -1,13 +1,16 @@
-//! chatbox load harness: scenarios against one server, or `compare` against
+//! chatbox load harness: scenarios against one server (or the nodes of a cluster,
+//! users spread over them), or `compare` against
 //! chatbox and the tokio-tungstenite baseline in one run. Every run is bounded in
 //! time (`--deadline-secs`) and stops by itself; summaries are printed as JSON and
 //! written to `--out`.
 
 mod cli;
 mod client;
+mod cluster;
 mod compare;
 mod push;
 mod scenarios;
+mod takeover;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -23,7 +26,8 @@ use cli::Cli;
 /// by `cli`; `compare` copies it per server with that server's address and pid).
 #[derive(Clone)]
 pub struct Opts {
-    pub addr: SocketAddr,
+    /// The nodes users are spread over (one for a single server; never empty).
+    pub addrs: Vec<SocketAddr>,
     pub prefix: String,
     pub secret: String,
     pub connections: usize,
@@ -31,7 +35,10 @@ pub struct Opts {
     pub rate: u64,
     pub hold: Duration,
     pub sizes: Vec<usize>,
-    pub pid: Option<u32>,
+    /// Server processes whose RSS (`idle`) or CPU and RSS (others) are summed.
+    pub pids: Vec<u32>,
+    /// This process's first user index (`--first-user`): users are first_user + i.
+    pub first_user: usize,
     pub msg_rate: u64,
     pub chunk_ms: u64,
     pub admins: usize,
@@ -54,7 +61,7 @@ pub async fn run_scenario(name: &str, o: &Opts) -> anyhow::Result<Value> {
         "chat" => scenarios::chat(o).await,
         "churn" => scenarios::churn(o).await,
         "stream" => push::stream(o).await,
-        "takeover" => push::takeover(o).await,
+        "takeover" => takeover::takeover(o).await,
         other => bail!("unknown scenario {other:?}"),
     }
 }
@@ -67,8 +74,10 @@ async fn main() -> anyhow::Result<()> {
     let run = async {
         if cmd == "compare" {
             compare::compare(&o).await
-        } else {
+        } else if cmd == "idle" || o.pids.is_empty() {
             run_scenario(cmd, &o).await
+        } else {
+            cluster::sampled(&o.pids, run_scenario(cmd, &o)).await
         }
     };
     let summary = tokio::time::timeout(o.deadline, run)

@@ -1,5 +1,6 @@
-//! The scenarios. Each runs against one server address, prints progress on stderr,
-//! and returns its summary as JSON (which `compare` turns into ratios).
+//! The scenarios. Each runs against one server address (or several nodes, each user
+//! on one of them), prints progress on stderr, and returns its summary as JSON
+//! (which `compare` turns into ratios).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,8 +14,9 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::client::{self, check_fd_budget, idle_until, open, ping_pong, rss_kib, source, token};
 use crate::Opts;
 
-pub fn url(o: &Opts) -> String {
-    format!("ws://{}{}/ws", o.addr, o.prefix)
+/// The WebSocket URL of the node at `addr`.
+pub fn url(o: &Opts, addr: std::net::SocketAddr) -> String {
+    format!("ws://{addr}{}/ws", o.prefix)
 }
 
 #[derive(Default)]
@@ -39,9 +41,11 @@ fn open_many(
     let start = Instant::now();
     range
         .map(|i| {
-            let (url, addr, counts, hs) = (url(o), o.addr, counts.clone(), handshakes.clone());
-            let tok = token(&o.secret, &format!("load-{}", i % o.users.max(1)));
-            let src = source(i, o.sources);
+            let user = o.first_user + i % o.users.max(1);
+            let addr = o.user_addr(user);
+            let (url, counts, hs) = (url(o, addr), counts.clone(), handshakes.clone());
+            let tok = token(&o.secret, &format!("load-{user}"));
+            let src = source(o.first_user + i, o.sources);
             let mut phase = phase.subscribe();
             let at = start + interval * (i as u32 % 1_000_000);
             tokio::spawn(async move {
@@ -60,8 +64,11 @@ fn open_many(
                         return;
                     }
                 };
-                let _ = hs.send(t0.elapsed().as_micros() as u64 + 1);
+                // Counted before the handshake is reported: the ramp ends when the
+                // last report arrives, and reads `connected` at once (the other
+                // order undercounted by the connections still between the two).
                 counts.connected.fetch_add(1, Ordering::Relaxed);
+                let _ = hs.send(t0.elapsed().as_micros() as u64 + 1);
                 for round in 0..2u8 {
                     if !idle_until(&mut ws, &mut phase, round + 1).await
                         || !ping_pong(&mut ws).await
@@ -151,9 +158,17 @@ pub async fn connect(o: &Opts) -> anyhow::Result<Value> {
 /// `idle`: server memory per idle authenticated connection, as the slope of its
 /// RSS between two connection counts (so fixed costs cancel out).
 pub async fn idle(o: &Opts) -> anyhow::Result<Value> {
-    let pid = o
-        .pid
-        .ok_or_else(|| anyhow::anyhow!("idle needs --pid (the server's process id)"))?;
+    if o.pids.is_empty() {
+        anyhow::bail!("idle needs --pid (the server's process id)");
+    }
+    // Several pids (the nodes of a cluster) are summed; one that is gone fails.
+    let rss = || -> anyhow::Result<u64> {
+        o.pids.iter().try_fold(0, |sum, &pid| {
+            let kib =
+                rss_kib(pid).ok_or_else(|| anyhow::anyhow!("cannot read /proc/{pid}/status"))?;
+            Ok(sum + kib)
+        })
+    };
     let (small, large) = (o.sizes[0], o.sizes[1]);
     check_fd_budget(large)?;
     let counts = Arc::new(Counts::default());
@@ -162,13 +177,11 @@ pub async fn idle(o: &Opts) -> anyhow::Result<Value> {
     let mut tasks = open_many(o, 0..small, &counts, &phase, &hs_tx);
     collect_handshakes(&mut hs_rx, small).await;
     tokio::time::sleep(o.hold).await;
-    let rss_small =
-        rss_kib(pid).ok_or_else(|| anyhow::anyhow!("cannot read /proc/{pid}/status"))?;
+    let rss_small = rss()?;
     tasks.extend(open_many(o, small..large, &counts, &phase, &hs_tx));
     collect_handshakes(&mut hs_rx, large - small).await;
     tokio::time::sleep(o.hold).await;
-    let rss_large =
-        rss_kib(pid).ok_or_else(|| anyhow::anyhow!("cannot read /proc/{pid}/status"))?;
+    let rss_large = rss()?;
     let connected = counts.connected.load(Ordering::Relaxed);
     phase.send_replace(1);
     wait_count(&counts.pongs[0], &counts, connected).await;
@@ -207,11 +220,13 @@ pub async fn chat(o: &Opts) -> anyhow::Result<Value> {
         (o.msg_rate > 0).then(|| Duration::from_secs_f64(o.users as f64 / o.msg_rate as f64));
     let mut opened = 0;
     for i in 0..o.users {
+        let user = o.first_user + i;
+        let addr = o.user_addr(user);
         let Ok(ws) = open(
-            &url(o),
-            o.addr,
-            source(i, o.sources),
-            &token(&o.secret, &format!("chat-{i}")),
+            &url(o, addr),
+            addr,
+            source(user, o.sources),
+            &token(&o.secret, &format!("chat-{user}")),
         )
         .await
         else {
@@ -327,8 +342,10 @@ pub async fn churn(o: &Opts) -> anyhow::Result<Value> {
     let (hs_tx, mut hs_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
     let mut workers = Vec::new();
     for w in 0..o.users {
-        let (url, addr, src) = (url(o), o.addr, source(w, o.sources));
-        let tok = token(&o.secret, &format!("churn-{w}"));
+        let user = o.first_user + w;
+        let addr = o.user_addr(user);
+        let (url, src) = (url(o, addr), source(user, o.sources));
+        let tok = token(&o.secret, &format!("churn-{user}"));
         let (cycles, errors, hs) = (cycles.clone(), errors.clone(), hs_tx.clone());
         workers.push(tokio::spawn(async move {
             while tokio::time::Instant::now() < end {
@@ -373,12 +390,18 @@ pub async fn churn(o: &Opts) -> anyhow::Result<Value> {
     }))
 }
 
-/// The server's open WebSocket count once it has caught up (up to 10 s), or
-/// `None` when it has no chatbox /metrics endpoint.
+/// The open WebSocket count of all the nodes once they have caught up (up to
+/// 10 s), or `None` when none has a chatbox /metrics endpoint.
 async fn open_connections_settled(o: &Opts) -> Option<u64> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let open = scrape_open(o).await?;
+        let mut open = None;
+        for &addr in &o.addrs {
+            if let Some(n) = scrape_open(o, addr).await {
+                open = Some(open.unwrap_or(0) + n);
+            }
+        }
+        let open = open?;
         if open == 0 || tokio::time::Instant::now() >= deadline {
             return Some(open);
         }
@@ -386,9 +409,9 @@ async fn open_connections_settled(o: &Opts) -> Option<u64> {
     }
 }
 
-async fn scrape_open(o: &Opts) -> Option<u64> {
+async fn scrape_open(o: &Opts, addr: std::net::SocketAddr) -> Option<u64> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(o.addr).await.ok()?;
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
     let req = format!(
         "GET {}/metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
         o.prefix

@@ -38,7 +38,7 @@ fn ci_invocations_parse() {
     let (cmd, o) = ok("loadtest connect --addr 127.0.0.1:40123 --secret 0123abcd \
          --connections 2000 --rate 2000 --hold-secs 2 --deadline-secs 240 --out /tmp/a/load-connect.json");
     assert_eq!(cmd, "connect");
-    assert_eq!(o.addr.to_string(), "127.0.0.1:40123");
+    assert_eq!(o.addrs, ["127.0.0.1:40123".parse().unwrap()]);
     assert_eq!(
         (o.secret.as_str(), o.connections, o.rate),
         ("0123abcd", 2000, 2000)
@@ -135,6 +135,31 @@ fn perf_md_invocations_parse() {
     let (_, o) =
         ok("loadtest compare --scenario churn --users 50 --secs 5 --rounds 2 --server-cores 1");
     assert_eq!((o.scenario.as_str(), o.users, o.secs), ("churn", 50, 5));
+
+    // "Several nodes": bench/cluster.sh adds --addr, --pid, --deadline-secs, --out.
+    let nodes = "--addr 127.0.0.1:9001,127.0.0.1:9002,127.0.0.1:9003 --pid 11,12,13 \
+                 --deadline-secs 900 --out /tmp/o/cluster-chat-1.json --secret s";
+    let (cmd, o) = ok(&format!("loadtest chat --users 3000 --secs 10 {nodes}"));
+    assert_eq!(
+        (cmd, o.users, o.nodes(), o.pids.len()),
+        ("chat", 3000, 3, 3)
+    );
+    let (cmd, o) = ok(&format!(
+        "loadtest takeover --users 3000 --admins 30 --msg-rate 2000 --secs 10 {nodes}"
+    ));
+    assert_eq!(
+        (cmd, o.admins, o.msg_rate, o.nodes()),
+        ("takeover", 30, 2000, 3)
+    );
+    let (cmd, o) = ok(&format!(
+        "loadtest connect --connections 19000 --rate 3000 --hold-secs 30 {nodes} \
+         --first-user 2000000"
+    ));
+    assert_eq!(
+        (cmd, o.connections, o.first_user),
+        ("connect", 19000, 2_000_000)
+    );
+    assert_eq!(ok("loadtest chat --secret s").1.first_user, 0);
 }
 
 #[test]
@@ -153,7 +178,8 @@ fn readme_invocations_parse() {
 #[test]
 fn defaults_are_unchanged() {
     let (_, o) = ok("loadtest chat --secret s");
-    assert_eq!(o.addr.to_string(), "127.0.0.1:8080");
+    assert_eq!(o.addrs, ["127.0.0.1:8080".parse().unwrap()]);
+    assert!(o.pids.is_empty(), "no server sampled unless asked");
     assert_eq!(o.prefix, "/chatbox");
     assert_eq!((o.users, o.msg_rate, o.secs), (100, 0, 10));
     assert_eq!(
@@ -168,8 +194,8 @@ fn defaults_are_unchanged() {
     );
     let (_, o) = ok("loadtest idle --secret s --pid 1");
     assert_eq!(
-        (o.sizes.clone(), o.users, o.pid),
-        (vec![2000, 18000], 18000, Some(1))
+        (o.sizes.clone(), o.users, o.pids.clone()),
+        (vec![2000, 18000], 18000, vec![1])
     );
     assert_eq!(ok("loadtest churn --secret s").1.users, 50);
     let (_, o) = ok("loadtest stream --secret s");
@@ -249,6 +275,36 @@ fn flags_belong_to_their_subcommands() {
     assert!(e.to_string().contains("--rounds"), "{e}");
     assert_eq!(err("loadtest bogus").kind(), ErrorKind::InvalidSubcommand);
     assert_eq!(err("loadtest chat --secret s --users").exit_code(), 2);
+}
+
+/// Several nodes: `--addr` as a comma list or repeated, each user (and each of its
+/// connections) on node `user mod N`; several `--pid`s likewise.
+#[test]
+fn several_nodes_and_pids() {
+    let three = ["127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003"];
+    let three: Vec<std::net::SocketAddr> = three.iter().map(|a| a.parse().unwrap()).collect();
+    for line in [
+        "loadtest chat --secret s --addr 127.0.0.1:9001,127.0.0.1:9002,127.0.0.1:9003",
+        "loadtest chat --secret s --addr 127.0.0.1:9001 --addr 127.0.0.1:9002 --addr 127.0.0.1:9003",
+    ] {
+        let (_, o) = ok(line);
+        assert_eq!(o.addrs, three, "{line}");
+        assert_eq!(o.nodes(), 3);
+        let spread: Vec<_> = (0..6).map(|u| o.user_addr(u)).collect();
+        assert_eq!(spread, [three[0], three[1], three[2], three[0], three[1], three[2]]);
+    }
+    let (_, o) = ok("loadtest takeover --secret s --pid 10,11 --pid 12");
+    assert_eq!(o.pids, [10, 11, 12]);
+    let (_, o) = ok("loadtest idle --secret s --pid 10,11");
+    assert_eq!(o.pids, [10, 11]);
+    let e = err("loadtest chat --secret s --addr 127.0.0.1:9001,nowhere");
+    assert!(e.to_string().contains("--addr"), "{e}");
+    let e = err("loadtest chat --secret s --pid 1,x");
+    assert!(e.to_string().contains("--pid"), "{e}");
+    assert_eq!(
+        err("loadtest compare --pid 1").kind(),
+        ErrorKind::UnknownArgument
+    );
 }
 
 #[test]
