@@ -34,18 +34,11 @@ pub async fn wait_metric_until(addr: SocketAddr, name: &str, ok: impl Fn(u64) ->
 
 /// A user that `node` owns when the other live nodes are `others`.
 pub fn user_owned_by(node: &str, others: &[&str]) -> String {
-    use chatbox::runtime::bus::{Heartbeat, Members};
-    let mut view = Members::new(node.into(), 60_000);
-    for o in others {
-        let beat = Heartbeat {
-            node: (*o).into(),
-            leaving: false,
-            sync: false,
-        };
-        view.heard(&beat, 0);
-    }
+    let nodes: Vec<&str> = std::iter::once(node)
+        .chain(others.iter().copied())
+        .collect();
     (0..)
         .map(|i| format!("user-{i}"))
-        .find(|u| *view.owner(u, 1) == *node)
+        .find(|u| chatbox::runtime::bus::owner_among(&nodes, u) == Some(node))
         .unwrap()
 }

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use chatbox::auth::{mint, now_secs, Claims};
-use chatbox::runtime::bus::{Heartbeat, Members};
+use chatbox::runtime::bus::owner_among;
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
@@ -43,18 +43,10 @@ struct Args {
 
 /// `n` user ids that `owner` owns among `nodes`.
 fn owned_users(owner: &str, nodes: &[String], n: usize) -> Vec<String> {
-    let mut view = Members::new(owner.into(), 60_000);
-    for node in nodes.iter().filter(|x| *x != owner) {
-        let beat = Heartbeat {
-            node: node.as_str().into(),
-            leaving: false,
-            sync: false,
-        };
-        view.heard(&beat, 0);
-    }
+    let nodes: Vec<&str> = nodes.iter().map(String::as_str).collect();
     (0..)
         .map(|i| format!("hop-{i}"))
-        .filter(|u| *view.owner(u, 1) == *owner)
+        .filter(|u| owner_among(&nodes, u) == Some(owner))
         .take(n)
         .collect()
 }

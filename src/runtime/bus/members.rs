@@ -99,6 +99,13 @@ impl Members {
     }
 }
 
+/// The node of `nodes` that owns `user` when they are the live members: what
+/// every node with that view computes (for tools and tests that pick users of a
+/// given node; `None` for no nodes).
+pub fn owner_among<'a>(nodes: &[&'a str], user: &str) -> Option<&'a str> {
+    nodes.iter().copied().max_by_key(|n| score(n, user))
+}
+
 /// FNV-1a over `node`, a separator and `user`, then a 64-bit mix (FNV alone
 /// correlates the scores of similar node names).
 fn score(node: &str, user: &str) -> u64 {
@@ -146,6 +153,19 @@ mod tests {
             4001,
         );
         assert_eq!(m.others(4001), vec![Arc::from("b")], "c left at once");
+    }
+
+    #[test]
+    fn owner_among_a_fixed_view_is_the_owner_each_member_computes() {
+        let mut view = Members::new("a".into(), 3000);
+        view.heard(&beat("b"), 0);
+        view.heard(&beat("c"), 0);
+        for i in 0..100 {
+            let user = format!("user-{i}");
+            let owner = owner_among(&["c", "a", "b"], &user);
+            assert_eq!(owner, Some(&*view.owner(&user, 1)));
+        }
+        assert_eq!(owner_among(&[], "u"), None);
     }
 
     #[test]

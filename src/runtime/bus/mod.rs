@@ -21,7 +21,7 @@ use futures_util::StreamExt;
 
 use crate::clock::now_ms;
 use crate::pool::BlockingPool;
-pub use members::{Heartbeat, Members};
+pub use members::{owner_among, Heartbeat, Members};
 
 /// The header naming the node that sent a reply.
 const NODE_HEADER: &str = "Chatbox-Node";
