@@ -212,6 +212,11 @@ async fn resending_an_id_returns_the_original_ack_and_stores_nothing_twice() {
         (ack["message_id"].clone(), ack["session_id"].clone()),
         (x.ack["message_id"].clone(), json!(x.session_id))
     );
+    // The session that resend opened is not left behind, empty.
+    let boss = token_with("boss", &["admin"], chatbox::auth::now_secs() + 600);
+    let (status, list) = admin_call(addr, "GET", "/sessions?user_id=dup", &boss).await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(list["sessions"].as_array().unwrap().len(), 1, "{list}");
     send(
         &mut ws,
         json!({"type": "resume", "session_id": x.session_id}),

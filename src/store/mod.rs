@@ -212,6 +212,9 @@ pub enum WriteOp {
     },
     /// Deletes everything stored for a user (sessions, messages, audit trail).
     DeleteUser { user_id: String },
+    /// Deletes a session only while it holds no message: the one a resent message
+    /// would have opened, when the store found the message already stored elsewhere.
+    DropEmptySession { session_id: String },
     /// Queues a notification in the durable outbox.
     Enqueue {
         kind: String,

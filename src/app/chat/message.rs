@@ -135,29 +135,30 @@ fn append(
         .collect();
     core.metrics().messages_in.inc();
     let write = super::lease::write(core, user, ops);
-    let task = after_write(
-        core.clone(),
-        sid.clone(),
+    let written = Written {
+        sid: sid.clone(),
         conn,
-        user.clone(),
+        user: user.clone(),
         message_id,
-        msg,
-        write,
-    );
+        new_session,
+    };
+    let task = after_write(core.clone(), written, msg, write);
     super::spawn(core, sid, "store_reply", task, |_| {});
 }
 
-/// Once the write is settled: the ack (or the original ack of a resend) and the
-/// answer, or the one error the client gets.
-async fn after_write(
-    core: Rc<Core>,
+/// What a submitted user message was written as.
+struct Written {
     sid: Arc<str>,
     conn: ConnId,
     user: Arc<str>,
     message_id: Arc<str>,
-    msg: Pending,
-    write: super::lease::Write,
-) {
+    /// The message opened `sid`: a resend found elsewhere leaves it empty.
+    new_session: bool,
+}
+
+/// Once the write is settled: the ack (or the original ack of a resend) and the
+/// answer, or the one error the client gets.
+async fn after_write(core: Rc<Core>, w: Written, msg: Pending, write: super::lease::Write) {
     let written = write.await;
     core.shared.hooks.fault_point("store_reply");
     match written {
@@ -165,10 +166,28 @@ async fn after_write(
             Some(WriteOutcome::Duplicate {
                 message_id,
                 session_id,
-            }) => acked_again(&core, conn, msg.id.as_deref(), session_id, message_id),
-            _ => stored(&core, &sid, &user, &message_id, msg),
+            }) => {
+                if w.new_session && **session_id != *w.sid {
+                    drop_empty(&core, &w.sid, &w.user).await;
+                }
+                acked_again(&core, w.conn, msg.id.as_deref(), session_id, message_id)
+            }
+            _ => stored(&core, &w.sid, &w.user, &w.message_id, msg),
         },
-        Err(e) => not_stored(&core, &sid, conn, msg.id.as_deref(), e),
+        Err(e) => not_stored(&core, &w.sid, w.conn, msg.id.as_deref(), e),
+    }
+}
+
+/// A resend opened `sid` for nothing (the message is stored in another session):
+/// the empty session goes, from memory and from the store, before the resend's
+/// ack tells the client where its message is.
+async fn drop_empty(core: &Rc<Core>, sid: &Arc<str>, user: &Arc<str>) {
+    core.app.sessions.borrow_mut().remove(sid);
+    let drop = WriteOp::DropEmptySession {
+        session_id: sid.to_string(),
+    };
+    if let Err(e) = super::lease::write(core, user, vec![drop]).await {
+        tracing::warn!(session = %sid, error = %e, "an empty session opened by a resend stays stored");
     }
 }
 

@@ -398,6 +398,10 @@ async fn apply(
             dead_before,
         } => purge_outbox(c, s, *delivered_before, *dead_before).await?,
         WriteOp::DeleteUser { user_id } => delete_user(c, s, user_id).await?,
+        WriteOp::DropEmptySession { session_id } => {
+            let empty = doc! {"_id": session_id, "message_count": 0i64};
+            c.sessions.delete_one(empty).session(&mut *s).await?;
+        }
         WriteOp::Enqueue { kind, payload, at } => enqueue(c, s, kind, payload, *at).await?,
         WriteOp::Delivered { id, at } => {
             c.outbox

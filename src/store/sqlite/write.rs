@@ -232,6 +232,14 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<WriteOutcome, rusqlite::Erro
             delete_user(conn, user_id)?;
             Ok(WriteOutcome::Done)
         }
+        WriteOp::DropEmptySession { session_id } => {
+            exec(
+                conn,
+                "DELETE FROM sessions WHERE id = ?1 AND message_count = 0",
+                params![session_id],
+            )?;
+            Ok(WriteOutcome::Done)
+        }
     }
 }
 
