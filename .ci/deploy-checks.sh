@@ -208,6 +208,32 @@ check_config() {
 step "--check-config accepts the Kubernetes pod's configuration (ConfigMap + made Secret)"
 check_config "$WORK/pod-env.json"
 
+step "--check-config accepts make-secret.sh's two-phase encryption key rotation"
+# Phase 1 stages a new key among the previous ones, phase 2 makes it the sealing
+# key; each Secret, with the ConfigMap, must start.
+secret_val() { grep -oP "^  $1: '\K[^']*" "$2"; }
+export CHATBOX_MONGO_URI=mongodb://chatbox:pw@mongo:27017/?replicaSet=rs0
+for phase in stage rotate; do
+  timeout 30 env CHATBOX_JWT_SECRET="$(secret_val CHATBOX_JWT_SECRET "$WORK/secret.yaml")" \
+    CHATBOX_ENCRYPTION_KEY="$(secret_val CHATBOX_ENCRYPTION_KEY "$WORK/secret.yaml")" \
+    CHATBOX_ENCRYPTION_PREVIOUS_KEYS="$(secret_val CHATBOX_ENCRYPTION_PREVIOUS_KEYS "$WORK/secret.yaml")" \
+    NEW_ENCRYPTION_KEY="${staged:-}" \
+    "$K8S/make-secret.sh" "--$phase-encryption-key" >"$WORK/secret-$phase.yaml" 2>"$WORK/make-secret.err"
+  staged=$(grep -oP 'NEW_ENCRYPTION_KEY=\K[0-9a-f]{64}' "$WORK/make-secret.err" || echo "$staged")
+  "$PY" - "$WORK/pod-env.json" "$WORK/secret-$phase.yaml" "$WORK/pod-env-$phase.json" <<'PYEOF'
+import json, sys, yaml
+env = json.load(open(sys.argv[1]))
+env.update(yaml.safe_load(open(sys.argv[2]))["stringData"])
+json.dump(env, open(sys.argv[3], "w"))
+PYEOF
+  check_config "$WORK/pod-env-$phase.json"
+  [ "$phase" = stage ] && cp "$WORK/secret-stage.yaml" "$WORK/secret.yaml"
+done
+unset CHATBOX_MONGO_URI
+[ "$(secret_val CHATBOX_ENCRYPTION_KEY "$WORK/secret-rotate.yaml")" = "$staged" ] ||
+  fail "phase 2 did not seal with the key phase 1 staged"
+echo "ok: staged and rotated"
+
 step "--check-config accepts a compose node's configuration (environment + generated chatbox.toml)"
 hex() { openssl rand -hex 32; }
 printf 'jwt_secret = "%s"\nencryption_key = "%s"\nmongo_uri = "mongodb://chatbox:%s@mongo:27017/?replicaSet=rs0&authSource=admin"\n' \

@@ -11,19 +11,27 @@
 # new one cannot read what the old one sealed). Unset, CHATBOX_JWT_SECRET,
 # CHATBOX_ENCRYPTION_KEY and CHATBOX_METRICS_TOKEN are generated.
 #
-#   --rotate-encryption-key   CHATBOX_ENCRYPTION_KEY (required) becomes the first of
-#                             CHATBOX_ENCRYPTION_PREVIOUS_KEYS and a new key is made
-#                             (docs/OPERATIONS.md, "Rotating the encryption key").
+# Rotating the encryption key without downtime takes two rollouts, because during a
+# rolling update old pods must already read what new pods seal
+# (docs/OPERATIONS.md, "Rotating the encryption key"):
+#   --stage-encryption-key    phase 1: a new key (NEW_ENCRYPTION_KEY, or made here)
+#                             joins CHATBOX_ENCRYPTION_PREVIOUS_KEYS; the current
+#                             key (required) stays the one that seals.
+#   --rotate-encryption-key   phase 2: NEW_ENCRYPTION_KEY (or, alone on one node, a
+#                             fresh key) seals from now on; the current key moves to
+#                             CHATBOX_ENCRYPTION_PREVIOUS_KEYS, where it must stay
+#                             as long as anything it sealed is stored.
 #   -n NAMESPACE              default chatbox.
 set -euo pipefail
 
 namespace=chatbox
-rotate=false
+rotate=""
 while [ $# -gt 0 ]; do
   case "$1" in
     -n) namespace="${2:?-n needs a namespace}"; shift 2 ;;
-    --rotate-encryption-key) rotate=true; shift ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    --stage-encryption-key) rotate=stage; shift ;;
+    --rotate-encryption-key) rotate=rotate; shift ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "make-secret.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -38,10 +46,23 @@ key="${CHATBOX_ENCRYPTION_KEY:-}"
 previous="${CHATBOX_ENCRYPTION_PREVIOUS_KEYS:-}"
 metrics="${CHATBOX_METRICS_TOKEN:-$(new_key)}"
 
-if $rotate; then
-  hex64 "$key" || { echo "make-secret.sh: --rotate-encryption-key needs the current CHATBOX_ENCRYPTION_KEY (64 hex characters)" >&2; exit 2; }
-  previous="$key${previous:+,$previous}"
-  key="$(new_key)"
+# Comma list without one entry.
+without() { local out="" k; local IFS=,; for k in $1; do [ -n "$k" ] && [ "$k" != "$2" ] && out="${out:+$out,}$k"; done; printf '%s' "$out"; }
+if [ -n "$rotate" ]; then
+  hex64 "$key" || { echo "make-secret.sh: --$rotate-encryption-key needs the current CHATBOX_ENCRYPTION_KEY (64 hex characters)" >&2; exit 2; }
+  next="${NEW_ENCRYPTION_KEY:-}"
+  if [ "$rotate" = stage ]; then
+    next="${next:-$(new_key)}"
+    hex64 "$next" || { echo "make-secret.sh: NEW_ENCRYPTION_KEY must be 64 hex characters" >&2; exit 2; }
+    previous="$next$(p=$(without "$previous" "$next"); printf '%s' "${p:+,$p}")"
+    echo "make-secret.sh: staged NEW_ENCRYPTION_KEY=$next (readable by every node after this rollout; pass it to --rotate-encryption-key next)" >&2
+  else
+    next="${next:-$(new_key)}"
+    hex64 "$next" || { echo "make-secret.sh: NEW_ENCRYPTION_KEY must be 64 hex characters" >&2; exit 2; }
+    rest=$(without "$previous" "$next")
+    previous="$key${rest:+,$rest}"
+    key="$next"
+  fi
 elif [ -z "$key" ]; then
   key="$(new_key)"
   echo "make-secret.sh: generated a new CHATBOX_ENCRYPTION_KEY; keep a copy outside the cluster (without it stored messages cannot be read)" >&2
