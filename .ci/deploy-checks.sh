@@ -282,12 +282,18 @@ for _ in $(seq 1 150); do
 done
 [ -n "$ready" ] || { cat "$WORK/server.log"; fail "no 200 from /readyz within 15 s"; }
 echo "/readyz: $ready"
-timeout 5 curl -fsS "$URL/healthz" >/dev/null || fail "/healthz failed"
+# The paths the image's HEALTHCHECK and the Deployment's probes ask, on this server.
+PROBES=$(grep -oP 'http://127\.0\.0\.1:8080\K/[^"]+' Dockerfile; grep -oP '^\s+path: \K/\S+' "$K8S/deployment.yaml")
+[ "$(echo "$PROBES" | wc -l)" -ge 4 ] || fail "could not read the probe paths ($PROBES)"
+for path in $PROBES; do
+  timeout 5 curl -fsS -o /dev/null "http://127.0.0.1:$PORT$path" || fail "probe path $path does not answer 200"
+done
+echo "probe paths answer 200: $(echo $PROBES)"
 ls "$DATA" | grep -q . || fail "nothing was written to the data dir"
 grep -q '"started"\|started' "$WORK/server.log" || { cat "$WORK/server.log"; fail "no start line in the log"; }
 grep -o '"drivers":"[^"]*"' "$WORK/server.log" | head -1 || true
 # bwrap (no --unshare-pid) execs the server as its only child.
-CHILD=$(pgrep -P "$SERVER_PID" | head -1)
+CHILD=$(cat /proc/"$SERVER_PID"/task/*/children 2>/dev/null | tr ' ' '\n' | grep -m1 . || true)
 [ -n "$CHILD" ] || fail "cannot find the server process under bwrap"
 kill -TERM "$CHILD"
 rc=0
