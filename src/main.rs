@@ -70,6 +70,34 @@ fn backend(name: &str) -> Result<Backend, String> {
     Backend::parse(name).ok_or_else(|| "expected sqlite or mongo".to_owned())
 }
 
+/// Raises the soft open-files limit to the hard one: every connection is a
+/// descriptor, and container runtimes commonly start processes with a soft limit
+/// of 1024 under a much higher hard one. What it got is logged either way.
+fn raise_open_files() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid, owned struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return tracing::warn!(error = %std::io::Error::last_os_error(), "cannot read the open-files limit");
+    }
+    let soft = lim.rlim_cur;
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            lim.rlim_cur = soft;
+            tracing::warn!(error = %std::io::Error::last_os_error(), "cannot raise the open-files limit");
+        }
+    }
+    tracing::info!(
+        open_files_max = lim.rlim_cur,
+        was = soft,
+        "open-files limit"
+    );
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -204,6 +232,7 @@ fn storage(config: &Config, copy: Option<(Backend, Backend)>) -> anyhow::Result<
 }
 
 fn run(config: Config, dev: bool) -> anyhow::Result<()> {
+    raise_open_files();
     let prefix = config.path_prefix.clone();
     let secret = config.jwt_secret.clone().unwrap_or_default();
     // Catch signals before anything is announced: a SIGTERM that arrives right after

@@ -121,6 +121,45 @@ async fn sigterm_closes_clients_with_1001_and_exits_zero() {
     assert_eq!(status.code(), Some(0));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_raises_the_soft_open_files_limit_to_the_hard_one() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = chatbox();
+    cmd.env("CHATBOX_DATA_DIR", dir.path())
+        .env("CHATBOX_LISTEN", "127.0.0.1:0")
+        .env("CHATBOX_JWT_SECRET", SECRET)
+        .env("CHATBOX_ENCRYPTION_KEY", KEY);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut lim = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+            lim.rlim_cur = 256.min(lim.rlim_max);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            Ok(())
+        });
+    }
+    let mut hard = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit on a valid, owned struct.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut hard) };
+    let server = block(|| spawn_server_with(cmd));
+    let lines = block(|| server.log_until("open-files limit"));
+    let line = lines.last().unwrap();
+    assert!(
+        line.contains(&format!("open_files_max={}", hard.rlim_max)) && line.contains("was=256"),
+        "{line}"
+    );
+    server.signal(libc::SIGTERM);
+    assert_eq!(block(|| server.wait()).0, Some(0));
+}
+
 #[test]
 fn port_in_use_fails_start_up_with_a_clear_message() {
     let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

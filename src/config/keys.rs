@@ -413,7 +413,7 @@ declare_config! {
     /// NATS servers (comma list of `nats://host:port`); set, this node runs in cluster mode (docs/CLUSTER.md) and needs `mongo_uri`.
     #[secret]
     nats_url: Vec<String> = Vec::new();
-    /// This node's name on the bus (letters, digits, `-`, `_`; at most 64); the host name and process id by default.
+    /// This node's name on the bus (letters, digits, `-`, `_`; at most 64); the host name, process id and a random tag drawn at start by default.
     node_id: Option<String> = None;
     /// Every bus subject sits under this prefix, so several clusters can share one bus.
     nats_subject_prefix: String = "chatbox".into();

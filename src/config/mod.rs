@@ -179,7 +179,11 @@ impl Config {
             })
             .collect();
         let host = if host.is_empty() { "node".into() } else { host };
-        format!("{host}-{}", std::process::id())
+        // In a container the pid is always 1 and the host name survives a
+        // restart: a random tag drawn once per process keeps the name unique.
+        static TAG: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
+        let tag = TAG.get_or_init(rand::random::<u16>);
+        format!("{host}-{}-{tag:04x}", std::process::id())
     }
 
     pub fn shutdown_timeout(&self) -> Duration {
@@ -221,6 +225,20 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn the_default_node_name_is_the_host_the_pid_and_a_tag_drawn_once() {
+        let c = Config::default();
+        let name = c.node_name();
+        assert_eq!(name, c.node_name(), "drawn once per process");
+        let pid = format!("-{}-", std::process::id());
+        assert!(name.contains(&pid), "{name}");
+        let tag = name.rsplit('-').next().unwrap();
+        assert!(
+            tag.len() == 4 && tag.chars().all(|c| c.is_ascii_hexdigit()),
+            "{name}"
+        );
     }
 
     #[test]

@@ -123,12 +123,16 @@ pub fn spawn_server(data: &std::path::Path, env: &[(&str, String)]) -> Proc {
         .env("CHATBOX_LISTEN", "127.0.0.1:0")
         .env("CHATBOX_CORES", "2")
         .env("CHATBOX_JWT_SECRET", SECRET)
-        .env("CHATBOX_ENCRYPTION_KEY", KEY)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .env("CHATBOX_ENCRYPTION_KEY", KEY);
     for (k, v) in env {
         cmd.env(k, v);
     }
+    spawn_server_with(cmd)
+}
+
+/// Starts `cmd` (the binary, configured) and waits for its readiness line.
+pub fn spawn_server_with(mut cmd: Command) -> Proc {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd.spawn().unwrap();
     let (tx, log) = std::sync::mpsc::channel();
     let stderr = child.stderr.take().unwrap();
