@@ -69,6 +69,53 @@ async fn only_admins_get_in() {
     }
     assert_eq!(get(addr, "/sessions").await.0, 200);
     assert_eq!(get(addr, "/nope").await.0, 404);
+    // A 401 says how to authenticate (RFC 9110 requires the challenge).
+    let req = "GET /chatbox/admin/sessions HTTP/1.1\r\nHost: x\r\n\r\n";
+    let (status, head, _) = http(addr, req).await;
+    assert_eq!(status, 401);
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("www-authenticate: bearer"),
+        "{head}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_known_path_with_another_method_is_405_and_unknown_parameters_are_refused() {
+    let server = start(config());
+    let addr = server.local_addr();
+    let admin = admin_token();
+    for (method, path, allow) in [
+        ("POST", "/sessions", "GET"),
+        ("DELETE", "/sessions/s_x", "GET"),
+        ("GET", "/sessions/s_x/end", "POST"),
+        ("PUT", "/metrics", "GET"),
+        ("POST", "/users/u/export", "GET"),
+        ("GET", "/users/u", "DELETE"),
+        ("GET", "/users/u/disconnect", "POST"),
+    ] {
+        let req = format!(
+            "{method} /chatbox/admin{path} HTTP/1.1\r\nHost: x\r\n\
+             Authorization: Bearer {admin}\r\nContent-Length: 0\r\n\r\n"
+        );
+        let (status, head, body) = http(addr, &req).await;
+        assert_eq!(status, 405, "{method} {path}: {body}");
+        let want = format!("allow: {}", allow.to_ascii_lowercase());
+        assert!(head.contains(&want), "{head}");
+        assert!(body.contains("method_not_allowed"), "{body}");
+    }
+    for (method, path) in [
+        ("POST", "/sessions/s_x/end?bogus=1"),
+        ("DELETE", "/users/u?bogus=1"),
+        ("POST", "/users/u/disconnect?bogus=1"),
+    ] {
+        let (status, body) = call(addr, method, path, Some(&admin)).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (400, Some("bad_request")),
+            "{method} {path}: {body}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -44,6 +44,9 @@ pub(super) enum ApiError {
     Forbidden,
     #[error("{0}")]
     NotFound(&'static str),
+    /// A known path asked with a method it does not take: these it does.
+    #[error("use {0}")]
+    MethodNotAllowed(&'static str),
     #[error("admin API rate limit reached")]
     RateLimited { retry_after_secs: u64 },
     #[error("storage is unavailable; retry")]
@@ -60,7 +63,10 @@ impl ApiError {
             ApiError::Unauthorized => {
                 core.metrics()
                     .refused(crate::metrics::Refusal::Unauthorized);
-                (StatusCode::UNAUTHORIZED, "unauthorized")
+                return crate::runtime::http::unauthorized(&self.to_string());
+            }
+            ApiError::MethodNotAllowed(allow) => {
+                return crate::runtime::http::method_not_allowed(allow);
             }
             ApiError::Forbidden => {
                 core.metrics().refused(crate::metrics::Refusal::Forbidden);
@@ -135,14 +141,30 @@ async fn route(
             check_params(&params, &[])?;
             super::admin_stream::transcript(core, id).await
         }
-        (&Method::POST, ["sessions", id, "end"]) => end(core, id, &admin).await.map(ok),
+        (&Method::POST, ["sessions", id, "end"]) => {
+            check_params(&params, &[])?;
+            end(core, id, &admin).await.map(ok)
+        }
         (&Method::GET, ["metrics"]) => metrics(core, &params).await.map(ok),
         (&Method::GET, ["users", id, "export"]) => {
             check_params(&params, &[])?;
             super::admin_stream::export(core, id)
         }
-        (&Method::DELETE, ["users", id]) => delete_user(core, id, &admin).await.map(ok),
-        (&Method::POST, ["users", id, "disconnect"]) => disconnect(core, id, &admin).await.map(ok),
+        (&Method::DELETE, ["users", id]) => {
+            check_params(&params, &[])?;
+            delete_user(core, id, &admin).await.map(ok)
+        }
+        (&Method::POST, ["users", id, "disconnect"]) => {
+            check_params(&params, &[])?;
+            disconnect(core, id, &admin).await.map(ok)
+        }
+        (_, ["sessions"] | ["sessions", _] | ["metrics"] | ["users", _, "export"]) => {
+            Err(ApiError::MethodNotAllowed("GET"))
+        }
+        (_, ["sessions", _, "end"] | ["users", _, "disconnect"]) => {
+            Err(ApiError::MethodNotAllowed("POST"))
+        }
+        (_, ["users", _]) => Err(ApiError::MethodNotAllowed("DELETE")),
         _ => Err(ApiError::NotFound("no such admin endpoint")),
     }
 }

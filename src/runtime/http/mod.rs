@@ -195,16 +195,7 @@ async fn route<A: App>(core: &Rc<Core<A>>, req: Request<hyper::body::Incoming>) 
     }
     let known = matches!(path.as_str(), "/healthz" | "/readyz" | "/metrics");
     if known && req.method() != hyper::Method::GET && req.method() != hyper::Method::HEAD {
-        let mut r = error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            "use GET",
-        );
-        r.headers_mut().insert(
-            hyper::header::ALLOW,
-            hyper::header::HeaderValue::from_static("GET, HEAD"),
-        );
-        return r;
+        return method_not_allowed("GET, HEAD");
     }
     if core.gate.is_closing() && !known {
         // Draining: only the probes and the metrics are still served.
@@ -262,6 +253,30 @@ async fn ready<A: App>(core: &Rc<Core<A>>) -> Response<Body> {
     }
 }
 
+/// 401 `unauthorized` with the challenge RFC 9110 asks of a 401 (bearer tokens).
+pub fn unauthorized(message: &str) -> Response<Body> {
+    let mut r = error(StatusCode::UNAUTHORIZED, "unauthorized", message);
+    r.headers_mut().insert(
+        hyper::header::WWW_AUTHENTICATE,
+        hyper::header::HeaderValue::from_static("Bearer"),
+    );
+    r
+}
+
+/// 405 `method_not_allowed` naming the methods the path takes.
+pub fn method_not_allowed(allow: &'static str) -> Response<Body> {
+    let mut r = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        &format!("use {allow}"),
+    );
+    r.headers_mut().insert(
+        hyper::header::ALLOW,
+        hyper::header::HeaderValue::from_static(allow),
+    );
+    r
+}
+
 fn metrics<A: App>(core: &Core<A>, req: &Request<hyper::body::Incoming>) -> Response<Body> {
     let shared = &core.shared;
     if let Some(token) = &shared.config.metrics_token {
@@ -273,11 +288,7 @@ fn metrics<A: App>(core: &Core<A>, req: &Request<hyper::body::Incoming>) -> Resp
         // of the token a guess got right.
         if !given.is_some_and(|g| crate::secret::same(g.as_bytes(), token.as_bytes())) {
             core.metrics().refused(Refusal::Unauthorized);
-            return error(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "metrics need the metrics token",
-            );
+            return unauthorized("metrics need the metrics token");
         }
     }
     let text = crate::metrics::render(&shared.metrics) + &A::render_metrics(&shared.app);
