@@ -91,7 +91,12 @@ impl ChatConn {
                 ..
             } => match core.shared.app.models.pick(model_id.as_deref()) {
                 Ok(model) => {
-                    let msg = Pending { id, content, model };
+                    let msg = Pending {
+                        id,
+                        content,
+                        model,
+                        received: std::time::Instant::now(),
+                    };
                     message::user_message(core, self.conn, user, session_id, msg)
                 }
                 Err(why) => Some(error_frame(Code::InvalidMessage, &why, id.as_deref())),

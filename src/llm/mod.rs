@@ -371,6 +371,11 @@ impl Models {
         })
     }
 
+    /// The configured model ids, the default first.
+    pub fn ids(&self) -> &[String] {
+        &self.order
+    }
+
     /// The model a client asked for, or the default (the first configured).
     pub fn pick(&self, id: Option<&str>) -> Result<Arc<ModelSpec>, String> {
         let id = id.unwrap_or(&self.order[0]);

@@ -304,6 +304,11 @@ pub fn total(handle: &ServerHandle, f: impl Fn(&chatbox::metrics::CoreMetrics) -
     handle.metrics().iter().map(f).sum()
 }
 
+/// Sum of one LLM counter over all cores and models.
+pub fn llm_total(handle: &ServerHandle, f: impl Fn(&chatbox::metrics::LlmCounters) -> u64) -> u64 {
+    handle.shared().app.llm.total(f)
+}
+
 /// Sends a JSON frame.
 pub async fn send(ws: &mut Ws, v: Value) {
     ws.send(Message::text(v.to_string())).await.unwrap();

@@ -217,6 +217,10 @@ impl Store for MongoStore {
         self.writes.submit(ops)
     }
 
+    fn write_queue(&self) -> (usize, usize) {
+        self.writes.depth()
+    }
+
     fn load_session(&self, id: &str, messages_max: usize) -> StoreFuture<Option<Loaded>> {
         let load = read::load(self.colls(), id.to_owned(), messages_max);
         self.read(Op::LoadSession, load)
