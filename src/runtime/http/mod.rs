@@ -214,7 +214,7 @@ async fn route<A: App>(core: &Rc<Core<A>>, req: Request<hyper::body::Incoming>) 
     match path.as_str() {
         "/healthz" => json(StatusCode::OK, r#"{"status":"ok"}"#.into()),
         "/readyz" => ready(core).await,
-        "/metrics" => metrics(core, &req),
+        "/metrics" => metrics(core, &req).await,
         "/ws" => error(
             StatusCode::UPGRADE_REQUIRED,
             "upgrade_required",
@@ -262,7 +262,10 @@ async fn ready<A: App>(core: &Rc<Core<A>>) -> Response<Body> {
     }
 }
 
-fn metrics<A: App>(core: &Core<A>, req: &Request<hyper::body::Incoming>) -> Response<Body> {
+async fn metrics<A: App>(
+    core: &Rc<Core<A>>,
+    req: &Request<hyper::body::Incoming>,
+) -> Response<Body> {
     let shared = &core.shared;
     if let Some(token) = &shared.config.metrics_token {
         let given = req
@@ -280,7 +283,14 @@ fn metrics<A: App>(core: &Core<A>, req: &Request<hyper::body::Incoming>) -> Resp
             );
         }
     }
-    let text = crate::metrics::render(&shared.metrics) + &A::render_metrics(&shared.app);
+    // What `/readyz` would answer now, so that an alert needs no probe of its own.
+    let ready = !core.gate.is_closing() && A::ready(core).await.is_ok();
+    let text = format!(
+        "# HELP chatbox_ready Whether /readyz answers 200 (storage reachable, not shutting down).\n\
+         # TYPE chatbox_ready gauge\nchatbox_ready {}\n",
+        u8::from(ready)
+    ) + &crate::metrics::render(&shared.metrics)
+        + &A::render_metrics(&shared.app);
     let mut r = Response::new(full(text));
     r.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
