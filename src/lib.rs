@@ -13,7 +13,8 @@
 //!    single-writer counters, Prometheus text), [`pool`] (the blocking pool),
 //!    [`outbound`] (which URLs may be called, and clients that follow no
 //!    redirect), [`secret`] (redacted `Debug`, constant-time comparison, private
-//!    files).
+//!    files), [`trace`] (W3C trace context: the request ids of connections and
+//!    messages, and `traceparent` on outbound requests).
 //! 2. [`runtime`]: thread-per-core machinery that knows nothing of chat: one
 //!    SO_REUSEPORT listener and accept loop per core, the socket handover to the
 //!    core that owns the user, the per-core connection registry and outboxes, the
@@ -44,6 +45,7 @@ pub mod pool;
 pub mod runtime;
 pub mod secret;
 pub mod store;
+pub mod trace;
 
 pub use app::{check_config, start, ServerHandle};
 pub use config::Config;

@@ -42,6 +42,9 @@ pub struct HelpEvent {
     pub user_id: String,
     pub user_name: String,
     pub at: Millis,
+    /// The request that asked for help: its trace id goes into the payload
+    /// (`trace_id`), and deliveries send it on as `traceparent`.
+    pub trace: Option<crate::trace::TraceCtx>,
 }
 
 #[derive(Default)]
@@ -221,14 +224,17 @@ impl Notifier {
 
     /// The outbox rows that announce `event` on every configured channel.
     pub fn enqueue_ops(&self, event: &HelpEvent) -> Vec<WriteOp> {
-        let payload = json!({
+        let mut payload = json!({
             "event": "help_requested",
             "session_id": event.session_id,
             "user_id": event.user_id,
             "user_name": event.user_name,
             "at": event.at,
-        })
-        .to_string();
+        });
+        if let Some(ctx) = &event.trace {
+            payload["trace_id"] = ctx.trace_id.to_string().into();
+        }
+        let payload = payload.to_string();
         let kinds = [
             self.webhook.as_ref().map(|_| KIND_WEBHOOK),
             self.smtp.as_ref().map(|_| KIND_EMAIL),
@@ -285,7 +291,8 @@ impl Notifier {
                 }
             };
             for n in &due {
-                self.attempt(n).await;
+                let (ctx, span) = delivery_trace(n);
+                crate::trace::Traced::new(self.attempt(n), ctx, span).await;
             }
             if due.len() == BATCH {
                 continue;
@@ -366,6 +373,7 @@ impl Notifier {
             .header("X-Chatbox-Event", "help_requested")
             .header("X-Chatbox-Delivery", n.id.to_string())
             .header("X-Chatbox-Timestamp", timestamp.to_string())
+            .header("traceparent", delivery_traceparent())
             .header(
                 "X-Chatbox-Signature",
                 signature(&hook.secret, timestamp, n.payload.as_bytes()),
@@ -420,6 +428,26 @@ impl Notifier {
             .map(|_| ())
             .map_err(|e| format!("SMTP failed: {e}"))
     }
+}
+
+/// A delivery's context: a new span of the trace of the request that asked for
+/// help (the payload's `trace_id`), or a trace of its own for rows without one.
+fn delivery_trace(n: &Notification) -> (Option<crate::trace::TraceCtx>, tracing::Span) {
+    use crate::trace::{TraceCtx, TraceId};
+    let trace_id = serde_json::from_str::<serde_json::Value>(&n.payload)
+        .ok()
+        .and_then(|v| v["trace_id"].as_str()?.parse::<TraceId>().ok());
+    let ctx = trace_id.map_or_else(TraceCtx::new, TraceCtx::within);
+    let span = tracing::info_span!("notify", trace_id = %ctx.trace_id, id = n.id, kind = %n.kind);
+    (Some(ctx), span)
+}
+
+/// The `traceparent` of an outbound delivery: a child of the current context.
+fn delivery_traceparent() -> String {
+    crate::trace::current()
+        .unwrap_or_default()
+        .child()
+        .traceparent()
 }
 
 fn smtp(cfg: &Config, host: &str) -> Result<Smtp, String> {

@@ -207,7 +207,7 @@ async fn a_duplicate_ack_starts_no_second_answer() {
     };
     assert_eq!(last_user(&reqs[0]), "original text");
     assert_eq!(last_user(&reqs[1]), "a new question");
-    assert_eq!(total(&server, |m| m.llm_requests.get()), 2);
+    assert_eq!(llm_total(&server, |m| m.requests.get()), 2);
     // The other connection saw no answer start either.
     send(
         &mut other,

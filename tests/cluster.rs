@@ -147,6 +147,8 @@ async fn a_disconnect_on_one_node_closes_the_user_on_every_node() {
     for ws in &mut sockets {
         assert_eq!(close_code(ws).await.map(u16::from), Some(4003));
     }
+    // The asking node timed its round trip to the others (answered before the 200).
+    wait_metric(cluster.addr(1), "chatbox_bus_request_seconds_count", 1).await;
     // Deleting closes them too, wherever they are, and says how many.
     let _again = connect_user(cluster.addr(2), "carl").await;
     let (status, body) = admin_call_as_boss(cluster.addr(0), "DELETE", "/users/carl").await;

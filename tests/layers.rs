@@ -19,6 +19,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("pool", 0),
     ("outbound", 0),
     ("secret", 0),
+    ("trace", 0),
     // The thread-per-core runtime.
     ("runtime", 1),
     // Services.

@@ -265,7 +265,7 @@ async fn a_429_is_retried_honouring_retry_after_then_succeeds() {
         second_wait < first_wait,
         "backoff without Retry-After is shorter: {second_wait:?} vs {first_wait:?}"
     );
-    assert_eq!(total(&server, |m| m.llm_retries.get()), 2);
+    assert_eq!(llm_total(&server, |m| m.retries.get()), 2);
     server.shutdown();
     stop(server).await;
 }
@@ -327,8 +327,8 @@ async fn persistent_failure_is_llm_unavailable_and_the_fallback_model_is_tried()
         "{before:?}"
     );
     assert_eq!(
-        total(&server, |m| m
-            .llm_error_count(chatbox::llm::ErrorKind::ServerError.index())),
+        llm_total(&server, |m| m
+            .error_count(chatbox::llm::ErrorKind::ServerError.index())),
         1
     );
     // The connection is fine.
@@ -351,7 +351,7 @@ async fn malformed_events_are_skipped_and_counted() {
     send(&mut ws, json!({"type": "user_message", "content": "hi"})).await;
     let (_, before) = until(&mut ws, "ai_done").await;
     assert_eq!(chunks_text(&before), "ab");
-    assert_eq!(total(&server, |m| m.llm_malformed_events.get()), 1);
+    assert_eq!(llm_total(&server, |m| m.malformed_events.get()), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -373,8 +373,8 @@ async fn a_stalled_stream_times_out_and_a_broken_one_keeps_its_partial_text() {
     let (err, _) = until(&mut ws, "error").await;
     assert_eq!(err["code"], "llm_unavailable");
     assert_eq!(
-        total(&server, |m| m
-            .llm_error_count(chatbox::llm::ErrorKind::Timeout.index())),
+        llm_total(&server, |m| m
+            .error_count(chatbox::llm::ErrorKind::Timeout.index())),
         1
     );
 
@@ -541,8 +541,8 @@ async fn an_endless_upstream_event_is_bounded() {
         assert_eq!(err["code"], "llm_unavailable", "{prefix:?}");
         fake.wait_closed(0).await;
         assert_eq!(
-            total(&server, |m| m
-                .llm_error_count(chatbox::llm::ErrorKind::TooLarge.index())),
+            llm_total(&server, |m| m
+                .error_count(chatbox::llm::ErrorKind::TooLarge.index())),
             1,
             "{prefix:?}"
         );

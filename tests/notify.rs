@@ -141,6 +141,29 @@ async fn the_webhook_is_signed_and_retried_until_it_succeeds() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_carries_the_trace_of_the_help_request() {
+    const TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (_, mut hooks) = receiver(listener, vec![Some(500), Some(200)]).await;
+    let server = start(with_webhook(port));
+    let parent = format!("00-{TRACE}-b7ad6b7169203331-01");
+    let mut ws = connect_traced(server.local_addr(), "traced-needy", &parent).await;
+    ask_for_help(&mut ws).await;
+    let (first, second) = (next_hook(&mut hooks).await, next_hook(&mut hooks).await);
+    let v: Value = serde_json::from_str(&first.body).unwrap();
+    assert_eq!(v["trace_id"], TRACE, "{}", first.body);
+    let (a, b) = (
+        traceparent_of(&first.headers),
+        traceparent_of(&second.headers),
+    );
+    assert_eq!((a.0.as_str(), b.0.as_str()), (TRACE, TRACE));
+    assert_ne!(a.1, b.1, "each attempt is a span of its own");
+    server.shutdown();
+    stop(server).await;
+}
+
 /// Checks a delivery as a receiver would (docs/ADMIN_API.md): the timestamp is
 /// recent, and the signature is HMAC-SHA256 over "<timestamp>.<raw body>".
 fn verify_signature(hook: &Hook) {

@@ -68,7 +68,7 @@ async fn help_takeover_chat_and_hand_back_across_cores() {
     assert_eq!(joined["admin_name"], "agent-ann name");
 
     // While the human has the session the AI says nothing.
-    let llm_before = total(&server, |m| m.llm_requests.get());
+    let llm_before = llm_total(&server, |m| m.requests.get());
     send(
         &mut u,
         json!({"type": "user_message", "id": "h1", "session_id": sid, "content": "hello human?"}),
@@ -87,7 +87,7 @@ async fn help_takeover_chat_and_hand_back_across_cores() {
         between.iter().all(|v| v["type"] != "ai_chunk"),
         "{between:?}"
     );
-    assert_eq!(total(&server, |m| m.llm_requests.get()), llm_before);
+    assert_eq!(llm_total(&server, |m| m.requests.get()), llm_before);
 
     send(&mut a, json!({"type": "admin_leave", "session_id": sid})).await;
     until(&mut u, "admin_left").await;
@@ -187,7 +187,7 @@ async fn two_admins_and_the_ai_returns_only_when_the_last_leaves() {
 
     send(&mut a1, json!({"type": "admin_leave", "session_id": sid})).await;
     until(&mut u, "admin_left").await;
-    let llm_before = total(&server, |m| m.llm_requests.get());
+    let llm_before = llm_total(&server, |m| m.requests.get());
     send(
         &mut u,
         json!({"type": "user_message", "id": "q", "session_id": sid, "content": "still there?"}),
@@ -195,7 +195,7 @@ async fn two_admins_and_the_ai_returns_only_when_the_last_leaves() {
     .await;
     until(&mut a2, "user_message").await;
     assert_eq!(
-        total(&server, |m| m.llm_requests.get()),
+        llm_total(&server, |m| m.requests.get()),
         llm_before,
         "agent-2 still has it"
     );

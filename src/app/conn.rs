@@ -27,7 +27,23 @@ pub struct ChatConn {
 }
 
 impl AppConn for ChatConn {
+    /// Each message is a span of the connection's trace: its log lines, and those
+    /// of the work it starts (storage, the answer, notifications), carry
+    /// `trace_id` and its own `span_id`.
     fn on_text(&mut self, text: &str) -> Reply {
+        let ctx = crate::trace::current().unwrap_or_default().child();
+        let span = tracing::info_span!(
+            "msg",
+            trace_id = %ctx.trace_id,
+            span_id = %ctx.span_id,
+            user = %self.identity.user_id,
+        );
+        crate::trace::scope(Some(ctx), || span.in_scope(|| self.handle(text)))
+    }
+}
+
+impl ChatConn {
+    fn handle(&mut self, text: &str) -> Reply {
         if let Some(proxy) = &self.proxy {
             return self.on_proxied_text(proxy, text);
         }
@@ -41,9 +57,7 @@ impl AppConn for ChatConn {
             Ok(incoming) => self.dispatch(incoming).map_or(Reply::None, Reply::Text),
         }
     }
-}
 
-impl ChatConn {
     /// A connection of this node; its user's sessions are on this core.
     pub fn new(core: Rc<Core>, conn: ConnId, identity: Identity) -> ChatConn {
         ChatConn {
@@ -91,7 +105,12 @@ impl ChatConn {
                 ..
             } => match core.shared.app.models.pick(model_id.as_deref()) {
                 Ok(model) => {
-                    let msg = Pending { id, content, model };
+                    let msg = Pending {
+                        id,
+                        content,
+                        model,
+                        received: std::time::Instant::now(),
+                    };
                     message::user_message(core, self.conn, user, session_id, msg)
                 }
                 Err(why) => Some(error_frame(Code::InvalidMessage, &why, id.as_deref())),

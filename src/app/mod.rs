@@ -127,6 +127,17 @@ impl App for ChatApp {
 
     fn render_metrics(shared: &ChatShared) -> String {
         let mut out = shared.notifier.render_metrics() + &shared.pages.render();
+        shared.llm.render(&mut out);
+        let (depth, max) = shared.store.write_queue();
+        let _ = std::fmt::Write::write_fmt(
+            &mut out,
+            format_args!(
+                "# HELP chatbox_store_queue_depth Writes waiting for the storage writer.\n\
+                 # TYPE chatbox_store_queue_depth gauge\nchatbox_store_queue_depth {depth}\n\
+                 # HELP chatbox_store_queue_capacity Writes the storage queue holds (store_queue_max).\n\
+                 # TYPE chatbox_store_queue_capacity gauge\nchatbox_store_queue_capacity {max}\n"
+            ),
+        );
         if let Some(bus) = &shared.bus {
             bus.render_metrics(&mut out);
         }

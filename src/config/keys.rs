@@ -259,7 +259,7 @@ declare_config! {
     allowed_origins: Vec<String> = Vec::new();
     /// Embedded store directory.
     data_dir: PathBuf = PathBuf::from("./data");
-    /// Use MongoDB instead of the embedded store: `mongodb://host:port,...` (`mongodb+srv://` is not supported).
+    /// Use MongoDB instead of the embedded store: `mongodb://host:port,...`, or `mongodb+srv://host` (its servers from DNS, as MongoDB Atlas hands out).
     #[secret]
     mongo_uri: Option<String> = None;
     /// The MongoDB database chatbox uses.

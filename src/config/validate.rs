@@ -118,12 +118,9 @@ impl Config {
     fn storage_problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
         if let Some(uri) = &self.mongo_uri {
-            if !uri.starts_with("mongodb://") {
-                problems.push(
-                    "CHATBOX_MONGO_URI must start with mongodb:// (mongodb+srv:// is not \
-                     supported)"
-                        .into(),
-                );
+            if !uri.starts_with("mongodb://") && !uri.starts_with("mongodb+srv://") {
+                problems
+                    .push("CHATBOX_MONGO_URI must start with mongodb:// or mongodb+srv://".into());
             }
         }
         problems.extend(self.cluster_problems());

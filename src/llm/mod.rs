@@ -371,6 +371,11 @@ impl Models {
         })
     }
 
+    /// The configured model ids, the default first.
+    pub fn ids(&self) -> &[String] {
+        &self.order
+    }
+
     /// The model a client asked for, or the default (the first configured).
     pub fn pick(&self, id: Option<&str>) -> Result<Arc<ModelSpec>, String> {
         let id = id.unwrap_or(&self.order[0]);
@@ -438,7 +443,13 @@ impl LlmStream {
             };
         }
         let (tx, rx) = async_channel::bounded(STREAM_QUEUE_EVENTS);
-        let task = pool.spawn(run(models.clone(), spec, turns, tx));
+        // The request's trace (logs on the pool, `traceparent` upstream) goes along.
+        let task = pool.spawn(crate::trace::Traced::inherit(run(
+            models.clone(),
+            spec,
+            turns,
+            tx,
+        )));
         match task {
             Ok(handle) => LlmStream {
                 inner: Inner::Remote {
@@ -638,9 +649,12 @@ async fn open_stream(
         ));
     };
     let first_deadline = deadlines.first;
-    let request = spec
+    let mut request = spec
         .wire()
         .request(client, spec, &models.system_prompt, turns);
+    if let Some(ctx) = crate::trace::current() {
+        request = request.header("traceparent", ctx.child().traceparent());
+    }
     let mut resp = match tokio::time::timeout_at(first_deadline, request.send()).await {
         Err(_) => {
             return Err(AttemptError::new(
@@ -772,20 +786,4 @@ async fn next_bytes(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_with_jitter_and_honours_retry_after() {
-        for attempt in 0..4 {
-            let cap = Duration::from_millis(200 << attempt);
-            let b = backoff(attempt, None);
-            assert!(b >= cap / 2 && b <= cap, "{b:?}");
-        }
-        assert_eq!(
-            backoff(0, Some(Duration::from_secs(3))),
-            Duration::from_secs(3)
-        );
-        assert_eq!(backoff(0, Some(Duration::from_secs(3600))), RETRY_WAIT_MAX);
-    }
-}
+mod tests;

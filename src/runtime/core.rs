@@ -232,7 +232,8 @@ impl<A: App> Core<A> {
         P: FnOnce() + 'static,
     {
         monoio::spawn(Contained {
-            task,
+            // The request a task works for stays its context (logs, outbound calls).
+            task: crate::trace::Traced::inherit(task),
             core: self.clone(),
             on_panic: Some(on_panic),
         });

@@ -140,6 +140,14 @@ pub enum StoreError {
         #[source]
         source: Arc<mongodb::error::Error>,
     },
+    /// A `mongodb+srv://` URI whose host's DNS records (SRV for the servers, TXT
+    /// for options) could not be read. Names the host only, never the URI.
+    #[error("cannot resolve the MongoDB host {host} of a mongodb+srv:// URI (DNS SRV lookup of _mongodb._tcp.{host}): {source}")]
+    SrvLookup {
+        host: String,
+        #[source]
+        source: Arc<dyn std::error::Error + Send + Sync>,
+    },
     #[error("{op}: {source}")]
     Io {
         op: Op,

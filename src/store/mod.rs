@@ -414,6 +414,11 @@ pub type Loaded = (SessionRecord, Vec<MessageRecord>);
 pub trait Store: Send + Sync + 'static {
     /// Applies `ops` atomically and durably; resolves after the commit.
     fn write(&self, ops: Vec<WriteOp>) -> StoreFuture<Vec<WriteOutcome>>;
+    /// Writes waiting for the writer, and how many fit (`store_queue_max`), for
+    /// `/metrics`. Test doubles without a queue keep the default (none).
+    fn write_queue(&self) -> (usize, usize) {
+        (0, 0)
+    }
     /// A session with at most `messages_max` of its latest messages.
     fn load_session(&self, id: &str, messages_max: usize) -> StoreFuture<Option<Loaded>>;
     /// Up to `limit` messages of a session after `after_seq`, in order: one page

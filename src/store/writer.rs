@@ -89,6 +89,13 @@ pub(super) fn queue(max: usize) -> (WriteQueue, Jobs) {
 }
 
 impl WriteQueue {
+    /// (jobs waiting, capacity). A job the writer took off the queue no longer
+    /// counts, even while its batch commits.
+    pub(super) fn depth(&self) -> (usize, usize) {
+        let max = self.jobs.max_capacity();
+        (max - self.jobs.capacity(), max)
+    }
+
     /// Queues `ops` as one job; resolves once it is committed (or failed). A full
     /// queue refuses it now, with `Overloaded`.
     pub(super) fn submit(&self, ops: Vec<WriteOp>) -> StoreFuture<Vec<WriteOutcome>> {

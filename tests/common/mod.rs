@@ -136,6 +136,39 @@ pub async fn connect_user(addr: SocketAddr, user: &str) -> Ws {
         .expect("upgrade accepted")
 }
 
+/// `user`'s WebSocket whose upgrade carries this `traceparent` header.
+pub async fn connect_traced(addr: SocketAddr, user: &str, traceparent: &str) -> Ws {
+    let mut req = format!("ws://{addr}/chatbox/ws")
+        .into_client_request()
+        .unwrap();
+    let h = req.headers_mut();
+    h.insert(
+        "Authorization",
+        format!("Bearer {}", token(user)).parse().unwrap(),
+    );
+    h.insert("traceparent", traceparent.parse().unwrap());
+    let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req))
+        .await
+        .expect("handshake finished in time")
+        .expect("upgrade accepted");
+    ws
+}
+
+/// The `traceparent` header in a request head as `read_request` returns it
+/// (lowercased), split into (trace id, parent id), checked for its format.
+pub fn traceparent_of(headers: &str) -> (String, String) {
+    let value = headers
+        .lines()
+        .find_map(|l| l.strip_prefix("traceparent: "))
+        .unwrap_or_else(|| panic!("no traceparent in {headers}"));
+    let parts: Vec<&str> = value.trim().split('-').collect();
+    assert_eq!(parts.len(), 4, "{value}");
+    assert_eq!((parts[0], parts[3]), ("00", "01"), "{value}");
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    assert!(hex(parts[1], 32) && hex(parts[2], 16), "{value}");
+    (parts[1].to_owned(), parts[2].to_owned())
+}
+
 /// The HTTP status and JSON error code of a refused upgrade.
 pub fn refusal(err: tungstenite::Error) -> (u16, String) {
     match err {
@@ -302,6 +335,11 @@ pub fn error_code(body: &str) -> String {
 /// Sum of one metric over all cores.
 pub fn total(handle: &ServerHandle, f: impl Fn(&chatbox::metrics::CoreMetrics) -> u64) -> u64 {
     handle.metrics().iter().map(f).sum()
+}
+
+/// Sum of one LLM counter over all cores and models.
+pub fn llm_total(handle: &ServerHandle, f: impl Fn(&chatbox::metrics::LlmCounters) -> u64) -> u64 {
+    handle.shared().app.llm.total(f)
 }
 
 /// Sends a JSON frame.

@@ -10,6 +10,7 @@ use crate::app::frames::{Code, ServerFrame, Usage};
 use crate::app::Core;
 use crate::clock::{new_id, now_ms};
 use crate::llm::{ErrorKind, LlmEvent, LlmStream, ModelSpec, TurnRole};
+use crate::metrics::LlmCounters;
 use crate::store::{Role, StoreError, WriteOp};
 
 /// How an answer stream ended.
@@ -52,7 +53,8 @@ pub fn start(core: &Rc<Core>, sid: &Arc<str>, model: Arc<ModelSpec>) {
         "answer",
         async move {
             let shared = &core.shared.app;
-            core.metrics().llm_requests.inc();
+            let m = shared.llm.of(core.id, &model.id);
+            m.requests.inc();
             let started = std::time::Instant::now();
             let mut stream = LlmStream::start(
                 &shared.models,
@@ -62,14 +64,12 @@ pub fn start(core: &Rc<Core>, sid: &Arc<str>, model: Arc<ModelSpec>) {
                 shared.demo_chunk_delay,
             );
             let (said, ending) =
-                stream_chunks(&core, &sid, &message_id, &mut stream, &cancel, started).await;
+                stream_chunks(&core, m, &sid, &message_id, &mut stream, &cancel, started).await;
             // Cancelled or failed: the upstream request goes now, not when the task ends.
             stream.abort();
             drop(stream);
-            core.metrics()
-                .llm_total_ms
-                .observe(started.elapsed().as_millis() as u64);
-            finish(&core, &sid, &message_id, said, ending).await;
+            m.answer.observe(started.elapsed());
+            finish(&core, m, &sid, &message_id, said, ending).await;
         },
         end_after_panic(message_id_for_cleanup),
     );
@@ -90,13 +90,13 @@ fn end_after_panic(message_id: Arc<str>) -> impl FnOnce(&Core) {
 /// Relays the model's chunks until it finishes, fails, or is cancelled.
 async fn stream_chunks(
     core: &Core,
+    m: &LlmCounters,
     sid: &Arc<str>,
     message_id: &Arc<str>,
     stream: &mut LlmStream,
     cancel: &CancelFlag,
     started: std::time::Instant,
 ) -> (Said, Ending) {
-    let m = core.metrics();
     let mut said = Said {
         text: String::new(),
         chunks: 0,
@@ -114,8 +114,8 @@ async fn stream_chunks(
                 retries,
                 malformed,
             }) => {
-                m.llm_retries.add(u64::from(retries));
-                m.llm_malformed_events.add(u64::from(malformed));
+                m.retries.add(u64::from(retries));
+                m.malformed_events.add(u64::from(malformed));
                 break Ending::Finished {
                     input_tokens,
                     output_tokens,
@@ -126,15 +126,14 @@ async fn stream_chunks(
                 detail,
                 retries,
             }) => {
-                m.llm_retries.add(u64::from(retries));
+                m.retries.add(u64::from(retries));
                 tracing::warn!(session = %sid, kind = kind.label(), %detail, "answer failed");
                 break Ending::Failed(kind);
             }
             None => break Ending::Failed(ErrorKind::StreamEnded),
         };
         if said.chunks == 0 {
-            m.llm_first_token_ms
-                .observe(started.elapsed().as_millis() as u64);
+            m.first_token.observe(started.elapsed());
         }
         if said.text.len() + chunk.len() > core.shared.app.answer_bytes_max {
             break Ending::Finished {
@@ -173,12 +172,13 @@ fn relay(core: &Core, sid: &Arc<str>, message_id: &Arc<str>, seq: u64, chunk: Ar
 /// `ai_done` (and the errors it owes the session).
 async fn finish(
     core: &Rc<Core>,
+    llm: &LlmCounters,
     sid: &Arc<str>,
     message_id: &Arc<str>,
     said: Said,
     ending: Ending,
 ) {
-    let (usage, cancelled, failed) = count(core, &ending, said.chunks);
+    let (usage, cancelled, failed) = count(core, llm, &ending, said.chunks);
     if failed && said.chunks == 0 {
         // Nothing was said: no answer to store or close, just the error.
         if let Some(s) = core.app.sessions.borrow_mut().get_mut(sid) {
@@ -223,7 +223,7 @@ async fn finish(
 
 /// Counts how the answer ended; returns its usage, whether it counts as
 /// cancelled, and whether it failed.
-fn count(core: &Core, ending: &Ending, chunks: u64) -> (Usage, bool, bool) {
+fn count(core: &Core, llm: &LlmCounters, ending: &Ending, chunks: u64) -> (Usage, bool, bool) {
     let m = core.metrics();
     let partial = Usage {
         input_tokens: 0,
@@ -246,12 +246,12 @@ fn count(core: &Core, ending: &Ending, chunks: u64) -> (Usage, bool, bool) {
             (partial, true, false)
         }
         Ending::Failed(kind) => {
-            m.llm_error(kind.index());
+            llm.error(kind.index());
             (partial, true, true)
         }
     };
-    m.llm_tokens_in.add(counted.0.input_tokens);
-    m.llm_tokens_out.add(counted.0.output_tokens);
+    llm.input_tokens.add(counted.0.input_tokens);
+    llm.output_tokens.add(counted.0.output_tokens);
     counted
 }
 

@@ -24,6 +24,8 @@ pub struct Pending {
     pub id: Option<String>,
     pub content: String,
     pub model: Arc<ModelSpec>,
+    /// When the frame arrived: `chatbox_ack_seconds` measures from here.
+    pub received: std::time::Instant,
 }
 
 /// Handles a `user_message` of `user` from `conn`. Returns an immediate reply for
@@ -208,6 +210,7 @@ fn acked_again(core: &Core, conn: ConnId, id: Option<&str>, sid: &str, message_i
 /// what the user wrote, and the AI answers unless a human has the session.
 fn stored(core: &Rc<Core>, sid: &Arc<str>, user: &str, message_id: &str, msg: Pending) {
     core.metrics().acks.inc();
+    core.metrics().ack_latency.observe(msg.received.elapsed());
     let ack = ServerFrame::Ack {
         id: msg.id.as_deref(),
         session_id: sid,

@@ -80,6 +80,8 @@ pub struct ChatShared {
     pub admin_page: usize,
     /// What those streams did.
     pub pages: crate::app::admin_stream::PageStats,
+    /// The LLM series, by core and model.
+    pub llm: crate::metrics::LlmMetrics,
 }
 
 impl ChatShared {
@@ -109,7 +111,7 @@ impl ChatShared {
             sessions_per_user_max: config.sessions_per_user_max,
             answer_bytes_max: config.answer_bytes_max,
             demo_chunk_delay: Duration::from_millis(config.demo_chunk_delay_ms),
-            models,
+            models: models.clone(),
             context: ContextLimits {
                 messages_max: config.llm_context_messages_max,
                 chars_max: config.llm_context_chars_max,
@@ -121,6 +123,7 @@ impl ChatShared {
             cores: config.core_count(),
             admin_page: config.admin_page_messages,
             pages: Default::default(),
+            llm: crate::metrics::LlmMetrics::new(models.ids(), config.core_count()),
         }
     }
 }

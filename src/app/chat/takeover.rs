@@ -401,6 +401,7 @@ fn notify_help(core: &Rc<Core>, sid: &Arc<str>, user: &Identity, at: crate::cloc
         user_id: user.user_id.to_string(),
         user_name: user.name.to_string(),
         at,
+        trace: crate::trace::current(),
     };
     let ops = notifier.enqueue_ops(&event);
     tracing::info!(session = %sid, user = %user.user_id, channels = ops.len(), "help requested");

@@ -83,13 +83,15 @@ pub struct Gathered {
 
 /// A node's counters, rendered into `/metrics`.
 #[derive(Default)]
-struct Stats {
+pub struct Stats {
     messages_out: AtomicU64,
     messages_in: AtomicU64,
     bytes_out: AtomicU64,
     bytes_in: AtomicU64,
     errors: AtomicU64,
     refused: AtomicU64,
+    /// Round trips of requests to every node (`gather`).
+    requests: crate::metrics::SharedHistogram,
 }
 
 /// One publish waiting for its turn.
@@ -308,6 +310,13 @@ impl Bus {
     }
 
     async fn gather_here(&self, payload: Vec<u8>) -> Result<Gathered, BusError> {
+        let started = std::time::Instant::now();
+        let gathered = self.gather_replies(payload).await;
+        self.inner.stats.requests.observe(started.elapsed());
+        gathered
+    }
+
+    async fn gather_replies(&self, payload: Vec<u8>) -> Result<Gathered, BusError> {
         let client = &self.inner.client;
         let failed = |e: &dyn std::fmt::Display| BusError::Request(e.to_string());
         let inbox = client.new_inbox();
@@ -387,37 +396,55 @@ impl Bus {
 
     /// The bus's lines for `/metrics`.
     pub fn render_metrics(&self, out: &mut String) {
-        use std::fmt::Write;
-        let s = &self.inner.stats;
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let _ = write!(
-            out,
-            "# HELP chatbox_bus_up Whether this node's bus connection is up.\n\
-             # TYPE chatbox_bus_up gauge\nchatbox_bus_up {}\n\
-             # HELP chatbox_cluster_members Live nodes this node sees, itself included.\n\
-             # TYPE chatbox_cluster_members gauge\nchatbox_cluster_members {}\n\
-             # HELP chatbox_bus_messages_total Messages through the bus.\n\
-             # TYPE chatbox_bus_messages_total counter\n\
-             chatbox_bus_messages_total{{direction=\"out\"}} {}\n\
-             chatbox_bus_messages_total{{direction=\"in\"}} {}\n\
-             # HELP chatbox_bus_bytes_total Payload bytes through the bus.\n\
-             # TYPE chatbox_bus_bytes_total counter\n\
-             chatbox_bus_bytes_total{{direction=\"out\"}} {}\n\
-             chatbox_bus_bytes_total{{direction=\"in\"}} {}\n\
-             # HELP chatbox_bus_errors_total Bus sends that failed or were refused.\n\
-             # TYPE chatbox_bus_errors_total counter\n\
-             chatbox_bus_errors_total{{kind=\"failed\"}} {}\n\
-             chatbox_bus_errors_total{{kind=\"refused\"}} {}\n",
-            u8::from(self.is_up()),
+        render_metrics(
+            &self.inner.stats,
+            self.is_up(),
             self.others().len() + 1,
-            get(&s.messages_out),
-            get(&s.messages_in),
-            get(&s.bytes_out),
-            get(&s.bytes_in),
-            get(&s.errors),
-            get(&s.refused),
+            out,
         );
     }
+}
+
+/// The bus's lines for `/metrics`; public so that checks can list every bus
+/// series without a cluster (`render_metrics(&Stats::default(), ..)`).
+pub fn render_metrics(s: &Stats, up: bool, members: usize, out: &mut String) {
+    use std::fmt::Write;
+    let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let _ = write!(
+        out,
+        "# HELP chatbox_bus_up Whether this node's bus connection is up.\n\
+         # TYPE chatbox_bus_up gauge\nchatbox_bus_up {}\n\
+         # HELP chatbox_cluster_members Live nodes this node sees, itself included.\n\
+         # TYPE chatbox_cluster_members gauge\nchatbox_cluster_members {}\n\
+         # HELP chatbox_bus_messages_total Messages through the bus.\n\
+         # TYPE chatbox_bus_messages_total counter\n\
+         chatbox_bus_messages_total{{direction=\"out\"}} {}\n\
+         chatbox_bus_messages_total{{direction=\"in\"}} {}\n\
+         # HELP chatbox_bus_bytes_total Payload bytes through the bus.\n\
+         # TYPE chatbox_bus_bytes_total counter\n\
+         chatbox_bus_bytes_total{{direction=\"out\"}} {}\n\
+         chatbox_bus_bytes_total{{direction=\"in\"}} {}\n\
+         # HELP chatbox_bus_errors_total Bus sends that failed or were refused.\n\
+         # TYPE chatbox_bus_errors_total counter\n\
+         chatbox_bus_errors_total{{kind=\"failed\"}} {}\n\
+         chatbox_bus_errors_total{{kind=\"refused\"}} {}\n",
+        u8::from(up),
+        members,
+        get(&s.messages_out),
+        get(&s.messages_in),
+        get(&s.bytes_out),
+        get(&s.bytes_in),
+        get(&s.errors),
+        get(&s.refused),
+    );
+    let name = "chatbox_bus_request_seconds";
+    crate::metrics::header(
+        out,
+        name,
+        "Round trips of requests to every node (until each answered or the request timed out).",
+        "histogram",
+    );
+    s.requests.snapshot().write(out, name, "");
 }
 
 /// Connects in the background; `up` follows the connection's events.

@@ -29,6 +29,9 @@ pub struct Head {
     /// Every `X-Forwarded-For` header, in order, joined with commas (proxies may
     /// each add their own header instead of extending one).
     pub forwarded_for: Option<String>,
+    /// The W3C `traceparent` header as sent; a repeated one is kept empty (W3C:
+    /// several are invalid, so the connection starts a trace of its own).
+    pub traceparent: Option<String>,
     /// Length of the head in bytes (what follows it is body or early frames).
     pub len: usize,
 }
@@ -77,6 +80,13 @@ impl Head {
             let name = h.name.to_ascii_lowercase();
             if name == "x-forwarded-for" {
                 head.add_forwarded_for(h.value)?;
+                continue;
+            }
+            if name == "traceparent" {
+                // Never a reason to refuse a request: a bad one is only ignored.
+                let value = std::str::from_utf8(h.value).unwrap_or_default();
+                let seen = head.traceparent.is_some();
+                head.traceparent = Some(if seen { "" } else { value.trim() }.to_owned());
                 continue;
             }
             let slot = match name.as_str() {
@@ -208,5 +218,17 @@ x-forwarded-for:  3.3.3.3 \r\n\r\n";
         );
         let none = Head::parse(b"GET / HTTP/1.1\r\n\r\n").unwrap().unwrap();
         assert_eq!(none.forwarded_for, None);
+    }
+
+    #[test]
+    fn a_repeated_traceparent_is_kept_empty_and_never_refused() {
+        let one = b"GET / HTTP/1.1\r\nTraceparent:  00-ab-cd-01 \r\n\r\n";
+        let h = Head::parse(one).unwrap().unwrap();
+        assert_eq!(h.traceparent.as_deref(), Some("00-ab-cd-01"));
+        let two = b"GET / HTTP/1.1\r\ntraceparent: a\r\ntraceparent: b\r\n\r\n";
+        let h = Head::parse(two).unwrap().unwrap();
+        assert_eq!(h.traceparent.as_deref(), Some(""));
+        let binary = b"GET / HTTP/1.1\r\ntraceparent: \xff\r\n\r\n";
+        assert!(Head::parse(binary).unwrap().is_some());
     }
 }

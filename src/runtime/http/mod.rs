@@ -205,7 +205,7 @@ async fn route<A: App>(core: &Rc<Core<A>>, req: Request<hyper::body::Incoming>) 
     match path.as_str() {
         "/healthz" => json(StatusCode::OK, r#"{"status":"ok"}"#.into()),
         "/readyz" => ready(core).await,
-        "/metrics" => metrics(core, &req),
+        "/metrics" => metrics(core, &req).await,
         "/ws" => error(
             StatusCode::UPGRADE_REQUIRED,
             "upgrade_required",
@@ -277,7 +277,10 @@ pub fn method_not_allowed(allow: &'static str) -> Response<Body> {
     r
 }
 
-fn metrics<A: App>(core: &Core<A>, req: &Request<hyper::body::Incoming>) -> Response<Body> {
+async fn metrics<A: App>(
+    core: &Rc<Core<A>>,
+    req: &Request<hyper::body::Incoming>,
+) -> Response<Body> {
     let shared = &core.shared;
     if let Some(token) = &shared.config.metrics_token {
         let given = req
@@ -291,7 +294,14 @@ fn metrics<A: App>(core: &Core<A>, req: &Request<hyper::body::Incoming>) -> Resp
             return unauthorized("metrics need the metrics token");
         }
     }
-    let text = crate::metrics::render(&shared.metrics) + &A::render_metrics(&shared.app);
+    // What `/readyz` would answer now, so that an alert needs no probe of its own.
+    let ready = !core.gate.is_closing() && A::ready(core).await.is_ok();
+    let text = format!(
+        "# HELP chatbox_ready Whether /readyz answers 200 (storage reachable, not shutting down).\n\
+         # TYPE chatbox_ready gauge\nchatbox_ready {}\n",
+        u8::from(ready)
+    ) + &crate::metrics::render(&shared.metrics)
+        + &A::render_metrics(&shared.app);
     let mut r = Response::new(full(text));
     r.headers_mut().insert(
         hyper::header::CONTENT_TYPE,

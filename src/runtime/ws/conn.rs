@@ -93,7 +93,8 @@ pub async fn upgrade<A: App>(
         cfg.ws_write_buffer_bytes_max + cfg.ws_message_bytes_max + 64,
     );
     let user = up.identity.as_ref().map_or("-", |i| &*i.user_id);
-    tracing::debug!(conn = reg.id, core = core.id, user, peer = %up.peer, "websocket open");
+    let trace_id = up.trace.trace_id;
+    tracing::debug!(conn = reg.id, core = core.id, user, peer = %up.peer, %trace_id, "websocket open");
     // The token holds for the connection's life: the keep-alive sweep closes it
     // when `exp` passes (no timer of its own).
     if up.expires != 0 {
@@ -111,7 +112,7 @@ pub async fn upgrade<A: App>(
     }
     Some(Box::new(Conn {
         gauge,
-        handler: Handler::new(app),
+        handler: Handler::new(app, up.trace),
         codec,
         reg,
         outbox,
@@ -137,7 +138,8 @@ impl<A: App> Conn<A> {
             end => end,
         };
         if let End::Fail(code, reason) = end {
-            tracing::debug!(conn = self.reg.id, ?code, reason, "closing websocket");
+            let trace_id = self.handler.trace.trace_id;
+            tracing::debug!(conn = self.reg.id, %trace_id, ?code, reason, "closing websocket");
             if code == CloseCode::Again {
                 // A slow reader: its close goes before the backlog it cannot take,
                 // and waits for room a little (not past the shutdown deadline).

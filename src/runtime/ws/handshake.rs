@@ -8,6 +8,7 @@ use crate::auth::{bearer, AuthError, Identity, Verifier};
 use crate::metrics::Refusal;
 use crate::runtime::http::head::{has_token, Head};
 use crate::runtime::http::Refuse;
+use crate::trace::TraceCtx;
 
 /// Which connection machinery serves the socket after the upgrade.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +32,9 @@ pub struct Upgrade {
     /// Bytes the client sent after the head (early frames), fed to the WebSocket.
     pub leftover: Vec<u8>,
     pub peer: SocketAddr,
+    /// The connection's trace: the client's `traceparent` when well formed (its
+    /// trace id becomes the connection's id in every log line), else a new one.
+    pub trace: TraceCtx,
 }
 
 impl Upgrade {
@@ -90,11 +94,8 @@ pub fn check(
         Some(k) if k.len() == 24 && k.ends_with("==") => k,
         _ => return Err(bad("Sec-WebSocket-Key must be 16 bytes in base64")),
     };
-    if !origin_allowed(
-        head.origin.as_deref(),
-        head.host.as_deref(),
-        allowed_origins,
-    ) {
+    let (origin, host) = (head.origin.as_deref(), head.host.as_deref());
+    if !origin_allowed(origin, host, allowed_origins) {
         return Err(Refuse::new(
             403,
             "forbidden",
@@ -113,7 +114,17 @@ pub fn check(
         accept_key: tungstenite::handshake::derive_accept_key(key.as_bytes()),
         leftover: buf[head.len..].to_vec(),
         peer,
+        trace: trace_of(head),
     })
+}
+
+/// The connection's trace: a span of the client's when its `traceparent` is well
+/// formed, else a new trace (W3C: an invalid one is ignored, never refused).
+fn trace_of(head: &Head) -> TraceCtx {
+    head.traceparent
+        .as_deref()
+        .and_then(TraceCtx::parse)
+        .map_or_else(TraceCtx::new, |client| client.child())
 }
 
 /// The token from `Authorization: Bearer`, else from `?token=` (browsers cannot set

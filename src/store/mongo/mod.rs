@@ -16,6 +16,7 @@ mod lease;
 mod read;
 mod write;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use mongodb::bson::{doc, Document};
@@ -148,6 +149,32 @@ impl MongoSettings {
     }
 }
 
+/// Parses the URI; a `mongodb+srv://` one is resolved in DNS here (SRV records
+/// for the servers, TXT for options), bounded by the connect timeout so a DNS
+/// server that never answers cannot hold start-up.
+async fn parse_uri(uri: &str, timeout: Duration) -> Result<ClientOptions, StoreError> {
+    let Some(rest) = uri.strip_prefix("mongodb+srv://") else {
+        return ClientOptions::parse(uri)
+            .await
+            .map_err(StoreError::mongo(Op::Open));
+    };
+    // The host alone: what precedes it may be a user and password.
+    let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let host = host.split(['/', '?']).next().unwrap_or_default().to_owned();
+    let lookup = |source: Arc<dyn std::error::Error + Send + Sync>| StoreError::SrvLookup {
+        host: host.clone(),
+        source,
+    };
+    match tokio::time::timeout(timeout, ClientOptions::parse(uri)).await {
+        Ok(Ok(opts)) => Ok(opts),
+        Ok(Err(e)) => Err(lookup(Arc::new(e))),
+        Err(_) => Err(lookup(Arc::new(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer within {} ms", timeout.as_millis()),
+        )))),
+    }
+}
+
 impl MongoStore {
     /// Connects (within `connect_timeout`), creates the indexes, and starts the
     /// writer on the pool. Fails with a clear error when MongoDB cannot be reached.
@@ -164,9 +191,7 @@ impl MongoStore {
         );
         let wc_client = wc.clone();
         let (client, db) = pool.block_on(async move {
-            let mut opts = ClientOptions::parse(&uri)
-                .await
-                .map_err(StoreError::mongo(Op::Open))?;
+            let mut opts = parse_uri(&uri, timeout).await?;
             opts.server_selection_timeout = Some(timeout);
             opts.connect_timeout = Some(timeout);
             opts.write_concern = Some(wc_client);
@@ -215,6 +240,10 @@ impl MongoStore {
 impl Store for MongoStore {
     fn write(&self, ops: Vec<WriteOp>) -> StoreFuture<Vec<WriteOutcome>> {
         self.writes.submit(ops)
+    }
+
+    fn write_queue(&self) -> (usize, usize) {
+        self.writes.depth()
     }
 
     fn load_session(&self, id: &str, messages_max: usize) -> StoreFuture<Option<Loaded>> {

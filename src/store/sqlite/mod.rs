@@ -353,6 +353,10 @@ impl Store for SqliteStore {
         self.writes.submit(ops)
     }
 
+    fn write_queue(&self) -> (usize, usize) {
+        self.writes.depth()
+    }
+
     fn load_session(&self, id: &str, messages_max: usize) -> StoreFuture<Option<Loaded>> {
         let id = id.to_owned();
         self.read(Op::LoadSession, move |c| read::load(c, &id, messages_max))
