@@ -42,6 +42,8 @@ pub enum Op {
     NextNotification,
     Ping,
     Lease,
+    PutFile,
+    ReadFile,
 }
 
 impl Op {
@@ -71,6 +73,8 @@ impl Op {
             Op::NextNotification => "read next notification time",
             Op::Ping => "ping",
             Op::Lease => "user lease",
+            Op::PutFile => "record file",
+            Op::ReadFile => "read file record",
         }
     }
 }
@@ -91,6 +95,7 @@ impl WriteOp {
             WriteOp::EndIdle { .. } => Op::EndIdle,
             WriteOp::PurgeOutbox { .. } => Op::PurgeOutbox,
             WriteOp::DeleteUser { .. } => Op::DeleteUser,
+            WriteOp::PutFile(_) => Op::PutFile,
             WriteOp::Enqueue { .. } => Op::Enqueue,
             WriteOp::Delivered { .. } => Op::Delivered,
             WriteOp::DeliveryFailed { .. } => Op::DeliveryFailed,

@@ -110,6 +110,7 @@ fn append(
             text: &msg.content,
             usage: Usage::default(),
             cancelled: false,
+            file: None,
         };
         (s.record(sid, new, &shared.keys, now), s.created_at)
     };
