@@ -10,6 +10,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use common::*;
+#[allow(unused_imports)]
+use serde_json as _;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -212,6 +214,14 @@ async fn upload_multipart(
     body.extend_from_slice(format!("\r\n--{b}--\r\n").as_bytes());
     let extra = format!(" HTTP/1.1\r\nContent-Type: multipart/form-data; boundary={b}\r\n");
     post(addr, Some(token), &extra, &body).await
+}
+
+async fn fetch(addr: SocketAddr, token: Option<&str>, id: &str, extra: &str) -> Reply {
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let req = format!("GET /chatbox/files/{id} HTTP/1.1\r\nHost: x\r\n{auth}{extra}\r\n");
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(req.as_bytes()).await.unwrap();
+    read_reply(s).await
 }
 
 fn sha256_hex(data: &[u8]) -> String {
@@ -480,4 +490,78 @@ fn futures_block<T>(f: chatbox::store::StoreFuture<T>) -> Result<T, chatbox::sto
         .build()
         .unwrap()
         .block_on(f)
+}
+
+// ---- item 3: downloads ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owners_and_admins_download_everyone_else_gets_404() {
+    let server = start(config());
+    let addr = server.local_addr();
+    let gina = token("gina");
+    let doc = pdf(150_000); // three chunks
+    let r = upload_raw(addr, &gina, "../report \"Q3\".pdf", "image/png", &doc).await;
+    assert_eq!(r.status, 201);
+    let id = r.json()["file_id"].as_str().unwrap().to_owned();
+
+    let r = fetch(addr, Some(&gina), &id, "").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, doc);
+    assert_eq!(r.header("content-type").as_deref(), Some("application/pdf"));
+    assert_eq!(
+        r.header("x-content-type-options").as_deref(),
+        Some("nosniff")
+    );
+    assert_eq!(
+        r.header("content-security-policy").as_deref(),
+        Some("default-src 'none'; sandbox")
+    );
+    let disposition = r.header("content-disposition").unwrap();
+    assert!(
+        disposition.starts_with("attachment; filename=\"report Q3.pdf\""),
+        "{disposition}"
+    );
+    assert_eq!(r.header("accept-ranges").as_deref(), Some("bytes"));
+    let r = fetch(addr, Some(&admin()), &id, "").await;
+    assert_eq!(r.status, 200, "an admin may download");
+    assert_eq!(r.body, doc);
+
+    // Another user: exactly what a file that does not exist looks like.
+    let other = fetch(addr, Some(&token("hank")), &id, "").await;
+    let missing = fetch(addr, Some(&gina), "f_00000000000000000000000000", "").await;
+    assert_eq!((other.status, missing.status), (404, 404));
+    assert_eq!(other.body, missing.body);
+    for weird in ["..%2F..%2Fchatbox.db", "%00", "a%2Fb"] {
+        assert_eq!(
+            fetch(addr, Some(&gina), weird, "").await.status,
+            404,
+            "{weird}"
+        );
+    }
+    assert_eq!(fetch(addr, None, &id, "").await.status, 401);
+
+    // Ranges: inside one chunk, across a chunk boundary, the tail; outside: 416.
+    for (range, first, last) in [
+        ("bytes=10-19", 10usize, 19usize),
+        ("bytes=65530-65545", 65_530, 65_545),
+        ("bytes=-100", doc.len() - 100, doc.len() - 1),
+        ("bytes=140000-", 140_000, doc.len() - 1),
+    ] {
+        let r = fetch(addr, Some(&gina), &id, &format!("Range: {range}\r\n")).await;
+        assert_eq!(r.status, 206, "{range}");
+        assert_eq!(r.body, &doc[first..=last], "{range}");
+        assert_eq!(
+            r.header("content-range"),
+            Some(format!("bytes {first}-{last}/{}", doc.len())),
+            "{range}"
+        );
+    }
+    let r = fetch(addr, Some(&gina), &id, "Range: bytes=999999-\r\n").await;
+    assert_eq!(r.status, 416);
+    assert_eq!(
+        r.header("content-range"),
+        Some(format!("bytes */{}", doc.len()))
+    );
+    server.shutdown();
+    stop(server).await;
 }

@@ -89,8 +89,12 @@ pub(super) enum FileApiError {
     Unsupported(String),
     #[error("{0}")]
     BadRequest(String),
+    #[error("no such file")]
+    NotFound,
     #[error("use {0}")]
     Method(&'static str),
+    #[error("the range is outside the file")]
+    Range(u64),
     #[error("storage is unavailable; retry")]
     Storage(#[from] StoreError),
     #[error("file storage failed; retry")]
@@ -114,7 +118,9 @@ impl FileApiError {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
             }
             FileApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            FileApiError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
             FileApiError::Method(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            FileApiError::Range(_) => (StatusCode::RANGE_NOT_SATISFIABLE, "range_not_satisfiable"),
             FileApiError::Storage(e) => {
                 tracing::error!(error = %e, "file API storage error");
                 (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable")
@@ -130,6 +136,11 @@ impl FileApiError {
         match self {
             FileApiError::RateLimited(secs) => {
                 h.insert(hyper::header::RETRY_AFTER, secs.into());
+            }
+            FileApiError::Range(size) => {
+                if let Ok(v) = format!("bytes */{size}").parse() {
+                    h.insert(hyper::header::CONTENT_RANGE, v);
+                }
             }
             FileApiError::Method(allow) => {
                 h.insert(
@@ -147,6 +158,8 @@ impl FileApiError {
 pub async fn handle(core: &Rc<Core>, req: Request<Incoming>, path: &str) -> Option<Response<Body>> {
     let result = if path == "/upload" {
         upload(core, req).await
+    } else if let Some(id) = path.strip_prefix("/files/") {
+        super::files_get::download(core, &req, id).await
     } else {
         return None;
     };

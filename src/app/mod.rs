@@ -11,6 +11,7 @@ pub mod chat;
 pub mod cluster;
 pub mod conn;
 pub mod files;
+mod files_get;
 pub mod frames;
 pub mod remote;
 
