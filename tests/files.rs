@@ -12,7 +12,7 @@ use std::path::Path;
 use common::*;
 #[allow(unused_imports)]
 use serde_json as _;
-use serde_json::Value;
+use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -562,6 +562,128 @@ async fn owners_and_admins_download_everyone_else_gets_404() {
         r.header("content-range"),
         Some(format!("bytes */{}", doc.len()))
     );
+    server.shutdown();
+    stop(server).await;
+}
+
+// ---- item 4: file messages ----
+
+/// Frames until `kind`, all of them (that one last).
+async fn frames_until(ws: &mut Ws, kind: &str) -> Vec<Value> {
+    let (last, mut before) = until(ws, kind).await;
+    before.push(last);
+    before
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_messages_attach_the_users_own_files_to_sessions() {
+    use chatbox::config::LlmProvider;
+    use common::fake_llm;
+    let answer = fake_llm::stream(fake_llm::openai_events(&["Looks", " fine"], None), 0);
+    let fake = fake_llm::Fake::start(vec![answer]).await;
+    let cfg = fake_llm::with_models(vec![fake_llm::model("m", LlmProvider::Openai, &fake)]);
+    let data_dir = cfg.data_dir.clone();
+    let server = start(cfg);
+    let addr = server.local_addr();
+    let image = png(64, 48);
+    let r = upload_raw(addr, &token("ivy"), "error dialog.png", "image/png", &image).await;
+    let fid = r.json()["file_id"].as_str().unwrap().to_owned();
+    let r = upload_raw(addr, &token("jack"), "j.png", "image/png", &png(5, 5)).await;
+    let jacks = r.json()["file_id"].as_str().unwrap().to_owned();
+    let expected = json!({"file_id": fid, "mime": "image/png", "size": image.len(), "name": "error dialog.png"});
+
+    // Someone else's file, and no file at all: the same not_found.
+    let mut ws = connect_user(addr, "ivy").await;
+    for (other, id) in [(jacks.as_str(), "x1"), ("f_nope", "x2")] {
+        send(
+            &mut ws,
+            json!({"type": "file_message", "file_id": other, "id": id}),
+        )
+        .await;
+        let e = until(&mut ws, "error").await.0;
+        assert_eq!(
+            (e["code"].as_str(), e["id"].as_str()),
+            (Some("not_found"), Some(id))
+        );
+    }
+
+    // Its own file: a new session, acked, answered; the model is told in words.
+    let m = json!({"type": "file_message", "file_id": fid, "content": "what does this mean?", "id": "c1"});
+    send(&mut ws, m).await;
+    let seen = frames_until(&mut ws, "ai_done").await;
+    let sid = seen.iter().find(|f| f["type"] == "session").unwrap()["session_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        seen.iter().any(|f| f["type"] == "ack" && f["id"] == "c1"),
+        "{seen:?}"
+    );
+    let told = fake.requests()[0].body["messages"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for part in ["error dialog.png", "image/png", "what does this mean?"] {
+        assert!(told.contains(part), "{told}");
+    }
+
+    // An admin in the session sees the next one with its file.
+    let mut a = connect(addr, "/ws", Some(&admin()), None).await.unwrap();
+    send(&mut a, json!({"type": "admin_join", "session_id": sid})).await;
+    until(&mut ws, "admin_joined").await;
+    let m = json!({"type": "file_message", "session_id": sid, "file_id": fid, "id": "c2"});
+    send(&mut ws, m).await;
+    let relay = until(&mut a, "user_message").await.0;
+    assert_eq!(relay["file"], expected);
+    assert_eq!(relay["content"], "");
+    let ack = until(&mut ws, "ack").await.0;
+    assert_eq!(ack["id"], "c2");
+
+    // History on resume, and the admin transcript and export, carry the file.
+    let mut again = connect_user(addr, "ivy").await;
+    send(&mut again, json!({"type": "resume", "session_id": sid})).await;
+    let history = until(&mut again, "session").await.0["messages"].clone();
+    let with_file: Vec<&Value> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["file"] == expected)
+        .collect();
+    assert_eq!(with_file.len(), 2, "{history}");
+    assert_eq!(with_file[0]["content"], "what does this mean?");
+    assert_eq!(with_file[0]["role"], "user");
+    let (status, transcript) = admin_call(addr, "GET", &format!("/sessions/{sid}"), &admin()).await;
+    assert_eq!(status, 200);
+    let files: Vec<&Value> = transcript["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m.get("file"))
+        .collect();
+    assert_eq!(files, [&expected, &expected]);
+    let (status, export) = admin_call(addr, "GET", "/users/ivy/export", &admin()).await;
+    assert_eq!(status, 200);
+    assert!(export.to_string().contains(&fid), "{export}");
+    // The admin fetches what the transcript names.
+    let r = fetch(addr, Some(&admin()), &fid, "").await;
+    assert_eq!((r.status, r.body), (200, image));
+
+    // Deleting the user deletes their files, bytes and records; not jack's.
+    let on_disk = |id: &str| {
+        files_under(&data_dir.join("files"))
+            .iter()
+            .any(|p| p.to_string_lossy().contains(id))
+    };
+    assert!(on_disk(&fid));
+    let (status, _) = admin_call(addr, "DELETE", "/users/ivy", &admin()).await;
+    assert_eq!(status, 200);
+    assert!(!on_disk(&fid), "the bytes are gone");
+    assert_eq!(fetch(addr, Some(&admin()), &fid, "").await.status, 404);
+    assert!(on_disk(&jacks));
     server.shutdown();
     stop(server).await;
 }

@@ -64,6 +64,11 @@ impl Files {
                 None
             }
         };
+        if !config.nats_url.is_empty() && store.is_some() {
+            tracing::warn!(
+                "cluster mode with files on local disk: a file can be fetched only from the node that took its upload (shared file storage is not built yet)"
+            );
+        }
         Files {
             store,
             bytes_max: config.upload_bytes_max,
@@ -541,6 +546,31 @@ async fn record_file(core: &Rc<Core>, record: FileRecord) -> Result<Response<Bod
         return Err(e.into());
     }
     Ok(json_response(StatusCode::CREATED, body.to_string()))
+}
+
+/// Deletes the bytes of these files (their records are gone already), on the
+/// blocking pool; returns how many could not be deleted (each is logged).
+pub async fn delete_objects(core: &Core, ids: Vec<String>) -> usize {
+    let Some(store) = core.shared.app.files.store.clone() else {
+        return ids.len();
+    };
+    let n = ids.len();
+    let work = async move {
+        tokio::task::spawn_blocking(move || {
+            ids.iter()
+                .filter(|id| match store.delete(id) {
+                    Ok(()) => false,
+                    Err(e) => {
+                        tracing::warn!(file = %id, error = %e, "a deleted user's file could not be removed");
+                        true
+                    }
+                })
+                .count()
+        })
+        .await
+        .unwrap_or(n)
+    };
+    core.shared.app.pool.call(work).await.unwrap_or(n)
 }
 
 #[cfg(test)]

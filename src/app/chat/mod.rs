@@ -323,6 +323,11 @@ impl ChatCore {
             // A message that fails authentication is reported on resume, not used here.
             let opened = messages.iter().filter_map(|m| {
                 let text = shared.keys.open(&m.place(), &m.sealed).ok()?;
+                // The model is told of a file as it was when the message came.
+                let text = match &m.file {
+                    Some(f) => message::describe(f, &text),
+                    None => text,
+                };
                 Some((m.role, text))
             });
             let last_seq = messages.last().map_or(0, |m| m.seq);
