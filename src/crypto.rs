@@ -156,6 +156,54 @@ impl KeyRing {
         }
     }
 
+    /// Seals bytes with key `key_id` (a file keeps the key it started with) and
+    /// caller-built associated data: file chunks bind their file and place.
+    pub fn seal_bytes(
+        &self,
+        key_id: u32,
+        aad: &[u8],
+        plaintext: &[u8],
+    ) -> Result<([u8; NONCE_BYTES], Vec<u8>), CryptoError> {
+        let cipher = self
+            .keys
+            .get(&key_id)
+            .ok_or(CryptoError::UnknownKey(key_id))?;
+        let nonce: [u8; NONCE_BYTES] = rand::random();
+        let ciphertext = cipher
+            .encrypt(
+                &Nonce::from(nonce),
+                Payload {
+                    msg: plaintext,
+                    aad,
+                },
+            )
+            .map_err(|_| CryptoError::Tampered)?;
+        Ok((nonce, ciphertext))
+    }
+
+    /// Opens what [`KeyRing::seal_bytes`] sealed with the same associated data.
+    pub fn open_bytes(
+        &self,
+        key_id: u32,
+        nonce: &[u8; NONCE_BYTES],
+        aad: &[u8],
+        ciphertext: &[u8],
+    ) -> Result<Vec<u8>, CryptoError> {
+        let cipher = self
+            .keys
+            .get(&key_id)
+            .ok_or(CryptoError::UnknownKey(key_id))?;
+        cipher
+            .decrypt(
+                &Nonce::from(*nonce),
+                Payload {
+                    msg: ciphertext,
+                    aad,
+                },
+            )
+            .map_err(|_| CryptoError::Tampered)
+    }
+
     /// Opens a message sealed for `at`, in the format its row names. A row moved
     /// or edited (another place) fails with `Tampered`.
     pub fn open(&self, at: &Place<'_>, sealed: &Sealed) -> Result<String, CryptoError> {

@@ -165,6 +165,7 @@ fn append(ring: &KeyRing, user: &str, sid: &str, seq: u64, text: &str) -> WriteO
             tokens_in: 0,
             tokens_out: 0,
             cancelled: false,
+            file: None,
         },
     }
 }

@@ -13,8 +13,8 @@ use chatbox::pool::{BlockingPool, PoolRuntime};
 use chatbox::store::mongo::{MongoSettings, MongoStore};
 use chatbox::store::sqlite::SqliteStore;
 use chatbox::store::{
-    AuditAction, CursorKey, MessageRecord, Role, SessionQuery, SessionRecord, SessionState, SortBy,
-    Store, StoreError, StoreFuture, WriteOp, WriteOutcome,
+    AuditAction, CursorKey, FileRecord, MessageRecord, Role, SessionQuery, SessionRecord,
+    SessionState, SortBy, Store, StoreError, StoreFuture, WriteOp, WriteOutcome,
 };
 
 /// Each test body, as a SQLite test and as an ignored MongoDB test.
@@ -44,6 +44,7 @@ on_every_backend!(
     a_users_data_is_exported_then_deleted,
     the_notification_outbox_is_durable_and_ordered,
     copy_moves_everything_and_can_run_again,
+    uploaded_files_are_recorded_attached_and_deleted_with_their_owner,
 );
 
 /// A backend under test, with what keeps it alive.
@@ -155,6 +156,7 @@ fn message(
         tokens_in: tokens.0,
         tokens_out: tokens.1,
         cancelled: false,
+        file: None,
     }
 }
 
@@ -748,4 +750,64 @@ fn leases_fence_off_a_node_whose_user_moved() {
     }]))
     .unwrap();
     assert_eq!(leased(block(s.write(vec![take("a", 5000)]))), 3);
+}
+
+fn file(id: &str, owner: &str, size: u64, name: Option<&str>) -> FileRecord {
+    FileRecord {
+        file_id: id.into(),
+        owner: owner.into(),
+        mime: "image/png".into(),
+        size,
+        sha256: "ab".repeat(32),
+        name: name.map(str::to_owned),
+        created_at: 500,
+        key_id: 7,
+        location: "local".into(),
+    }
+}
+
+fn uploaded_files_are_recorded_attached_and_deleted_with_their_owner(b: &Backend) {
+    let (ring, s) = (ring(), &b.store);
+    let a = file("f_a", "u1", 1000, Some("shot.png"));
+    block(s.write(vec![
+        WriteOp::PutFile(a.clone()),
+        WriteOp::PutFile(file("f_b", "u1", 234, None)),
+        WriteOp::PutFile(file("f_c", "u2", 50, None)),
+    ]))
+    .unwrap();
+    assert_eq!(block(s.file("f_a")).unwrap(), Some(a.clone()), "{}", b.name);
+    assert_eq!(block(s.file("f_zz")).unwrap(), None);
+    assert_eq!(block(s.files_bytes("u1")).unwrap(), 1234, "{}", b.name);
+    assert_eq!(block(s.files_bytes("nobody")).unwrap(), 0);
+    let mut ids = block(s.user_file_ids("u1")).unwrap();
+    ids.sort();
+    assert_eq!(ids, ["f_a", "f_b"]);
+    // The same id twice is refused (ids are made once, by the server).
+    assert!(block(s.write(vec![WriteOp::PutFile(a.clone())])).is_err());
+
+    // A message carries the file's reference into history.
+    let mut m = message(&ring, "s1", 1, Role::User, None, 1001, (0, 0));
+    m.file = Some(a.to_ref());
+    block(s.write(vec![
+        WriteOp::CreateSession(session("s1", "u1", 1000)),
+        append("u1", m),
+    ]))
+    .unwrap();
+    let msgs = block(s.load_session("s1", 10)).unwrap().unwrap().1;
+    assert_eq!(msgs[0].file, Some(a.to_ref()), "{}", b.name);
+    assert_eq!(
+        block(s.messages_after("s1", 0, 10)).unwrap()[0].file,
+        Some(a.to_ref())
+    );
+
+    block(s.write(vec![WriteOp::DeleteUser {
+        user_id: "u1".into(),
+    }]))
+    .unwrap();
+    assert_eq!(block(s.file("f_a")).unwrap(), None, "{}", b.name);
+    assert_eq!(block(s.files_bytes("u1")).unwrap(), 0);
+    assert!(
+        block(s.file("f_c")).unwrap().is_some(),
+        "another user's file stays"
+    );
 }

@@ -368,11 +368,21 @@ async fn delete_user(core: &Rc<Core>, user_id: &str, admin: &Identity) -> Result
     // delete is deleted with the rest, and one behind it (an answer finishing) is
     // refused by storage, its session being gone: nothing comes back.
     let closed = close_user(core, user_id, true).await;
+    // Their files' bytes first, while the records still say which they are: a
+    // failure here leaves the records, so a retry finds them again.
+    let files = core.shared.app.store.user_file_ids(user_id).await?;
+    let count = files.len();
+    let kept = super::files::delete_objects(core, files).await;
+    if kept > 0 {
+        return Err(ApiError::Unavailable(format!(
+            "{kept} of the user's files could not be removed; nothing else was deleted; retry the request"
+        )));
+    }
     let op = WriteOp::DeleteUser {
         user_id: user_id.to_owned(),
     };
     core.shared.app.store.write(vec![op]).await?;
-    tracing::info!(user = %user_id, admin = %admin.user_id, "user data deleted");
+    tracing::info!(user = %user_id, admin = %admin.user_id, files = count, "user data deleted");
     // A core that did not confirm is reported, and a retry is safe.
     let closed = closed.map_err(|e| {
         ApiError::Unavailable(format!(

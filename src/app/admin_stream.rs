@@ -201,7 +201,7 @@ fn message_json(keys: &KeyRing, stats: &PageStats, m: &MessageRecord, shape: Sha
         stats.integrity_failures.fetch_add(1, Relaxed);
         tracing::error!(session = %m.session_id, message = %m.message_id, error = %e, "stored message failed its integrity check");
     }
-    match shape {
+    let mut v = match shape {
         Shape::Export => json!({"message_id": m.message_id, "role": m.role.as_str(),
             "author": m.author, "created_at": m.created_at, "content": opened.ok(),
             "cancelled": m.cancelled}),
@@ -216,7 +216,13 @@ fn message_json(keys: &KeyRing, stats: &PageStats, m: &MessageRecord, shape: Sha
             }
             v
         }
+    };
+    // An attachment: what it is, and where an admin fetches it
+    // (`GET {prefix}/files/{file_id}`).
+    if let Some(f) = &m.file {
+        v["file"] = json!(f);
     }
+    v
 }
 
 /// Ends the stream on a storage failure; always `false` (the stream stopped).

@@ -110,6 +110,7 @@ impl ChatConn {
                         content,
                         model,
                         received: std::time::Instant::now(),
+                        file: None,
                     };
                     message::user_message(core, self.conn, user, session_id, msg)
                 }
@@ -166,9 +167,27 @@ impl ChatConn {
                 None
             }
             ClientFrame::AuthRefresh { token } => Some(self.refresh(&token, id.as_deref())),
-            ClientFrame::FileMessage { .. } => Some(error_frame(
+            ClientFrame::FileMessage {
+                session_id,
+                file_id,
+                content,
+                voice: false,
+            } => match core.shared.app.models.pick(None) {
+                Ok(model) => {
+                    let msg = Pending {
+                        id,
+                        content: content.unwrap_or_default(),
+                        model,
+                        received: std::time::Instant::now(),
+                        file: None,
+                    };
+                    message::file_message(core, self.conn, user, session_id, &file_id, msg)
+                }
+                Err(why) => Some(error_frame(Code::InvalidMessage, &why, id.as_deref())),
+            },
+            ClientFrame::FileMessage { voice: true, .. } => Some(error_frame(
                 Code::InvalidMessage,
-                "file and voice messages are not available yet",
+                "voice messages are not available yet",
                 id.as_deref(),
             )),
         }

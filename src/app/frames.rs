@@ -71,9 +71,12 @@ pub enum ClientFrame {
     HelpRequest {
         session_id: String,
     },
+    /// `file_message` (an uploaded file, with an optional caption), or
+    /// `voice_message` (`voice`, not served yet).
     FileMessage {
-        session_id: String,
+        session_id: Option<String>,
         file_id: String,
+        content: Option<String>,
         voice: bool,
     },
     AdminJoin {
@@ -184,8 +187,9 @@ pub fn parse(
             session_id: f.session_id()?,
         },
         "voice_message" | "file_message" => ClientFrame::FileMessage {
-            session_id: f.session_id()?,
+            session_id: f.opt_session_id()?,
             file_id: f.req_str("file_id", FILE_ID_CHARS_MAX)?,
+            content: f.opt_str("content", limits.content_chars_max)?,
             voice: kind == "voice_message",
         },
         "admin_join" => ClientFrame::AdminJoin {
@@ -373,6 +377,9 @@ pub enum ServerFrame<'a> {
         message_id: &'a str,
         user_id: &'a str,
         content: &'a str,
+        /// The file a `file_message` attached.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        file: Option<&'a crate::store::FileRef>,
     },
     AdminJoined {
         session_id: &'a str,
@@ -480,6 +487,9 @@ pub struct HistoryItem {
     pub created_at: i64,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub cancelled: bool,
+    /// The file the message carries (`file_message`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<crate::store::FileRef>,
 }
 
 #[cfg(test)]

@@ -10,6 +10,8 @@ mod admin_stream;
 pub mod chat;
 pub mod cluster;
 pub mod conn;
+pub mod files;
+mod files_get;
 pub mod frames;
 pub mod remote;
 
@@ -114,6 +116,13 @@ impl App for ChatApp {
         req: Request<hyper::body::Incoming>,
         path: &str,
     ) -> Response<Body> {
+        if path == "/upload" || path.starts_with("/files/") {
+            if let Some(r) = files::handle(core, req, path).await {
+                return r;
+            }
+            core.metrics().refused(crate::metrics::Refusal::NotFound);
+            return crate::runtime::http::not_found();
+        }
         match path.strip_prefix("/admin") {
             Some(rest) if rest.is_empty() || rest.starts_with('/') => {
                 admin::handle(core, &req, rest).await
@@ -122,6 +131,20 @@ impl App for ChatApp {
                 core.metrics().refused(crate::metrics::Refusal::NotFound);
                 crate::runtime::http::not_found()
             }
+        }
+    }
+
+    fn body_bytes_max(core: &Rc<Core>, path: &str) -> u64 {
+        match path {
+            // The upload enforces its own limit while it streams, multipart
+            // framing included.
+            "/upload" => core
+                .shared
+                .app
+                .files
+                .bytes_max
+                .saturating_add(files::MULTIPART_SLACK_BYTES),
+            _ => core.shared.config.http_body_bytes_max as u64,
         }
     }
 

@@ -378,6 +378,14 @@ declare_config! {
     llm_event_bytes_max: usize = 1024 * 1024, range(1024, NO_MAX), unit "bytes";
     /// Admin API requests per admin per minute (burst the same), per core.
     admin_rate_limit_per_minute: u32 = 600, unit "requests/min";
+    /// Largest upload (`POST {prefix}/upload`, the file itself); 413 beyond, before the body is read when `Content-Length` says so.
+    upload_bytes_max: u64 = 10 * 1024 * 1024, range(1, NO_MAX), unit "bytes";
+    /// Types an upload may have, decided from its first bytes, never from its name or declared type (comma list of MIME types; anything else is 415).
+    upload_types_allowed: Vec<String> = super::UPLOAD_TYPES_DEFAULT.iter().map(|t| t.to_string()).collect();
+    /// Uploads one user may start per minute (token bucket, burst the same), per core; 429 beyond.
+    upload_rate_limit_per_minute: u32 = 30, range(1, 1_000_000), unit "uploads/min";
+    /// Bytes of uploaded files one user may keep stored; an upload past it is 413 `quota_exceeded` (0: no quota).
+    upload_quota_bytes: u64 = 100 * 1024 * 1024, unit "bytes";
     /// Help requests are POSTed here (https, or http on loopback), signed with `notify_webhook_secret`.
     #[secret]
     notify_webhook_url: Option<String> = None;

@@ -29,6 +29,24 @@ pub use keys::{Config, Key, KEYS};
 pub use models::{LlmSection, ModelConfig};
 pub use validate::parse_encryption_key;
 
+/// What `upload_types_allowed` holds unless set: the images support staff are
+/// sent (PNG, JPEG, GIF, WebP), PDF, and the audio of voice notes (Ogg/Opus,
+/// WebM, MP4/M4A, MP3, WAV), named as the `infer` crate names them.
+pub const UPLOAD_TYPES_DEFAULT: [&str; 12] = [
+    "image/png",
+    "image/jpeg",
+    "image/gif",
+    "image/webp",
+    "application/pdf",
+    "audio/ogg",
+    "audio/opus",
+    "video/webm",
+    "video/mp4",
+    "audio/m4a",
+    "audio/mpeg",
+    "audio/x-wav",
+];
+
 /// What went wrong while loading or validating the configuration. Each message
 /// names the key (or variable) and says how to fix it.
 #[derive(Debug, thiserror::Error)]

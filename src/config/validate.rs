@@ -124,6 +124,14 @@ impl Config {
             }
         }
         problems.extend(self.cluster_problems());
+        for t in &self.upload_types_allowed {
+            let (kind, sub) = t.split_once('/').unwrap_or(("", ""));
+            if kind.is_empty() || sub.is_empty() || t.contains([' ', ';', ',']) {
+                problems.push(format!(
+                    "CHATBOX_UPLOAD_TYPES_ALLOWED: {t:?} is not a MIME type such as image/png"
+                ));
+            }
+        }
         let concern = &self.mongo_write_concern;
         if concern != "majority" && !concern.parse::<u32>().is_ok_and(|n| n >= 1) {
             problems.push(

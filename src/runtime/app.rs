@@ -51,6 +51,12 @@ pub trait App: Sized + 'static {
     fn degraded(_core: &Rc<Core<Self>>) -> Option<String> {
         None
     }
+    /// The largest request body the front door lets through to `path` (prefix
+    /// stripped), refused with 413 when `Content-Length` says more; an endpoint
+    /// with a limit of its own (uploads) enforces it while it reads.
+    fn body_bytes_max(core: &Rc<Core<Self>>, _path: &str) -> u64 {
+        core.shared.config.http_body_bytes_max as u64
+    }
     /// Every HTTP request under the prefix that the runtime does not serve itself
     /// (`path` has the prefix stripped). Answers 404 for what it does not know.
     fn http(

@@ -43,6 +43,8 @@ pub enum Op {
     NextNotification,
     Ping,
     Lease,
+    PutFile,
+    ReadFile,
 }
 
 impl Op {
@@ -73,6 +75,8 @@ impl Op {
             Op::NextNotification => "read next notification time",
             Op::Ping => "ping",
             Op::Lease => "user lease",
+            Op::PutFile => "record file",
+            Op::ReadFile => "read file record",
         }
     }
 }
@@ -94,6 +98,7 @@ impl WriteOp {
             WriteOp::PurgeOutbox { .. } => Op::PurgeOutbox,
             WriteOp::DeleteUser { .. } => Op::DeleteUser,
             WriteOp::DropEmptySession { .. } => Op::DropEmptySession,
+            WriteOp::PutFile(_) => Op::PutFile,
             WriteOp::Enqueue { .. } => Op::Enqueue,
             WriteOp::Delivered { .. } => Op::Delivered,
             WriteOp::DeliveryFailed { .. } => Op::DeliveryFailed,

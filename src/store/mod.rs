@@ -6,11 +6,13 @@
 
 pub mod copy;
 mod error;
+pub mod files;
 pub mod mongo;
 pub mod sqlite;
 mod writer;
 
 pub use error::{Op, StoreError};
+pub use files::{FileRecord, FileRef};
 
 use std::future::Future;
 use std::pin::Pin;
@@ -165,6 +167,8 @@ pub struct MessageRecord {
     pub tokens_in: u64,
     pub tokens_out: u64,
     pub cancelled: bool,
+    /// The uploaded file the message carries (`file_message`), if any.
+    pub file: Option<FileRef>,
 }
 
 impl MessageRecord {
@@ -210,11 +214,14 @@ pub enum WriteOp {
         idle_before: Millis,
         at: Millis,
     },
-    /// Deletes everything stored for a user (sessions, messages, audit trail).
+    /// Deletes everything stored for a user (sessions, messages, audit trail,
+    /// the records of their files).
     DeleteUser { user_id: String },
     /// Deletes a session only while it holds no message: the one a resent message
     /// would have opened, when the store found the message already stored elsewhere.
     DropEmptySession { session_id: String },
+    /// Records an uploaded file (its bytes are already in the file store).
+    PutFile(FileRecord),
     /// Queues a notification in the durable outbox.
     Enqueue {
         kind: String,
@@ -452,6 +459,22 @@ pub trait Store: Send + Sync + 'static {
     /// the default (none) serves test doubles that store no sessions.
     fn idle_sessions(&self, before: Millis, limit: usize) -> StoreFuture<Vec<(String, String)>> {
         let _ = (before, limit);
+        Box::pin(async { Ok(Vec::new()) })
+    }
+    /// The record of an uploaded file. Both backends implement it; the default
+    /// (none) serves test doubles.
+    fn file(&self, file_id: &str) -> StoreFuture<Option<FileRecord>> {
+        let _ = file_id;
+        Box::pin(async { Ok(None) })
+    }
+    /// Bytes of every file `owner` uploaded, for the quota.
+    fn files_bytes(&self, owner: &str) -> StoreFuture<u64> {
+        let _ = owner;
+        Box::pin(async { Ok(0) })
+    }
+    /// The ids of every file `owner` uploaded, to delete their bytes with them.
+    fn user_file_ids(&self, owner: &str) -> StoreFuture<Vec<String>> {
+        let _ = owner;
         Box::pin(async { Ok(Vec::new()) })
     }
     /// How many notifications are in the outbox in `state` (`pending`,

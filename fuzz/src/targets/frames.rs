@@ -153,8 +153,13 @@ fn check_limits(incoming: &Incoming, limits: &Limits) -> Result<(), String> {
         ClientFrame::FileMessage {
             session_id,
             file_id,
+            content,
             ..
-        } => session_id_ok(session_id) && chars_within(file_id, 0, FILE_ID_CHARS_MAX),
+        } => {
+            session_id.as_deref().is_none_or(session_id_ok)
+                && chars_within(file_id, 0, FILE_ID_CHARS_MAX)
+                && content.as_deref().is_none_or(content_ok)
+        }
         ClientFrame::AdminMessage {
             session_id,
             content,
@@ -220,9 +225,10 @@ pub fn to_json(incoming: &Incoming) -> Value {
         ClientFrame::FileMessage {
             session_id,
             file_id,
+            content,
             voice,
         } => json!({"type": if *voice { "voice_message" } else { "file_message" },
-            "session_id": session_id, "file_id": file_id}),
+            "session_id": session_id, "file_id": file_id, "content": content}),
         ClientFrame::AdminJoin { session_id } => {
             json!({"type": "admin_join", "session_id": session_id})
         }

@@ -289,6 +289,7 @@ async fn store(
             text,
             usage,
             cancelled,
+            file: None,
         };
         let op = WriteOp::AppendMessage {
             user_id: s.user_id.to_string(),

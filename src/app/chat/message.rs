@@ -13,7 +13,7 @@ use crate::app::Core;
 use crate::clock::{new_id, now_ms};
 use crate::llm::{ModelSpec, TurnRole};
 use crate::runtime::ConnId;
-use crate::store::{Role, SessionRecord, StoreError, WriteOp, WriteOutcome};
+use crate::store::{FileRef, Role, SessionRecord, StoreError, WriteOp, WriteOutcome};
 
 /// When a client whose message met a full storage queue should send it again.
 const STORE_RETRY_AFTER_MS: u64 = 1000;
@@ -22,10 +22,100 @@ const STORE_RETRY_AFTER_MS: u64 = 1000;
 pub struct Pending {
     /// The client's `id`.
     pub id: Option<String>,
+    /// What the user wrote (a file message's caption, maybe empty).
     pub content: String,
     pub model: Arc<ModelSpec>,
     /// When the frame arrived: `chatbox_ack_seconds` measures from here.
     pub received: std::time::Instant,
+    /// The user's uploaded file a `file_message` attaches.
+    pub file: Option<FileRef>,
+}
+
+/// What the model is told of a message with a file: a short description (the
+/// model sees no bytes), then the caption.
+pub fn describe(file: &FileRef, caption: &str) -> String {
+    let name = file.name.as_deref().unwrap_or("unnamed");
+    let kib = file.size.div_ceil(1024);
+    let mut text = format!(
+        "[The user attached a file: \"{name}\", {}, {kib} KiB. Its content is not shown to you.]",
+        file.mime
+    );
+    if !caption.trim().is_empty() {
+        text.push('\n');
+        text.push_str(caption);
+    }
+    text
+}
+
+/// The error frame of a refused message: rate limited (retry after `wait` ms).
+fn rate_limited(core: &Core, wait: u64, id: Option<&str>, sid: Option<&str>) -> String {
+    core.metrics().rate_limited.inc();
+    let message = format!("rate limit reached; retry in {wait} ms");
+    let frame = ServerFrame::Error {
+        code: Code::RateLimited,
+        message: &message,
+        id,
+        session_id: sid,
+        retry_after_ms: Some(wait),
+    };
+    frame.to_json()
+}
+
+/// Handles a `file_message`: the rate limit first, then the file, which must be
+/// one this user uploaded (anyone else's is `not_found`, as a missing one is),
+/// then the message goes on as a user message carrying it.
+pub fn file_message(
+    core: &Rc<Core>,
+    conn: ConnId,
+    user: &Arc<str>,
+    session_id: Option<String>,
+    file_id: &str,
+    mut msg: Pending,
+) -> Option<String> {
+    if let Err(wait) = core.app.rate_check(user, now_ms()) {
+        return Some(rate_limited(
+            core,
+            wait,
+            msg.id.as_deref(),
+            session_id.as_deref(),
+        ));
+    }
+    let read = core.shared.app.store.file(file_id);
+    let (c, user) = (core.clone(), user.clone());
+    let task = async move {
+        let reply_now = match read.await {
+            Ok(Some(rec)) if *rec.owner == *user => {
+                msg.file = Some(rec.to_ref());
+                accepted(&c, conn, &user, session_id, msg)
+            }
+            Ok(_) => Some(error_frame(
+                Code::NotFound,
+                "no such file",
+                msg.id.as_deref(),
+            )),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading a file record failed");
+                let frame = ServerFrame::Error {
+                    code: Code::Unavailable,
+                    message: "storage is busy; send the message again with the same id",
+                    id: msg.id.as_deref(),
+                    session_id: session_id.as_deref(),
+                    retry_after_ms: Some(STORE_RETRY_AFTER_MS),
+                };
+                Some(frame.to_json())
+            }
+        };
+        if let Some(frame) = reply_now {
+            reply(&c, conn, frame);
+        }
+    };
+    core.spawn_guarded(task, || {
+        tracing::error!(
+            task = "file_message",
+            "a file message task panicked; only it stopped"
+        );
+    });
+    None
 }
 
 /// Handles a `user_message` of `user` from `conn`. Returns an immediate reply for
@@ -37,19 +127,27 @@ pub fn user_message(
     session_id: Option<String>,
     msg: Pending,
 ) -> Option<String> {
-    let now = now_ms();
-    if let Err(wait) = core.app.rate_check(user, now) {
-        core.metrics().rate_limited.inc();
-        let message = format!("rate limit reached; retry in {wait} ms");
-        let frame = ServerFrame::Error {
-            code: Code::RateLimited,
-            message: &message,
-            id: msg.id.as_deref(),
-            session_id: session_id.as_deref(),
-            retry_after_ms: Some(wait),
-        };
-        return Some(frame.to_json());
+    if let Err(wait) = core.app.rate_check(user, now_ms()) {
+        return Some(rate_limited(
+            core,
+            wait,
+            msg.id.as_deref(),
+            session_id.as_deref(),
+        ));
     }
+    accepted(core, conn, user, session_id, msg)
+}
+
+/// A message that passed the rate limit: into its session (a new one when none
+/// is named).
+fn accepted(
+    core: &Rc<Core>,
+    conn: ConnId,
+    user: &Arc<str>,
+    session_id: Option<String>,
+    msg: Pending,
+) -> Option<String> {
+    let now = now_ms();
     if let Some(sid) = session_id {
         let user2 = user.clone();
         let id = msg.id.clone();
@@ -112,6 +210,7 @@ fn append(
             text: &msg.content,
             usage: Usage::default(),
             cancelled: false,
+            file: msg.file.clone(),
         };
         (s.record(sid, new, &shared.keys, now), s.created_at)
     };
@@ -218,13 +317,13 @@ fn stored(core: &Rc<Core>, sid: &Arc<str>, user: &str, message_id: &str, msg: Pe
         duplicate: false,
     };
     push_session(core, sid, ack.to_json());
+    let told = match &msg.file {
+        Some(f) => describe(f, &msg.content),
+        None => msg.content.clone(),
+    };
     let (human, admins) = match core.app.sessions.borrow_mut().get_mut(sid) {
         Some(s) => {
-            s.remember(
-                TurnRole::User,
-                msg.content.as_str().into(),
-                core.shared.app.context,
-            );
+            s.remember(TurnRole::User, told.into(), core.shared.app.context);
             let admins: Vec<(usize, ConnId)> = s.admin_conns().collect();
             (s.state == State::Human, admins)
         }
@@ -236,6 +335,7 @@ fn stored(core: &Rc<Core>, sid: &Arc<str>, user: &str, message_id: &str, msg: Pe
             message_id,
             user_id: user,
             content: &msg.content,
+            file: msg.file.as_ref(),
         }
         .to_json()
         .into();

@@ -53,7 +53,10 @@ const ADMIN_LIMITER_USERS_MAX: usize = 10_000;
 /// Read-only chat settings and services, shared by every core.
 pub struct ChatShared {
     pub store: Arc<dyn Store>,
-    pub keys: KeyRing,
+    /// Shared with the file pipeline, which seals on the blocking pool.
+    pub keys: Arc<KeyRing>,
+    /// Uploads: where their bytes go and what they may be.
+    pub files: crate::app::files::Files,
     pub limits: frames::Limits,
     pub rate_limit_per_minute: u32,
     pub admin_rate_limit_per_minute: u32,
@@ -96,7 +99,8 @@ impl ChatShared {
     ) -> ChatShared {
         ChatShared {
             store,
-            keys,
+            keys: Arc::new(keys),
+            files: crate::app::files::Files::new(config),
             limits: frames::Limits {
                 content_chars_max: config.content_chars_max,
                 metadata_bytes_max: config.metadata_bytes_max,
@@ -135,6 +139,8 @@ pub struct ChatCore {
     limiter: RefCell<Limiter>,
     /// The admin API's rate limit, per admin, on this core.
     admin_limiter: RefCell<Limiter>,
+    /// Uploads per user, on this core (an upload is served where it arrives).
+    upload_limiter: RefCell<Limiter>,
     scratch: RefCell<(Vec<u8>, simd_json::Buffers)>,
     /// Cluster, owner side: connections whose sockets are on other nodes.
     pub(crate) served: RefCell<crate::app::remote::ServedMap>,
@@ -163,6 +169,10 @@ impl ChatCore {
             )),
             admin_limiter: RefCell::new(Limiter::new(
                 shared.admin_rate_limit_per_minute,
+                ADMIN_LIMITER_USERS_MAX,
+            )),
+            upload_limiter: RefCell::new(Limiter::new(
+                shared.files.rate_per_minute,
                 ADMIN_LIMITER_USERS_MAX,
             )),
             scratch: RefCell::default(),
@@ -205,6 +215,11 @@ impl ChatCore {
     /// Takes a token from `admin`'s admin-API bucket, or says when to retry (ms).
     pub fn admin_rate_check(&self, admin: &Arc<str>, now: Millis) -> Result<(), u64> {
         self.admin_limiter.borrow_mut().check(admin, now)
+    }
+
+    /// Takes an upload token of `user`, or says how many ms until there is one.
+    pub fn upload_rate_check(&self, user: &Arc<str>, now: Millis) -> Result<(), u64> {
+        self.upload_limiter.borrow_mut().check(user, now)
     }
 
     /// Attaches a connection to a session: it gets the session's frames from now.
@@ -311,6 +326,11 @@ impl ChatCore {
             // A message that fails authentication is reported on resume, not used here.
             let opened = messages.iter().filter_map(|m| {
                 let text = shared.keys.open(&m.place(), &m.sealed).ok()?;
+                // The model is told of a file as it was when the message came.
+                let text = match &m.file {
+                    Some(f) => message::describe(f, &text),
+                    None => text,
+                };
                 Some((m.role, text))
             });
             let last_seq = messages.last().map_or(0, |m| m.seq);

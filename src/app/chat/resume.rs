@@ -100,6 +100,7 @@ fn open_history(core: &Core, sid: &str, messages: &[MessageRecord]) -> (Vec<Hist
                 content,
                 created_at: m.created_at,
                 cancelled: m.cancelled,
+                file: m.file.clone(),
             }),
             Err(e) => {
                 withheld += 1;

@@ -97,6 +97,8 @@ pub struct NewMessage<'a> {
     pub text: &'a str,
     pub usage: Usage,
     pub cancelled: bool,
+    /// The uploaded file a `file_message` carries.
+    pub file: Option<crate::store::FileRef>,
 }
 
 /// Why a session refuses what was asked of it.
@@ -234,6 +236,7 @@ impl Session {
             tokens_in: msg.usage.input_tokens,
             tokens_out: msg.usage.output_tokens,
             cancelled: msg.cancelled,
+            file: msg.file,
         }
     }
 

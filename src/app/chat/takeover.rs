@@ -302,6 +302,7 @@ fn message(
             text: &content,
             usage: Usage::default(),
             cancelled: false,
+            file: None,
         };
         let op = WriteOp::AppendMessage {
             user_id: s.user_id.to_string(),

@@ -15,6 +15,7 @@ fn core_state() -> ChatCore {
         conn_sessions: Default::default(),
         limiter: std::cell::RefCell::new(Limiter::new(60, 10)),
         admin_limiter: std::cell::RefCell::new(Limiter::new(60, 10)),
+        upload_limiter: std::cell::RefCell::new(Limiter::new(60, 10)),
         scratch: Default::default(),
         served: Default::default(),
         proxies: Default::default(),
@@ -192,6 +193,7 @@ fn records_take_consecutive_places() {
         text: "hello",
         usage: Default::default(),
         cancelled: false,
+        file: None,
     };
     let a = s.record("s1", msg("m1"), &keys, 5);
     let b = s.record("s1", msg("m2"), &keys, 7);

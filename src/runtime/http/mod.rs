@@ -188,9 +188,10 @@ async fn route<A: App>(core: &Rc<Core<A>>, req: Request<hyper::body::Incoming>) 
         .headers()
         .get(hyper::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > config.http_body_bytes_max as u64) {
+    let body_max = A::body_bytes_max(core, &path);
+    if declared.is_some_and(|n| n > body_max) {
         core.metrics().refused(Refusal::BadRequest);
-        let msg = format!("request body over {} bytes", config.http_body_bytes_max);
+        let msg = format!("request body over {body_max} bytes");
         return error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", &msg);
     }
     let known = matches!(path.as_str(), "/healthz" | "/readyz" | "/metrics");

@@ -25,8 +25,8 @@ use mongodb::{Client, Collection, Database, IndexModel};
 
 use super::writer::{self, WriteQueue};
 use super::{
-    Loaded, MessageRecord, Millis, Notification, Op, SessionEvent, SessionPage, SessionQuery,
-    Store, StoreError, StoreFuture, WindowMetrics, WriteOp, WriteOutcome,
+    FileRecord, Loaded, MessageRecord, Millis, Notification, Op, SessionEvent, SessionPage,
+    SessionQuery, Store, StoreError, StoreFuture, WindowMetrics, WriteOp, WriteOutcome,
 };
 use crate::pool::BlockingPool;
 
@@ -60,6 +60,7 @@ struct Colls {
     outbox: Collection<Document>,
     counters: Collection<Document>,
     leases: Collection<Document>,
+    files: Collection<Document>,
 }
 
 impl Colls {
@@ -72,6 +73,7 @@ impl Colls {
             outbox: db.collection("outbox"),
             counters: db.collection("counters"),
             leases: db.collection("leases"),
+            files: db.collection("files"),
         }
     }
 }
@@ -133,6 +135,9 @@ async fn indexes(db: &Database) -> mongodb::error::Result<()> {
         .await?;
     c.leases
         .create_indexes([index(doc! {"node": 1}, None)])
+        .await?;
+    c.files
+        .create_indexes([index(doc! {"owner": 1}, None)])
         .await?;
     Ok(())
 }
@@ -300,6 +305,21 @@ impl Store for MongoStore {
 
     fn idle_sessions(&self, before: Millis, limit: usize) -> StoreFuture<Vec<(String, String)>> {
         self.read(Op::IdleSessions, read::idle(self.colls(), before, limit))
+    }
+
+    fn file(&self, file_id: &str) -> StoreFuture<Option<FileRecord>> {
+        let file = read::file(self.colls(), file_id.to_owned());
+        self.read(Op::ReadFile, file)
+    }
+
+    fn files_bytes(&self, owner: &str) -> StoreFuture<u64> {
+        let bytes = read::files_bytes(self.colls(), owner.to_owned());
+        self.read(Op::ReadFile, bytes)
+    }
+
+    fn user_file_ids(&self, owner: &str) -> StoreFuture<Vec<String>> {
+        let ids = read::user_file_ids(self.colls(), owner.to_owned());
+        self.read(Op::ReadFile, ids)
     }
 
     fn outbox_count(&self, state: &str) -> StoreFuture<u64> {

@@ -10,8 +10,8 @@ use mongodb::Collection;
 use super::{i64_of, Colls};
 use crate::crypto::{Sealed, NONCE_BYTES};
 use crate::store::{
-    AuditAction, CursorKey, Loaded, MessageRecord, Millis, Notification, Role, SessionEvent,
-    SessionPage, SessionQuery, SessionRecord, SessionState, SortBy, WindowMetrics,
+    AuditAction, CursorKey, FileRecord, FileRef, Loaded, MessageRecord, Millis, Notification, Role,
+    SessionEvent, SessionPage, SessionQuery, SessionRecord, SessionState, SortBy, WindowMetrics,
 };
 
 /// Runs a query and collects every document it returns.
@@ -88,7 +88,52 @@ fn message_from(d: &Document) -> MessageRecord {
         tokens_in: get_i64(d, "tokens_in").max(0) as u64,
         tokens_out: get_i64(d, "tokens_out").max(0) as u64,
         cancelled: d.get_bool("cancelled").unwrap_or(false),
+        file: d.get_document("file").ok().map(|f| FileRef {
+            file_id: text(f, "file_id"),
+            mime: text(f, "mime"),
+            size: get_i64(f, "size").max(0) as u64,
+            name: f.get_str("name").ok().map(str::to_owned),
+        }),
     }
+}
+
+pub(super) async fn file(c: Colls, id: String) -> Result<Option<FileRecord>> {
+    let Some(d) = c.files.find_one(doc! {"_id": &id}).await? else {
+        return Ok(None);
+    };
+    Ok(Some(FileRecord {
+        file_id: id,
+        owner: text(&d, "owner"),
+        mime: text(&d, "mime"),
+        size: get_i64(&d, "size").max(0) as u64,
+        sha256: text(&d, "sha256"),
+        name: d.get_str("name").ok().map(str::to_owned),
+        created_at: get_i64(&d, "created_at"),
+        key_id: u32::try_from(get_i64(&d, "key_id")).unwrap_or(0),
+        location: text(&d, "location"),
+    }))
+}
+
+pub(super) async fn files_bytes(c: Colls, owner: String) -> Result<u64> {
+    let pipeline = [
+        doc! {"$match": {"owner": &owner}},
+        doc! {"$group": {"_id": Bson::Null, "bytes": {"$sum": "$size"}}},
+    ];
+    let rows: Vec<Document> = c.files.aggregate(pipeline).await?.try_collect().await?;
+    Ok(rows
+        .first()
+        .map_or(0, |d| get_i64(d, "bytes").max(0) as u64))
+}
+
+pub(super) async fn user_file_ids(c: Colls, owner: String) -> Result<Vec<String>> {
+    let docs: Vec<Document> = c
+        .files
+        .find(doc! {"owner": &owner})
+        .projection(doc! {"_id": 1})
+        .await?
+        .try_collect()
+        .await?;
+    Ok(docs.iter().map(|d| text(d, "_id")).collect())
 }
 
 /// The admin filters as a typed document (values only, never operators).

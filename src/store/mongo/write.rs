@@ -344,6 +344,13 @@ fn message_doc(user_id: &str, m: &MessageRecord) -> Document {
     if let Some(client_id) = &m.client_id {
         d.insert("client_id", client_id);
     }
+    if let Some(f) = &m.file {
+        let mut file = doc! {"file_id": &f.file_id, "mime": &f.mime, "size": i64_of(f.size)};
+        if let Some(name) = &f.name {
+            file.insert("name", name);
+        }
+        d.insert("file", file);
+    }
     d
 }
 
@@ -401,6 +408,17 @@ async fn apply(
         WriteOp::DropEmptySession { session_id } => {
             let empty = doc! {"_id": session_id, "message_count": 0i64};
             c.sessions.delete_one(empty).session(&mut *s).await?;
+        }
+        WriteOp::PutFile(f) => {
+            let mut d = doc! {
+                "_id": &f.file_id, "owner": &f.owner, "mime": &f.mime, "size": i64_of(f.size),
+                "sha256": &f.sha256, "created_at": f.created_at,
+                "key_id": i64::from(f.key_id), "location": &f.location,
+            };
+            if let Some(name) = &f.name {
+                d.insert("name", name);
+            }
+            c.files.insert_one(d).session(&mut *s).await?;
         }
         WriteOp::Enqueue { kind, payload, at } => enqueue(c, s, kind, payload, *at).await?,
         WriteOp::Delivered { id, at } => {
@@ -545,6 +563,10 @@ async fn delete_user(
         .await?;
     c.sessions
         .delete_many(doc! {"user_id": user_id})
+        .session(&mut *s)
+        .await?;
+    c.files
+        .delete_many(doc! {"owner": user_id})
         .session(&mut *s)
         .await?;
     scrub_outbox(c, s, user_id).await

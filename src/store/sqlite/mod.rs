@@ -16,8 +16,8 @@ use rusqlite::Connection;
 
 use super::writer::{self, WriteQueue};
 use super::{
-    Loaded, MessageRecord, Millis, Notification, Op, SessionEvent, SessionPage, SessionQuery,
-    Store, StoreError, StoreFuture, WindowMetrics, WriteOp, WriteOutcome,
+    FileRecord, Loaded, MessageRecord, Millis, Notification, Op, SessionEvent, SessionPage,
+    SessionQuery, Store, StoreError, StoreFuture, WindowMetrics, WriteOp, WriteOutcome,
 };
 use crate::pool::BlockingPool;
 
@@ -93,6 +93,21 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX outbox_due ON outbox(state, next_at);",
     // 4: the format of each message's associated data (0: the ids only, before).
     "ALTER TABLE messages ADD COLUMN aad_version INTEGER NOT NULL DEFAULT 0;",
+    // 5: uploaded files (their bytes are in the file store), and the file a
+    // message carries (JSON: file_id, mime, size, name).
+    "CREATE TABLE files (
+        file_id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        mime TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        name TEXT,
+        created_at INTEGER NOT NULL,
+        key_id INTEGER NOT NULL,
+        location TEXT NOT NULL
+    );
+    CREATE INDEX files_owner ON files(owner);
+    ALTER TABLE messages ADD COLUMN file TEXT;",
 ];
 
 pub struct SqliteStore {
@@ -414,6 +429,21 @@ impl Store for SqliteStore {
         self.read(Op::IdleSessions, move |c| read::idle(c, before, limit))
     }
 
+    fn file(&self, file_id: &str) -> StoreFuture<Option<FileRecord>> {
+        let id = file_id.to_owned();
+        self.read(Op::ReadFile, move |c| read::file(c, &id))
+    }
+
+    fn files_bytes(&self, owner: &str) -> StoreFuture<u64> {
+        let owner = owner.to_owned();
+        self.read(Op::ReadFile, move |c| read::files_bytes(c, &owner))
+    }
+
+    fn user_file_ids(&self, owner: &str) -> StoreFuture<Vec<String>> {
+        let owner = owner.to_owned();
+        self.read(Op::ReadFile, move |c| read::user_file_ids(c, &owner))
+    }
+
     fn outbox_count(&self, state: &str) -> StoreFuture<u64> {
         let state = state.to_owned();
         self.read(Op::OutboxCount, move |c| read::outbox_count(c, &state))
@@ -464,6 +494,7 @@ mod tests {
             tokens_in: 0,
             tokens_out: 0,
             cancelled: false,
+            file: None,
         }
     }
 

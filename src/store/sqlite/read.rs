@@ -6,8 +6,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::crypto::{Sealed, NONCE_BYTES};
 use crate::store::{
-    CursorKey, Loaded, MessageRecord, Millis, Notification, Role, SessionEvent, SessionPage,
-    SessionQuery, SessionRecord, SessionState, SortBy, WindowMetrics,
+    CursorKey, FileRecord, FileRef, Loaded, MessageRecord, Millis, Notification, Role,
+    SessionEvent, SessionPage, SessionQuery, SessionRecord, SessionState, SortBy, WindowMetrics,
 };
 
 /// The columns [`session_row`] reads, in its order.
@@ -167,7 +167,7 @@ pub(super) fn window(
 
 /// The columns [`message_row`] reads, in its order.
 const MESSAGE_COLUMNS: &str = "seq, message_id, role, author, client_id, key_id, nonce, ciphertext,
-     created_at, tokens_in, tokens_out, cancelled, aad_version";
+     created_at, tokens_in, tokens_out, cancelled, aad_version, file";
 
 fn message_row(session_id: &str, r: &rusqlite::Row<'_>) -> rusqlite::Result<MessageRecord> {
     let nonce: Vec<u8> = r.get(6)?;
@@ -191,7 +191,48 @@ fn message_row(session_id: &str, r: &rusqlite::Row<'_>) -> rusqlite::Result<Mess
         tokens_in: r.get::<_, i64>(9)? as u64,
         tokens_out: r.get::<_, i64>(10)? as u64,
         cancelled: r.get(11)?,
+        file: r
+            .get::<_, Option<String>>(13)?
+            .as_deref()
+            .and_then(FileRef::from_json),
     })
+}
+
+pub(super) fn file(conn: &Connection, id: &str) -> rusqlite::Result<Option<FileRecord>> {
+    conn.query_row(
+        "SELECT file_id, owner, mime, size, sha256, name, created_at, key_id, location
+         FROM files WHERE file_id = ?1",
+        params![id],
+        |r| {
+            Ok(FileRecord {
+                file_id: r.get(0)?,
+                owner: r.get(1)?,
+                mime: r.get(2)?,
+                size: r.get::<_, i64>(3)?.max(0) as u64,
+                sha256: r.get(4)?,
+                name: r.get(5)?,
+                created_at: r.get(6)?,
+                key_id: r.get(7)?,
+                location: r.get(8)?,
+            })
+        },
+    )
+    .optional()
+}
+
+pub(super) fn files_bytes(conn: &Connection, owner: &str) -> rusqlite::Result<u64> {
+    let sum: i64 = conn.query_row(
+        "SELECT COALESCE(SUM(size), 0) FROM files WHERE owner = ?1",
+        params![owner],
+        |r| r.get(0),
+    )?;
+    Ok(sum.max(0) as u64)
+}
+
+pub(super) fn user_file_ids(conn: &Connection, owner: &str) -> rusqlite::Result<Vec<String>> {
+    let mut stmt = conn.prepare_cached("SELECT file_id FROM files WHERE owner = ?1")?;
+    let rows = stmt.query_map(params![owner], |r| r.get(0))?;
+    rows.collect()
 }
 
 /// Up to `limit` of a session's messages after `after_seq`, in order: one keyset

@@ -240,6 +240,25 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<WriteOutcome, rusqlite::Erro
             )?;
             Ok(WriteOutcome::Done)
         }
+        WriteOp::PutFile(f) => {
+            exec(
+                conn,
+                "INSERT INTO files (file_id, owner, mime, size, sha256, name, created_at, key_id, location)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![
+                    f.file_id,
+                    f.owner,
+                    f.mime,
+                    i64::try_from(f.size).unwrap_or(i64::MAX),
+                    f.sha256,
+                    f.name,
+                    f.created_at,
+                    f.key_id,
+                    f.location
+                ],
+            )?;
+            Ok(WriteOutcome::Done)
+        }
     }
 }
 
@@ -278,8 +297,8 @@ fn append(
 ) -> rusqlite::Result<WriteOutcome> {
     let inserted = exec(conn,
         "INSERT INTO messages (session_id, seq, message_id, role, author, user_id, client_id, key_id,
-             nonce, ciphertext, created_at, tokens_in, tokens_out, cancelled, aad_version)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
+             nonce, ciphertext, created_at, tokens_in, tokens_out, cancelled, aad_version, file)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
          ON CONFLICT(user_id, client_id) WHERE client_id IS NOT NULL DO NOTHING",
         params![
             m.session_id,
@@ -297,6 +316,7 @@ fn append(
             m.tokens_out as i64,
             m.cancelled,
             m.sealed.version,
+            m.file.as_ref().map(crate::store::FileRef::to_json),
         ],
     )?;
     if inserted == 0 {
@@ -345,6 +365,7 @@ fn delete_user(conn: &Connection, user_id: &str) -> rusqlite::Result<()> {
         "DELETE FROM sessions WHERE user_id = ?1",
         params![user_id],
     )?;
+    exec(conn, "DELETE FROM files WHERE owner = ?1", params![user_id])?;
     scrub_outbox(conn, user_id)
 }
 

