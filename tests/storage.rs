@@ -39,6 +39,7 @@ macro_rules! on_every_backend {
 on_every_backend!(
     messages_round_trip_sealed_and_resends_are_recognised,
     a_failing_write_changes_nothing_and_fails_alone,
+    an_ended_session_stays_ended,
     session_lists_filter_sort_and_page_like_the_embedded_store,
     window_metrics_aggregate_every_session_in_the_window,
     a_users_data_is_exported_then_deleted,
@@ -269,6 +270,41 @@ fn a_failing_write_changes_nothing_and_fails_alone(b: &Backend) {
     let seqs: Vec<u64> = msgs.iter().map(|m| m.seq).collect();
     assert_eq!(seqs, [1, 3], "{}: nothing of the failed write", b.name);
     assert_eq!(rec.message_count, 2, "{}", b.name);
+}
+
+/// A state change racing an admin's end (the owner's help request, say, from
+/// another core or node) is dropped: the session stays ended, with its first end
+/// time and one end in its audit trail; a change to a session not stored fails.
+fn an_ended_session_stays_ended(b: &Backend) {
+    let s = &b.store;
+    block(s.write(vec![WriteOp::CreateSession(session("e1", "u1", 1000))])).unwrap();
+    block(s.write(vec![state(
+        "e1",
+        SessionState::Ended,
+        AuditAction::End,
+        2000,
+    )]))
+    .unwrap();
+    let late = state("e1", SessionState::Waiting, AuditAction::HelpRequest, 2001);
+    block(s.write(vec![late])).unwrap();
+    block(s.write(vec![state(
+        "e1",
+        SessionState::Ended,
+        AuditAction::End,
+        3000,
+    )]))
+    .unwrap();
+    let (rec, _) = block(s.load_session("e1", 10)).unwrap().unwrap();
+    assert_eq!(
+        (rec.state, rec.ended_at),
+        (SessionState::Ended, Some(2000)),
+        "{}",
+        b.name
+    );
+    let events = block(s.session_events("e1")).unwrap();
+    assert_eq!(events.len(), 1, "{}: {events:?}", b.name);
+    let gone = state("nope", SessionState::Waiting, AuditAction::HelpRequest, 1);
+    assert!(block(s.write(vec![gone])).is_err(), "{}", b.name);
 }
 
 /// A seeded session: id, user, start time, messages, tokens, end time.

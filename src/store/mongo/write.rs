@@ -473,13 +473,20 @@ async fn set_state(
     let updated = c
         .sessions
         .update_one(
-            doc! {"_id": session_id},
+            doc! {"_id": session_id, "state": {"$ne": "ended"}},
             doc! {"$set": set, "$max": {"last_activity": at}},
         )
         .session(&mut *s)
         .await?;
     if updated.matched_count == 0 {
-        return Err(session_gone(session_id));
+        // Ended stays ended (a change racing an admin's end is dropped); a
+        // session that is not there at all is refused.
+        let found = c
+            .sessions
+            .find_one(doc! {"_id": session_id})
+            .session(&mut *s)
+            .await?;
+        return found.map(|_| ()).ok_or_else(|| session_gone(session_id));
     }
     c.events
         .insert_one(doc! {"session_id": session_id, "at": at, "actor": actor,

@@ -168,11 +168,21 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<WriteOutcome, rusqlite::Erro
             let changed = exec(
                 conn,
                 "UPDATE sessions SET state = ?2, last_activity = max(last_activity, ?3),
-                     ended_at = CASE WHEN ?2 = 'ended' THEN ?3 ELSE ended_at END WHERE id = ?1",
+                     ended_at = CASE WHEN ?2 = 'ended' THEN ?3 ELSE ended_at END
+                 WHERE id = ?1 AND state != 'ended'",
                 params![session_id, state.as_str(), at],
             )?;
             if changed == 0 {
-                return Err(session_gone(session_id));
+                // Ended stays ended (a change racing an admin's end is dropped);
+                // a session that is not there at all is refused.
+                let ended = conn
+                    .prepare_cached("SELECT 1 FROM sessions WHERE id = ?1")?
+                    .exists(params![session_id])?;
+                return if ended {
+                    Ok(WriteOutcome::Done)
+                } else {
+                    Err(session_gone(session_id))
+                };
             }
             exec(
                 conn,
