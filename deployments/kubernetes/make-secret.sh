@@ -31,7 +31,7 @@ while [ $# -gt 0 ]; do
     -n) namespace="${2:?-n needs a namespace}"; shift 2 ;;
     --stage-encryption-key) rotate=stage; shift ;;
     --rotate-encryption-key) rotate=rotate; shift ;;
-    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "make-secret.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -57,7 +57,10 @@ if [ -n "$rotate" ]; then
     previous="$next$(p=$(without "$previous" "$next"); printf '%s' "${p:+,$p}")"
     echo "make-secret.sh: staged NEW_ENCRYPTION_KEY=$next (readable by every node after this rollout; pass it to --rotate-encryption-key next)" >&2
   else
-    next="${next:-$(new_key)}"
+    if [ -z "$next" ]; then
+      next="$(new_key)"
+      echo "make-secret.sh: generated the new CHATBOX_ENCRYPTION_KEY=$next; keep a copy outside the cluster (without it what is stored from now on cannot be read)" >&2
+    fi
     hex64 "$next" || { echo "make-secret.sh: NEW_ENCRYPTION_KEY must be 64 hex characters" >&2; exit 2; }
     rest=$(without "$previous" "$next")
     previous="$key${rest:+,$rest}"
