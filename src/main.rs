@@ -127,13 +127,17 @@ fn main() -> ExitCode {
         Some(Command::Genconfig { .. }) | None => {}
     }
     if cli.check_config {
+        let models: Vec<String> = chatbox::llm::model_configs(&config)
+            .iter()
+            .map(|m| format!("{} ({:?})", m.id, m.provider))
+            .collect();
         println!(
-            "configuration OK: listen {} with {} cores, prefix {:?}, {} connections per user, provider {:?}",
+            "configuration OK: listen {} with {} cores, prefix {:?}, {} connections per user, models {}",
             config.listen,
             config.core_count(),
             config.path_prefix,
             config.max_connections_per_user,
-            config.llm_provider
+            models.join(", ")
         );
         return ExitCode::SUCCESS;
     }

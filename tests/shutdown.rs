@@ -227,6 +227,33 @@ fn check_config_reports_what_to_fix() {
             && text.contains("4 connections per user"),
         "{text}"
     );
+
+    // A model whose key comes from a variable that is not set: the server would
+    // refuse to start, so the check says so; the summary names the real models.
+    let models = "[[llm.models]]\nid = \"fast\"\nprovider = \"openai\"\n\
+                  api_key_env = \"CHATBOX_TEST_UNSET_KEY\"\n";
+    std::fs::write(&file, models).unwrap();
+    let check = |key: Option<&str>| {
+        let mut cmd = chatbox();
+        cmd.args(["--check-config", "--config"])
+            .arg(&file)
+            .env("CHATBOX_JWT_SECRET", "s".repeat(32))
+            .env("CHATBOX_ENCRYPTION_KEY", "ab".repeat(32));
+        if let Some(k) = key {
+            cmd.env("CHATBOX_TEST_UNSET_KEY", k);
+        }
+        cmd.output().unwrap()
+    };
+    let out = check(None);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("CHATBOX_TEST_UNSET_KEY, which is not set"),
+        "{err}"
+    );
+    let out = check(Some("sk-test"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("models fast (Openai)"), "{text}");
 }
 
 /// A client that stops reading while the server has frames for it is closed with

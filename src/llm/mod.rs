@@ -297,6 +297,15 @@ pub fn validate(cfg: &Config) -> Vec<String> {
                 errs.push(format!("llm model {:?}: base_url {e}", m.id));
             }
         }
+        // The server reads it at start and refuses to start without it: say so now.
+        if let (None, Some(var)) = (&m.api_key, &m.api_key_env) {
+            if std::env::var_os(var).is_none() {
+                errs.push(format!(
+                    "llm model {:?}: api_key_env names {var}, which is not set",
+                    m.id
+                ));
+            }
+        }
         if m.first_token_timeout_ms == 0 || m.total_timeout_ms < m.first_token_timeout_ms {
             errs.push(format!(
                 "llm model {:?}: need 0 < first_token_timeout_ms <= total_timeout_ms",
