@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # API description checks (issue 14): validates docs/openapi.yaml, then runs
-# schemathesis against the release binary with an admin token: no 5xx, and every
-# response's status, content type and body as documented.
+# schemathesis against the release binary with an admin token, and the file
+# endpoints (upload, download) with a user's token too: no 5xx, and every
+# response's status, content type, headers and body as documented.
 #
 #   .ci/api-checks.sh RELEASE_BINARY
 #
@@ -9,7 +10,9 @@
 # match). The server runs on 127.0.0.1 with a temporary data directory, test
 # secrets (not --dev) and the offline demo model, and is seeded through its
 # WebSocket with a few sessions (.ci/api_seed.py, about a second) so that the
-# admin API answers with real transcripts, exports and metrics.
+# admin API answers with real transcripts, exports and metrics; one file is
+# uploaded for the test user, and schemathesis runs on a copy of the spec whose
+# `file_id` example is that file's id, so downloads get 200/206, not only 404.
 set -euo pipefail
 
 BIN=$(realpath "${1:?usage: .ci/api-checks.sh RELEASE_BINARY}")
@@ -51,8 +54,9 @@ SECRET="api-checks-jwt-secret-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
 BASE="http://127.0.0.1:$PORT/chatbox"
 
 step "start $BIN on 127.0.0.1:$PORT"
-# The admin rate limit is raised so that the run tests answers, not the limiter
-# (its 429 is documented and unit-tested); everything else is at its default.
+# The admin and upload rate limits are raised so that the run tests answers,
+# not the limiters (their 429s are documented and tested in tests/); everything
+# else is at its default.
 env -i PATH="$PATH" \
     CHATBOX_LISTEN="127.0.0.1:$PORT" \
     CHATBOX_CORES=2 \
@@ -62,6 +66,7 @@ env -i PATH="$PATH" \
     CHATBOX_LLM_PROVIDER=demo \
     CHATBOX_DEMO_CHUNK_DELAY_MS=0 \
     CHATBOX_ADMIN_RATE_LIMIT_PER_MINUTE=1000000 \
+    CHATBOX_UPLOAD_RATE_LIMIT_PER_MINUTE=1000000 \
     RUST_LOG=warn \
     "$BIN" > "$WORK/server.log" 2>&1 &
 SERVER_PID=$!
@@ -82,11 +87,25 @@ timeout 60 "$PY" "$ROOT/.ci/api_seed.py" seed "ws://127.0.0.1:$PORT/chatbox/ws" 
 
 ADMIN=$("$PY" "$ROOT/.ci/api_seed.py" token "$SECRET" api-checks-admin admin)
 USER=$("$PY" "$ROOT/.ci/api_seed.py" token "$SECRET" api-checks-user)
+
+step "seed a file of the user's"
+FILE_ID=$(timeout 30 "$PY" "$ROOT/.ci/api_seed.py" upload "$BASE" "$USER")
+echo "file $FILE_ID"
+RUN_SPEC="$WORK/openapi.yaml"
+timeout 30 "$PY" "$ROOT/.ci/api_seed.py" spec "$SPEC" "$RUN_SPEC" "$FILE_ID"
+# Someone else's file is the same 404 as no file (schemathesis cannot tell).
+OTHER=$("$PY" "$ROOT/.ci/api_seed.py" token "$SECRET" api-checks-other)
+status=$(curl -sS --max-time 10 -o /dev/null -w '%{http_code}' \
+    -H "Authorization: Bearer $OTHER" "$BASE/files/$FILE_ID")
+if [ "$status" != 404 ]; then
+    echo "another user's download of $FILE_ID: $status, want 404" >&2
+    exit 1
+fi
 CHECKS=not_a_server_error,status_code_conformance,response_schema_conformance,content_type_conformance,response_headers_conformance
 st() {
     # --request-timeout bounds each request, timeout the whole pass. Run from
     # $WORK: schemathesis keeps a .schemathesis/ cache in its working directory.
-    (cd "$WORK" && timeout 150 "$VENV/bin/schemathesis" run "$SPEC" --url "$BASE" \
+    (cd "$WORK" && timeout 150 "$VENV/bin/schemathesis" run "$RUN_SPEC" --url "$BASE" \
         --checks "$CHECKS" --request-timeout 10 --no-color \
         --suppress-health-check too_slow,filter_too_much "$@")
 }
@@ -104,17 +123,28 @@ st -H "Authorization: Bearer $ADMIN" --exclude-path /ws \
     --exclude-operation-id deleteUser \
     --max-examples "$MAX_EXAMPLES" --phases examples,coverage,fuzzing,stateful \
     --report har --report-har-path "$WORK/admin.har"
+step "schemathesis: upload and download with a user's token"
+# Before the delete pass, which could (if unlikely) draw the user's id. The
+# stateful phase downloads what it uploaded (the 201's link).
+st -H "Authorization: Bearer $USER" \
+    --include-operation-id uploadFile --include-operation-id getFile \
+    --max-examples "$MAX_EXAMPLES" --phases examples,coverage,fuzzing,stateful \
+    --report har --report-har-path "$WORK/user.har"
 step "schemathesis: the delete, with an admin token"
 st -H "Authorization: Bearer $ADMIN" --include-operation-id deleteUser \
     --max-examples "$MAX_EXAMPLES" --phases examples,coverage,fuzzing \
     --report har --report-har-path "$WORK/delete.har"
-echo "statuses per operation:"
+echo "statuses per operation, admin token:"
 "$PY" "$ROOT/.ci/api_seed.py" tally /chatbox "$WORK/admin.har" "$WORK/delete.har"
+echo "statuses per operation, user token:"
+"$PY" "$ROOT/.ci/api_seed.py" tally /chatbox "$WORK/user.har"
 
-step "schemathesis: admin API with a user's token (403) and the WebSocket without one"
+step "schemathesis: admin API with a user's token (403); WebSocket and files without one (401)"
 st -H "Authorization: Bearer $USER" --include-path-regex '^/admin/' \
     --max-examples 5 --phases examples,fuzzing
 st --include-path /ws --max-examples "$MAX_EXAMPLES" --phases examples,coverage,fuzzing
+st --include-operation-id uploadFile --include-operation-id getFile \
+    --max-examples 5 --phases examples,fuzzing
 
 step "server log (warnings and errors)"
 if ! kill -0 "$SERVER_PID" 2>/dev/null; then

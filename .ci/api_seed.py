@@ -3,6 +3,8 @@ with a few sessions through its WebSocket (real clients, real frames).
 
     python3 api_seed.py token SECRET SUB [admin]
     python3 api_seed.py seed WS_URL SECRET
+    python3 api_seed.py upload BASE_URL TOKEN
+    python3 api_seed.py spec SPEC_IN SPEC_OUT FILE_ID
     python3 api_seed.py tally PREFIX HAR_FILE...
 
 `tally` counts the statuses schemathesis got per documented operation (from its
@@ -14,6 +16,11 @@ Seeding makes the admin API's answers non-trivial: three users with finished AI
 answers (tokens counted), one session waiting for a human, one taken over by an
 admin (admin_join, admin_message, admin_leave: an audit trail and an admin
 message), one ended. It takes well under a second with the demo provider.
+
+`upload` stores one small GIF for the token's user through `POST /upload` and
+prints its id; `spec` writes a copy of the API description whose `file_id`
+example is that id, so that schemathesis's examples phase downloads a file that
+exists (200, and 206/416 with the `Range` examples) instead of only 404s.
 """
 
 import asyncio
@@ -107,12 +114,39 @@ async def seed(url, secret):
     print(json.dumps(sessions))
 
 
+# A 1x1 transparent GIF: a real file of an allowed type.
+GIF = (b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01"
+       b"\x00\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;")
+
+
+def upload(base, bearer):
+    req = urllib.request.Request(
+        f"{base}/upload?name=seed.gif", data=GIF, method="POST",
+        headers={"Authorization": "Bearer " + bearer,
+                 "Content-Type": "application/octet-stream"})
+    with urllib.request.urlopen(req, timeout=10) as answer:
+        assert answer.status == 201, answer.status
+        body = json.load(answer)
+    assert body["mime"] == "image/gif" and body["size"] == len(GIF), body
+    print(body["file_id"])
+
+
+def spec(spec_in, spec_out, file_id):
+    import yaml  # schemathesis's own dependency, in the same venv
+    with open(spec_in) as f:
+        doc = yaml.safe_load(f)
+    doc["components"]["parameters"]["FileId"]["example"] = file_id
+    with open(spec_out, "w") as f:
+        yaml.safe_dump(doc, f, sort_keys=False)
+
+
 OPERATIONS = [
     ("GET", r"/healthz"), ("GET", r"/readyz"), ("GET", r"/metrics"), ("GET", r"/ws"),
     ("GET", r"/admin/sessions"), ("GET", r"/admin/sessions/[^/]+"),
     ("POST", r"/admin/sessions/[^/]+/end"), ("GET", r"/admin/metrics"),
     ("GET", r"/admin/users/[^/]+/export"), ("DELETE", r"/admin/users/[^/]+"),
     ("POST", r"/admin/users/[^/]+/disconnect"),
+    ("POST", r"/upload"), ("GET", r"/files/[^/]+"),
 ]
 
 
@@ -146,6 +180,10 @@ def main():
         print(token(sys.argv[2], sys.argv[3], len(sys.argv) > 4 and sys.argv[4] == "admin"))
     elif sys.argv[1] == "seed":
         asyncio.run(seed(sys.argv[2], sys.argv[3]))
+    elif sys.argv[1] == "upload":
+        upload(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "spec":
+        spec(sys.argv[2], sys.argv[3], sys.argv[4])
     elif sys.argv[1] == "tally":
         tally(sys.argv[2], sys.argv[3:])
     else:
