@@ -322,6 +322,7 @@ async fn uploads_are_typed_by_content_and_named_safely() {
     // Tokens: none, or a bad one, is 401; an admin may upload too.
     let r = post(addr, None, " HTTP/1.1\r\n", &png(2, 2)).await;
     assert_eq!((r.status, r.code().as_str()), (401, "unauthorized"));
+    assert_eq!(r.header("www-authenticate").as_deref(), Some("Bearer"));
     let r = post(addr, Some("not-a-jwt"), " HTTP/1.1\r\n", &png(2, 2)).await;
     assert_eq!(r.status, 401);
     let r = upload_raw(addr, &admin(), "a.png", "image/png", &png(3, 3)).await;

@@ -114,7 +114,7 @@ impl FileApiError {
         let (status, code) = match &self {
             FileApiError::Unauthorized => {
                 core.metrics().refused(Refusal::Unauthorized);
-                (StatusCode::UNAUTHORIZED, "unauthorized")
+                return crate::runtime::http::unauthorized(&self.to_string());
             }
             FileApiError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             FileApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
