@@ -688,3 +688,74 @@ async fn file_messages_attach_the_users_own_files_to_sessions() {
     server.shutdown();
     stop(server).await;
 }
+
+/// A raw request to the server; the whole reply.
+async fn raw(addr: SocketAddr, req: &str) -> Reply {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(req.as_bytes()).await.unwrap();
+    read_reply(s).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_widget_on_an_allowed_origin_uploads_and_downloads_across_origins() {
+    let mut cfg = config();
+    cfg.allowed_origins = vec!["https://shop.example".into()];
+    let server = start(cfg);
+    let addr = server.local_addr();
+    let shop = "Origin: https://shop.example\r\n";
+    let evil = "Origin: https://evil.example\r\n";
+    let preflight = |path: &str, method: &str, origin: &str| {
+        format!(
+            "OPTIONS /chatbox{path} HTTP/1.1\r\nHost: x\r\n{origin}\
+             Access-Control-Request-Method: {method}\r\n\
+             Access-Control-Request-Headers: authorization, content-type\r\n\r\n"
+        )
+    };
+    let r = raw(addr, &preflight("/upload", "POST", shop)).await;
+    assert_eq!(r.status, 204, "{}", r.head);
+    assert_eq!(
+        r.header("access-control-allow-origin").as_deref(),
+        Some("https://shop.example")
+    );
+    assert!(r
+        .header("access-control-allow-methods")
+        .unwrap()
+        .contains("POST"));
+    assert!(r
+        .header("access-control-allow-headers")
+        .unwrap()
+        .contains("authorization"));
+    assert!(r.header("access-control-allow-credentials").is_none());
+    // Another origin gets no CORS header: the browser keeps the answer from it.
+    let r = raw(addr, &preflight("/files/f_x", "GET", evil)).await;
+    assert_eq!(r.status, 204);
+    assert!(
+        r.header("access-control-allow-origin").is_none(),
+        "{}",
+        r.head
+    );
+    // The upload itself, from the shop's page, is readable by it.
+    let extra = format!("?name=a.png HTTP/1.1\r\n{shop}");
+    let up = post(addr, Some(&token("widget")), &extra, &png(2, 2)).await;
+    assert_eq!(up.status, 201, "{}", up.head);
+    assert_eq!(
+        up.header("access-control-allow-origin").as_deref(),
+        Some("https://shop.example")
+    );
+    assert_eq!(up.header("vary").as_deref(), Some("origin"));
+    let id = up.json()["file_id"].as_str().unwrap().to_owned();
+    let got = fetch(addr, Some(&token("widget")), &id, shop).await;
+    assert_eq!(got.status, 200);
+    assert!(got
+        .header("access-control-expose-headers")
+        .unwrap()
+        .contains("content-disposition"));
+    let got = fetch(addr, Some(&token("widget")), &id, evil).await;
+    assert_eq!(
+        got.status, 200,
+        "the token decides access; CORS only what a page may read"
+    );
+    assert!(got.header("access-control-allow-origin").is_none());
+    server.shutdown();
+    stop(server).await;
+}

@@ -161,14 +161,22 @@ impl FileApiError {
 
 /// `/upload` and `/files/...`; `None` for any other path.
 pub async fn handle(core: &Rc<Core>, req: Request<Incoming>, path: &str) -> Option<Response<Body>> {
-    let result = if path == "/upload" {
-        upload(core, req).await
-    } else if let Some(id) = path.strip_prefix("/files/") {
-        super::files_get::download(core, &req, id).await
-    } else {
-        return None;
+    let methods = match path {
+        "/upload" => "POST, OPTIONS",
+        p if p.starts_with("/files/") => "GET, HEAD, OPTIONS",
+        _ => return None,
     };
-    Some(result.unwrap_or_else(|e| e.into_response(core)))
+    let origin = super::cors::allowed_origin(req.headers(), &core.shared.config.allowed_origins);
+    if req.method() == hyper::Method::OPTIONS {
+        return Some(super::cors::preflight(origin, methods));
+    }
+    let result = match path.strip_prefix("/files/") {
+        Some(id) => super::files_get::download(core, &req, id).await,
+        None => upload(core, req).await,
+    };
+    let mut response = result.unwrap_or_else(|e| e.into_response(core));
+    super::cors::decorate(&mut response, origin);
+    Some(response)
 }
 
 /// The token's identity, user or admin.

@@ -10,6 +10,7 @@ mod admin_stream;
 pub mod chat;
 pub mod cluster;
 pub mod conn;
+mod cors;
 pub mod files;
 mod files_get;
 pub mod frames;

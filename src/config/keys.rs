@@ -255,7 +255,7 @@ declare_config! {
     /// Earlier encryption keys (comma list), still used to read what they encrypted (rotation).
     #[secret]
     encryption_previous_keys: Vec<String> = Vec::new();
-    /// Origins allowed to open a WebSocket from a browser (comma list); `*` allows all, empty none.
+    /// Origins allowed to open a WebSocket from a browser, and to call `/upload` and `/files` across origins (CORS; comma list); `*` allows all, empty none.
     allowed_origins: Vec<String> = Vec::new();
     /// Embedded store directory.
     data_dir: PathBuf = PathBuf::from("./data");
