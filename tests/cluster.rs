@@ -259,20 +259,8 @@ async fn while_the_bus_is_down_nodes_serve_and_say_so_then_recover() {
     let again = json!({"type": "user_message", "session_id": their_sid, "content": "back?"});
     send(&mut other, again).await;
     until(&mut other, "ai_done").await;
-    send(
-        &mut other,
-        json!({"type": "resume", "session_id": their_sid}),
-    )
-    .await;
-    let (history, _) = until(&mut other, "session").await;
-    let texts: Vec<&str> = history["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|m| m["role"] == "user")
-        .map(|m| m["content"].as_str().unwrap())
-        .collect();
-    assert_eq!(texts, ["hello", "back?"], "{history}");
+    let texts = history_texts(&mut other, &their_sid, Some("user")).await;
+    assert_eq!(texts, ["hello", "back?"]);
     cluster.stop().await;
 }
 

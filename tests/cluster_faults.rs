@@ -100,14 +100,7 @@ async fn send_acked(ws: &mut Ws, sid: &str, id: &str, content: &str) -> Value {
 /// The texts of a session's history, as a node serving it now reads them.
 async fn history(addr: SocketAddr, user: &str, sid: &str) -> Vec<String> {
     let mut ws = connect_user(addr, user).await;
-    send(&mut ws, json!({"type": "resume", "session_id": sid})).await;
-    let (s, _) = until(&mut ws, "session").await;
-    s["messages"]
-        .as_array()
-        .expect("messages")
-        .iter()
-        .map(|m| m["content"].as_str().unwrap_or_default().to_owned())
-        .collect()
+    history_texts(&mut ws, sid, None).await
 }
 
 /// A user of `node-1` with one answered message, connected to node-1 itself.

@@ -326,17 +326,31 @@ pub fn detach(core: &Rc<Core>, edge: &ConnRef) {
 
 /// Ends every connection served here for `node` (it left the cluster).
 pub fn node_gone(core: &Rc<Core>, node: &str) {
-    let gone: Vec<ConnRef> = core
+    end_served(core, |edge, _| edge.node == node, None);
+}
+
+/// Ends the connections served here that `which` picks, first telling their edges
+/// to close them with `close` when given; returns how many.
+fn end_served(
+    core: &Rc<Core>,
+    which: impl Fn(&ConnRef, &Served) -> bool,
+    close: Option<u16>,
+) -> usize {
+    let edges: Vec<ConnRef> = core
         .app
         .served
         .borrow()
-        .keys()
-        .filter(|e| e.node == node)
-        .cloned()
+        .iter()
+        .filter(|(edge, served)| which(edge, served))
+        .map(|(edge, _)| edge.clone())
         .collect();
-    for edge in gone {
-        detach(core, &edge);
+    for edge in &edges {
+        if let Some(code) = close {
+            close_edge_of(core, edge, code);
+        }
+        detach(core, edge);
     }
+    edges.len()
 }
 
 /// Sends what the session queues for a remote connection to its edge, until the
@@ -406,35 +420,15 @@ fn close_edge(bus: &Bus, edge: &ConnRef, code: u16) {
 /// Ends, without a word to their edges, the connections this core serves for
 /// `user`'s sockets on other nodes (their edges close the sockets themselves).
 pub fn end_served_user(core: &Rc<Core>, user: &str) {
-    let edges: Vec<ConnRef> = core
-        .app
-        .served
-        .borrow()
-        .iter()
-        .filter(|(_, s)| *s.chat.identity.user_id == *user)
-        .map(|(edge, _)| edge.clone())
-        .collect();
-    for edge in edges {
-        detach(core, &edge);
-    }
+    end_served(core, |_, s| *s.chat.identity.user_id == *user, None);
 }
 
 /// Tells the edges of `user`'s connections served here to close them with `code`
 /// and ends them here; returns how many.
 pub fn close_served_user(core: &Rc<Core>, user: &str, code: u16) -> usize {
-    let edges: Vec<ConnRef> = core
-        .app
-        .served
-        .borrow()
-        .iter()
-        .filter(|(_, s)| *s.chat.identity.user_id == *user && !s.chat.identity.admin)
-        .map(|(edge, _)| edge.clone())
-        .collect();
-    for edge in &edges {
-        close_edge_of(core, edge, code);
-        detach(core, edge);
-    }
-    edges.len()
+    let users =
+        |_: &ConnRef, s: &Served| *s.chat.identity.user_id == *user && !s.chat.identity.admin;
+    end_served(core, users, Some(code))
 }
 
 /// The reason sent with a close the owner asked for.

@@ -355,6 +355,20 @@ pub async fn recv(ws: &mut Ws) -> Value {
     }
 }
 
+/// Resumes `sid` on `ws`: the contents of its history's messages, of `role` only
+/// when given.
+pub async fn history_texts(ws: &mut Ws, sid: &str, role: Option<&str>) -> Vec<String> {
+    send(ws, serde_json::json!({"type": "resume", "session_id": sid})).await;
+    let (s, _) = until(ws, "session").await;
+    s["messages"]
+        .as_array()
+        .unwrap_or_else(|| panic!("a session frame with messages: {s}"))
+        .iter()
+        .filter(|m| role.is_none_or(|r| m["role"] == r))
+        .map(|m| m["content"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
 /// Reads frames until one of type `kind`; returns it and everything before it.
 pub async fn until(ws: &mut Ws, kind: &str) -> (Value, Vec<Value>) {
     let mut before = Vec::new();

@@ -47,8 +47,11 @@ pub fn describe(file: &FileRef, caption: &str) -> String {
     text
 }
 
-/// The error frame of a refused message: rate limited (retry after `wait` ms).
-fn rate_limited(core: &Core, wait: u64, id: Option<&str>, sid: Option<&str>) -> String {
+/// Takes a token from `user`'s message bucket; without one, the error frame the
+/// message gets (retry after the wait it names).
+fn rate_limited(core: &Core, user: &Arc<str>, msg: &Pending, sid: Option<&str>) -> Option<String> {
+    let wait = core.app.rate_check(user, now_ms()).err()?;
+    let id = msg.id.as_deref();
     core.metrics().rate_limited.inc();
     let message = format!("rate limit reached; retry in {wait} ms");
     let frame = ServerFrame::Error {
@@ -58,7 +61,7 @@ fn rate_limited(core: &Core, wait: u64, id: Option<&str>, sid: Option<&str>) -> 
         session_id: sid,
         retry_after_ms: Some(wait),
     };
-    frame.to_json()
+    Some(frame.to_json())
 }
 
 /// Handles a `file_message`: the rate limit first, then the file, which must be
@@ -72,13 +75,8 @@ pub fn file_message(
     file_id: &str,
     mut msg: Pending,
 ) -> Option<String> {
-    if let Err(wait) = core.app.rate_check(user, now_ms()) {
-        return Some(rate_limited(
-            core,
-            wait,
-            msg.id.as_deref(),
-            session_id.as_deref(),
-        ));
+    if let Some(refused) = rate_limited(core, user, &msg, session_id.as_deref()) {
+        return Some(refused);
     }
     let read = core.shared.app.store.file(file_id);
     let (c, user) = (core.clone(), user.clone());
@@ -127,13 +125,8 @@ pub fn user_message(
     session_id: Option<String>,
     msg: Pending,
 ) -> Option<String> {
-    if let Err(wait) = core.app.rate_check(user, now_ms()) {
-        return Some(rate_limited(
-            core,
-            wait,
-            msg.id.as_deref(),
-            session_id.as_deref(),
-        ));
+    if let Some(refused) = rate_limited(core, user, &msg, session_id.as_deref()) {
+        return Some(refused);
     }
     accepted(core, conn, user, session_id, msg)
 }
