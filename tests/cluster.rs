@@ -251,7 +251,10 @@ async fn while_the_bus_is_down_nodes_serve_and_say_so_then_recover() {
     );
     // The bus returns: no restart, the nodes find each other again.
     cluster.nats.restart();
-    wait_metric(addr, "chatbox_bus_up", 1).await;
+    // Up on both ends (each resubscribed), or the first message may be dropped.
+    for node in 0..2 {
+        wait_metric(cluster.addr(node), "chatbox_bus_up", 1).await;
+    }
     wait_metric(addr, "chatbox_cluster_members", 2).await;
     let (_, _, body) = get(addr, "/chatbox/readyz").await;
     assert_eq!(body, r#"{"status":"ready"}"#);

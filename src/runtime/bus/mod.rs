@@ -105,8 +105,8 @@ struct Inner {
     settings: BusSettings,
     client: async_nats::Client,
     handle: tokio::runtime::Handle,
-    /// The connection's state, as its events report it.
-    up: Arc<AtomicBool>,
+    /// Connected with this node's subscriptions in place (see [`Bus::follow_connection`]).
+    up: AtomicBool,
     in_flight: AtomicUsize,
     /// Every publish goes through this one queue, drained by one task, so that
     /// one node's messages to another arrive in the order they were sent (an
@@ -136,9 +136,9 @@ impl Bus {
         pool: &BlockingPool,
         handler: Handler,
     ) -> Result<Bus, BusError> {
-        let up = Arc::new(AtomicBool::new(false));
+        let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
         let client = pool
-            .block_on(connect(settings.clone(), up.clone()))
+            .block_on(connect(settings.clone(), events_tx))
             .map_err(|e| BusError::Request(e.to_string()))??;
         let timeout_ms = settings.member_timeout.as_millis() as i64;
         let (out, queued) = tokio::sync::mpsc::unbounded_channel();
@@ -149,7 +149,7 @@ impl Bus {
                 settings,
                 client,
                 handle: pool.handle(),
-                up: up.clone(),
+                up: AtomicBool::new(false),
                 in_flight: AtomicUsize::new(0),
                 out,
                 leaving: AtomicBool::new(false),
@@ -160,6 +160,7 @@ impl Bus {
         let spawned = bus.clone();
         pool.block_on(async move { spawned.subscribe_all(handler).await })
             .map_err(|e| BusError::Request(e.to_string()))??;
+        pool.handle().spawn(bus.clone().follow_connection(events));
         Ok(bus)
     }
 
@@ -447,10 +448,10 @@ pub fn render_metrics(s: &Stats, up: bool, members: usize, out: &mut String) {
     s.requests.snapshot().write(out, name, "");
 }
 
-/// Connects in the background; `up` follows the connection's events.
+/// Connects in the background; the connection's events go to `events`.
 async fn connect(
     settings: BusSettings,
-    up: Arc<AtomicBool>,
+    events: tokio::sync::mpsc::UnboundedSender<async_nats::Event>,
 ) -> Result<async_nats::Client, BusError> {
     async_nats::ConnectOptions::new()
         .name(format!("chatbox {}", settings.node_id))
@@ -459,17 +460,10 @@ async fn connect(
         .max_reconnects(None)
         .connection_timeout(settings.request_timeout)
         .event_callback(move |event| {
-            let up = up.clone();
-            async move {
-                match event {
-                    async_nats::Event::Connected => up.store(true, Ordering::Release),
-                    async_nats::Event::Disconnected | async_nats::Event::Closed => {
-                        up.store(false, Ordering::Release)
-                    }
-                    _ => {}
-                }
-                tracing::info!(%event, "bus");
-            }
+            tracing::info!(%event, "bus");
+            // The receiver lives as long as the bus; after it, nothing listens.
+            let _ = events.send(event);
+            async {}
         })
         .connect(settings.servers.as_slice())
         .await
@@ -477,6 +471,44 @@ async fn connect(
 }
 
 impl Bus {
+    /// Keeps `up` true exactly while the connection is up *with this node's
+    /// subscriptions renewed*. async-nats reports `Connected` before it sends them
+    /// again after a reconnect, so a node that called itself up at that event was
+    /// told it could be reached while messages to it were still dropped; a flush
+    /// (a ping queued after the subscriptions) confirms the server has them.
+    async fn follow_connection(
+        self,
+        mut events: tokio::sync::mpsc::UnboundedReceiver<async_nats::Event>,
+    ) {
+        while let Some(event) = events.recv().await {
+            match event {
+                async_nats::Event::Connected => self.confirm_subscribed(&mut events).await,
+                async_nats::Event::Disconnected | async_nats::Event::Closed => {
+                    self.inner.up.store(false, Ordering::Release)
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Flushes until the server confirmed (then the bus is up) or another event
+    /// came (which decides instead).
+    async fn confirm_subscribed(
+        &self,
+        events: &mut tokio::sync::mpsc::UnboundedReceiver<async_nats::Event>,
+    ) {
+        let settings = &self.inner.settings;
+        while events.is_empty() {
+            let flushed = tokio::time::timeout(settings.request_timeout, self.inner.client.flush());
+            match flushed.await {
+                Ok(Ok(())) => return self.inner.up.store(true, Ordering::Release),
+                // Refused at once (the connection dropped again): not a busy loop.
+                Ok(Err(_)) => tokio::time::sleep(settings.heartbeat).await,
+                Err(_) => {}
+            }
+        }
+    }
+
     /// Subscribes to this node's subjects and starts the heartbeat.
     async fn subscribe_all(&self, handler: Handler) -> Result<(), BusError> {
         let client = &self.inner.client;
