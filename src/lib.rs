@@ -9,7 +9,8 @@
 //! 1. Leaves, importing no other layer:
 //!    [`clock`] (time, ids), [`config`] (the one typed configuration),
 //!    [`crypto`] (AES-256-GCM per message, key ids for rotation), [`auth`] (HS256
-//!    JWTs, bearer tokens), [`limiter`] (token buckets), [`metrics`] (per-core
+//!    JWTs, bearer tokens), [`limiter`] (token buckets), [`media`] (location
+//!    metadata removed from images as they stream past), [`metrics`] (per-core
 //!    single-writer counters, Prometheus text), [`pool`] (the blocking pool),
 //!    [`outbound`] (which URLs may be called, and clients that follow no
 //!    redirect), [`secret`] (redacted `Debug`, constant-time comparison, private
@@ -38,6 +39,7 @@ pub mod config;
 pub mod crypto;
 pub mod limiter;
 pub mod llm;
+pub mod media;
 pub mod metrics;
 pub mod notify;
 pub mod outbound;

@@ -9,6 +9,7 @@ mod common;
 use std::net::SocketAddr;
 use std::path::Path;
 
+use common::images::*;
 use common::*;
 #[allow(unused_imports)]
 use serde_json as _;
@@ -16,80 +17,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-// ---- files the test makes ----
-
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = 0xffff_ffffu32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xedb8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
-fn adler32(data: &[u8]) -> u32 {
-    let (mut a, mut b) = (1u32, 0u32);
-    for &x in data {
-        a = (a + u32::from(x)) % 65521;
-        b = (b + a) % 65521;
-    }
-    (b << 16) | a
-}
-
-fn png_chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
-    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    let mut body = kind.to_vec();
-    body.extend_from_slice(data);
-    out.extend_from_slice(&body);
-    out.extend_from_slice(&crc32(&body).to_be_bytes());
-}
-
-/// A valid grey PNG of `w` x `h` pixels (zlib stored blocks, no compression), so
-/// its size follows its dimensions.
-fn png(w: u32, h: u32) -> Vec<u8> {
-    let mut raw = Vec::new();
-    for y in 0..h {
-        raw.push(0); // filter: none
-        raw.extend((0..w).map(|x| ((x * 7 + y * 13) % 256) as u8));
-    }
-    let mut z = vec![0x78, 0x01];
-    let blocks: Vec<&[u8]> = raw.chunks(65_535).collect();
-    for (i, block) in blocks.iter().enumerate() {
-        z.push(u8::from(i + 1 == blocks.len()));
-        let len = block.len() as u16;
-        z.extend_from_slice(&len.to_le_bytes());
-        z.extend_from_slice(&(!len).to_le_bytes());
-        z.extend_from_slice(block);
-    }
-    z.extend_from_slice(&adler32(&raw).to_be_bytes());
-    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
-    let mut ihdr = Vec::new();
-    ihdr.extend_from_slice(&w.to_be_bytes());
-    ihdr.extend_from_slice(&h.to_be_bytes());
-    ihdr.extend_from_slice(&[8, 0, 0, 0, 0]); // 8-bit greyscale
-    png_chunk(&mut out, b"IHDR", &ihdr);
-    png_chunk(&mut out, b"IDAT", &z);
-    png_chunk(&mut out, b"IEND", &[]);
-    out
-}
-
-/// A JPEG's structure: SOI, a JFIF APP0 segment, a comment, EOI.
-fn jpeg() -> Vec<u8> {
-    let mut out = vec![0xff, 0xd8, 0xff, 0xe0, 0x00, 0x10];
-    out.extend_from_slice(b"JFIF\0\x01\x01\0\0\x01\0\x01\0\0");
-    let comment = b"made by tests/files.rs";
-    out.extend_from_slice(&[0xff, 0xfe]);
-    out.extend_from_slice(&((comment.len() + 2) as u16).to_be_bytes());
-    out.extend_from_slice(comment);
-    out.extend_from_slice(&[0xff, 0xd9]);
-    out
-}
+// ---- files the test makes (images: tests/common/images.rs) ----
 
 /// A PDF with `filler` bytes of body text in its one stream.
 fn pdf(filler: usize) -> Vec<u8> {
@@ -494,6 +422,66 @@ fn futures_block<T>(f: chatbox::store::StoreFuture<T>) -> Result<T, chatbox::sto
 }
 
 // ---- item 3: downloads ----
+
+/// GPS fields and the orientation an independent EXIF reader finds in `file`.
+fn exif_of(file: &[u8]) -> (usize, Option<u32>) {
+    let exif = exif::Reader::new()
+        .read_from_container(&mut std::io::Cursor::new(file))
+        .expect("readable EXIF");
+    let gps = exif
+        .fields()
+        .filter(|f| f.tag.context() == exif::Context::Gps)
+        .count();
+    let orientation = exif
+        .get_field(exif::Tag::Orientation, exif::In::PRIMARY)
+        .and_then(|f| f.value.get_uint(0));
+    (gps, orientation)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_lose_their_location_before_they_are_stored() {
+    let server = start(config());
+    let addr = server.local_addr();
+    let ines = token("ines");
+    let photos = [
+        ("photo.jpg", jpeg_with(true)),
+        ("shot.png", png_with(64, 48, true)),
+        ("sticker.webp", webp_with(true)),
+    ];
+    for (name, photo) in photos {
+        assert_eq!(exif_of(&photo), (2, Some(u32::from(ORIENTATION))), "{name}");
+        let r = upload_multipart(addr, &ines, name, "image/png", &photo).await;
+        assert_eq!(
+            r.status,
+            201,
+            "{name}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        let v = r.json();
+        let stored = fetch(addr, Some(&ines), v["file_id"].as_str().unwrap(), "").await;
+        assert_eq!(stored.status, 200);
+        let body = &stored.body;
+        assert_eq!(exif_of(body), (0, Some(u32::from(ORIENTATION))), "{name}");
+        assert!(
+            !contains(body, XMP_LOCATION.as_bytes()),
+            "{name}: XMP stayed"
+        );
+        // What was answered describes what is stored.
+        assert_eq!(v["size"], json!(body.len()), "{name}");
+        assert_eq!(v["sha256"], json!(sha256_hex(body)), "{name}");
+    }
+    // An image whose metadata cannot be walked to its end is refused, clearly.
+    let photo = jpeg_with(true);
+    let r = upload_raw(addr, &ines, "cut.jpg", "image/jpeg", &photo[..40]).await;
+    assert_eq!((r.status, r.code().as_str()), (400, "bad_request"));
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("location"),
+        "{:?}",
+        r.json()
+    );
+    server.shutdown();
+    stop(server).await;
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn owners_and_admins_download_everyone_else_gets_404() {

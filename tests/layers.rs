@@ -15,6 +15,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("crypto", 0),
     ("auth", 0),
     ("limiter", 0),
+    ("media", 0),
     ("metrics", 0),
     ("pool", 0),
     ("outbound", 0),

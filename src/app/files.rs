@@ -20,6 +20,7 @@ use super::Core;
 use crate::auth::{bearer, Identity};
 use crate::clock::{new_id, now_ms};
 use crate::config::Config;
+use crate::media::{ScrubError, Scrubber};
 use crate::runtime::app::Body;
 use crate::runtime::http::{error, json as json_response};
 use crate::store::files::sealed::{store_stream, FileError, Piece};
@@ -436,41 +437,18 @@ async fn receive(
     source: &mut Source,
     room: &Room,
 ) -> Result<FileRecord, FileApiError> {
-    let (held, mut total, mut ended) = first_bytes(core, source, room).await?;
+    let (held, total, ended) = first_bytes(core, source, room).await?;
     let mime = sniff(core, &held)?;
     let file_id = new_id("f");
     let shared = &core.shared.app;
     let (tx, rx) = async_channel::bounded(PIECES_IN_FLIGHT);
     let task = store_stream(store.clone(), shared.keys.clone(), file_id.to_string(), rx);
     let writing = monoio::spawn(shared.pool.call(task));
-    let fed = async {
-        for b in held {
-            tx.send(Piece::Data(b)).await.map_err(|_| ())?;
-        }
-        while !ended {
-            match source.next().await {
-                Ok(Some(b)) => {
-                    total += b.len() as u64;
-                    if total > room.cap {
-                        return Ok(Err(room.exceeded(core)));
-                    }
-                    tx.send(Piece::Data(b)).await.map_err(|_| ())?;
-                }
-                Ok(None) => ended = true,
-                Err(e) => return Ok(Err(e)),
-            }
-        }
-        if let Err(e) = source.finish().await {
-            return Ok(Err(e));
-        }
-        tx.send(Piece::End).await.map_err(|_| ())?;
-        Ok::<_, ()>(Ok(()))
-    }
-    .await;
+    let fed = feed(core, source, room, (held, total, ended), &mime, &tx).await;
     // Closing the channel without `End` makes the task drop what it wrote.
     drop(tx);
     let written = writing.await;
-    if let Ok(Err(refused)) = fed {
+    if let Err(Stop::Refused(refused)) = fed {
         return Err(refused);
     }
     let sealed = written
@@ -486,6 +464,84 @@ async fn receive(
         key_id: sealed.key_id,
         location: store.name().to_owned(),
     })
+}
+
+/// Why feeding the sealing task stopped early.
+enum Stop {
+    /// The upload was refused (too large, malformed): the answer says why.
+    Refused(FileApiError),
+    /// The sealing task is gone; its own result says why.
+    Closed,
+}
+
+impl From<FileApiError> for Stop {
+    fn from(e: FileApiError) -> Stop {
+        Stop::Refused(e)
+    }
+}
+
+/// Feeds the sealing task the file: the first bytes already read (`first`: the
+/// pieces, their length, whether the file ended there), then the rest of
+/// `source`. Images lose their location metadata on the way.
+async fn feed(
+    core: &Core,
+    source: &mut Source,
+    room: &Room,
+    first: (Vec<Bytes>, u64, bool),
+    mime: &str,
+    tx: &async_channel::Sender<Piece>,
+) -> Result<(), Stop> {
+    let (held, mut total, ended) = first;
+    let mut scrub = Scrubber::for_mime(mime);
+    for b in held {
+        send(tx, clean(&mut scrub, b)?).await?;
+    }
+    let mut more = !ended;
+    while more {
+        let Some(b) = source.next().await? else {
+            more = false;
+            continue;
+        };
+        total += b.len() as u64;
+        if total > room.cap {
+            return Err(room.exceeded(core).into());
+        }
+        send(tx, clean(&mut scrub, b)?).await?;
+    }
+    source.finish().await?;
+    let mut rest = Vec::new();
+    if let Some(s) = &mut scrub {
+        s.finish(&mut rest).map_err(unreadable_image)?;
+        if s.removed() {
+            tracing::debug!("location metadata removed from an upload");
+        }
+    }
+    send(tx, rest).await?;
+    tx.send(Piece::End).await.map_err(|_| Stop::Closed)
+}
+
+async fn send(tx: &async_channel::Sender<Piece>, pieces: Vec<Bytes>) -> Result<(), Stop> {
+    for b in pieces.into_iter().filter(|b| !b.is_empty()) {
+        tx.send(Piece::Data(b)).await.map_err(|_| Stop::Closed)?;
+    }
+    Ok(())
+}
+
+/// The pieces of `b` that may be stored: as they came, or cleaned of location
+/// metadata when the type carries it.
+fn clean(scrub: &mut Option<Scrubber>, b: Bytes) -> Result<Vec<Bytes>, FileApiError> {
+    let Some(s) = scrub else {
+        return Ok(vec![b]);
+    };
+    let mut out = Vec::new();
+    s.push(b, &mut out).map_err(unreadable_image)?;
+    Ok(out)
+}
+
+fn unreadable_image(e: ScrubError) -> FileApiError {
+    FileApiError::BadRequest(format!(
+        "{e}; an image is stored only once its location metadata can be removed"
+    ))
 }
 
 /// The file's first [`SNIFF_BYTES`] (or all of it): the pieces, their length,

@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod fake_llm;
+pub mod images;
 pub mod nats;
 pub mod process;
 
