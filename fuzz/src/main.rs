@@ -14,7 +14,7 @@ use chatbox_fuzz::runner::{self, Outcome, Recorder, Run};
 use chatbox_fuzz::targets::Target;
 
 const USAGE: &str = "\
-usage: fuzz --target codec|frames|head [--secs N] [--seed S] [--corpus DIR]
+usage: fuzz --target codec|frames|head|scrub [--secs N] [--seed S] [--corpus DIR]
             [--findings DIR] [--save-corpus DIR] [--execs N]
        fuzz --target T --repro FILE...
 

@@ -237,7 +237,7 @@ impl Scrubber {
                 State::Pass(body as u64)
             }
             Await::App1 => {
-                self.app1(held, out);
+                self.app1(held, out)?;
                 head
             }
             _ => unreachable!("a JPEG never waits for {what:?}"),
@@ -246,16 +246,17 @@ impl Scrubber {
     }
 
     /// An APP1 segment (marker and length first): EXIF is cleaned, XMP dropped.
-    fn app1(&mut self, mut segment: Vec<u8>, out: &mut Vec<Bytes>) {
+    fn app1(&mut self, mut segment: Vec<u8>, out: &mut Vec<Bytes>) -> Result<(), ScrubError> {
         let payload = &mut segment[4..];
         if XMP_PREFIXES.iter().any(|p| payload.starts_with(p)) {
             self.removed = true;
-            return;
+            return Ok(());
         }
         if payload.starts_with(EXIF_PREFIX) {
-            self.removed |= clear_gps(&mut payload[EXIF_PREFIX.len()..]);
+            self.removed |= clear_gps_settled(&mut payload[EXIF_PREFIX.len()..])?;
         }
         out.push(Bytes::from(segment));
+        Ok(())
     }
 
     fn png(
@@ -294,9 +295,13 @@ impl Scrubber {
             Await::PngExif => {
                 let mut chunk = held;
                 let data_end = chunk.len() - 4;
-                self.removed |= clear_gps(&mut chunk[8..data_end]);
-                let crc = crc32fast::hash(&chunk[4..data_end]);
-                chunk[data_end..].copy_from_slice(&crc.to_be_bytes());
+                // The CRC is written again only over data that changed: a chunk
+                // left alone is stored byte for byte, its CRC right or wrong.
+                if clear_gps_settled(&mut chunk[8..data_end])? {
+                    self.removed = true;
+                    let crc = crc32fast::hash(&chunk[4..data_end]);
+                    chunk[data_end..].copy_from_slice(&crc.to_be_bytes());
+                }
                 out.push(Bytes::from(chunk));
                 head
             }
@@ -353,7 +358,7 @@ impl Scrubber {
                     } else {
                         0
                     };
-                    self.removed |= clear_gps(&mut data[tiff..]);
+                    self.removed |= clear_gps_settled(&mut data[tiff..])?;
                 }
                 out.push(Bytes::from(data));
                 head
@@ -376,6 +381,8 @@ fn bounded(len: u64) -> Result<usize, ScrubError> {
 struct Tiff<'a> {
     data: &'a mut [u8],
     little: bool,
+    /// Whether a byte was zeroed that was not zero.
+    changed: bool,
 }
 
 impl Tiff<'_> {
@@ -400,14 +407,32 @@ impl Tiff<'_> {
 
     fn zero(&mut self, at: usize, len: usize) {
         if let Some(range) = self.data.get_mut(at..at.saturating_add(len)) {
+            self.changed |= range.iter().any(|b| *b != 0);
             range.fill(0);
         }
     }
 }
 
+/// [`clear_gps`] until it changes nothing more: in a block whose values overlap
+/// its directories, zeroing one can make IFD0 point somewhere new. Returns
+/// whether anything changed; a block that does not settle is refused.
+pub fn clear_gps_settled(block: &mut [u8]) -> Result<bool, ScrubError> {
+    const PASSES_MAX: usize = 8;
+    let mut changed = false;
+    for _ in 0..PASSES_MAX {
+        if !clear_gps(block) {
+            return Ok(changed);
+        }
+        changed = true;
+    }
+    Err(ScrubError::Malformed(
+        "its EXIF directories point into each other",
+    ))
+}
+
 /// Empties the GPS directory of a TIFF block in place: its entries and the values
 /// they point to are zeroed and its count set to 0 (IFD0 still points at it, now
-/// an empty directory). Returns whether there was one. Offsets outside the block
+/// an empty directory). Returns whether a byte changed. Offsets outside the block
 /// are ignored: what is not in the block cannot be stored with it.
 pub fn clear_gps(block: &mut [u8]) -> bool {
     let little = match block.get(..4) {
@@ -418,6 +443,7 @@ pub fn clear_gps(block: &mut [u8]) -> bool {
     let mut tiff = Tiff {
         data: block,
         little,
+        changed: false,
     };
     let Some(gps) = gps_directory(&tiff) else {
         return false;
@@ -439,7 +465,7 @@ pub fn clear_gps(block: &mut [u8]) -> bool {
         tiff.zero(entry, 12);
     }
     tiff.zero(gps, 2);
-    true
+    tiff.changed
 }
 
 /// Where IFD0's GPS pointer leads, if it has one.

@@ -140,4 +140,21 @@ fn gps_offsets_outside_the_block_are_ignored_not_followed() {
     assert!(!clear_gps(&mut tiff));
     assert!(!clear_gps(b"MM\0*\xff\xff\xff\xff".to_vec().as_mut_slice()));
     assert!(!clear_gps(&mut []));
+    // Cleaning is done once: a second pass finds nothing left to change.
+    let mut tiff = tiff_with_gps();
+    assert_eq!(clear_gps_settled(&mut tiff), Ok(true));
+    assert!(!clear_gps(&mut tiff));
+}
+
+#[test]
+fn a_chunk_left_alone_keeps_its_bytes_even_a_wrong_crc() {
+    // An eXIf chunk without GPS and a CRC that does not match: stored as it came
+    // (found by the fuzzer: the CRC was rewritten although nothing changed).
+    let mut file = png(2, 2);
+    let mut chunk = Vec::new();
+    png_chunk(&mut chunk, b"eXIf", b"MM\0*\0\0\0\x08\0\0\0\0\0\0");
+    let last = chunk.len() - 1;
+    chunk[last] ^= 0xff;
+    file.splice(33..33, chunk);
+    assert_eq!(scrub("image/png", &file, 3).unwrap(), (file, false));
 }

@@ -1,4 +1,4 @@
-//! The three fuzz targets: each checks one input against its oracles (returning a
+//! The fuzz targets: each checks one input against its oracles (returning a
 //! behaviour signature, or what went wrong) and mutates inputs its own way.
 
 pub mod codec;
@@ -6,6 +6,7 @@ pub mod codec_plan;
 pub mod frames;
 pub mod frames_mutate;
 pub mod head;
+pub mod scrub;
 
 use crate::rng::Rng;
 
@@ -14,13 +15,14 @@ pub enum Target {
     Codec,
     Frames,
     Head,
+    Scrub,
     /// Checks the fuzzer itself (tests/cli.rs): inputs starting with `panic`,
     /// `abort` or `oracle` fail in that way.
     SelfTest,
 }
 
 impl Target {
-    pub const ALL: [Target; 3] = [Target::Codec, Target::Frames, Target::Head];
+    pub const ALL: [Target; 4] = [Target::Codec, Target::Frames, Target::Head, Target::Scrub];
 
     pub fn from_name(name: &str) -> Option<Target> {
         Target::ALL
@@ -34,6 +36,7 @@ impl Target {
             Target::Codec => "codec",
             Target::Frames => "frames",
             Target::Head => "head",
+            Target::Scrub => "scrub",
             Target::SelfTest => "selftest",
         }
     }
@@ -44,6 +47,7 @@ impl Target {
             Target::Codec => codec::check(input),
             Target::Frames => frames::check(input),
             Target::Head => head::check(input),
+            Target::Scrub => scrub::check(input),
             Target::SelfTest => self_test(input),
         }
     }
@@ -52,6 +56,7 @@ impl Target {
         match self {
             Target::Codec => codec_plan::mutate(rng, input, corpus),
             Target::Frames => frames_mutate::mutate(rng, input, corpus),
+            Target::Scrub => scrub::mutate(rng, input, corpus),
             Target::Head | Target::SelfTest => head::mutate(rng, input, corpus),
         }
     }
