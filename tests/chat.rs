@@ -651,3 +651,78 @@ async fn crash_loses_nothing_acked() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_url_and_metadata_stay_with_the_message_sealed() {
+    let cfg = config();
+    let data_dir = cfg.data_dir.clone();
+    let server = start(cfg.clone());
+    let addr = server.local_addr();
+    let boss = token_with("boss", &["admin"], chatbox::auth::now_secs() + 600);
+    let url = "https://shop.example/orders/4711/receipt.pdf";
+    let metadata = json!({"plan": "pro", "page": {"path": "/billing", "tab": 2}});
+    let mut ws = connect_user(addr, "cleo").await;
+    let first = converse(&mut ws, None, "c1", "hello").await;
+    let sid = first.session_id.clone();
+    // An admin in the session sees them as the user sent them.
+    let mut admin = connect(addr, "/ws", Some(&boss), None).await.unwrap();
+    send(&mut admin, json!({"type": "admin_join", "session_id": sid})).await;
+    until(&mut ws, "admin_joined").await;
+    let m = json!({"type": "user_message", "session_id": sid, "id": "c2",
+        "content": "my receipt is wrong", "file_url": url, "metadata": metadata});
+    send(&mut ws, m).await;
+    let relay = until(&mut admin, "user_message").await.0;
+    assert_eq!(
+        (&relay["file_url"], &relay["metadata"]),
+        (&json!(url), &metadata)
+    );
+    until(&mut ws, "ack").await;
+    // At rest they are sealed like the content: neither is readable in the file.
+    drop((ws, admin));
+    server.shutdown();
+    stop(server).await;
+    let db = std::fs::read(data_dir.join("chatbox.db")).unwrap();
+    let wal = std::fs::read(data_dir.join("chatbox.db-wal")).unwrap_or_default();
+    for needle in ["shop.example", "/billing"] {
+        assert!(
+            !db.windows(needle.len())
+                .chain(wal.windows(needle.len()))
+                .any(|w| w == needle.as_bytes()),
+            "{needle} readable at rest"
+        );
+    }
+    // After a restart: in history, in the transcript, in the export.
+    let server = start(cfg);
+    let addr = server.local_addr();
+    let mut again = connect_user(addr, "cleo").await;
+    send(&mut again, json!({"type": "resume", "session_id": sid})).await;
+    let history = until(&mut again, "session").await.0["messages"].clone();
+    let mine = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["content"] == "my receipt is wrong")
+        .unwrap_or_else(|| panic!("{history}"));
+    assert_eq!(
+        (&mine["file_url"], &mine["metadata"]),
+        (&json!(url), &metadata)
+    );
+    let plain = &history[0];
+    assert!(
+        plain.get("file_url").is_none() && plain.get("metadata").is_none(),
+        "{plain}"
+    );
+    let (status, transcript) = admin_call(addr, "GET", &format!("/sessions/{sid}"), &boss).await;
+    assert_eq!(status, 200);
+    let m = transcript["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["content"] == "my receipt is wrong")
+        .unwrap_or_else(|| panic!("{transcript}"));
+    assert_eq!((&m["file_url"], &m["metadata"]), (&json!(url), &metadata));
+    let (_, export) = admin_call(addr, "GET", "/users/cleo/export", &boss).await;
+    assert!(export.to_string().contains(url), "{export}");
+    server.shutdown();
+    stop(server).await;
+}

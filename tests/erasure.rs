@@ -166,6 +166,7 @@ fn append(ring: &KeyRing, user: &str, sid: &str, seq: u64, text: &str) -> WriteO
             tokens_out: 0,
             cancelled: false,
             file: None,
+            extra: None,
         },
     }
 }

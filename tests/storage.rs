@@ -158,6 +158,7 @@ fn message(
         tokens_out: tokens.1,
         cancelled: false,
         file: None,
+        extra: None,
     }
 }
 
@@ -181,12 +182,15 @@ fn state(sid: &str, state: SessionState, action: AuditAction, at: i64) -> WriteO
 fn messages_round_trip_sealed_and_resends_are_recognised(b: &Backend) {
     let ring = ring();
     let s = &b.store;
+    // What a user sent beside the text, sealed: opaque bytes to the store.
+    let extra: Vec<u8> = (0..40).collect();
+    let with_extra = MessageRecord {
+        extra: Some(extra.clone()),
+        ..message(&ring, "s1", 1, Role::User, Some("c1"), 1001, (0, 0))
+    };
     let first = block(s.write(vec![
         WriteOp::CreateSession(session("s1", "u1", 1000)),
-        append(
-            "u1",
-            message(&ring, "s1", 1, Role::User, Some("c1"), 1001, (0, 0)),
-        ),
+        append("u1", with_extra),
         append(
             "u1",
             message(&ring, "s1", 2, Role::Assistant, None, 1005, (7, 11)),
@@ -231,6 +235,12 @@ fn messages_round_trip_sealed_and_resends_are_recognised(b: &Backend) {
         "text 2"
     );
     assert_eq!(msgs[0].client_id.as_deref(), Some("c1"));
+    assert_eq!(
+        (msgs[0].extra.as_ref(), msgs[1].extra.as_ref()),
+        (Some(&extra), None),
+        "{}",
+        b.name
+    );
     let latest = block(s.load_session("s1", 1)).unwrap().unwrap().1;
     assert_eq!(latest[0].seq, 2, "{}: the latest messages", b.name);
     assert!(block(s.load_session("nope", 5)).unwrap().is_none());

@@ -18,6 +18,7 @@ use hyper::{Response, StatusCode};
 use serde_json::{json, Value};
 
 use super::admin::{session_json, ApiError};
+use super::chat::extra::Extra;
 use super::Core;
 use crate::crypto::KeyRing;
 use crate::runtime::app::Body;
@@ -196,7 +197,11 @@ async fn messages(app: &super::ChatShared, pages: &Pages, sid: &str, shape: Shap
 }
 
 fn message_json(keys: &KeyRing, stats: &PageStats, m: &MessageRecord, shape: Shape) -> Value {
-    let opened = keys.open(&m.place(), &m.sealed);
+    // Extras that fail their check withhold the message like its content would.
+    let (opened, extra) = match (keys.open(&m.place(), &m.sealed), Extra::open(keys, m)) {
+        (Ok(c), Ok(extra)) => (Ok(c), Some(extra)),
+        (Err(e), _) | (_, Err(e)) => (Err(e), None),
+    };
     if let Err(e) = &opened {
         stats.integrity_failures.fetch_add(1, Relaxed);
         tracing::error!(session = %m.session_id, message = %m.message_id, error = %e, "stored message failed its integrity check");
@@ -221,6 +226,15 @@ fn message_json(keys: &KeyRing, stats: &PageStats, m: &MessageRecord, shape: Sha
     // (`GET {prefix}/files/{file_id}`).
     if let Some(f) = &m.file {
         v["file"] = json!(f);
+    }
+    // What the user sent beside the text (`file_url`, `metadata`).
+    if let Some(Extra { file_url, metadata }) = extra {
+        if let Some(url) = file_url {
+            v["file_url"] = json!(url);
+        }
+        if let Some(metadata) = metadata {
+            v["metadata"] = metadata;
+        }
     }
     v
 }

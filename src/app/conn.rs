@@ -5,6 +5,7 @@ use std::cell::OnceCell;
 use std::rc::Rc;
 use std::sync::Arc;
 
+use super::chat::extra::Extra;
 use super::chat::message::{self, Pending};
 use super::chat::session::Target;
 use super::chat::takeover::{self, AdminAction, AdminOp, AdminRef, Joined};
@@ -102,7 +103,8 @@ impl ChatConn {
                 session_id,
                 content,
                 model_id,
-                ..
+                metadata,
+                file_url,
             } => match core.shared.app.models.pick(model_id.as_deref()) {
                 Ok(model) => {
                     let msg = Pending {
@@ -111,6 +113,7 @@ impl ChatConn {
                         model,
                         received: std::time::Instant::now(),
                         file: None,
+                        extra: Extra::from_frame(file_url, metadata),
                     };
                     message::user_message(core, self.conn, user, session_id, msg)
                 }
@@ -180,6 +183,7 @@ impl ChatConn {
                         model,
                         received: std::time::Instant::now(),
                         file: None,
+                        extra: None,
                     };
                     message::file_message(core, self.conn, user, session_id, &file_id, msg)
                 }

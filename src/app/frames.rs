@@ -380,6 +380,9 @@ pub enum ServerFrame<'a> {
         /// The file a `file_message` attached.
         #[serde(skip_serializing_if = "Option::is_none")]
         file: Option<&'a crate::store::FileRef>,
+        /// `file_url` and `metadata`, as the user sent them.
+        #[serde(flatten, skip_serializing_if = "Option::is_none")]
+        extra: Option<&'a crate::app::chat::extra::Extra>,
     },
     AdminJoined {
         session_id: &'a str,
@@ -490,6 +493,9 @@ pub struct HistoryItem {
     /// The file the message carries (`file_message`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub file: Option<crate::store::FileRef>,
+    /// `file_url` and `metadata`, as the user sent them.
+    #[serde(flatten)]
+    pub extra: crate::app::chat::extra::Extra,
 }
 
 #[cfg(test)]

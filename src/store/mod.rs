@@ -169,9 +169,30 @@ pub struct MessageRecord {
     pub cancelled: bool,
     /// The uploaded file the message carries (`file_message`), if any.
     pub file: Option<FileRef>,
+    /// What else the user sent with it (`file_url`, `metadata`, as JSON), sealed
+    /// like the content, with its key and format: nonce, then ciphertext
+    /// ([`MessageRecord::extra_sealed`]).
+    pub extra: Option<Vec<u8>>,
 }
 
+/// Appended to a message's id in the place its extras are sealed for, so that
+/// content and extras cannot stand in for each other (server-made ids have no `#`).
+pub const EXTRA_PLACE_SUFFIX: &str = "#extra";
+
 impl MessageRecord {
+    /// The message's extras as the key ring opens them; `None` without any, or
+    /// when the stored bytes are too short to be sealed (which fails to open).
+    pub fn extra_sealed(&self) -> Option<Sealed> {
+        let blob = self.extra.as_deref()?;
+        let (nonce, ciphertext) = blob.split_at_checked(crate::crypto::NONCE_BYTES)?;
+        Some(Sealed {
+            key_id: self.sealed.key_id,
+            nonce: nonce.try_into().ok()?,
+            ciphertext: ciphertext.to_vec(),
+            version: self.sealed.version,
+        })
+    }
+
     /// Where the message sits, as its sealing binds it: a row whose ids, role,
     /// author or seq were changed no longer opens.
     pub fn place(&self) -> crate::crypto::Place<'_> {

@@ -290,6 +290,7 @@ async fn store(
             usage,
             cancelled,
             file: None,
+            extra: None,
         };
         let op = WriteOp::AppendMessage {
             user_id: s.user_id.to_string(),

@@ -5,6 +5,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use super::effects::{deliver, push_session, reply};
+use super::extra::Extra;
 use super::session::{refusal_frame, NewMessage, Refusal, Target};
 use super::takeover::State;
 use super::{answer, forbidden, with_session};
@@ -29,6 +30,8 @@ pub struct Pending {
     pub received: std::time::Instant,
     /// The user's uploaded file a `file_message` attaches.
     pub file: Option<FileRef>,
+    /// What else the user sent with it (`file_url`, `metadata`).
+    pub extra: Option<Extra>,
 }
 
 /// What the model is told of a message with a file: a short description (the
@@ -204,6 +207,7 @@ fn append(
             usage: Usage::default(),
             cancelled: false,
             file: msg.file.clone(),
+            extra: msg.extra.as_ref(),
         };
         (s.record(sid, new, &shared.keys, now), s.created_at)
     };
@@ -329,6 +333,7 @@ fn stored(core: &Rc<Core>, sid: &Arc<str>, user: &str, message_id: &str, msg: Pe
             user_id: user,
             content: &msg.content,
             file: msg.file.as_ref(),
+            extra: msg.extra.as_ref(),
         }
         .to_json()
         .into();

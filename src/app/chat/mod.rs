@@ -14,6 +14,7 @@
 
 pub mod answer;
 pub mod effects;
+pub mod extra;
 pub mod lease;
 pub mod message;
 pub mod resume;

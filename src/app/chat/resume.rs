@@ -5,6 +5,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use super::effects::deliver;
+use super::extra::Extra;
 use super::session::Target;
 use crate::app::frames::{error_frame, store_read_error, Code, HistoryItem, ServerFrame};
 use crate::app::Core;
@@ -86,6 +87,14 @@ pub async fn resume_now(core: Rc<Core>, sid: Arc<str>, to: Target, after_seq: Op
     }
 }
 
+/// A stored message's content and extras, or why they did not open.
+fn open_message(
+    keys: &crate::crypto::KeyRing,
+    m: &MessageRecord,
+) -> Result<(String, Extra), crate::crypto::CryptoError> {
+    Ok((keys.open(&m.place(), &m.sealed)?, Extra::open(keys, m)?))
+}
+
 /// Decrypts stored messages; those that fail authentication are withheld,
 /// counted and logged (never shown as if nothing were wrong).
 fn open_history(core: &Core, sid: &str, messages: &[MessageRecord]) -> (Vec<HistoryItem>, u64) {
@@ -93,14 +102,15 @@ fn open_history(core: &Core, sid: &str, messages: &[MessageRecord]) -> (Vec<Hist
     let mut withheld = 0;
     let history = messages
         .iter()
-        .filter_map(|m| match keys.open(&m.place(), &m.sealed) {
-            Ok(content) => Some(HistoryItem {
+        .filter_map(|m| match open_message(keys, m) {
+            Ok((content, extra)) => Some(HistoryItem {
                 message_id: m.message_id.clone(),
                 role: m.role.as_str(),
                 content,
                 created_at: m.created_at,
                 cancelled: m.cancelled,
                 file: m.file.clone(),
+                extra,
             }),
             Err(e) => {
                 withheld += 1;

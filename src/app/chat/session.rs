@@ -99,6 +99,8 @@ pub struct NewMessage<'a> {
     pub cancelled: bool,
     /// The uploaded file a `file_message` carries.
     pub file: Option<crate::store::FileRef>,
+    /// What else the user sent with it, sealed beside the content.
+    pub extra: Option<&'a super::extra::Extra>,
 }
 
 /// Why a session refuses what was asked of it.
@@ -215,6 +217,13 @@ impl Session {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.last_activity = now;
+        let place = crate::crypto::Place {
+            session_id: sid,
+            message_id: msg.message_id,
+            role: msg.role.as_str(),
+            author: msg.author,
+            seq,
+        };
         MessageRecord {
             session_id: sid.to_owned(),
             message_id: msg.message_id.to_owned(),
@@ -222,21 +231,13 @@ impl Session {
             role: msg.role,
             author: msg.author.to_owned(),
             client_id: msg.client_id,
-            sealed: keys.seal(
-                &crate::crypto::Place {
-                    session_id: sid,
-                    message_id: msg.message_id,
-                    role: msg.role.as_str(),
-                    author: msg.author,
-                    seq,
-                },
-                msg.text,
-            ),
+            sealed: keys.seal(&place, msg.text),
             created_at: now,
             tokens_in: msg.usage.input_tokens,
             tokens_out: msg.usage.output_tokens,
             cancelled: msg.cancelled,
             file: msg.file,
+            extra: msg.extra.map(|e| e.seal(keys, &place)),
         }
     }
 

@@ -303,6 +303,7 @@ fn message(
             usage: Usage::default(),
             cancelled: false,
             file: None,
+            extra: None,
         };
         let op = WriteOp::AppendMessage {
             user_id: s.user_id.to_string(),

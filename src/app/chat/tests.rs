@@ -194,6 +194,7 @@ fn records_take_consecutive_places() {
         usage: Default::default(),
         cancelled: false,
         file: None,
+        extra: None,
     };
     let a = s.record("s1", msg("m1"), &keys, 5);
     let b = s.record("s1", msg("m2"), &keys, 7);

@@ -94,6 +94,7 @@ fn message_from(d: &Document) -> MessageRecord {
             size: get_i64(f, "size").max(0) as u64,
             name: f.get_str("name").ok().map(str::to_owned),
         }),
+        extra: d.get("extra").map(|_| bytes_of(d, "extra")),
     }
 }
 

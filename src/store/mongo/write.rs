@@ -351,6 +351,9 @@ fn message_doc(user_id: &str, m: &MessageRecord) -> Document {
         }
         d.insert("file", file);
     }
+    if let Some(extra) = &m.extra {
+        d.insert("extra", binary(extra));
+    }
     d
 }
 

@@ -108,6 +108,8 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX files_owner ON files(owner);
     ALTER TABLE messages ADD COLUMN file TEXT;",
+    // 6: what a user sent with a message (file_url, metadata), sealed.
+    "ALTER TABLE messages ADD COLUMN extra BLOB;",
 ];
 
 pub struct SqliteStore {
@@ -495,6 +497,7 @@ mod tests {
             tokens_out: 0,
             cancelled: false,
             file: None,
+            extra: None,
         }
     }
 

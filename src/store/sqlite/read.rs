@@ -167,7 +167,7 @@ pub(super) fn window(
 
 /// The columns [`message_row`] reads, in its order.
 const MESSAGE_COLUMNS: &str = "seq, message_id, role, author, client_id, key_id, nonce, ciphertext,
-     created_at, tokens_in, tokens_out, cancelled, aad_version, file";
+     created_at, tokens_in, tokens_out, cancelled, aad_version, file, extra";
 
 fn message_row(session_id: &str, r: &rusqlite::Row<'_>) -> rusqlite::Result<MessageRecord> {
     let nonce: Vec<u8> = r.get(6)?;
@@ -195,6 +195,7 @@ fn message_row(session_id: &str, r: &rusqlite::Row<'_>) -> rusqlite::Result<Mess
             .get::<_, Option<String>>(13)?
             .as_deref()
             .and_then(FileRef::from_json),
+        extra: r.get(14)?,
     })
 }
 

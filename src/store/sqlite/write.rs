@@ -307,8 +307,8 @@ fn append(
 ) -> rusqlite::Result<WriteOutcome> {
     let inserted = exec(conn,
         "INSERT INTO messages (session_id, seq, message_id, role, author, user_id, client_id, key_id,
-             nonce, ciphertext, created_at, tokens_in, tokens_out, cancelled, aad_version, file)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
+             nonce, ciphertext, created_at, tokens_in, tokens_out, cancelled, aad_version, file, extra)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)
          ON CONFLICT(user_id, client_id) WHERE client_id IS NOT NULL DO NOTHING",
         params![
             m.session_id,
@@ -327,6 +327,7 @@ fn append(
             m.cancelled,
             m.sealed.version,
             m.file.as_ref().map(crate::store::FileRef::to_json),
+            m.extra,
         ],
     )?;
     if inserted == 0 {
