@@ -423,6 +423,42 @@ fn futures_block<T>(f: chatbox::store::StoreFuture<T>) -> Result<T, chatbox::sto
 
 // ---- item 3: downloads ----
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_gets_the_file_transfer_time_not_the_request_time() {
+    let cfg = chatbox::config::Config {
+        http_request_timeout_ms: 100,
+        http_head_timeout_ms: 100,
+        ..config()
+    };
+    let server = start(cfg);
+    let addr = server.local_addr();
+    let doc = pdf(200_000);
+    let head = format!(
+        "POST /chatbox/upload?name=slow.pdf HTTP/1.1\r\nHost: x\r\n\
+         Authorization: Bearer {}\r\nContent-Length: {}\r\n\r\n",
+        token("lou"),
+        doc.len()
+    );
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&doc[..1000]).await.unwrap();
+    // A client on a slow link: the rest comes well after http_request_timeout_ms
+    // (the pause is the behaviour under test, not a synchronisation).
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    s.write_all(&doc[1000..]).await.unwrap();
+    let r = read_reply(s).await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    // Other requests keep the short timeout: a head that never ends is cut.
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    idle.write_all(b"GET /chatbox/healthz HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    let cut = read_reply(idle).await;
+    assert_eq!(cut.status, 408);
+    server.shutdown();
+    stop(server).await;
+}
+
 /// GPS fields and the orientation an independent EXIF reader finds in `file`.
 fn exif_of(file: &[u8]) -> (usize, Option<u32>) {
     let exif = exif::Reader::new()

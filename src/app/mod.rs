@@ -135,6 +135,17 @@ impl App for ChatApp {
         }
     }
 
+    fn request_timeout(core: &Rc<Core>, path: &str) -> std::time::Duration {
+        let cfg = &core.shared.config;
+        let files = path == "/upload" || path.starts_with("/files/");
+        let ms = if files {
+            cfg.file_transfer_timeout_ms
+        } else {
+            cfg.http_request_timeout_ms
+        };
+        std::time::Duration::from_millis(ms)
+    }
+
     fn body_bytes_max(core: &Rc<Core>, path: &str) -> u64 {
         match path {
             // The upload enforces its own limit while it streams, multipart

@@ -386,6 +386,8 @@ declare_config! {
     upload_rate_limit_per_minute: u32 = 30, range(1, 1_000_000), unit "uploads/min";
     /// Bytes of uploaded files one user may keep stored; an upload past it is 413 `quota_exceeded` (0: no quota).
     upload_quota_bytes: u64 = 100 * 1024 * 1024, unit "bytes";
+    /// Time an upload or a file download may take in all, in place of http_request_timeout_ms (10 MiB on a slow mobile link takes minutes).
+    file_transfer_timeout_ms: u64 = 300_000, range(10, NO_MAX), unit "ms";
     /// Help requests are POSTed here (https, or http on loopback), signed with `notify_webhook_secret`.
     #[secret]
     notify_webhook_url: Option<String> = None;

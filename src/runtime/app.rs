@@ -57,6 +57,11 @@ pub trait App: Sized + 'static {
     fn body_bytes_max(core: &Rc<Core<Self>>, _path: &str) -> u64 {
         core.shared.config.http_body_bytes_max as u64
     }
+    /// How long a plain HTTP request to `path` (prefix stripped) may take in all,
+    /// head, body and response.
+    fn request_timeout(core: &Rc<Core<Self>>, _path: &str) -> std::time::Duration {
+        std::time::Duration::from_millis(core.shared.config.http_request_timeout_ms)
+    }
     /// Every HTTP request under the prefix that the runtime does not serve itself
     /// (`path` has the prefix stripped). Answers 404 for what it does not know.
     fn http(

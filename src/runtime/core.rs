@@ -492,7 +492,7 @@ async fn route<A: App>(
     } else if shared.echo_path.as_deref() == Some(head.path.as_str()) {
         Route::Echo
     } else {
-        return super::http::serve(core.clone(), sock, buf, slot).await;
+        return super::http::serve(core.clone(), sock, buf, slot, &head.path).await;
     };
     let cfg = &shared.config;
     let up = match handshake::check(

@@ -151,13 +151,22 @@ pub fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
 /// Serves one plain HTTP connection with hyper, replaying the bytes already read.
 /// Keep-alive is off: every request comes through the head reader, so routing,
 /// limits and timeouts are decided in one place.
-pub async fn serve<A: App>(core: Rc<Core<A>>, sock: Socket, replay: Vec<u8>, addr: Option<Slot>) {
+pub async fn serve<A: App>(
+    core: Rc<Core<A>>,
+    sock: Socket,
+    replay: Vec<u8>,
+    addr: Option<Slot>,
+    path: &str,
+) {
     let mut io = HyperIo::new(Rc::new(sock), replay);
     if let Some(slot) = addr {
         io = io.hold_until_shutdown(Box::new(slot));
     }
     let cfg = &core.shared.config;
-    let timeout = std::time::Duration::from_millis(cfg.http_request_timeout_ms);
+    let timeout = match path.strip_prefix(cfg.path_prefix.as_str()) {
+        Some(path) => A::request_timeout(&core, path),
+        None => std::time::Duration::from_millis(cfg.http_request_timeout_ms),
+    };
     let svc_core = core.clone();
     let service = hyper::service::service_fn(move |req| {
         let core = svc_core.clone();
