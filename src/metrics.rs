@@ -262,6 +262,12 @@ pub struct CoreMetrics {
     pub integrity_failures: Counter,
     pub takeovers: Counter,
     pub help_requests: Counter,
+    /// Files uploaded and stored, their bytes (as stored), uploads refused, and
+    /// images whose location metadata was removed.
+    pub uploads: Counter,
+    pub upload_bytes: Counter,
+    pub uploads_refused: Counter,
+    pub upload_locations_removed: Counter,
     /// Time from a user message's arrival to its ack (committed).
     pub ack_latency: Histogram,
     refused: [Counter; Refusal::ALL.len()],
@@ -436,6 +442,10 @@ const SERIES: &[(&str, &str, &str, bool, Field)] = &[
     ("chatbox_integrity_failures_total", "Stored messages that failed authentication.", "counter", false, |m| &m.integrity_failures),
     ("chatbox_takeovers_total", "Admin joins of a session.", "counter", false, |m| &m.takeovers),
     ("chatbox_help_requests_total", "Help requests from users.", "counter", false, |m| &m.help_requests),
+    ("chatbox_uploads_total", "Files uploaded and stored.", "counter", false, |m| &m.uploads),
+    ("chatbox_upload_bytes_total", "Bytes of uploaded files stored (after location metadata was removed).", "counter", false, |m| &m.upload_bytes),
+    ("chatbox_uploads_refused_total", "Uploads refused (type, size, quota, rate limit, malformed, storage).", "counter", false, |m| &m.uploads_refused),
+    ("chatbox_upload_locations_removed_total", "Uploaded images whose location metadata was removed.", "counter", false, |m| &m.upload_locations_removed),
 ];
 
 /// Renders every core's counters in the Prometheus text format (0.0.4).

@@ -506,6 +506,12 @@ async fn images_lose_their_location_before_they_are_stored() {
         assert_eq!(v["size"], json!(body.len()), "{name}");
         assert_eq!(v["sha256"], json!(sha256_hex(body)), "{name}");
     }
+    let (_, _, metrics) = get(addr, "/chatbox/metrics").await;
+    assert!(
+        metrics.contains("\nchatbox_upload_locations_removed_total 3\n"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("\nchatbox_uploads_total 3\n"), "{metrics}");
     // An image whose metadata cannot be walked to its end is refused, clearly.
     let photo = jpeg_with(true);
     let r = upload_raw(addr, &ines, "cut.jpg", "image/jpeg", &photo[..40]).await;
@@ -514,6 +520,11 @@ async fn images_lose_their_location_before_they_are_stored() {
         String::from_utf8_lossy(&r.body).contains("location"),
         "{:?}",
         r.json()
+    );
+    let (_, _, metrics) = get(addr, "/chatbox/metrics").await;
+    assert!(
+        metrics.contains("\nchatbox_uploads_refused_total 1\n"),
+        "{metrics}"
     );
     server.shutdown();
     stop(server).await;

@@ -173,7 +173,13 @@ pub async fn handle(core: &Rc<Core>, req: Request<Incoming>, path: &str) -> Opti
     }
     let result = match path.strip_prefix("/files/") {
         Some(id) => super::files_get::download(core, &req, id).await,
-        None => upload(core, req).await,
+        None => {
+            let uploaded = upload(core, req).await;
+            if uploaded.is_err() {
+                core.metrics().uploads_refused.inc();
+            }
+            uploaded
+        }
     };
     let mut response = result.unwrap_or_else(|e| e.into_response(core));
     super::cors::decorate(&mut response, origin);
@@ -513,7 +519,7 @@ async fn feed(
     if let Some(s) = &mut scrub {
         s.finish(&mut rest).map_err(unreadable_image)?;
         if s.removed() {
-            tracing::debug!("location metadata removed from an upload");
+            core.metrics().upload_locations_removed.inc();
         }
     }
     send(tx, rest).await?;
@@ -597,7 +603,7 @@ async fn record_file(core: &Rc<Core>, record: FileRecord) -> Result<Response<Bod
         "sha256": record.sha256,
         "name": record.name,
     });
-    let id = record.file_id.clone();
+    let (id, size) = (record.file_id.clone(), record.size);
     if let Err(e) = shared.store.write(vec![WriteOp::PutFile(record)]).await {
         if let Some(store) = shared.files.store.clone() {
             let gone = shared
@@ -609,6 +615,8 @@ async fn record_file(core: &Rc<Core>, record: FileRecord) -> Result<Response<Bod
         }
         return Err(e.into());
     }
+    core.metrics().uploads.inc();
+    core.metrics().upload_bytes.add(size);
     Ok(json_response(StatusCode::CREATED, body.to_string()))
 }
 
