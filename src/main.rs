@@ -271,7 +271,7 @@ fn run(config: Config, dev: bool) -> anyhow::Result<()> {
     // One line on stdout that scripts and tests can wait for.
     say(&format!("chatbox listening on http://{addr}{prefix}"));
     if dev {
-        print_dev_tokens(secret.as_bytes(), &format!("ws://{addr}{prefix}/ws"));
+        print_dev_tokens(secret.as_bytes(), &format!("{addr}{prefix}"));
     }
     server.join()?;
     tracing::info!("shutdown complete");
@@ -365,7 +365,9 @@ fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     f.write_all(text.as_bytes())
 }
 
-fn print_dev_tokens(secret: &[u8], ws_url: &str) {
+/// The dev tokens, and a console link for each side: the token rides in the URL
+/// fragment, which browsers never send, so it reaches no access log.
+fn print_dev_tokens(secret: &[u8], base: &str) {
     let exp = now_secs() + 24 * 3600;
     let user = mint(
         secret,
@@ -386,9 +388,15 @@ fn print_dev_tokens(secret: &[u8], ws_url: &str) {
         },
     );
     say("dev mode: secrets are kept in the data directory (dev-secrets.toml); tokens are valid for 24 h");
+    say(&format!(
+        "  agent console: http://{base}/console/#token={admin}"
+    ));
+    say(&format!(
+        "  user chat:     http://{base}/console/chat.html#token={user}"
+    ));
     say(&format!("  user token:  {user}"));
     say(&format!("  admin token: {admin}"));
-    say(&format!("  try:  websocat '{ws_url}?token={user}'"));
+    say(&format!("  try:  websocat 'ws://{base}/ws?token={user}'"));
 }
 
 /// Prints a line to stdout, ignoring a closed pipe: whoever read our banner may

@@ -428,9 +428,19 @@ async fn dev_secrets_survive_a_restart() {
         c
     };
     let mut first = Running::spawn(&mut dev());
+    // A console link for each side, the token in the fragment (never sent).
+    let agent = first.line_starting("agent console:").to_owned();
+    let chat = first.line_starting("user chat:").to_owned();
+    let base = format!("http://{}/chatbox/console/", first.addr);
+    assert!(agent.contains(&format!("{base}#token=ey")), "{agent}");
+    assert!(
+        chat.contains(&format!("{base}chat.html#token=ey")),
+        "{chat}"
+    );
     let token = first.line_starting("user token:")["user token:".len()..]
         .trim()
         .to_owned();
+    assert!(chat.ends_with(&format!("#token={token}")), "{chat}");
     let text = format!("kept across restarts {}", marker());
     let mut ws = ws_at(first.addr, &token).await;
     let sid = ask(&mut ws, None, &text).await;

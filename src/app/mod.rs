@@ -10,6 +10,7 @@ mod admin_stream;
 pub mod chat;
 pub mod cluster;
 pub mod conn;
+pub mod console;
 mod cors;
 pub mod files;
 mod files_get;
@@ -123,6 +124,9 @@ impl App for ChatApp {
             }
             core.metrics().refused(crate::metrics::Refusal::NotFound);
             return crate::runtime::http::not_found();
+        }
+        if let Some(r) = console::handle(&req, path) {
+            return r;
         }
         match path.strip_prefix("/admin") {
             Some(rest) if rest.is_empty() || rest.starts_with('/') => {

@@ -1,0 +1,3 @@
+// chatbox agent console (placeholder: the console is built in issue 16).
+"use strict";
+document.getElementById("status").textContent = "Not built yet.";
