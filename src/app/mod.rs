@@ -237,6 +237,7 @@ impl From<AppStartError> for StartError {
 pub fn check_config(config: &Config, dev: bool) -> Result<(), ConfigError> {
     let mut problems = config.problems(dev);
     problems.extend(crate::llm::validate(config));
+    problems.extend(crate::llm::stt::validate(config));
     problems.extend(crate::notify::validate(config));
     if problems.is_empty() {
         Ok(())
