@@ -111,6 +111,7 @@ impl ChatConn {
                         model,
                         received: std::time::Instant::now(),
                         file: None,
+                        voice: None,
                     };
                     message::user_message(core, self.conn, user, session_id, msg)
                 }
@@ -171,25 +172,23 @@ impl ChatConn {
                 session_id,
                 file_id,
                 content,
-                voice: false,
+                voice,
             } => match core.shared.app.models.pick(None) {
                 Ok(model) => {
                     let msg = Pending {
                         id,
-                        content: content.unwrap_or_default(),
+                        // A voice message's content is its transcript, once made.
+                        content: content.filter(|_| !voice).unwrap_or_default(),
                         model,
                         received: std::time::Instant::now(),
                         file: None,
+                        voice: None,
                     };
-                    message::file_message(core, self.conn, user, session_id, &file_id, msg)
+                    let attach = message::Attach { file_id, voice };
+                    message::file_message(core, self.conn, user, session_id, attach, msg)
                 }
                 Err(why) => Some(error_frame(Code::InvalidMessage, &why, id.as_deref())),
             },
-            ClientFrame::FileMessage { voice: true, .. } => Some(error_frame(
-                Code::InvalidMessage,
-                "voice messages are not available yet",
-                id.as_deref(),
-            )),
         }
     }
 

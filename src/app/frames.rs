@@ -48,6 +48,8 @@ pub enum Code {
     /// `retry_after_ms`.
     Unavailable,
     Internal,
+    /// A voice message could not be transcribed; its audio stays attached.
+    TranscriptionFailed,
 }
 
 /// A client frame, validated.
@@ -72,7 +74,7 @@ pub enum ClientFrame {
         session_id: String,
     },
     /// `file_message` (an uploaded file, with an optional caption), or
-    /// `voice_message` (`voice`, not served yet).
+    /// `voice_message` (`voice`: an audio file, transcribed, no caption).
     FileMessage {
         session_id: Option<String>,
         file_id: String,
@@ -380,6 +382,12 @@ pub enum ServerFrame<'a> {
         /// The file a `file_message` attached.
         #[serde(skip_serializing_if = "Option::is_none")]
         file: Option<&'a crate::store::FileRef>,
+    },
+    /// A voice message's transcript, now that message's content.
+    Transcript {
+        session_id: &'a str,
+        message_id: &'a str,
+        content: &'a str,
     },
     AdminJoined {
         session_id: &'a str,

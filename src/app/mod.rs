@@ -292,12 +292,14 @@ fn chat_shared(
     pool.spawn(notifier.clone().run())
         .map_err(|e| AppStartError::Pool(e.to_string()))?;
     let models = crate::llm::Models::new(config, pool).map_err(invalid)?;
+    let stt = crate::llm::stt::Stt::new(config, pool).map_err(invalid)?;
     let bus = cluster::start_bus(config, pool, mesh).map_err(AppStartError::Bus)?;
     Ok(ChatShared::new(
         config,
         store,
         keys,
         Arc::new(models),
+        Arc::new(stt),
         notifier,
         pool.clone(),
         bus,
