@@ -642,3 +642,65 @@ mod store {
         rt.shutdown_background();
     }
 }
+
+// ---- cluster mode: the owner node transcribes ----
+
+/// Two nodes on one bus and one store; the user is owned by node-0 and
+/// connects to node-1, whose frames go to node-0: the voice message is stored,
+/// transcribed and answered there, and every frame comes back through node-1.
+/// The audio is uploaded to node-0, which keeps it (shared file storage is
+/// another part of the work; until then a file lives on the node that took it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs nats-server and MongoDB: CHATBOX_TEST_NATS_SERVER, CHATBOX_TEST_MONGO_URI (see .ci/run)"]
+async fn in_a_cluster_the_owner_node_transcribes() {
+    use common::cluster::{user_owned_by, wait_metric};
+    let nats = common::nats::NatsServer::start();
+    let uri = std::env::var("CHATBOX_TEST_MONGO_URI").expect("CHATBOX_TEST_MONGO_URI");
+    let stt = FakeStt::start(vec![(200, r#"{"text":"Is anyone there?"}"#)]).await;
+    let db = format!("chatbox_voice_cluster_{:016x}", rand::random::<u64>());
+    let nodes: Vec<chatbox::ServerHandle> = (0..2)
+        .map(|i| {
+            start(chatbox::Config {
+                mongo_uri: Some(uri.clone()),
+                mongo_database: db.clone(),
+                nats_url: vec![nats.url()],
+                node_id: Some(format!("node-{i}")),
+                cluster_heartbeat_ms: 100,
+                cluster_member_timeout_ms: 10_000,
+                lease_ttl_ms: 20_000,
+                ..with_stt(config(), &stt)
+            })
+        })
+        .collect();
+    for node in &nodes {
+        wait_metric(node.local_addr(), "chatbox_cluster_members", 2).await;
+    }
+    let (owner, edge) = (nodes[0].local_addr(), nodes[1].local_addr());
+    let user = user_owned_by("node-0", &["node-1"]);
+    let audio = wav(700);
+    let fid = upload(owner, &user, "ping.wav", &audio).await["file_id"].clone();
+    let mut ws = connect_user(edge, &user).await;
+    send(
+        &mut ws,
+        json!({"type": "voice_message", "file_id": fid, "id": "c1"}),
+    )
+    .await;
+    let seen = frames_until(&mut ws, "ai_done").await;
+    let ks = kinds(&seen);
+    let at = |k: &str| ks.iter().position(|x| *x == k).unwrap_or(usize::MAX);
+    assert!(
+        at("ack") < at("transcript") && at("transcript") < at("ai_chunk"),
+        "{seen:?}"
+    );
+    let t = &seen[at("transcript")];
+    assert_eq!(t["content"], "Is anyone there?");
+    check_request(&stt.requests()[0], &audio, "ping.wav");
+    let sid = t["session_id"].as_str().unwrap().to_owned();
+    let h = history(edge, &user, &sid).await;
+    assert_eq!(h[0]["content"], "Is anyone there?");
+    assert_eq!(h[0]["file"]["file_id"], fid);
+    for node in nodes {
+        node.shutdown();
+        stop(node).await;
+    }
+}
