@@ -67,8 +67,16 @@ fn speech_tools() -> bool {
 /// `text` spoken by espeak-ng, converted by sox to 16 kHz mono 16-bit WAV (what
 /// a voice-note recorder would upload).
 fn speak(text: &str) -> Vec<u8> {
+    speak_as(text, "wav")
+}
+
+/// `text` spoken, converted by sox to the format of extension `ext`.
+fn speak_as(text: &str, ext: &str) -> Vec<u8> {
     let dir = tempfile::tempdir().unwrap();
-    let (raw, out) = (dir.path().join("raw.wav"), dir.path().join("voice.wav"));
+    let (raw, out) = (
+        dir.path().join("raw.wav"),
+        dir.path().join(format!("voice.{ext}")),
+    );
     let status = std::process::Command::new("espeak-ng")
         .arg("-w")
         .arg(&raw)
@@ -458,6 +466,61 @@ async fn audio_longer_than_allowed_is_refused_before_the_provider_is_asked() {
     send(&mut ws, m).await;
     assert_eq!(until(&mut ws, "transcript").await.0["content"], "never");
     assert_eq!(stt.requests().len(), 1, "the long audio was never sent");
+    server.shutdown();
+    stop(server).await;
+}
+
+/// Real Ogg Vorbis from sox: its length is read from the container, so a note
+/// over the limit never reaches the provider; one within it is sent as `.ogg`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spoken_ogg_notes_are_measured_before_they_are_sent() {
+    if !speech_tools() {
+        return;
+    }
+    let long = tokio::task::spawn_blocking(|| {
+        speak_as(
+            "I ordered a parcel last week and it has still not arrived, can you help me find it",
+            "ogg",
+        )
+    })
+    .await
+    .unwrap();
+    let short = tokio::task::spawn_blocking(|| speak_as("Hello", "ogg"))
+        .await
+        .unwrap();
+    let stt = FakeStt::start(vec![(200, r#"{"text":"Hello"}"#)]).await;
+    let cfg = chatbox::Config {
+        voice_seconds_max: 2,
+        ..with_stt(config(), &stt)
+    };
+    let server = start(cfg);
+    let addr = server.local_addr();
+    let up = upload(addr, "olga", "long.ogg", &long).await;
+    assert_eq!(up["mime"], "audio/ogg");
+    let mut ws = connect_user(addr, "olga").await;
+    send(
+        &mut ws,
+        json!({"type": "voice_message", "file_id": up["file_id"]}),
+    )
+    .await;
+    let seen = frames_until(&mut ws, "error").await;
+    let e = seen.last().unwrap();
+    assert_eq!(e["code"], "transcription_failed");
+    assert!(
+        e["message"].as_str().unwrap().contains("at most 2 s"),
+        "{e}"
+    );
+    let sid = seen[0]["session_id"].clone();
+    let fid = upload(addr, "olga", "hello.ogg", &short).await["file_id"].clone();
+    let m = json!({"type": "voice_message", "session_id": sid, "file_id": fid});
+    send(&mut ws, m).await;
+    assert_eq!(until(&mut ws, "transcript").await.0["content"], "Hello");
+    let requests = stt.requests();
+    assert_eq!(requests.len(), 1, "only the short note was sent");
+    let file = &parts(&requests[0].body)[1];
+    assert!(file.1.contains("filename=\"hello.ogg\""), "{}", file.1);
+    assert!(file.1.contains("Content-Type: audio/ogg"), "{}", file.1);
+    assert!(file.2 == short);
     server.shutdown();
     stop(server).await;
 }

@@ -399,7 +399,7 @@ declare_config! {
     stt_timeout_ms: u64 = 60_000, range(100, 600_000), unit "ms";
     /// Retries of a transcription that failed with 429, 5xx, a timeout or a broken connection (jittered backoff, or Retry-After).
     stt_max_retries: u32 = 2, range(0, 10), unit "retries";
-    /// Longest voice message transcribed, where its container says its duration (WAV, Ogg); longer ones fail with `transcription_failed` before the provider is asked.
+    /// Longest voice message transcribed, where its container says its duration (WAV, Ogg, MP3); longer ones fail with `transcription_failed` before the provider is asked.
     voice_seconds_max: u64 = 300, range(1, 3600), unit "s";
     /// Help requests are POSTed here (https, or http on loopback), signed with `notify_webhook_secret`.
     #[secret]

@@ -1,8 +1,9 @@
 //! What an audio file's container says about it: its duration, read from the
-//! headers alone (WAV's byte rate and data size; Ogg's last granule position),
-//! so that a voice message too long to transcribe is refused before any byte
-//! of it leaves the process. Formats whose duration needs decoding (MP3 without
-//! a header, WebM, MP4) say nothing here and are not refused by length.
+//! headers alone (WAV's byte rate and data size; Ogg's last granule position;
+//! MP3's Xing/Info frame count, or its constant bit rate), so that a voice
+//! message too long to transcribe is refused before any byte of it leaves the
+//! process. WebM and MP4 (whose duration sits in nested boxes) say nothing here
+//! and are not refused by length.
 
 /// Whether a stored type (as `infer` decided it) is the audio of a voice note.
 /// Browsers record WebM and MP4 containers, which `infer` names as video.
@@ -33,7 +34,55 @@ pub fn duration_ms(bytes: &[u8]) -> Option<u64> {
     if bytes.starts_with(b"OggS") {
         return ogg_ms(bytes);
     }
-    None
+    mp3_ms(bytes)
+}
+
+fn u32_be(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+/// MP3 (MPEG audio layer III), after an ID3v2 tag if there is one: the first
+/// frame's header gives the sample rate and bit rate; a Xing or Info header in
+/// that frame gives the frame count (variable bit rate), else the length
+/// follows from the constant bit rate.
+fn mp3_ms(b: &[u8]) -> Option<u64> {
+    let mut at = 0usize;
+    if b.starts_with(b"ID3") {
+        // A synchsafe size: 7 bits per byte; a footer adds 10 more bytes.
+        let size = b
+            .get(6..10)?
+            .iter()
+            .fold(0usize, |n, x| (n << 7) | usize::from(x & 0x7f));
+        let footer = if b.get(5)? & 0x10 != 0 { 10 } else { 0 };
+        at = 10 + size + footer;
+    }
+    let h = b.get(at..at + 4)?;
+    if h[0] != 0xff || h[1] & 0xe0 != 0xe0 || (h[1] >> 1) & 3 != 1 {
+        return None; // not a layer III frame header
+    }
+    let version = (h[1] >> 3) & 3; // 3: MPEG-1, 2: MPEG-2, 0: MPEG-2.5
+    const KBPS_V1: [u64; 15] = [
+        0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320,
+    ];
+    const KBPS_V2: [u64; 15] = [0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160];
+    let (rates, kbps, samples) = match version {
+        3 => ([44_100u64, 48_000, 32_000], KBPS_V1, 1152u64),
+        2 => ([22_050, 24_000, 16_000], KBPS_V2, 576),
+        0 => ([11_025, 12_000, 8_000], KBPS_V2, 576),
+        _ => return None,
+    };
+    let rate = *rates.get(usize::from((h[2] >> 2) & 3))?;
+    let kbps = *kbps.get(usize::from(h[2] >> 4))?;
+    // Xing (VBR) or Info (CBR) sits within the first frame's first bytes.
+    let first = b.get(at..b.len().min(at + 200))?;
+    if let Some(tag) = first.windows(4).position(|w| w == b"Xing" || w == b"Info") {
+        let flags = u32_be(first, tag + 4)?;
+        if flags & 1 != 0 {
+            let frames = u64::from(u32_be(first, tag + 8)?);
+            return Some(frames * samples * 1000 / rate);
+        }
+    }
+    (kbps > 0).then(|| (b.len() - at) as u64 * 8 / kbps)
 }
 
 fn u16_le(b: &[u8], at: usize) -> Option<u16> {
@@ -170,6 +219,33 @@ mod tests {
         assert_eq!(duration_ms(&vorbis), Some(3000));
         assert_eq!(duration_ms(b"OggS"), None);
         assert_eq!(duration_ms(b"ID3\x03 an mp3"), None);
+    }
+
+    /// An MPEG-1 layer III frame header: 128 kb/s, 44.1 kHz, mono.
+    const MP3_HEADER: [u8; 4] = [0xff, 0xfb, 0x90, 0xc4];
+
+    #[test]
+    fn mp3_durations_come_from_the_frame_count_or_the_bit_rate() {
+        // Constant bit rate after an ID3 tag: 128 kb/s is 16,000 bytes a second.
+        let mut cbr = b"ID3\x03\x00\x00\x00\x00\x00\x0a".to_vec();
+        cbr.extend_from_slice(&[0; 10]);
+        cbr.extend_from_slice(&MP3_HEADER);
+        cbr.resize(cbr.len() + 16_000 * 3 - 4, 0);
+        assert_eq!(duration_ms(&cbr), Some(3000));
+        // A Xing header's frame count: 1152 samples each at 44.1 kHz.
+        let mut vbr = MP3_HEADER.to_vec();
+        vbr.extend_from_slice(&[0; 17]);
+        vbr.extend_from_slice(b"Xing");
+        vbr.extend_from_slice(&1u32.to_be_bytes());
+        vbr.extend_from_slice(&383u32.to_be_bytes());
+        vbr.resize(2000, 0);
+        assert_eq!(duration_ms(&vbr), Some(383 * 1152 * 1000 / 44_100));
+        // Not a layer III header, or cut short: unknown.
+        assert_eq!(duration_ms(&[0xff, 0xfd, 0x90, 0xc4, 0, 0]), None);
+        for n in 0..30 {
+            let _ = duration_ms(&cbr[..n]);
+            let _ = duration_ms(&vbr[..n]);
+        }
     }
 
     #[test]
