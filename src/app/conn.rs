@@ -114,6 +114,7 @@ impl ChatConn {
                         received: std::time::Instant::now(),
                         file: None,
                         extra: Extra::from_frame(file_url, metadata),
+                        voice: None,
                     };
                     message::user_message(core, self.conn, user, session_id, msg)
                 }
@@ -174,26 +175,24 @@ impl ChatConn {
                 session_id,
                 file_id,
                 content,
-                voice: false,
+                voice,
             } => match core.shared.app.models.pick(None) {
                 Ok(model) => {
                     let msg = Pending {
                         id,
-                        content: content.unwrap_or_default(),
+                        // A voice message's content is its transcript, once made.
+                        content: content.filter(|_| !voice).unwrap_or_default(),
                         model,
                         received: std::time::Instant::now(),
                         file: None,
                         extra: None,
+                        voice: None,
                     };
-                    message::file_message(core, self.conn, user, session_id, &file_id, msg)
+                    let attach = message::Attach { file_id, voice };
+                    message::file_message(core, self.conn, user, session_id, attach, msg)
                 }
                 Err(why) => Some(error_frame(Code::InvalidMessage, &why, id.as_deref())),
             },
-            ClientFrame::FileMessage { voice: true, .. } => Some(error_frame(
-                Code::InvalidMessage,
-                "voice messages are not available yet",
-                id.as_deref(),
-            )),
         }
     }
 

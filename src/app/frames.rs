@@ -48,6 +48,8 @@ pub enum Code {
     /// `retry_after_ms`.
     Unavailable,
     Internal,
+    /// A voice message could not be transcribed; its audio stays attached.
+    TranscriptionFailed,
 }
 
 /// A client frame, validated.
@@ -72,7 +74,7 @@ pub enum ClientFrame {
         session_id: String,
     },
     /// `file_message` (an uploaded file, with an optional caption), or
-    /// `voice_message` (`voice`, not served yet).
+    /// `voice_message` (`voice`: an audio file, transcribed, no caption).
     FileMessage {
         session_id: Option<String>,
         file_id: String,
@@ -383,6 +385,12 @@ pub enum ServerFrame<'a> {
         /// `file_url` and `metadata`, as the user sent them.
         #[serde(flatten, skip_serializing_if = "Option::is_none")]
         extra: Option<&'a crate::app::chat::extra::Extra>,
+    },
+    /// A voice message's transcript, now that message's content.
+    Transcript {
+        session_id: &'a str,
+        message_id: &'a str,
+        content: &'a str,
     },
     AdminJoined {
         session_id: &'a str,

@@ -252,6 +252,7 @@ impl From<AppStartError> for StartError {
 pub fn check_config(config: &Config, dev: bool) -> Result<(), ConfigError> {
     let mut problems = config.problems(dev);
     problems.extend(crate::llm::validate(config));
+    problems.extend(crate::llm::stt::validate(config));
     problems.extend(crate::notify::validate(config));
     if problems.is_empty() {
         Ok(())
@@ -306,12 +307,14 @@ fn chat_shared(
     pool.spawn(notifier.clone().run())
         .map_err(|e| AppStartError::Pool(e.to_string()))?;
     let models = crate::llm::Models::new(config, pool).map_err(invalid)?;
+    let stt = crate::llm::stt::Stt::new(config, pool).map_err(invalid)?;
     let bus = cluster::start_bus(config, pool, mesh).map_err(AppStartError::Bus)?;
     Ok(ChatShared::new(
         config,
         store,
         keys,
         Arc::new(models),
+        Arc::new(stt),
         notifier,
         pool.clone(),
         bus,

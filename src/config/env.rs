@@ -10,7 +10,7 @@ use serde::Deserialize;
 use super::cidr::Cidr;
 use super::keys::KEYS;
 use super::models::{LlmSection, ModelConfig};
-use super::{IoDriver, LlmProvider, LogFormat};
+use super::{IoDriver, LlmProvider, LogFormat, SttProvider};
 
 /// Variables of the process rather than of a configuration key.
 const NOT_KEYS: &[&str] = &["CHATBOX_CONFIG"];
@@ -45,7 +45,7 @@ macro_rules! from_env_via_serde {
         }
     )*};
 }
-from_env_via_serde!(LlmProvider, IoDriver, LogFormat);
+from_env_via_serde!(LlmProvider, IoDriver, LogFormat, SttProvider);
 
 impl FromEnv for String {
     fn from_env(value: &str) -> Result<Self, String> {

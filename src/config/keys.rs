@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::cidr::Cidr;
 use super::env::FromEnv;
 use super::models::LlmSection;
-use super::{ConfigError, IoDriver, LlmProvider, LogFormat};
+use super::{ConfigError, IoDriver, LlmProvider, LogFormat, SttProvider};
 
 /// The upper bound of a key that only has a lower one.
 const NO_MAX: u64 = u64::MAX;
@@ -388,6 +388,21 @@ declare_config! {
     upload_quota_bytes: u64 = 100 * 1024 * 1024, unit "bytes";
     /// Time an upload or a file download may take in all, in place of http_request_timeout_ms (10 MiB on a slow mobile link takes minutes).
     file_transfer_timeout_ms: u64 = 300_000, range(10, NO_MAX), unit "ms";
+    /// Who transcribes voice messages: `openai` (an OpenAI-compatible `/v1/audio/transcriptions`: OpenAI, faster-whisper or whisper.cpp servers) or `demo` (offline).
+    stt_provider: SttProvider = SttProvider::Demo;
+    /// The transcription API's base (https, or http on loopback); requests go to `{stt_base_url}/v1/audio/transcriptions` (a base ending in `/v1` is not doubled). OpenAI's by default.
+    stt_base_url: Option<String> = None;
+    /// The transcription API's key, sent as `Authorization: Bearer`.
+    #[secret]
+    stt_api_key: Option<String> = None;
+    /// The transcription model the provider is asked for.
+    stt_model: String = "whisper-1".into();
+    /// How long one transcription request may take (sending the audio, waiting, reading the answer).
+    stt_timeout_ms: u64 = 60_000, range(100, 600_000), unit "ms";
+    /// Retries of a transcription that failed with 429, 5xx, a timeout or a broken connection (jittered backoff, or Retry-After).
+    stt_max_retries: u32 = 2, range(0, 10), unit "retries";
+    /// Longest voice message transcribed, where its container says its duration (WAV, Ogg, MP3); longer ones fail with `transcription_failed` before the provider is asked.
+    voice_seconds_max: u64 = 300, range(1, 3600), unit "s";
     /// Help requests are POSTed here (https, or http on loopback), signed with `notify_webhook_secret`.
     #[secret]
     notify_webhook_url: Option<String> = None;

@@ -82,6 +82,17 @@ pub enum LlmProvider {
     Anthropic,
 }
 
+/// The speech-to-text provider that transcribes voice messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SttProvider {
+    /// Offline: a transcript that says what it heard (duration, size), no network.
+    Demo,
+    /// OpenAI-compatible `/v1/audio/transcriptions` (OpenAI, faster-whisper and
+    /// whisper.cpp servers).
+    Openai,
+}
+
 /// Which I/O driver the cores run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]

@@ -8,9 +8,12 @@
 //! after it the user has already seen text; then the fallback model, if any.
 
 pub mod anthropic;
+pub mod audio;
 pub mod demo;
 pub mod openai;
+pub mod retry;
 pub mod sse;
+pub mod stt;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -21,13 +24,12 @@ use crate::config::{Config, LlmProvider};
 // depends on nothing else, and is re-exported here where it is used.
 pub use crate::config::{LlmSection, ModelConfig};
 use crate::pool::BlockingPool;
+use retry::{backoff, retry_after, status_kind};
 
 /// Events the stream's channel holds before the provider task waits for the core.
 const STREAM_QUEUE_EVENTS: usize = 64;
 /// Longest error body kept for the log.
 const ERROR_BODY_BYTES_MAX: usize = 2048;
-/// Longest wait between retries, whatever Retry-After says.
-const RETRY_WAIT_MAX: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TurnRole {
@@ -173,7 +175,7 @@ impl ErrorKind {
     pub fn label(self) -> &'static str {
         crate::metrics::LLM_ERROR_LABELS[self.index()]
     }
-    fn retryable(self) -> bool {
+    pub(crate) fn retryable(self) -> bool {
         matches!(
             self,
             ErrorKind::Connect
@@ -596,15 +598,6 @@ async fn run(
     }
 }
 
-/// Exponential backoff with full jitter, or what Retry-After asked for.
-fn backoff(attempt: u32, retry_after: Option<Duration>) -> Duration {
-    const FIRST_WAIT: Duration = Duration::from_millis(200);
-    match retry_after {
-        Some(wait) => wait.min(RETRY_WAIT_MAX),
-        None => crate::clock::backoff(FIRST_WAIT, attempt.min(6), RETRY_WAIT_MAX),
-    }
-}
-
 /// When an attempt must have its first token, and when its last.
 struct Deadlines {
     first: tokio::time::Instant,
@@ -683,11 +676,7 @@ async fn open_stream(
     };
     let status = resp.status();
     if !status.is_success() {
-        let retry_after = resp
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+        let retry_after = retry_after(resp.headers());
         let mut body = Vec::new();
         while let Ok(Ok(Some(c))) = tokio::time::timeout_at(first_deadline, resp.chunk()).await {
             body.extend_from_slice(&c);
@@ -696,11 +685,7 @@ async fn open_stream(
             }
         }
         body.truncate(ERROR_BODY_BYTES_MAX);
-        let kind = match status.as_u16() {
-            429 => ErrorKind::RateLimited,
-            500..=599 => ErrorKind::ServerError,
-            _ => ErrorKind::ClientError,
-        };
+        let kind = status_kind(status);
         let detail = format!("HTTP {status}: {}", String::from_utf8_lossy(&body));
         return Err(AttemptError {
             kind,

@@ -1,5 +1,6 @@
 //! Unit tests of the provider task's retry policy.
 
+use super::retry::RETRY_WAIT_MAX;
 use super::*;
 
 #[test]

@@ -44,6 +44,7 @@ pub enum Op {
     Ping,
     Lease,
     PutFile,
+    SetContent,
     ReadFile,
 }
 
@@ -76,6 +77,7 @@ impl Op {
             Op::Ping => "ping",
             Op::Lease => "user lease",
             Op::PutFile => "record file",
+            Op::SetContent => "set message content",
             Op::ReadFile => "read file record",
         }
     }
@@ -99,6 +101,7 @@ impl WriteOp {
             WriteOp::DeleteUser { .. } => Op::DeleteUser,
             WriteOp::DropEmptySession { .. } => Op::DropEmptySession,
             WriteOp::PutFile(_) => Op::PutFile,
+            WriteOp::SetContent { .. } => Op::SetContent,
             WriteOp::Enqueue { .. } => Op::Enqueue,
             WriteOp::Delivered { .. } => Op::Delivered,
             WriteOp::DeliveryFailed { .. } => Op::DeliveryFailed,

@@ -243,6 +243,14 @@ pub enum WriteOp {
     DropEmptySession { session_id: String },
     /// Records an uploaded file (its bytes are already in the file store).
     PutFile(FileRecord),
+    /// Replaces a stored message's content (a voice message's transcript),
+    /// sealed again at the message's own place. A message that is not stored
+    /// (deleted with its user meanwhile) changes nothing.
+    SetContent {
+        session_id: String,
+        message_id: String,
+        sealed: Sealed,
+    },
     /// Queues a notification in the durable outbox.
     Enqueue {
         kind: String,

@@ -25,6 +25,14 @@ pub fn perform(core: &Rc<Core>, sid: &Arc<str>, actor: &str, effects: Vec<Effect
                 };
                 write_state(core, sid, op);
             }
+            Effect::SetContent { message_id, sealed } => {
+                let op = WriteOp::SetContent {
+                    session_id: sid.to_string(),
+                    message_id: message_id.to_string(),
+                    sealed,
+                };
+                write_state(core, sid, op);
+            }
             Effect::Send(targets, frame) => {
                 let frame: Arc<str> = frame.into();
                 for to in targets {
@@ -92,7 +100,8 @@ fn record_state(core: &Rc<Core>, sid: &Arc<str>, state: State, actor: &str, acti
     write_state(core, sid, op);
 }
 
-/// Writes a state change in the background; a failure is counted and logged.
+/// Writes a state change (or a transcript) in the background; a failure is
+/// counted and logged.
 fn write_state(core: &Rc<Core>, sid: &Arc<str>, op: WriteOp) {
     let user = core
         .app
@@ -113,7 +122,7 @@ fn write_state(core: &Rc<Core>, sid: &Arc<str>, op: WriteOp) {
         async move {
             if let Err(e) = write.await {
                 core.metrics().store_errors.inc();
-                tracing::error!(session = %sid, error = %e, "recording a session state failed");
+                tracing::error!(session = %sid, error = %e, "recording a session change failed");
             }
         },
         |_| {},

@@ -12,9 +12,10 @@ use super::{answer, forbidden, with_session};
 use crate::app::frames::{error_frame, Code, ServerFrame, Usage};
 use crate::app::Core;
 use crate::clock::{new_id, now_ms};
+use crate::llm::audio::is_audio;
 use crate::llm::{ModelSpec, TurnRole};
 use crate::runtime::ConnId;
-use crate::store::{FileRef, Role, SessionRecord, StoreError, WriteOp, WriteOutcome};
+use crate::store::{FileRecord, FileRef, Role, SessionRecord, StoreError, WriteOp, WriteOutcome};
 
 /// When a client whose message met a full storage queue should send it again.
 const STORE_RETRY_AFTER_MS: u64 = 1000;
@@ -32,6 +33,15 @@ pub struct Pending {
     pub file: Option<FileRef>,
     /// What else the user sent with it (`file_url`, `metadata`).
     pub extra: Option<Extra>,
+    /// A `voice_message`'s audio: transcribed once the message is stored.
+    pub voice: Option<FileRecord>,
+}
+
+/// What a `file_message` or `voice_message` names.
+pub struct Attach {
+    pub file_id: String,
+    /// A `voice_message`: the file must be audio, and is transcribed.
+    pub voice: bool,
 }
 
 /// What the model is told of a message with a file: a short description (the
@@ -67,26 +77,35 @@ fn rate_limited(core: &Core, user: &Arc<str>, msg: &Pending, sid: Option<&str>) 
     Some(frame.to_json())
 }
 
-/// Handles a `file_message`: the rate limit first, then the file, which must be
-/// one this user uploaded (anyone else's is `not_found`, as a missing one is),
-/// then the message goes on as a user message carrying it.
+/// Handles a `file_message` or `voice_message`: the rate limit first, then the
+/// file, which must be one this user uploaded (anyone else's is `not_found`, as
+/// a missing one is) and, for a voice message, audio; then the message goes on
+/// as a user message carrying it.
 pub fn file_message(
     core: &Rc<Core>,
     conn: ConnId,
     user: &Arc<str>,
     session_id: Option<String>,
-    file_id: &str,
+    attach: Attach,
     mut msg: Pending,
 ) -> Option<String> {
     if let Some(refused) = rate_limited(core, user, &msg, session_id.as_deref()) {
         return Some(refused);
     }
-    let read = core.shared.app.store.file(file_id);
+    let read = core.shared.app.store.file(&attach.file_id);
     let (c, user) = (core.clone(), user.clone());
     let task = async move {
         let reply_now = match read.await {
+            Ok(Some(rec)) if *rec.owner == *user && attach.voice && !is_audio(&rec.mime) => {
+                let why = format!(
+                    "a voice_message needs an audio file; this file is {}: send it as a file_message",
+                    rec.mime
+                );
+                Some(error_frame(Code::InvalidMessage, &why, msg.id.as_deref()))
+            }
             Ok(Some(rec)) if *rec.owner == *user => {
                 msg.file = Some(rec.to_ref());
+                msg.voice = attach.voice.then_some(rec);
                 accepted(&c, conn, &user, session_id, msg)
             }
             Ok(_) => Some(error_frame(
@@ -211,6 +230,7 @@ fn append(
         };
         (s.record(sid, new, &shared.keys, now), s.created_at)
     };
+    let seq = record.seq;
     let session = new_session.then(|| SessionRecord {
         id: sid.to_string(),
         user_id: user.to_string(),
@@ -238,6 +258,7 @@ fn append(
         conn,
         user: user.clone(),
         message_id,
+        seq,
         new_session,
     };
     let task = after_write(core.clone(), written, msg, write);
@@ -250,6 +271,8 @@ struct Written {
     conn: ConnId,
     user: Arc<str>,
     message_id: Arc<str>,
+    /// Its place in the session (a transcript is sealed at it again).
+    seq: u64,
     /// The message opened `sid`: a resend found elsewhere leaves it empty.
     new_session: bool,
 }
@@ -270,7 +293,7 @@ async fn after_write(core: Rc<Core>, w: Written, msg: Pending, write: super::lea
                 }
                 acked_again(&core, w.conn, msg.id.as_deref(), session_id, message_id)
             }
-            _ => stored(&core, &w.sid, &w.user, &w.message_id, msg),
+            _ => stored(&core, &w, msg),
         },
         Err(e) => not_stored(&core, &w.sid, w.conn, msg.id.as_deref(), e),
     }
@@ -304,7 +327,8 @@ fn acked_again(core: &Core, conn: ConnId, id: Option<&str>, sid: &str, message_i
 
 /// The message is durable: everyone in the session gets the ack, admins see
 /// what the user wrote, and the AI answers unless a human has the session.
-fn stored(core: &Rc<Core>, sid: &Arc<str>, user: &str, message_id: &str, msg: Pending) {
+fn stored(core: &Rc<Core>, w: &Written, msg: Pending) {
+    let (sid, user, message_id) = (&w.sid, &*w.user, &*w.message_id);
     core.metrics().acks.inc();
     core.metrics().ack_latency.observe(msg.received.elapsed());
     let ack = ServerFrame::Ack {
@@ -314,13 +338,17 @@ fn stored(core: &Rc<Core>, sid: &Arc<str>, user: &str, message_id: &str, msg: Pe
         duplicate: false,
     };
     push_session(core, sid, ack.to_json());
-    let told = match &msg.file {
-        Some(f) => describe(f, &msg.content),
-        None => msg.content.clone(),
+    // The model is told a voice message's transcript once there is one.
+    let told = match (&msg.voice, &msg.file) {
+        (Some(_), _) => None,
+        (None, Some(f)) => Some(describe(f, &msg.content)),
+        (None, None) => Some(msg.content.clone()),
     };
     let (human, admins) = match core.app.sessions.borrow_mut().get_mut(sid) {
         Some(s) => {
-            s.remember(TurnRole::User, told.into(), core.shared.app.context);
+            if let Some(told) = told {
+                s.remember(TurnRole::User, told.into(), core.shared.app.context);
+            }
             let admins: Vec<(usize, ConnId)> = s.admin_conns().collect();
             (s.state == State::Human, admins)
         }
@@ -340,6 +368,17 @@ fn stored(core: &Rc<Core>, sid: &Arc<str>, user: &str, message_id: &str, msg: Pe
         for (owner, conn) in admins {
             deliver(core, Target::Remote(owner, conn), relay.clone());
         }
+    }
+    if let Some(audio) = msg.voice {
+        let voice = super::voice::Voice {
+            sid: sid.clone(),
+            user: w.user.clone(),
+            message_id: w.message_id.clone(),
+            seq: w.seq,
+            audio,
+            model: msg.model,
+        };
+        return super::voice::transcribe(core, voice);
     }
     // While a human has the session, the AI stays silent.
     if !human {

@@ -7,6 +7,7 @@
 //! - [`answer`]: the model's streamed answer, stored when it ends.
 //! - [`resume`]: history and the missed chunks of a running answer.
 //! - [`takeover`]: admins joining, writing in and leaving a session; help requests.
+//! - [`voice`]: a voice message's transcription, after its ack.
 //!
 //! A session lives on the core of its user (every connection of that user is
 //! there), so its state is plain `RefCell` data. Borrows never cross an `.await`:
@@ -20,6 +21,7 @@ pub mod message;
 pub mod resume;
 pub mod session;
 pub mod takeover;
+pub mod voice;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -71,6 +73,8 @@ pub struct ChatShared {
     pub answer_bytes_max: usize,
     pub demo_chunk_delay: Duration,
     pub models: Arc<Models>,
+    /// Speech-to-text for voice messages.
+    pub stt: Arc<crate::llm::stt::Stt>,
     pub context: ContextLimits,
     /// How long an answer outlives the user's last connection.
     pub grace: Duration,
@@ -89,11 +93,14 @@ pub struct ChatShared {
 }
 
 impl ChatShared {
+    // Each argument is a service opened (and checked) once at start-up.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: &Config,
         store: Arc<dyn Store>,
         keys: KeyRing,
         models: Arc<Models>,
+        stt: Arc<crate::llm::stt::Stt>,
         notifier: Arc<Notifier>,
         pool: BlockingPool,
         bus: Option<crate::runtime::bus::Bus>,
@@ -117,6 +124,7 @@ impl ChatShared {
             answer_bytes_max: config.answer_bytes_max,
             demo_chunk_delay: Duration::from_millis(config.demo_chunk_delay_ms),
             models: models.clone(),
+            stt,
             context: ContextLimits {
                 messages_max: config.llm_context_messages_max,
                 chars_max: config.llm_context_chars_max,

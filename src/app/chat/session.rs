@@ -49,6 +49,39 @@ pub enum Effect {
     /// Persist that the session ended for idleness, only if the stored session
     /// saw no activity since `idle_before` and has not ended (audit `ended_idle`).
     EndIdle { idle_before: Millis },
+    /// Persist a message's new content (a voice message's transcript), sealed
+    /// at the message's place.
+    SetContent {
+        message_id: Arc<str>,
+        sealed: crate::crypto::Sealed,
+    },
+}
+
+/// Seals a user's message text at its place in session `sid`: what a voice
+/// message's transcript is stored as, where its empty content was.
+pub fn seal_user_text(
+    keys: &KeyRing,
+    sid: &str,
+    message_id: &str,
+    user: &str,
+    seq: u64,
+    text: &str,
+) -> crate::crypto::Sealed {
+    let place = crate::crypto::Place {
+        session_id: sid,
+        message_id,
+        role: Role::User.as_str(),
+        author: user,
+        seq,
+    };
+    keys.seal(&place, text)
+}
+
+/// A voice message whose transcript is awaited: where it is stored.
+pub struct VoicePlace<'a> {
+    pub sid: &'a str,
+    pub message_id: &'a Arc<str>,
+    pub seq: u64,
 }
 
 /// Cancels an answer; the answer task waits on it between chunks.
@@ -239,6 +272,51 @@ impl Session {
             file: msg.file,
             extra: msg.extra.map(|e| e.seal(keys, &place)),
         }
+    }
+
+    /// A voice message's transcript is ready: everyone in the session sees it
+    /// (`transcript`), it becomes the message's stored content, and the model is
+    /// told it. Returns the effects and whether the AI answers it (not while a
+    /// human has the session, nor once it ended).
+    pub fn transcribed(
+        &mut self,
+        at: VoicePlace<'_>,
+        text: &str,
+        keys: &KeyRing,
+        limits: ContextLimits,
+    ) -> (Vec<Effect>, bool) {
+        let frame = ServerFrame::Transcript {
+            session_id: at.sid,
+            message_id: at.message_id,
+            content: text,
+        }
+        .to_json();
+        let sealed = seal_user_text(keys, at.sid, at.message_id, &self.user_id, at.seq, text);
+        self.remember(TurnRole::User, text.into(), limits);
+        let effects = vec![
+            Effect::Send(self.everyone(), frame),
+            Effect::SetContent {
+                message_id: at.message_id.clone(),
+                sealed,
+            },
+        ];
+        (effects, !matches!(self.state, State::Human | State::Ended))
+    }
+
+    /// A voice message could not be transcribed: one `transcription_failed` to
+    /// the user's connections here; the message keeps its audio and no answer
+    /// follows.
+    pub fn transcription_failed(&self, sid: &str, message: &str) -> Vec<Effect> {
+        let frame = ServerFrame::Error {
+            code: Code::TranscriptionFailed,
+            message,
+            id: None,
+            session_id: Some(sid),
+            retry_after_ms: None,
+        }
+        .to_json();
+        let to = self.attached.iter().map(|&c| Target::Local(c)).collect();
+        vec![Effect::Send(to, frame)]
     }
 
     /// The answer still streaming, if any.

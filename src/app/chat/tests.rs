@@ -309,3 +309,62 @@ fn loading_a_session_back_counts_against_the_per_user_bound() {
     );
     assert!(super::make_room(&mut chat.sessions.borrow_mut(), &"v".into(), 1).is_ok());
 }
+
+#[test]
+fn a_transcript_is_shown_stored_at_its_place_told_and_answered_unless_a_human_has_it() {
+    use super::session::{ContextLimits, VoicePlace};
+    use crate::store::Role;
+    let keys = crate::crypto::KeyRing::new(&"11".repeat(32), &[]).unwrap();
+    let limits = ContextLimits {
+        messages_max: 10,
+        chars_max: 1000,
+    };
+    let mut s = session("u", 0, vec![3]);
+    let mid: Arc<str> = "m1".into();
+    let at = || VoicePlace {
+        sid: "s",
+        message_id: &mid,
+        seq: 4,
+    };
+    let (effects, answer) = s.transcribed(at(), "where is my parcel", &keys, limits);
+    assert!(answer);
+    match &effects[..] {
+        [Effect::Send(to, frame), Effect::SetContent { message_id, sealed }] => {
+            assert_eq!(to, &[Target::Local(3)]);
+            let f: serde_json::Value = serde_json::from_str(frame).unwrap();
+            assert_eq!(
+                f,
+                serde_json::json!({"type": "transcript", "session_id": "s", "message_id": "m1", "content": "where is my parcel"})
+            );
+            assert_eq!(&**message_id, "m1");
+            let place = crate::crypto::Place {
+                session_id: "s",
+                message_id: "m1",
+                role: Role::User.as_str(),
+                author: "u",
+                seq: 4,
+            };
+            assert_eq!(keys.open(&place, sealed).unwrap(), "where is my parcel");
+        }
+        _ => panic!("unexpected effects"),
+    }
+    let (turns, _) = s.begin_answer("a1".into(), Rc::new(CancelFlag::default()));
+    assert_eq!(&*turns.last().unwrap().text, "where is my parcel");
+    s.state = State::Human;
+    assert!(
+        !s.transcribed(at(), "hello", &keys, limits).1,
+        "a human has it"
+    );
+
+    let failed = s.transcription_failed("s", "too long");
+    match &failed[..] {
+        [Effect::Send(to, frame)] => {
+            assert_eq!(to, &[Target::Local(3)], "the user's connections only");
+            let f: serde_json::Value = serde_json::from_str(frame).unwrap();
+            assert_eq!(f["code"], "transcription_failed");
+            assert_eq!(f["session_id"], "s");
+            assert_eq!(f["message"], "too long");
+        }
+        _ => panic!("one error"),
+    }
+}

@@ -412,6 +412,18 @@ async fn apply(
             let empty = doc! {"_id": session_id, "message_count": 0i64};
             c.sessions.delete_one(empty).session(&mut *s).await?;
         }
+        WriteOp::SetContent {
+            session_id,
+            message_id,
+            sealed,
+        } => {
+            let set = doc! {"$set": {
+                "key_id": i64::from(sealed.key_id), "nonce": binary(&sealed.nonce),
+                "ciphertext": binary(&sealed.ciphertext), "aad_version": i32::from(sealed.version),
+            }};
+            let one = doc! {"_id": message_id, "session_id": session_id};
+            c.messages.update_one(one, set).session(&mut *s).await?;
+        }
         WriteOp::PutFile(f) => {
             let mut d = doc! {
                 "_id": &f.file_id, "owner": &f.owner, "mime": &f.mime, "size": i64_of(f.size),

@@ -250,6 +250,26 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<WriteOutcome, rusqlite::Erro
             )?;
             Ok(WriteOutcome::Done)
         }
+        WriteOp::SetContent {
+            session_id,
+            message_id,
+            sealed,
+        } => {
+            exec(
+                conn,
+                "UPDATE messages SET key_id = ?3, nonce = ?4, ciphertext = ?5, aad_version = ?6
+                 WHERE session_id = ?1 AND message_id = ?2",
+                params![
+                    session_id,
+                    message_id,
+                    sealed.key_id,
+                    &sealed.nonce[..],
+                    sealed.ciphertext,
+                    sealed.version
+                ],
+            )?;
+            Ok(WriteOutcome::Done)
+        }
         WriteOp::PutFile(f) => {
             exec(
                 conn,
