@@ -231,17 +231,7 @@ fn append(
         (s.record(sid, new, &shared.keys, now), s.created_at)
     };
     let seq = record.seq;
-    let session = new_session.then(|| SessionRecord {
-        id: sid.to_string(),
-        user_id: user.to_string(),
-        created_at,
-        last_activity: now,
-        state: State::Ai,
-        message_count: 0,
-        tokens_in: 0,
-        tokens_out: 0,
-        ended_at: None,
-    });
+    let session = new_session.then(|| fresh_session(sid, user, created_at, now));
     // A new session and its first message commit together, or neither does.
     let ops = session
         .map(WriteOp::CreateSession)
@@ -263,6 +253,21 @@ fn append(
     };
     let task = after_write(core.clone(), written, msg, write);
     super::spawn(core, sid, "store_reply", task, |_| {});
+}
+
+/// The record of a session created by its first message.
+fn fresh_session(sid: &str, user: &str, created_at: i64, now: i64) -> SessionRecord {
+    SessionRecord {
+        id: sid.to_owned(),
+        user_id: user.to_owned(),
+        created_at,
+        last_activity: now,
+        state: State::Ai,
+        message_count: 0,
+        tokens_in: 0,
+        tokens_out: 0,
+        ended_at: None,
+    }
 }
 
 /// What a submitted user message was written as.
