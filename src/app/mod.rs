@@ -212,6 +212,8 @@ pub enum AppStartError {
     Bus(#[source] crate::runtime::bus::BusError),
     #[error("cannot start the notifier: {0}")]
     Pool(String),
+    #[error("cannot open file storage")]
+    Files(#[source] crate::store::files::FileStoreError),
     #[error("cannot create the data directory {dir}")]
     DataDir {
         dir: std::path::PathBuf,
@@ -292,6 +294,8 @@ fn chat_shared(
         .map_err(|e| AppStartError::Pool(e.to_string()))?;
     let models = crate::llm::Models::new(config, pool).map_err(invalid)?;
     let bus = cluster::start_bus(config, pool, mesh).map_err(AppStartError::Bus)?;
+    let files =
+        crate::store::files::FileStores::open(config, pool).map_err(AppStartError::Files)?;
     Ok(ChatShared::new(
         config,
         store,
@@ -300,6 +304,7 @@ fn chat_shared(
         notifier,
         pool.clone(),
         bus,
+        files,
     ))
 }
 

@@ -386,6 +386,21 @@ declare_config! {
     upload_rate_limit_per_minute: u32 = 30, range(1, 1_000_000), unit "uploads/min";
     /// Bytes of uploaded files one user may keep stored; an upload past it is 413 `quota_exceeded` (0: no quota).
     upload_quota_bytes: u64 = 100 * 1024 * 1024, unit "bytes";
+    /// Where sealed upload bytes live: `local` (under `data_dir`), `s3` (an S3-compatible bucket) or `gridfs` (MongoDB GridFS in `mongo_database`); cluster mode needs `s3` or `gridfs`.
+    file_store: Option<String> = None,
+        derived "s3 when s3_bucket is set, else gridfs in cluster mode (nats_url and mongo_uri set), else local";
+    /// The S3-compatible API's base URL (https, or http on loopback), e.g. a MinIO or Ceph gateway; unset: AWS S3 in `s3_region`.
+    s3_endpoint: Option<String> = None;
+    /// The bucket uploads are stored in (it must exist); set, `file_store` defaults to `s3`.
+    s3_bucket: Option<String> = None;
+    /// The bucket's region (signing needs one even where the server ignores it).
+    s3_region: String = "us-east-1".into();
+    /// Access key id for the bucket; unset (with the secret unset too), credentials come from the EC2/ECS instance metadata service.
+    #[secret]
+    s3_access_key_id: Option<String> = None;
+    /// Secret access key for the bucket (with `s3_access_key_id`).
+    #[secret]
+    s3_secret_access_key: Option<String> = None;
     /// Help requests are POSTed here (https, or http on loopback), signed with `notify_webhook_secret`.
     #[secret]
     notify_webhook_url: Option<String> = None;
