@@ -164,7 +164,7 @@ async fn gridfs_holds_sealed_uploads_read_by_ranges() {
     let addr = server.local_addr();
     let doc = pdf(6 * 1024 * 1024);
     let id = round_trip(&cfg, addr, "gus", &doc).await;
-    assert_eq!(stores::ids_at_rest(&cfg).await, [id.clone()]);
+    assert_eq!(stores::ids_at_rest(&cfg).await, std::slice::from_ref(&id));
     let (status, _) = admin_call(addr, "DELETE", "/users/gus", &admin()).await;
     assert_eq!(status, 200);
     assert!(

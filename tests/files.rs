@@ -442,7 +442,7 @@ async fn files_are_encrypted_at_rest_and_recorded() {
     // Read where the bytes rest (the data directory, the bucket with a plain
     // GET, the GridFS chunks), without the server.
     let stored = stores::ids_at_rest(&cfg).await;
-    assert_eq!(stored, [id.clone()]);
+    assert_eq!(stored, std::slice::from_ref(&id));
     let bytes = stores::at_rest(&cfg, &id).await.expect("the object");
     assert!(
         bytes.len() > doc.len(),

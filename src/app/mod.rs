@@ -296,7 +296,7 @@ fn chat_shared(
     let bus = cluster::start_bus(config, pool, mesh).map_err(AppStartError::Bus)?;
     let files =
         crate::store::files::FileStores::open(config, pool).map_err(AppStartError::Files)?;
-    Ok(ChatShared::new(
+    let mut shared = ChatShared::new(
         config,
         store,
         keys,
@@ -304,8 +304,9 @@ fn chat_shared(
         notifier,
         pool.clone(),
         bus,
-        files,
-    ))
+    );
+    shared.files.stores = files;
+    Ok(shared)
 }
 
 /// Creates the embedded store's directory readable by its owner only (0700)

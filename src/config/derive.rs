@@ -387,4 +387,40 @@ mod tests {
         );
         assert_eq!(c.notify_smtp_port, 2465);
     }
+
+    #[test]
+    fn the_file_store_follows_the_bucket_and_cluster_mode_unless_set() {
+        let cluster = Config {
+            nats_url: vec!["nats://127.0.0.1:4222".into()],
+            mongo_uri: Some("mongodb://127.0.0.1".into()),
+            ..Config::default()
+        };
+        let (c, notes) = derived(&["nats_url", "mongo_uri"], cluster.clone());
+        assert_eq!(c.file_store.as_deref(), Some("gridfs"));
+        assert!(
+            notes.iter().any(|n| n.contains("file_store = gridfs")),
+            "{notes:?}"
+        );
+        let bucket = Config {
+            s3_bucket: Some("files".into()),
+            ..cluster.clone()
+        };
+        let (c, _) = derived(&["s3_bucket"], bucket);
+        assert_eq!(c.file_store_choice(), ("s3", "s3_bucket"));
+        let (c, notes) = derived(&[], Config::default());
+        assert_eq!(c.file_store.as_deref(), Some("local"));
+        assert!(notes.is_empty(), "{notes:?}");
+        // Set against cluster mode: kept, and refused by validation.
+        let local = Config {
+            file_store: Some("local".into()),
+            ..cluster
+        };
+        let (c, _) = derived(&["file_store"], local);
+        assert_eq!(c.file_store_choice(), ("local", "set by file_store"));
+        let e = c.validate(true).unwrap_err().to_string();
+        assert!(
+            e.contains("cluster mode needs shared file storage (s3 or gridfs)"),
+            "{e}"
+        );
+    }
 }

@@ -96,12 +96,12 @@ impl ChatShared {
         notifier: Arc<Notifier>,
         pool: BlockingPool,
         bus: Option<crate::runtime::bus::Bus>,
-        files: crate::store::files::FileStores,
     ) -> ChatShared {
         ChatShared {
             store,
             keys: Arc::new(keys),
-            files: crate::app::files::Files::new(config, files),
+            // The stores are opened by the caller (they may fail start-up).
+            files: crate::app::files::Files::new(config, Default::default()),
             limits: frames::Limits {
                 content_chars_max: config.content_chars_max,
                 metadata_bytes_max: config.metadata_bytes_max,
