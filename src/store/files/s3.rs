@@ -44,9 +44,17 @@ impl S3Files {
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "s3_bucket is not set"))?;
         // The HTTP client is created inside the runtime it will run on.
         let _in_pool = pool.enter();
+        // A request that fails is retried for up to 30 s (object_store's default
+        // is 3 minutes): each call holds a blocking thread of the pool meanwhile.
+        let retry = object_store::RetryConfig {
+            max_retries: 4,
+            retry_timeout: std::time::Duration::from_secs(30),
+            ..Default::default()
+        };
         let mut b = AmazonS3Builder::new()
             .with_bucket_name(bucket)
-            .with_region(&config.s3_region);
+            .with_region(&config.s3_region)
+            .with_retry(retry);
         if let Some(endpoint) = &config.s3_endpoint {
             // Validation allowed plain http only to loopback.
             b = b
