@@ -139,6 +139,7 @@ fn main() -> ExitCode {
             config.max_connections_per_user,
             models.join(", ")
         );
+        println!("{}", files_line(&config));
         return ExitCode::SUCCESS;
     }
     if cli.dev {
@@ -155,6 +156,26 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// What `--check-config` says of file storage: the store, where, and what chose it.
+fn files_line(config: &Config) -> String {
+    let (store, why) = config.file_store_choice();
+    let place = match store {
+        "s3" => format!(
+            "bucket {} at {}",
+            config.s3_bucket.as_deref().unwrap_or_default(),
+            // The origin only: a URL may carry a user and password.
+            config
+                .s3_endpoint
+                .as_deref()
+                .and_then(|e| url::Url::parse(e).ok())
+                .map_or("AWS S3".into(), |u| u.origin().ascii_serialization())
+        ),
+        "gridfs" => format!("GridFS in database {}", config.mongo_database),
+        _ => config.data_dir.join("files").display().to_string(),
+    };
+    format!("files: {store} ({place}), chosen by {why}")
 }
 
 /// Loads and checks the configuration, starting the log on the way (its format is

@@ -599,3 +599,81 @@ async fn copy_embedded_to_mongodb_and_back_with_the_counts() {
     assert!(out.contains("copied 2 sessions (6 messages,"), "{out}");
     resumed(&to_dir, &made).await;
 }
+
+/// Cluster mode needs files every node can read: `file_store = local` is
+/// refused; left unset, the store follows the configuration and `--check-config`
+/// says which it chose and why, without printing the bucket's credentials.
+#[test]
+fn cluster_mode_needs_shared_file_storage_and_check_config_explains_the_choice() {
+    let base = || {
+        let mut c = chatbox();
+        c.arg("--check-config")
+            .env("CHATBOX_JWT_SECRET", SECRET)
+            .env("CHATBOX_ENCRYPTION_KEY", KEY)
+            .env("CHATBOX_DATA_DIR", temp_dir());
+        c
+    };
+    let cluster = |c: &mut Command| {
+        c.env("CHATBOX_NATS_URL", "nats://127.0.0.1:4222")
+            .env("CHATBOX_MONGO_URI", "mongodb://127.0.0.1:27017");
+    };
+    let mut c = base();
+    cluster(&mut c);
+    let (code, _, err) = run(c.env("CHATBOX_FILE_STORE", "local"));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("cluster mode needs shared file storage (s3 or gridfs)"),
+        "{err}"
+    );
+
+    let mut c = base();
+    cluster(&mut c);
+    let (code, out, err) = run(&mut c);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains(
+            "files: gridfs (GridFS in database chatbox), chosen by nats_url and mongo_uri"
+        ),
+        "{out}"
+    );
+
+    let access = "AKIDEXAMPLEKEYID0001";
+    let secret = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY";
+    let s3 = |c: &mut Command| {
+        c.env("CHATBOX_S3_BUCKET", "chatbox-files")
+            .env("CHATBOX_S3_ENDPOINT", "http://127.0.0.1:9000")
+            .env("CHATBOX_S3_ACCESS_KEY_ID", access)
+            .env("CHATBOX_S3_SECRET_ACCESS_KEY", secret);
+    };
+    let mut c = base();
+    cluster(&mut c);
+    s3(&mut c);
+    let (code, out, err) = run(&mut c);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains(
+            "files: s3 (bucket chatbox-files at http://127.0.0.1:9000), chosen by s3_bucket"
+        ),
+        "{out}"
+    );
+    assert!(
+        !out.contains(secret) && !err.contains(secret) && !out.contains(access),
+        "credentials printed:\n{out}\n{err}"
+    );
+
+    // A bucket elsewhere must be reached over https; GridFS needs MongoDB.
+    let mut c = base();
+    s3(&mut c);
+    let (code, _, err) = run(c.env("CHATBOX_S3_ENDPOINT", "http://s3.example.com"));
+    assert_eq!(code, Some(2));
+    assert!(err.contains("CHATBOX_S3_ENDPOINT must be https"), "{err}");
+    let (code, _, err) = run(base().env("CHATBOX_FILE_STORE", "gridfs"));
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("CHATBOX_FILE_STORE=gridfs needs CHATBOX_MONGO_URI"),
+        "{err}"
+    );
+    let (code, out, err) = run(&mut base());
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("files: local ("), "{out}");
+}

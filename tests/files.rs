@@ -7,7 +7,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::Path;
 
 use common::images::*;
 use common::*;
@@ -157,23 +156,6 @@ fn sha256_hex(data: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(data))
 }
 
-/// Every file under `dir`, recursively.
-fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for e in entries.flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(files_under(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
-}
-
 fn admin() -> String {
     token_with("agent-1", &["admin"], chatbox::auth::now_secs() + 3600)
 }
@@ -245,6 +227,9 @@ async fn uploads_are_typed_by_content_and_named_safely() {
     for f in files_under(&cfg.data_dir.join("files")) {
         let name = f.file_name().unwrap().to_string_lossy().into_owned();
         assert!(name.starts_with("f_") && name.ends_with(".cbf"), "{name}");
+    }
+    for id in stores::ids_at_rest(&cfg).await {
+        assert!(id.starts_with("f_"), "{id}");
     }
 
     // Tokens: none, or a bad one, is 401; an admin may upload too.
@@ -322,7 +307,7 @@ async fn oversize_uploads_are_refused_with_and_without_content_length() {
     assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
     server.shutdown();
     stop(server).await;
-    let kept = files_under(&cfg.data_dir.join("files"));
+    let kept = stores::ids_at_rest(&cfg).await;
     assert_eq!(kept.len(), 1, "{kept:?}");
 }
 
@@ -382,9 +367,11 @@ async fn files_are_encrypted_at_rest_and_recorded() {
     server.shutdown();
     stop(server).await;
 
-    let stored = files_under(&cfg.data_dir.join("files"));
-    assert_eq!(stored.len(), 1, "{stored:?}");
-    let bytes = std::fs::read(&stored[0]).unwrap();
+    // Read where the bytes rest (the data directory, the bucket with a plain
+    // GET, the GridFS chunks), without the server.
+    let stored = stores::ids_at_rest(&cfg).await;
+    assert_eq!(stored, std::slice::from_ref(&id));
+    let bytes = stores::at_rest(&cfg, &id).await.expect("the object");
     assert!(
         bytes.len() > doc.len(),
         "sealed chunks carry nonces and tags"
@@ -395,6 +382,7 @@ async fn files_are_encrypted_at_rest_and_recorded() {
             "plaintext on disk"
         );
     }
+    let cfg_rest = cfg.clone();
     let rec = tokio::task::spawn_blocking(move || {
         let (rt, store) = open_store(&cfg);
         let rec = futures_block(store.file(&id));
@@ -411,7 +399,7 @@ async fn files_are_encrypted_at_rest_and_recorded() {
     assert_eq!(rec.size, doc.len() as u64);
     assert_eq!(rec.sha256, sha256_hex(&doc));
     assert_eq!(rec.name.as_deref(), Some("secret plans.pdf"));
-    assert_eq!(rec.location, "local");
+    assert_eq!(rec.location, stores::store_name(&cfg_rest));
 }
 
 fn futures_block<T>(f: chatbox::store::StoreFuture<T>) -> Result<T, chatbox::store::StoreError> {
@@ -618,7 +606,7 @@ async fn file_messages_attach_the_users_own_files_to_sessions() {
     let answer = fake_llm::stream(fake_llm::openai_events(&["Looks", " fine"], None), 0);
     let fake = fake_llm::Fake::start(vec![answer]).await;
     let cfg = fake_llm::with_models(vec![fake_llm::model("m", LlmProvider::Openai, &fake)]);
-    let data_dir = cfg.data_dir.clone();
+    let rest = cfg.clone();
     let server = start(cfg);
     let addr = server.local_addr();
     let image = png(64, 48);
@@ -709,17 +697,15 @@ async fn file_messages_attach_the_users_own_files_to_sessions() {
     assert_eq!((r.status, r.body), (200, image));
 
     // Deleting the user deletes their files, bytes and records; not jack's.
-    let on_disk = |id: &str| {
-        files_under(&data_dir.join("files"))
-            .iter()
-            .any(|p| p.to_string_lossy().contains(id))
-    };
-    assert!(on_disk(&fid));
+    assert!(stores::at_rest(&rest, &fid).await.is_some());
     let (status, _) = admin_call(addr, "DELETE", "/users/ivy", &admin()).await;
     assert_eq!(status, 200);
-    assert!(!on_disk(&fid), "the bytes are gone");
+    assert!(
+        stores::at_rest(&rest, &fid).await.is_none(),
+        "the bytes are gone"
+    );
     assert_eq!(fetch(addr, Some(&admin()), &fid, "").await.status, 404);
-    assert!(on_disk(&jacks));
+    assert!(stores::at_rest(&rest, &jacks).await.is_some());
     server.shutdown();
     stop(server).await;
 }

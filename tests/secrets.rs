@@ -21,6 +21,8 @@ const SECRETS: &[&str] = &[
     "sk-model-api-key-0005",
     "mongo-password-0006",
     "hook-path-token-0007",
+    "s3-access-key-id-0008",
+    "s3-secret-access-key-0009",
 ];
 
 /// A configuration with every secret it can hold set to one of [`SECRETS`].
@@ -41,6 +43,8 @@ fn config_with_every_secret() -> chatbox::Config {
         mongo_uri: Some(format!("mongodb://chatbox:{}@db:27017", SECRETS[8])),
         notify_webhook_url: Some(format!("https://hooks.example.com/{}", SECRETS[9])),
         notify_smtp_username: Some("chatbox-user".into()),
+        s3_access_key_id: Some(SECRETS[10].into()),
+        s3_secret_access_key: Some(SECRETS[11].into()),
         ..chatbox::Config::default()
     }
 }
@@ -77,6 +81,7 @@ fn keys_named_like_secrets_are_declared_secret() {
             "api_key",
             "encryption",
             "uri",
+            "access_key",
         ]
         .iter()
         .any(|w| f.contains(w))

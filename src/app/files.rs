@@ -24,7 +24,7 @@ use crate::media::{ScrubError, Scrubber};
 use crate::runtime::app::Body;
 use crate::runtime::http::{error, json as json_response};
 use crate::store::files::sealed::{store_stream, FileError, Piece};
-use crate::store::files::{FileStore, LocalFiles};
+use crate::store::files::{FileStore, FileStores};
 use crate::store::{FileRecord, StoreError, WriteOp};
 
 /// Bytes looked at to decide an upload's type (the longest signature `infer`
@@ -44,9 +44,8 @@ const NAME_CHARS_MAX: usize = 128;
 
 /// Uploads: where their bytes go and what they may be.
 pub struct Files {
-    /// `None` when the directory could not be made at start (logged): uploads
-    /// are then refused with 503.
-    pub store: Option<Arc<dyn FileStore>>,
+    /// Where uploads go and where each recorded file is read from.
+    pub stores: FileStores,
     pub bytes_max: u64,
     pub types: Vec<String>,
     /// 0: none.
@@ -55,23 +54,10 @@ pub struct Files {
 }
 
 impl Files {
-    /// Opens `<data_dir>/files` (owner-only).
-    pub fn new(config: &Config) -> Files {
-        let dir = config.data_dir.join("files");
-        let store = match LocalFiles::open(&dir) {
-            Ok(local) => Some(Arc::new(local) as Arc<dyn FileStore>),
-            Err(e) => {
-                tracing::warn!(dir = %dir.display(), error = %e, "file storage unavailable: uploads are refused");
-                None
-            }
-        };
-        if !config.nats_url.is_empty() && store.is_some() {
-            tracing::warn!(
-                "cluster mode with files on local disk: a file can be fetched only from the node that took its upload (shared file storage is not built yet)"
-            );
-        }
+    /// Uploads go to `stores`' current place (opened at start).
+    pub fn new(config: &Config, stores: FileStores) -> Files {
         Files {
-            store,
+            stores,
             bytes_max: config.upload_bytes_max,
             types: config.upload_types_allowed.clone(),
             quota_bytes: config.upload_quota_bytes,
@@ -400,8 +386,8 @@ async fn upload(core: &Rc<Core>, req: Request<Incoming>) -> Result<Response<Body
         .map_err(|ms| FileApiError::RateLimited(ms.div_ceil(1000).max(1)))?;
     let files = &core.shared.app.files;
     let store = files
-        .store
-        .clone()
+        .stores
+        .current()
         .ok_or(FileApiError::Unavailable("file storage is not available"))?;
     let declared = req
         .headers()
@@ -604,8 +590,9 @@ async fn record_file(core: &Rc<Core>, record: FileRecord) -> Result<Response<Bod
         "name": record.name,
     });
     let (id, size) = (record.file_id.clone(), record.size);
+    let record_location = record.location.clone();
     if let Err(e) = shared.store.write(vec![WriteOp::PutFile(record)]).await {
-        if let Some(store) = shared.files.store.clone() {
+        if let Some(store) = shared.files.stores.get(&record_location) {
             let gone = shared
                 .pool
                 .call(async move { tokio::task::spawn_blocking(move || store.delete(&id)).await });
@@ -620,22 +607,41 @@ async fn record_file(core: &Rc<Core>, record: FileRecord) -> Result<Response<Bod
     Ok(json_response(StatusCode::CREATED, body.to_string()))
 }
 
-/// Deletes the bytes of these files (their records are gone already), on the
-/// blocking pool; returns how many could not be deleted (each is logged).
+/// Deletes the bytes of these files (their records still exist: each names
+/// the place that holds its bytes), on the blocking pool; returns how many
+/// could not be deleted (each is logged). A record whose place this node does
+/// not reach counts as not deleted, so the caller keeps the records and says so.
 pub async fn delete_objects(core: &Core, ids: Vec<String>) -> usize {
-    let Some(store) = core.shared.app.files.store.clone() else {
-        return ids.len();
-    };
     let n = ids.len();
+    let mut places = Vec::with_capacity(n);
+    for id in ids {
+        let location = match core.shared.app.store.file(&id).await {
+            Ok(Some(r)) => r.location,
+            // Gone already: nothing to delete.
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!(file = %id, error = %e, "a deleted user's file record could not be read");
+                places.push((id, None));
+                continue;
+            }
+        };
+        let store = core.shared.app.files.stores.get(&location);
+        if store.is_none() {
+            tracing::warn!(file = %id, location = %location, "a deleted user's file is kept where this node cannot reach (configure that file store)");
+        }
+        places.push((id, store));
+    }
     let work = async move {
         tokio::task::spawn_blocking(move || {
-            ids.iter()
-                .filter(|id| match store.delete(id) {
-                    Ok(()) => false,
-                    Err(e) => {
+            places
+                .iter()
+                .filter(|(id, store)| match store.as_ref().map(|s| s.delete(id)) {
+                    Some(Ok(())) => false,
+                    Some(Err(e)) => {
                         tracing::warn!(file = %id, error = %e, "a deleted user's file could not be removed");
                         true
                     }
+                    None => true,
                 })
                 .count()
         })

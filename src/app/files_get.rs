@@ -114,14 +114,11 @@ pub(super) async fn download(
         // Someone else's file looks exactly like no file.
         _ => return Err(FileApiError::NotFound),
     };
-    let store = shared
-        .files
-        .store
-        .clone()
-        .filter(|s| s.name() == record.location)
-        .ok_or(FileApiError::Unavailable(
-            "the file's storage is not available",
-        ))?;
+    // Read from the place its record names, whatever new uploads use now.
+    let store = shared.files.stores.get(&record.location).ok_or_else(|| {
+        tracing::warn!(file = %record.file_id, location = %record.location, "a file is kept in a file store this node is not configured for");
+        FileApiError::Unavailable("the file's storage is not configured on this server")
+    })?;
     let range = req
         .headers()
         .get(header::RANGE)

@@ -227,6 +227,8 @@ pub enum AppStartError {
     Bus(#[source] crate::runtime::bus::BusError),
     #[error("cannot start the notifier: {0}")]
     Pool(String),
+    #[error("cannot open file storage")]
+    Files(#[source] crate::store::files::FileStoreError),
     #[error("cannot create the data directory {dir}")]
     DataDir {
         dir: std::path::PathBuf,
@@ -309,7 +311,9 @@ fn chat_shared(
     let models = crate::llm::Models::new(config, pool).map_err(invalid)?;
     let stt = crate::llm::stt::Stt::new(config, pool).map_err(invalid)?;
     let bus = cluster::start_bus(config, pool, mesh).map_err(AppStartError::Bus)?;
-    Ok(ChatShared::new(
+    let files =
+        crate::store::files::FileStores::open(config, pool).map_err(AppStartError::Files)?;
+    let mut shared = ChatShared::new(
         config,
         store,
         keys,
@@ -318,7 +322,9 @@ fn chat_shared(
         notifier,
         pool.clone(),
         bus,
-    ))
+    );
+    shared.files.stores = files;
+    Ok(shared)
 }
 
 /// Creates the embedded store's directory readable by its owner only (0700)

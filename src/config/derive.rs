@@ -17,6 +17,19 @@ pub fn smtp_port_for(tls: &str) -> Option<u16> {
     (tls == "tls").then_some(465)
 }
 
+/// Where uploads go when `file_store` is not set, and the key that decided it:
+/// a bucket when one is configured, GridFS in cluster mode (every node reaches
+/// the same MongoDB, and local disk is not shared), else the data directory.
+pub fn file_store_for(config: &Config) -> (&'static str, &'static str) {
+    if config.s3_bucket.is_some() {
+        ("s3", "s3_bucket")
+    } else if config.cluster() && config.mongo_uri.is_some() {
+        ("gridfs", "nats_url and mongo_uri")
+    } else {
+        ("local", "the default")
+    }
+}
+
 /// Returns `(low, high)` for a pair that must satisfy `low <= high`, moving the one
 /// that was not set towards the one that was; when both or neither were set it
 /// leaves them alone (validation reports a contradiction).
@@ -114,6 +127,13 @@ impl Config {
         ] {
             if let Some((field, value, from)) = self.order_secs(low, high, &given) {
                 note(field, value.to_string(), from);
+            }
+        }
+        if !given("file_store") {
+            let (store, from) = file_store_for(self);
+            self.file_store = Some(store.to_owned());
+            if store != "local" {
+                note("file_store", store.into(), from);
             }
         }
         if !given("notify_smtp_port") {
@@ -366,5 +386,41 @@ mod tests {
             },
         );
         assert_eq!(c.notify_smtp_port, 2465);
+    }
+
+    #[test]
+    fn the_file_store_follows_the_bucket_and_cluster_mode_unless_set() {
+        let cluster = Config {
+            nats_url: vec!["nats://127.0.0.1:4222".into()],
+            mongo_uri: Some("mongodb://127.0.0.1".into()),
+            ..Config::default()
+        };
+        let (c, notes) = derived(&["nats_url", "mongo_uri"], cluster.clone());
+        assert_eq!(c.file_store.as_deref(), Some("gridfs"));
+        assert!(
+            notes.iter().any(|n| n.contains("file_store = gridfs")),
+            "{notes:?}"
+        );
+        let bucket = Config {
+            s3_bucket: Some("files".into()),
+            ..cluster.clone()
+        };
+        let (c, _) = derived(&["s3_bucket"], bucket);
+        assert_eq!(c.file_store_choice(), ("s3", "s3_bucket"));
+        let (c, notes) = derived(&[], Config::default());
+        assert_eq!(c.file_store.as_deref(), Some("local"));
+        assert!(notes.is_empty(), "{notes:?}");
+        // Set against cluster mode: kept, and refused by validation.
+        let local = Config {
+            file_store: Some("local".into()),
+            ..cluster
+        };
+        let (c, _) = derived(&["file_store"], local);
+        assert_eq!(c.file_store_choice(), ("local", "set by file_store"));
+        let e = c.validate(true).unwrap_err().to_string();
+        assert!(
+            e.contains("cluster mode needs shared file storage (s3 or gridfs)"),
+            "{e}"
+        );
     }
 }

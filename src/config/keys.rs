@@ -403,6 +403,21 @@ declare_config! {
     stt_max_retries: u32 = 2, range(0, 10), unit "retries";
     /// Longest voice message transcribed, where its container says its duration (WAV, Ogg, MP3); longer ones fail with `transcription_failed` before the provider is asked.
     voice_seconds_max: u64 = 300, range(1, 3600), unit "s";
+    /// Where sealed upload bytes live: `local` (under `data_dir`), `s3` (an S3-compatible bucket) or `gridfs` (MongoDB GridFS in `mongo_database`); cluster mode needs `s3` or `gridfs`.
+    file_store: Option<String> = None,
+        derived "s3 when s3_bucket is set, else gridfs in cluster mode (nats_url and mongo_uri set), else local";
+    /// The S3-compatible API's base URL (https, or http on loopback), e.g. a MinIO or Ceph gateway; unset: AWS S3 in `s3_region`.
+    s3_endpoint: Option<String> = None;
+    /// The bucket uploads are stored in (it must exist); set, `file_store` defaults to `s3`.
+    s3_bucket: Option<String> = None;
+    /// The bucket's region (signing needs one even where the server ignores it).
+    s3_region: String = "us-east-1".into();
+    /// Access key id for the bucket; unset (with the secret unset too), credentials come from the EC2/ECS instance metadata service.
+    #[secret]
+    s3_access_key_id: Option<String> = None;
+    /// Secret access key for the bucket (with `s3_access_key_id`).
+    #[secret]
+    s3_secret_access_key: Option<String> = None;
     /// Help requests are POSTed here (https, or http on loopback), signed with `notify_webhook_secret`.
     #[secret]
     notify_webhook_url: Option<String> = None;

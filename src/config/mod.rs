@@ -181,6 +181,18 @@ impl Config {
         }
     }
 
+    /// Where uploads are stored (`local`, `s3` or `gridfs`): `file_store`, or
+    /// what it derives to when a library caller left it unset, and why.
+    pub fn file_store_choice(&self) -> (&str, &'static str) {
+        match &self.file_store {
+            Some(s) if s.as_str() == derive::file_store_for(self).0 => {
+                (s.as_str(), derive::file_store_for(self).1)
+            }
+            Some(s) => (s.as_str(), "set by file_store"),
+            None => derive::file_store_for(self),
+        }
+    }
+
     /// Whether this node is one of a cluster (`nats_url` set).
     pub fn cluster(&self) -> bool {
         !self.nats_url.is_empty()

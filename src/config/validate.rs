@@ -124,6 +124,7 @@ impl Config {
             }
         }
         problems.extend(self.cluster_problems());
+        problems.extend(self.file_store_problems());
         for t in &self.upload_types_allowed {
             let (kind, sub) = t.split_once('/').unwrap_or(("", ""));
             if kind.is_empty() || sub.is_empty() || t.contains([' ', ';', ',']) {
@@ -189,6 +190,59 @@ impl Config {
             problems.push(
                 "CHATBOX_LEASE_TTL_MS must be at least CHATBOX_CLUSTER_MEMBER_TIMEOUT_MS (a \
                  node's users must not move before the others see it gone)"
+                    .into(),
+            );
+        }
+        problems
+    }
+
+    /// The file store: a known one, configured, and shared in cluster mode.
+    fn file_store_problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let (store, _) = self.file_store_choice();
+        match store {
+            "local" if self.cluster() => problems.push(
+                "cluster mode needs shared file storage (s3 or gridfs): with CHATBOX_FILE_STORE=local \
+                 a file could be fetched only from the node that took its upload; set \
+                 CHATBOX_S3_BUCKET (and CHATBOX_S3_ENDPOINT) or CHATBOX_FILE_STORE=gridfs"
+                    .into(),
+            ),
+            "local" => {}
+            "s3" if self.s3_bucket.is_none() => problems.push(
+                "CHATBOX_FILE_STORE=s3 needs CHATBOX_S3_BUCKET (and CHATBOX_S3_ENDPOINT for a \
+                 server other than AWS)"
+                    .into(),
+            ),
+            "gridfs" if self.mongo_uri.is_none() => {
+                problems.push("CHATBOX_FILE_STORE=gridfs needs CHATBOX_MONGO_URI".into())
+            }
+            "s3" | "gridfs" => {}
+            other => problems.push(format!(
+                "CHATBOX_FILE_STORE {other:?} must be local, s3 or gridfs"
+            )),
+        }
+        if let Some(url) = &self.s3_endpoint {
+            if let Err(e) = crate::outbound::check_endpoint(url) {
+                problems.push(format!("CHATBOX_S3_ENDPOINT {e}"));
+            }
+        }
+        if let Some(b) = &self.s3_bucket {
+            let ok = (3..=63).contains(&b.len())
+                && b.bytes().all(|c| {
+                    c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.'
+                });
+            if !ok {
+                problems.push(
+                    "CHATBOX_S3_BUCKET must be a bucket name: 3-63 lower-case letters, digits, \
+                     '-' or '.'"
+                        .into(),
+                );
+            }
+        }
+        if self.s3_access_key_id.is_some() != self.s3_secret_access_key.is_some() {
+            problems.push(
+                "CHATBOX_S3_ACCESS_KEY_ID and CHATBOX_S3_SECRET_ACCESS_KEY go together: set both, \
+                 or neither to use the instance's credentials"
                     .into(),
             );
         }

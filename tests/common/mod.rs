@@ -7,6 +7,7 @@ pub mod fake_llm;
 pub mod images;
 pub mod nats;
 pub mod process;
+pub mod stores;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -43,7 +44,7 @@ pub fn config() -> Config {
         Some((uri, db)) => (Some(uri), db),
         None => (None, Config::default().mongo_database),
     };
-    Config {
+    let mut cfg = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         cores: 2,
         jwt_secret: Some(SECRET.into()),
@@ -55,7 +56,9 @@ pub fn config() -> Config {
         echo_path: Some("/echo".into()),
         shutdown_timeout_secs: 10,
         ..Config::default()
-    }
+    };
+    stores::apply_mode(&mut cfg);
+    cfg
 }
 
 /// The store a stopped server used (SQLite or MongoDB, as `cfg` says), to check
@@ -73,14 +76,33 @@ pub fn open_store(
 }
 
 /// With `CHATBOX_TEST_STORE=mongo`, end-to-end tests store in MongoDB at
-/// `CHATBOX_TEST_MONGO_URI` (a fresh database per call) instead of SQLite.
+/// `CHATBOX_TEST_MONGO_URI` (a fresh database per call) instead of SQLite; so
+/// they do with `CHATBOX_TEST_FILE_STORE=gridfs` (files in GridFS there).
 pub fn mongo() -> Option<(String, String)> {
-    if std::env::var("CHATBOX_TEST_STORE").as_deref() != Ok("mongo") {
+    let gridfs = stores::file_store_mode().as_deref() == Some("gridfs");
+    if std::env::var("CHATBOX_TEST_STORE").as_deref() != Ok("mongo") && !gridfs {
         return None;
     }
     let uri = std::env::var("CHATBOX_TEST_MONGO_URI")
         .expect("CHATBOX_TEST_STORE=mongo needs CHATBOX_TEST_MONGO_URI");
     Some((uri, format!("chatbox_e2e_{:016x}", rand::random::<u64>())))
+}
+
+/// Every file under `dir`, recursively.
+pub fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }
 
 pub fn start(config: Config) -> ServerHandle {

@@ -108,7 +108,8 @@ impl ChatShared {
         ChatShared {
             store,
             keys: Arc::new(keys),
-            files: crate::app::files::Files::new(config),
+            // The stores are opened by the caller (they may fail start-up).
+            files: crate::app::files::Files::new(config, Default::default()),
             limits: frames::Limits {
                 content_chars_max: config.content_chars_max,
                 metadata_bytes_max: config.metadata_bytes_max,

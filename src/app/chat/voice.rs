@@ -47,11 +47,9 @@ fn failure_text(e: &SttError) -> String {
 /// Starts the transcription of `v`; its outcome reaches the session later.
 pub fn transcribe(core: &Rc<Core>, v: Voice) {
     let shared = &core.shared.app;
-    let store = shared
-        .files
-        .store
-        .clone()
-        .filter(|s| s.name() == v.audio.location);
+    // Where the record says the audio is (a node that changed stores still
+    // reads what it stored before).
+    let store = shared.files.stores.get(&v.audio.location);
     let (keys, stt, record) = (shared.keys.clone(), shared.stt.clone(), v.audio.clone());
     let work = crate::trace::Traced::inherit(async move {
         let Some(store) = store else {

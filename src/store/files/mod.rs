@@ -2,19 +2,22 @@
 //! sessions) and their bytes, sealed in chunks ([`sealed`]) and kept by a
 //! [`FileStore`]: a place that holds opaque objects by id.
 //!
-//! Only [`LocalFiles`] (a directory under `data_dir`) is built. Other places plug
-//! in behind the same trait: an S3-compatible bucket through the `object_store`
-//! crate (`writer` = a multipart upload, `read_at` = a ranged GET, `delete` =
-//! DELETE) and MongoDB GridFS (`writer` = an upload stream, `read_at` = a
-//! download from an offset); both are async clients, so their methods would
-//! `block_on` the pool's runtime handle from the blocking thread they run on.
-//! The sealing is the same for every place: what leaves the process is ciphertext.
+//! Three places: [`LocalFiles`] (a directory under `data_dir`), [`s3::S3Files`]
+//! (an S3-compatible bucket through `object_store`) and [`gridfs::GridFsFiles`]
+//! (MongoDB GridFS). `file_store` says where new uploads go; a record names the
+//! place that holds its bytes (`location`), and [`FileStores`] reads each file
+//! from that place, so a node whose `file_store` changed still serves the files
+//! stored before, as long as it can still reach where they are. The sealing is
+//! the same for every place: what leaves the process is ciphertext.
 
+pub mod gridfs;
+pub mod s3;
 pub mod sealed;
 
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::Millis;
 
@@ -35,7 +38,7 @@ pub struct FileRecord {
     pub created_at: Millis,
     /// The key the file was sealed with.
     pub key_id: u32,
-    /// Which [`FileStore`] holds the bytes (`local`).
+    /// Which [`FileStore`] holds the bytes: `local`, `s3` or `gridfs`.
     pub location: String,
 }
 
@@ -94,6 +97,119 @@ pub trait ObjectWriter: Send {
     fn commit(self: Box<Self>) -> io::Result<()>;
 }
 
+/// `id` when it is a plain server-made id (2-64 letters, digits, `_`, `-`):
+/// every place names objects by it, and no client string may become a path or
+/// a key.
+pub fn plain_id(id: &str) -> io::Result<&str> {
+    let plain = (2..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if plain {
+        Ok(id)
+    } else {
+        Err(io::Error::new(io::ErrorKind::InvalidInput, "bad file id"))
+    }
+}
+
+/// Why file storage could not be set up at start.
+#[derive(Debug, thiserror::Error)]
+pub enum FileStoreError {
+    #[error("file storage ({store}): {source}")]
+    Open {
+        store: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The places this node keeps and reads files: the one new uploads go to
+/// (`file_store`), and the others it is configured to reach, for files recorded
+/// there before a change of `file_store`.
+#[derive(Clone, Default)]
+pub struct FileStores {
+    /// Where uploads go; `None` when it could not be opened (uploads are then
+    /// refused with 503, downloads from elsewhere still work).
+    current: Option<Arc<dyn FileStore>>,
+    /// Every place that could be opened, `current` among them.
+    all: Vec<Arc<dyn FileStore>>,
+}
+
+impl FileStores {
+    /// Opens `file_store` (an S3 or GridFS store that cannot be set up stops
+    /// start-up; a local directory that cannot be made only refuses uploads, as
+    /// before), plus every other place the configuration reaches: the local
+    /// directory always, the bucket when `s3_bucket` is set, GridFS when
+    /// `mongo_uri` is (connected on first use). Blocking.
+    pub fn open(
+        config: &crate::config::Config,
+        pool: &crate::pool::BlockingPool,
+    ) -> Result<FileStores, FileStoreError> {
+        let (current, _) = config.file_store_choice();
+        let mut stores = FileStores::default();
+        let dir = config.data_dir.join("files");
+        match LocalFiles::open(&dir) {
+            Ok(local) => stores.add(Arc::new(local), current == "local"),
+            Err(e) if current == "local" => {
+                tracing::warn!(dir = %dir.display(), error = %e, "file storage unavailable: uploads are refused");
+            }
+            Err(_) => {}
+        }
+        if config.s3_bucket.is_some() {
+            match s3::S3Files::open(config, pool) {
+                Ok(b) => stores.add(Arc::new(b), current == "s3"),
+                Err(source) if current == "s3" => {
+                    return Err(FileStoreError::Open {
+                        store: "s3",
+                        source,
+                    })
+                }
+                Err(e) => tracing::warn!(error = %e, "the S3 bucket is not readable"),
+            }
+        }
+        if let Some(settings) = crate::store::mongo::MongoSettings::from_config(config) {
+            let g = gridfs::GridFsFiles::new(settings, pool);
+            if current == "gridfs" {
+                g.connect().map_err(|source| FileStoreError::Open {
+                    store: "gridfs",
+                    source,
+                })?;
+            }
+            stores.add(Arc::new(g), current == "gridfs");
+        }
+        Ok(stores)
+    }
+
+    /// A set of one place, for tests and tools.
+    pub fn only(store: Arc<dyn FileStore>) -> FileStores {
+        let mut s = FileStores::default();
+        s.add(store, true);
+        s
+    }
+
+    fn add(&mut self, store: Arc<dyn FileStore>, current: bool) {
+        if current {
+            self.current = Some(store.clone());
+        }
+        self.all.push(store);
+    }
+
+    /// Where new uploads go.
+    pub fn current(&self) -> Option<Arc<dyn FileStore>> {
+        self.current.clone()
+    }
+
+    /// The place a record names (its `location`), if this node reaches it.
+    pub fn get(&self, location: &str) -> Option<Arc<dyn FileStore>> {
+        self.all.iter().find(|s| s.name() == location).cloned()
+    }
+
+    /// Every place this node reaches (deleting a user's files asks each).
+    pub fn all(&self) -> &[Arc<dyn FileStore>] {
+        &self.all
+    }
+}
+
 /// Objects as files under a directory (`<data_dir>/files`), in subdirectories
 /// by the id's last two characters so no directory grows without end. Ids are
 /// made by the server ([`crate::clock::new_id`]) and checked again here: no
@@ -119,14 +235,7 @@ impl LocalFiles {
 
     /// The object's path; an id that is not a plain server-made id is refused.
     pub fn path_of(&self, id: &str) -> io::Result<PathBuf> {
-        let plain = !id.is_empty()
-            && id.len() <= 64
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-        if !plain || id.len() < 2 {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "bad file id"));
-        }
+        let id = plain_id(id)?;
         let shard = &id[id.len() - 2..];
         Ok(self.root.join(shard).join(format!("{id}.cbf")))
     }

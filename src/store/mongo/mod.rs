@@ -180,6 +180,39 @@ async fn parse_uri(uri: &str, timeout: Duration) -> Result<ClientOptions, StoreE
     }
 }
 
+/// Connects to `settings.database` (within the connect timeout, with the
+/// write concern set) and pings it; also what GridFS file storage opens.
+pub fn connect(
+    settings: &MongoSettings,
+    pool: &BlockingPool,
+) -> Result<(Client, Database), StoreError> {
+    let wc = write_concern(&settings.write_concern)?;
+    let (uri, name, timeout) = (
+        settings.uri.clone(),
+        settings.database.clone(),
+        settings.connect_timeout,
+    );
+    pool.block_on(async move {
+        let mut opts = parse_uri(&uri, timeout).await?;
+        opts.server_selection_timeout = Some(timeout);
+        opts.connect_timeout = Some(timeout);
+        opts.write_concern = Some(wc);
+        opts.app_name = Some("chatbox".into());
+        // Hosts only: the URI may carry a password, which must not reach logs.
+        let hosts: Vec<String> = opts.hosts.iter().map(ToString::to_string).collect();
+        let hosts = hosts.join(",");
+        let client = Client::with_options(opts).map_err(StoreError::mongo(Op::Open))?;
+        let db = client.database(&name);
+        db.run_command(doc! {"ping": 1})
+            .await
+            .map_err(|e| StoreError::Unreachable {
+                hosts,
+                source: std::sync::Arc::new(e),
+            })?;
+        Ok::<_, StoreError>((client, db))
+    })?
+}
+
 impl MongoStore {
     /// Connects (within `connect_timeout`), creates the indexes, and starts the
     /// writer on the pool. Fails with a clear error when MongoDB cannot be reached.
@@ -189,32 +222,9 @@ impl MongoStore {
         queue_max: usize,
     ) -> Result<MongoStore, StoreError> {
         let wc = write_concern(&settings.write_concern)?;
-        let (uri, name, timeout) = (
-            settings.uri.clone(),
-            settings.database.clone(),
-            settings.connect_timeout,
-        );
-        let wc_client = wc.clone();
-        let (client, db) = pool.block_on(async move {
-            let mut opts = parse_uri(&uri, timeout).await?;
-            opts.server_selection_timeout = Some(timeout);
-            opts.connect_timeout = Some(timeout);
-            opts.write_concern = Some(wc_client);
-            opts.app_name = Some("chatbox".into());
-            // Hosts only: the URI may carry a password, which must not reach logs.
-            let hosts: Vec<String> = opts.hosts.iter().map(ToString::to_string).collect();
-            let hosts = hosts.join(",");
-            let client = Client::with_options(opts).map_err(StoreError::mongo(Op::Open))?;
-            let db = client.database(&name);
-            db.run_command(doc! {"ping": 1})
-                .await
-                .map_err(|e| StoreError::Unreachable {
-                    hosts,
-                    source: std::sync::Arc::new(e),
-                })?;
-            ensure_indexes(&db).await?;
-            Ok::<_, StoreError>((client, db))
-        })??;
+        let (client, db) = connect(settings, &pool)?;
+        let indexed = db.clone();
+        pool.block_on(async move { ensure_indexes(&indexed).await })??;
         let (writes, jobs) = writer::queue(queue_max);
         let commit = write::MongoWriter {
             client,
