@@ -780,3 +780,41 @@ async fn the_widget_on_an_allowed_origin_uploads_and_downloads_across_origins() 
     server.shutdown();
     stop(server).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_file_that_cannot_be_read_is_an_error_not_a_hang() {
+    let cfg = config();
+    let data_dir = cfg.data_dir.clone();
+    let server = start(cfg);
+    let addr = server.local_addr();
+    let owner = token("mo");
+    let doc = pdf(150_000); // three chunks
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let r = upload_raw(addr, &owner, "doc.pdf", "application/pdf", &doc).await;
+        ids.push(r.json()["file_id"].as_str().unwrap().to_owned());
+    }
+    let object = |id: &str| {
+        files_under(&data_dir.join("files"))
+            .into_iter()
+            .find(|p| p.to_string_lossy().contains(id))
+            .unwrap()
+    };
+    // Gone before anything was sent: a clear 503, at once.
+    std::fs::remove_file(object(&ids[0])).unwrap();
+    let r = fetch(addr, Some(&owner), &ids[0], "").await;
+    assert_eq!((r.status, r.code().as_str()), (503, "unavailable"));
+    assert!(String::from_utf8_lossy(&r.body).contains("could not be read"));
+    // Broken after the first chunk: the body is cut short, visibly (fewer bytes
+    // than Content-Length), and the connection ends.
+    let path = object(&ids[1]);
+    let len = std::fs::metadata(&path).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.set_len(len - 10).unwrap();
+    let r = fetch(addr, Some(&owner), &ids[1], "").await;
+    assert_eq!(r.status, 200);
+    assert!(r.body.len() < doc.len(), "{} bytes", r.body.len());
+    assert_eq!(r.body[..], doc[..r.body.len()]);
+    server.shutdown();
+    stop(server).await;
+}

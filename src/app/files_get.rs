@@ -134,6 +134,13 @@ pub(super) async fn download(
     } else {
         serve.last - serve.first + 1
     };
+    // The first chunk is read before the status goes out: a file whose bytes are
+    // missing or unreadable is a clear 503, not a 200 cut short.
+    let first = if req.method() == hyper::Method::GET && len > 0 {
+        Some(first_chunk(core, store.clone(), &record, serve).await?)
+    } else {
+        None
+    };
     let (pages, body) = paged(PAGES_MAX);
     let mut r = Response::new(body);
     let h = r.headers_mut();
@@ -159,9 +166,9 @@ pub(super) async fn download(
             h.insert(header::CONTENT_RANGE, v);
         }
     }
-    if req.method() == hyper::Method::GET && len > 0 {
+    if let Some(first) = first {
         let keys = shared.keys.clone();
-        let work = send_chunks(store, keys, record, serve, pages);
+        let work = send_chunks(store, keys, record, serve, first, pages);
         if let Err(e) = shared.pool.spawn(work) {
             tracing::warn!(error = %e, "a download could not start");
             return Err(FileApiError::Unavailable(
@@ -180,23 +187,20 @@ async fn send_chunks(
     keys: Arc<crate::crypto::KeyRing>,
     record: FileRecord,
     span: Span,
+    first: Vec<u8>,
     pages: Pages,
 ) {
     let chunk = CHUNK_BYTES as u64;
     let record = Arc::new(record);
+    let mut first = Some(first);
     for index in span.first / chunk..=span.last / chunk {
-        let (s, k, r) = (store.clone(), keys.clone(), record.clone());
-        let read = tokio::task::spawn_blocking(move || {
-            read_chunk(&*s, &k, &r.file_id, r.key_id, r.size, index)
-        })
-        .await;
+        let read = match first.take() {
+            Some(plain) => Ok(plain),
+            None => open_chunk(store.clone(), keys.clone(), record.clone(), index).await,
+        };
         let plain = match read {
-            Ok(Ok(p)) => p,
-            Ok(Err(e)) => {
-                tracing::error!(file = %record.file_id, error = %e, "a stored file failed to open");
-                return pages.fail(e.to_string()).await;
-            }
-            Err(e) => return pages.fail(e.to_string()).await,
+            Ok(p) => p,
+            Err(e) => return pages.fail(e).await,
         };
         let start = index * chunk;
         let from = span.first.saturating_sub(start) as usize;
@@ -204,6 +208,51 @@ async fn send_chunks(
         if from >= to || !pages.send(plain[from..to].to_vec()).await {
             return;
         }
+    }
+}
+
+/// Reads and opens chunk `index` on a blocking thread; a failure is logged and
+/// described.
+async fn open_chunk(
+    store: Arc<dyn FileStore>,
+    keys: Arc<crate::crypto::KeyRing>,
+    record: Arc<FileRecord>,
+    index: u64,
+) -> Result<Vec<u8>, String> {
+    let r = record.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        read_chunk(&*store, &keys, &r.file_id, r.key_id, r.size, index)
+    })
+    .await;
+    match read {
+        Ok(Ok(plain)) => Ok(plain),
+        Ok(Err(e)) => {
+            tracing::error!(file = %record.file_id, error = %e, "a stored file failed to open");
+            Err(e.to_string())
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The first chunk of `span`, read on the pool before the response starts.
+async fn first_chunk(
+    core: &Core,
+    store: Arc<dyn FileStore>,
+    record: &FileRecord,
+    span: Span,
+) -> Result<Vec<u8>, FileApiError> {
+    let shared = &core.shared.app;
+    let (keys, record) = (shared.keys.clone(), Arc::new(record.clone()));
+    let index = span.first / CHUNK_BYTES as u64;
+    let read = shared.pool.call(open_chunk(store, keys, record, index));
+    match read.await {
+        Ok(Ok(plain)) => Ok(plain),
+        Ok(Err(_)) => Err(FileApiError::Unavailable(
+            "the file's stored bytes could not be read; nothing was sent",
+        )),
+        Err(_) => Err(FileApiError::Unavailable(
+            "the server is too busy to serve files; retry",
+        )),
     }
 }
 

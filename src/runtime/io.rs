@@ -134,6 +134,15 @@ impl Socket {
         // SAFETY: plain syscall on an fd we own.
         unsafe { libc::shutdown(self.fd(), libc::SHUT_WR) };
     }
+
+    /// Ends the connection both ways now. Dropping the socket is not enough while
+    /// a read is still in flight on it (io_uring holds the descriptor until the
+    /// read completes, and a client waiting for the rest of a body never sends
+    /// anything): the shutdown completes that read and tells the client.
+    pub fn shutdown_both(&self) {
+        // SAFETY: plain syscall on an fd we own.
+        unsafe { libc::shutdown(self.fd(), libc::SHUT_RDWR) };
+    }
 }
 
 fn cvt(n: isize) -> io::Result<usize> {

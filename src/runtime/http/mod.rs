@@ -158,7 +158,8 @@ pub async fn serve<A: App>(
     addr: Option<Slot>,
     path: &str,
 ) {
-    let mut io = HyperIo::new(Rc::new(sock), replay);
+    let sock = Rc::new(sock);
+    let mut io = HyperIo::new(sock.clone(), replay);
     if let Some(slot) = addr {
         io = io.hold_until_shutdown(Box::new(slot));
     }
@@ -183,6 +184,9 @@ pub async fn serve<A: App>(
         Ok(Err(e)) => tracing::debug!(error = %e, "http connection error"),
         Err(_) => tracing::debug!("http request timed out"),
     }
+    // A response cut short (its body failed), or a request that ran out of time:
+    // the client learns it now, not when its own timeout fires.
+    sock.shutdown_both();
 }
 
 async fn route<A: App>(core: &Rc<Core<A>>, req: Request<hyper::body::Incoming>) -> Response<Body> {
