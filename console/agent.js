@@ -7,6 +7,7 @@
   const TOKEN_KEY = "chatbox.agent.token";
   const SVG = "http://www.w3.org/2000/svg";
   const LIST_REFRESH_MS = 5000;
+  const METRICS_REFRESH_MS = 30000;
   // Without joining, an admin gets no live frames of a session (the server sends
   // them only to admins in it), so the open transcript is re-read this often.
   const WATCH_REFRESH_MS = 2000;
@@ -375,7 +376,9 @@
     $("end").disabled = ended;
     $("reply").disabled = !o.joined;
     $("send").disabled = !o.joined;
-    $("v-agents").textContent = o.agents.size ? [...o.agents].join(", ") : "none";
+    // The server tells who is in a session only to the admins in it.
+    $("v-agents").textContent = !o.joined ? "shown once you take over"
+      : o.agents.size ? [...o.agents].join(", ") : "none";
     $("v-mode").textContent = ended ? "This session has ended."
       : o.joined ? "You have taken over: the AI is paused and new messages appear live."
       : "Watching: the transcript refreshes every " + WATCH_REFRESH_MS / 1000 +
@@ -551,6 +554,7 @@
           clearTimeout(state.watchTimer);
           setMode();
         }
+        loadSessions();
         break;
       case "admin_left":
         if (inOpen(f)) {
@@ -590,6 +594,7 @@
           $("v-state").textContent = "ended";
           setMode();
         }
+        loadSessions();
         break;
       case "error":
         setStatus("Server: " + f.code + (f.message ? " – " + f.message : ""));
@@ -676,11 +681,14 @@
     const desc = points.map((p) => bucketLabel(p.at, span) + ": " + p.value).join(", ");
     chart.append(svg("desc", { id: "chart-desc" }, desc));
     const plotW = W - L - R, plotH = H - T - B;
-    for (const frac of [0, 0.5, 1]) {
+    // Gridlines at whole numbers only: 0, the top, and the middle when whole.
+    const ticks = max % 2 === 0 ? [0, max / 2, max] : [0, max];
+    for (const v of ticks) {
+      const frac = v / max;
       const y = T + plotH * (1 - frac);
       chart.append(svg("line", { x1: L, x2: W - R, y1: y, y2: y, class: "grid" }));
       chart.append(svg("text", { x: L - 6, y: y + 4, class: "axis", "text-anchor": "end" },
-        String(Math.round(max * frac))));
+        String(v)));
     }
     const bw = plotW / points.length;
     points.forEach((p, i) => {
@@ -696,7 +704,8 @@
     });
     $("chart").replaceChildren(chart);
     const total = points.reduce((a, p) => a + p.value, 0);
-    $("chart-caption").textContent = total + " " + label + " in " + points.length + " intervals of the window.";
+    $("chart-caption").textContent = "Total " + label + " in the window: " + total +
+      " (" + points.length + " intervals).";
   }
 
   function setupMetrics() {
@@ -704,6 +713,9 @@
       e.preventDefault();
       loadMetrics();
     });
+    setInterval(() => {
+      if (state.token && !document.hidden) loadMetrics();
+    }, METRICS_REFRESH_MS);
   }
 
   // ---- start ----

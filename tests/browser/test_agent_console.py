@@ -21,6 +21,7 @@ def test_takeover_story_from_the_agent_console(server, open_page):
     assert "token=" not in page.url, page.url
     assert page.evaluate("() => sessionStorage.getItem('chatbox.agent.token')") == server.admin_token
     connected(page)
+    expect(page.locator("#token-form")).to_be_hidden()
     user = User(server)
     first = user.ask("I cannot log in")
     assert first
@@ -38,6 +39,7 @@ def test_takeover_story_from_the_agent_console(server, open_page):
     expect(transcript).to_contain_text("I cannot log in")
     expect(transcript).to_contain_text(first.strip()[:40])
     expect(page.locator("#v-state")).to_have_text("waiting")
+    expect(page.locator("#v-mode")).to_contain_text("Watching")
 
     # Take over: the user is told; the agent is listed in the session.
     page.get_by_role("button", name="Take over").click()
@@ -45,6 +47,8 @@ def test_takeover_story_from_the_agent_console(server, open_page):
     expect(page.locator("#v-agents")).to_have_text("Dev Admin")
     expect(page.locator("#v-state")).to_have_text("human")
     expect(page.locator("#queue li")).to_have_count(0)
+    row = page.locator("#sessions-body tr", has_text=user.session_id)
+    expect(row).to_contain_text("human")
 
     # What the user writes now appears live, as text: the markup never runs.
     user.send({"type": "user_message", "content": XSS})
@@ -61,6 +65,8 @@ def test_takeover_story_from_the_agent_console(server, open_page):
     assert got[-1]["admin_name"] == "Dev Admin"
     expect(transcript.locator("li.role-admin")).to_contain_text("looking at your account")
 
+    page.get_by_role("button", name="Show", exact=True).click()
+    expect(page.locator("#chart-caption")).to_have_text(re.compile(r"sessions in the window: 1 "))
     screenshot(page, "agent-console-1280")
     bad = axe_serious(page)
     assert not bad, bad
@@ -68,7 +74,7 @@ def test_takeover_story_from_the_agent_console(server, open_page):
     # Hand back: the user is told, and the AI's next answer reaches the agent.
     page.get_by_role("button", name="Hand back to AI").click()
     user.until(lambda f: f.get("type") == "admin_left", "admin_left")
-    expect(page.locator("#v-agents")).to_have_text("none")
+    expect(page.locator("#v-agents")).to_have_text("shown once you take over")
     answer = user.ask("Thanks, and where is my parcel?")
     expect(transcript).to_contain_text("where is my parcel")
     expect(transcript.locator("li.role-assistant").last).to_have_text(
@@ -175,10 +181,23 @@ def test_metrics_chart(server, open_page):
     page.get_by_role("button", name="Show", exact=True).click()
     bars = page.locator("#chart svg rect.bar")
     expect(bars).to_have_count(12)
-    expect(page.locator("#chart-caption")).to_have_text(re.compile(r"^2 messages in 12 intervals"))
+    expect(page.locator("#chart-caption")).to_have_text(
+        "Total messages in the window: 2 (12 intervals).")
     # The last interval holds the two messages: its bar is the tallest, not flat.
     heights = [float(h) for h in bars.evaluate_all("rs => rs.map(r => r.getAttribute('height'))")]
     assert heights[-1] > 0 and heights[-1] == max(heights), heights
     expect(page.locator("#m-totals")).to_contain_text("Sessions")
     screenshot(page, "agent-metrics-1280")
     user.close()
+
+
+def test_without_a_token_the_console_asks_for_one(server, open_page):
+    page = open_page(server.agent_url.split("#")[0])
+    expect(page.locator("#status")).to_have_text("No admin token.")
+    expect(page.locator("#app")).to_be_hidden()
+    page.get_by_label("Admin token").fill(server.admin_token)
+    page.get_by_role("button", name="Use token").click()
+    connected(page)
+    expect(page.locator("#token-form")).to_be_hidden()
+    bad = axe_serious(page)
+    assert not bad, bad
