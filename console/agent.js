@@ -520,8 +520,12 @@
       try { f = JSON.parse(ev.data); } catch (_) { return; }
       onFrame(f);
     });
-    ws.addEventListener("close", () => {
+    ws.addEventListener("close", (ev) => {
       if (state.ws !== ws || !state.token) return;
+      if (ev.code === 4001) {
+        signOut("The admin token expired: paste a fresh one.");
+        return;
+      }
       setStatus("Disconnected; reconnecting…");
       setTimeout(connect, state.wsBackoff);
       state.wsBackoff = Math.min(state.wsBackoff * 2, 15000);
