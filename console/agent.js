@@ -112,6 +112,9 @@
       osc.connect(gain).connect(ctx.destination);
       osc.start();
       osc.stop(ctx.currentTime + 0.3);
+      // Counted on the page, so that a test (or a curious agent) can tell it rang.
+      const card = $("queue-card");
+      card.dataset.sounds = String(Number(card.dataset.sounds || 0) + 1);
     } catch (_) { /* no audio here: the queue still shows the request */ }
   }
 

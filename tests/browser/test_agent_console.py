@@ -98,8 +98,11 @@ def test_phone_width_and_accessibility(server, open_page):
     connected(page)
     # A request made before the page opened is in the queue too (from the API).
     expect(page.locator("#queue li")).to_have_count(1)
-    page.locator("#queue li button").click()
+    # Keyboard alone: Enter on the request's button opens it and moves focus there.
+    page.locator("#queue li button").focus()
+    page.keyboard.press("Enter")
     expect(page.locator("#transcript")).to_contain_text("Phone check")
+    expect(page.locator("#view")).to_be_focused()
     width = page.evaluate("() => document.documentElement.scrollWidth")
     assert width <= 375, f"the page scrolls sideways at 375px: {width}"
     screenshot(page, "agent-console-375")
@@ -119,21 +122,47 @@ def test_sessions_list_filters_and_pages(server, open_page):
     connected(page)
     rows = page.locator("#sessions-body tr")
     expect(rows).to_have_count(11)
-    # Ten a page: the second page holds the eleventh.
+    # Help requests arrive newest first; the sound is off until switched on.
+    sound = page.get_by_label("Sound on help requests")
+    expect(sound).not_to_be_checked()
+    first_waiting = user.session_id
+    user.session_id = None
+    user.ask("another question")
+    user.ask("and one more")  # the only session with four messages
+    sound.check()
+    user.send({"type": "help_request"})
+    user.until(lambda f: f.get("type") == "help_requested", "help_requested")
+    items = page.locator("#queue li")
+    expect(items).to_have_count(2)
+    expect(items.first).to_have_attribute("data-session", user.session_id)
+    expect(items.last).to_have_attribute("data-session", first_waiting)
+    expect(page.locator("#queue-card")).to_have_attribute("data-sounds", "1")
+    expect(rows).to_have_count(12)
+    # Ten a page: the second page holds the other two.
     page.get_by_label("Per page").select_option("10")
     page.get_by_role("button", name="Apply").click()
     expect(rows).to_have_count(10)
     page.get_by_role("button", name="Next page").click()
-    expect(rows).to_have_count(1)
+    expect(rows).to_have_count(2)
     expect(page.locator("#page-no")).to_have_text("Page 2")
     page.get_by_role("button", name="Previous page").click()
     expect(rows).to_have_count(10)
-    # Filter by state: only the session waiting for a human.
+    # Filter by state: only the sessions waiting for a human, oldest first.
     page.get_by_label("State").select_option("waiting")
+    page.get_by_label("Order").select_option("asc")
     page.get_by_role("button", name="Apply").click()
-    expect(rows).to_have_count(1)
-    expect(rows.first).to_contain_text(user.session_id)
-    # Sort by messages, ascending, for another user: nothing matches.
+    expect(rows).to_have_count(2)
+    expect(rows.first).to_contain_text(first_waiting)
+    expect(rows.last).to_contain_text(user.session_id)
+    # Sorted by messages, ascending: the one with four comes last.
+    page.get_by_label("State").select_option("")
+    page.get_by_label("Sort by").select_option("message_count")
+    page.get_by_label("Per page").select_option("25")
+    page.get_by_role("button", name="Apply").click()
+    expect(rows).to_have_count(12)
+    expect(rows.last).to_contain_text(user.session_id)
+    expect(rows.last.locator("td").nth(4)).to_have_text("4")
+    # Another user's sessions: there are none.
     page.get_by_label("User", exact=True).fill("nobody")
     page.get_by_role("button", name="Apply").click()
     expect(rows.first).to_have_text("No sessions match.")
