@@ -22,6 +22,8 @@
     token: null,
     ws: null,
     wsBackoff: 500,
+    filters: {},
+    listReq: 0,
     cursors: [null], // cursor of each page shown so far; the last is the current
     nextCursor: null,
     queue: new Map(), // session_id -> <li>
@@ -203,21 +205,31 @@
 
   // ---- sessions list ----
 
-  function listQuery() {
-    const q = new URLSearchParams();
+  // The filters as last applied: the periodic refresh must not apply what the
+  // agent is still typing.
+  function applyFilters() {
+    const f = {};
     const st = $("f-state").value;
     const user = $("f-user").value.trim();
-    if (st) q.set("state", st);
-    if (user) q.set("user_id", user);
-    q.set("sort_by", $("f-sort").value);
-    q.set("order", $("f-order").value);
-    q.set("limit", $("f-limit").value);
+    if (st) f.state = st;
+    if (user) f.user_id = user;
+    f.sort_by = $("f-sort").value;
+    f.order = $("f-order").value;
+    f.limit = $("f-limit").value;
+    state.filters = f;
+    state.cursors = [null];
+  }
+
+  function listQuery() {
+    const q = new URLSearchParams(state.filters);
     const cursor = state.cursors[state.cursors.length - 1];
     if (cursor) q.set("cursor", cursor);
     return q.toString();
   }
 
   async function loadSessions() {
+    // Refreshes overlap (timer, frames, buttons): only the latest one renders.
+    const n = ++state.listReq;
     let body;
     try {
       body = await (await api("/admin/sessions?" + listQuery())).json();
@@ -225,6 +237,7 @@
       setStatus("Could not load sessions: " + e.message);
       return;
     }
+    if (n !== state.listReq) return;
     const tbody = $("sessions-body");
     const rows = body.sessions.map(sessionRow);
     if (rows.length === 0) {
@@ -266,9 +279,10 @@
   }
 
   function setupList() {
+    applyFilters();
     $("filters").addEventListener("submit", (e) => {
       e.preventDefault();
-      state.cursors = [null];
+      applyFilters();
       loadSessions();
     });
     $("next-page").addEventListener("click", () => {
