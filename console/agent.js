@@ -692,7 +692,9 @@
 
   // Long: lays out axes, bars and labels of one bar chart.
   function drawChart(points, label, span) {
-    const W = 600, H = 220, L = 40, B = 30, T = 12, R = 8;
+    // As wide as its box (within bounds), so that labels keep their size on a phone.
+    const W = Math.max(300, Math.min(600, $("chart").clientWidth || 600));
+    const H = 220, L = 40, B = 30, T = 12, R = 8;
     const max = Math.max(1, ...points.map((p) => p.value));
     const chart = svg("svg", {
       viewBox: "0 0 " + W + " " + H, role: "img", class: "bars",
