@@ -2,9 +2,15 @@
 console's browser tests: what the user sends, and the frames the user receives,
 waited for by their content (never by time)."""
 
+import base64
+import hashlib
+import hmac
 import io
 import json
+import os
 import struct
+import time
+import tomllib
 import urllib.request
 import wave
 import zlib
@@ -15,9 +21,11 @@ from conftest import WAIT_S
 
 
 class User:
-    def __init__(self, server):
+    """A WebSocket client: the dev user, or anyone whose token is given."""
+
+    def __init__(self, server, token=None):
         self.server = server
-        self.ws = connect(server.ws_url + "?token=" + server.user_token,
+        self.ws = connect(server.ws_url + "?token=" + (token or server.user_token),
                           open_timeout=WAIT_S)
         self.n = 0
         self.session_id = None
@@ -86,9 +94,23 @@ def axe_serious(page):
     """axe-core's serious and critical violations. conftest's `axe_violations`
     adds axe with a <script> tag, which the console's CSP (no inline script)
     refuses; evaluating it through the DevTools protocol is not subject to it."""
-    import os
     with open(os.environ["CHATBOX_AXE_JS"], encoding="utf-8") as fh:
         page.evaluate(fh.read() + "\n;void 0")
     result = page.evaluate("async () => await axe.run(document)")
     bad = [v for v in result["violations"] if v.get("impact") in ("serious", "critical")]
     return [(v["id"], v["help"], [n["target"] for n in v["nodes"]]) for v in bad]
+
+
+def admin_token(server, sub, name):
+    """Another agent's token, signed (HS256) with the secret `--dev` keeps in its
+    data directory."""
+    with open(os.path.join(server.data, "dev-secrets.toml"), "rb") as fh:
+        secret = tomllib.load(fh)["jwt_secret"].encode()
+
+    def b64(raw):
+        return base64.urlsafe_b64encode(raw).rstrip(b"=")
+    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = b64(json.dumps({"sub": sub, "name": name, "roles": ["admin"],
+                           "exp": int(time.time()) + 3600}).encode())
+    sig = b64(hmac.new(secret, head + b"." + body, hashlib.sha256).digest())
+    return (head + b"." + body + b"." + sig).decode()

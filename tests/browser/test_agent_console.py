@@ -5,7 +5,7 @@ import re
 
 from playwright.sync_api import expect
 
-from agent_user import User, axe_serious, png_1x1, wav_tone
+from agent_user import User, admin_token, axe_serious, png_1x1, wav_tone
 from conftest import WAIT_S, screenshot
 
 # Playwright's assertions wait 5 s by default: too short on a loaded 2-core CI
@@ -239,3 +239,38 @@ def test_without_a_token_the_console_asks_for_one(server, open_page):
     expect(page.locator("#token-form")).to_be_hidden()
     bad = axe_serious(page)
     assert not bad, bad
+
+
+def test_agents_in_a_session_see_each_other(server, open_page):
+    user = User(server)
+    user.ask("Two agents, please")
+    user.send({"type": "help_request"})
+    user.until(lambda f: f.get("type") == "help_requested", "help_requested")
+    sid = user.session_id
+    # Another agent takes the session first (a client of their own).
+    other = User(server, admin_token(server, "agent-2", "Second Agent"))
+    other.send({"type": "admin_join", "session_id": sid})
+    other.until(lambda f: f.get("type") == "admin_joined", "admin_joined")
+
+    page = open_page(server.agent_url)
+    connected(page)
+    page.locator("#sessions-body button", has_text=sid).click()
+    expect(page.locator("#v-state")).to_have_text("human")
+    expect(page.locator("#v-agents")).to_have_text("shown once you take over")
+    page.get_by_role("button", name="Take over").click()
+    # The agent already there is announced to the one who joins, and vice versa.
+    expect(page.locator("#v-agents")).to_have_text("Second Agent, Dev Admin")
+    other.until(lambda f: f.get("type") == "admin_joined" and f["admin_name"] == "Dev Admin",
+                "admin_joined of Dev Admin")
+    other.send({"type": "admin_message", "session_id": sid, "content": "I am here too"})
+    expect(page.locator("#transcript li.role-admin")).to_contain_text("Second Agent")
+    other.send({"type": "admin_leave", "session_id": sid})
+    expect(page.locator("#v-agents")).to_have_text("Dev Admin")
+    # Ending it tells the user.
+    page.get_by_role("button", name="End session").click()
+    page.get_by_role("button", name="Press again to end").click()
+    user.until(lambda f: f.get("type") == "session_ended", "session_ended")
+    expect(page.locator("#v-state")).to_have_text("ended")
+    expect(page.locator("#v-mode")).to_have_text("This session has ended.")
+    other.close()
+    user.close()
