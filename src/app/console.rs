@@ -35,6 +35,7 @@ const ASSETS: &[Asset] = assets! {
     "chat.html" => "text/html; charset=utf-8",
     "console.css" => "text/css; charset=utf-8",
     "agent.js" => "text/javascript; charset=utf-8",
+    "agent.css" => "text/css; charset=utf-8",
     "widget.js" => "text/javascript; charset=utf-8",
 };
 

@@ -1,0 +1,116 @@
+"""A user driven by a plain WebSocket client (Python `websockets`), for the agent
+console's browser tests: what the user sends, and the frames the user receives,
+waited for by their content (never by time)."""
+
+import base64
+import hashlib
+import hmac
+import io
+import json
+import os
+import struct
+import time
+import tomllib
+import urllib.request
+import wave
+import zlib
+
+from websockets.sync.client import connect
+
+from conftest import WAIT_S
+
+
+class User:
+    """A WebSocket client: the dev user, or anyone whose token is given."""
+
+    def __init__(self, server, token=None):
+        self.server = server
+        self.ws = connect(server.ws_url + "?token=" + (token or server.user_token),
+                          open_timeout=WAIT_S)
+        self.n = 0
+        self.session_id = None
+
+    def send(self, frame):
+        self.n += 1
+        frame.setdefault("id", f"u-{self.n}")
+        if self.session_id and frame["type"] in ("user_message", "help_request",
+                                                 "file_message", "voice_message"):
+            frame.setdefault("session_id", self.session_id)
+        self.ws.send(json.dumps(frame))
+        return frame["id"]
+
+    def until(self, pred, what):
+        """Receives frames until `pred(frame)`; returns the frames received."""
+        got = []
+        while True:
+            try:
+                f = json.loads(self.ws.recv(timeout=WAIT_S))
+            except TimeoutError:
+                raise AssertionError(f"user: no {what} in {WAIT_S}s; got {got}")
+            got.append(f)
+            if f.get("type") == "session" and not self.session_id:
+                self.session_id = f["session_id"]
+            if pred(f):
+                return got
+
+    def ask(self, content):
+        """Sends a message and waits for the AI's whole answer; its text."""
+        self.send({"type": "user_message", "content": content})
+        frames = self.until(lambda f: f.get("type") == "ai_done", "ai_done")
+        return "".join(f["content"] for f in frames if f.get("type") == "ai_chunk")
+
+    def upload(self, data, name):
+        req = urllib.request.Request(
+            self.server.base + "/upload?name=" + name, data=data, method="POST",
+            headers={"Authorization": "Bearer " + self.server.user_token,
+                     "Content-Type": "application/octet-stream"})
+        with urllib.request.urlopen(req, timeout=WAIT_S) as r:
+            return json.loads(r.read())
+
+    def close(self):
+        self.ws.close()
+
+
+def png_1x1():
+    def chunk(kind, body):
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+    ihdr = struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00\xff\x00\x00")
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def wav_tone():
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(8000)
+        w.writeframes(b"\x00\x10" * 8000)
+    return buf.getvalue()
+
+
+def axe_serious(page):
+    """axe-core's serious and critical violations. conftest's `axe_violations`
+    adds axe with a <script> tag, which the console's CSP (no inline script)
+    refuses; evaluating it through the DevTools protocol is not subject to it."""
+    with open(os.environ["CHATBOX_AXE_JS"], encoding="utf-8") as fh:
+        page.evaluate(fh.read() + "\n;void 0")
+    result = page.evaluate("async () => await axe.run(document)")
+    bad = [v for v in result["violations"] if v.get("impact") in ("serious", "critical")]
+    return [(v["id"], v["help"], [n["target"] for n in v["nodes"]]) for v in bad]
+
+
+def admin_token(server, sub, name):
+    """Another agent's token, signed (HS256) with the secret `--dev` keeps in its
+    data directory."""
+    with open(os.path.join(server.data, "dev-secrets.toml"), "rb") as fh:
+        secret = tomllib.load(fh)["jwt_secret"].encode()
+
+    def b64(raw):
+        return base64.urlsafe_b64encode(raw).rstrip(b"=")
+    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = b64(json.dumps({"sub": sub, "name": name, "roles": ["admin"],
+                           "exp": int(time.time()) + 3600}).encode())
+    sig = b64(hmac.new(secret, head + b"." + body, hashlib.sha256).digest())
+    return (head + b"." + body + b"." + sig).decode()
