@@ -17,7 +17,7 @@ import zlib
 
 from websockets.sync.client import connect
 
-from conftest import WAIT_S
+from conftest import axe_violations, WAIT_S
 
 
 class User:
@@ -91,14 +91,8 @@ def wav_tone():
 
 
 def axe_serious(page):
-    """axe-core's serious and critical violations. conftest's `axe_violations`
-    adds axe with a <script> tag, which the console's CSP (no inline script)
-    refuses; evaluating it through the DevTools protocol is not subject to it."""
-    with open(os.environ["CHATBOX_AXE_JS"], encoding="utf-8") as fh:
-        page.evaluate(fh.read() + "\n;void 0")
-    result = page.evaluate("async () => await axe.run(document)")
-    bad = [v for v in result["violations"] if v.get("impact") in ("serious", "critical")]
-    return [(v["id"], v["help"], [n["target"] for n in v["nodes"]]) for v in bad]
+    """axe-core's serious and critical violations (conftest's `axe_violations`)."""
+    return axe_violations(page)
 
 
 def admin_token(server, sub, name):
