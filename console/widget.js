@@ -207,6 +207,8 @@
       this.attempt = 0;
       this.stopped = false;
       this.recorder = null;
+      this.olderBefore = null; // the `before_seq` of the page before the oldest shown
+      this.loadingOlder = false;
       this.build();
     }
 
@@ -228,8 +230,11 @@
       this.log.setAttribute("aria-live", "polite");
       this.log.setAttribute("aria-label", "Conversation");
       this.log.tabIndex = 0;
+      this.more = el("button", "cbw-btn cbw-more", "Load earlier messages");
+      this.more.type = "button";
+      this.more.hidden = true;
       this.list = el("ol", "cbw-msgs");
-      this.log.append(this.list);
+      this.log.append(this.more, this.list);
 
       const form = el("form", "cbw-form");
       const label = el("label", "cbw-sr", "Your message");
@@ -274,6 +279,11 @@
         }
       });
       this.stopBtn.addEventListener("click", () => this.cancel());
+      this.more.addEventListener("click", () => this.loadOlder());
+      // Scrolled back to the top: the page before comes in above.
+      this.log.addEventListener("scroll", () => {
+        if (this.log.scrollTop < 40) this.loadOlder();
+      }, { passive: true });
       this.humanBtn.addEventListener("click", () => this.askHuman());
       this.fileInput.addEventListener("change", () => this.sendFile());
       this.voiceBtn.addEventListener("click", () => this.toggleVoice());
@@ -537,6 +547,9 @@
           }
           break;
         }
+        case "history":
+          this.showOlder(f);
+          return; // keeps the reader's place: no scrolling to the end
         case "ai_chunk":
           this.onChunk(f);
           break;
@@ -631,32 +644,67 @@
 
     /** The stored history (on resume): the list is rebuilt from it, keeping what it cannot hold yet. */
     showHistory(messages) {
+      const first = messages.length ? messages[0].seq : undefined;
+      const older = [];
       const keep = [];
       for (const [id, m] of this.messages) {
         const inHistory = messages.some((h) => h.message_id === id);
         const live = this.streaming && this.streaming.id === id;
-        if (!inHistory && (live || this.pending.has(id))) keep.push([id, m]);
+        // Pages loaded earlier (older than this history) stay above it.
+        if (m.pos !== undefined && first !== undefined && m.pos < first) older.push([id, m]);
+        else if (!inHistory && (live || this.pending.has(id))) keep.push([id, m]);
       }
+      if (!older.length) this.olderBefore = first > 1 ? first : null;
       this.messages.clear();
       this.list.replaceChildren();
-      for (const h of messages) {
-        const m = this.addMessage(h.message_id, {
-          role: h.role, content: h.content || "", file: h.file, name: h.admin_name,
-        });
-        m.done = true;
-        if (h.cancelled) this.markStopped(m);
+      for (const [id, m] of older) {
+        this.messages.set(id, m);
+        this.list.appendChild(m.li);
       }
+      for (const h of messages) this.addStored(h);
       for (const [id, m] of keep) {
         this.messages.set(id, m);
         this.list.appendChild(m.li);
       }
       if (this.streaming && !keep.some(([id]) => id === this.streaming.id)) this.streaming = null;
+      this.more.hidden = !this.olderBefore;
       this.scrollDown(true);
+    }
+
+    addStored(h, before) {
+      const m = this.addMessage(h.message_id, {
+        role: h.role, content: h.content || "", file: h.file, name: h.admin_name,
+      }, before);
+      m.done = true;
+      m.pos = h.seq;
+      if (h.cancelled) this.markStopped(m);
+      return m;
+    }
+
+    loadOlder() {
+      if (!this.olderBefore || this.loadingOlder || !this.sessionId) return;
+      if (this.send({ type: "history", session_id: this.sessionId, before_seq: this.olderBefore, limit: 30 })) {
+        this.loadingOlder = true;
+      }
+    }
+
+    /** A `history` page: prepended above what is shown, the reader's view kept in place. */
+    showOlder(f) {
+      this.loadingOlder = false;
+      if (f.session_id !== this.sessionId) return;
+      const height = this.log.scrollHeight;
+      const top = this.list.firstChild;
+      for (const h of f.messages || []) {
+        if (!this.messages.has(h.message_id)) this.addStored(h, top);
+      }
+      this.olderBefore = f.before_seq || null;
+      this.more.hidden = !this.olderBefore;
+      this.log.scrollTop += this.log.scrollHeight - height;
     }
 
     // ---- rendering ----------------------------------------------------------------
 
-    addMessage(id, { role, content, file, name }) {
+    addMessage(id, { role, content, file, name }, before) {
       const li = el("li", `cbw-msg cbw-${role}`);
       if (!id.startsWith("m_")) li.classList.add("cbw-pending");
       else li.dataset.messageId = id;
@@ -668,7 +716,7 @@
       }
       const body = el("div", "cbw-body");
       li.appendChild(body);
-      this.list.appendChild(li);
+      this.list.insertBefore(li, before || null);
       const m = { li, body, text: "", role };
       this.messages.set(id, m);
       this.setText(m, content);

@@ -241,3 +241,29 @@ def test_accessible_at_desktop_and_phone_width(server, open_page, width, height)
     # Nothing wider than the phone's screen.
     assert page.evaluate("() => document.documentElement.scrollWidth") <= width
     screenshot(page, f"widget-{width}x{height}")
+
+
+def test_earlier_messages_load_when_scrolling_back(open_page):
+    # Only the latest 4 messages come with `resume`; the rest page in on scroll.
+    server = start_server({"CHATBOX_HISTORY_MESSAGES_MAX": "4", "CHATBOX_DEMO_CHUNK_DELAY_MS": "1"})
+    try:
+        page = open_page(server.user_url, width=375, height=740)
+        page.wait_for_selector(".cbw-status:text('Connected')")
+        questions = [f"question number {i}" for i in range(6)]
+        for i, q in enumerate(questions):
+            send(page, q)
+            wait_answer_done(page, i + 1)
+        page.reload()
+        page.wait_for_selector(".cbw-user:has-text('question number 5')")
+        assert page.locator(".cbw-msg").count() == 4
+        more = page.get_by_role("button", name="Load earlier messages")
+        assert more.is_visible()
+        # Scrolling to the top of the conversation asks for the page before.
+        page.eval_on_selector(".cbw-log", "log => { log.scrollTop = 0; }")
+        page.wait_for_selector(".cbw-user:has-text('question number 0')")
+        more.wait_for(state="hidden")
+        users = page.eval_on_selector_all(".cbw-user .cbw-body", "els => els.map(e => e.textContent)")
+        assert users == questions
+        assert answer_texts(page) == [demo_answer(q) for q in questions]
+    finally:
+        stop_server(server)
