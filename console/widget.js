@@ -318,7 +318,7 @@
         ws.close(4000, "offline");
       });
       window.addEventListener("online", () => {
-        if (!this.ws && this.retry) {
+        if (!this.ws && !this.stopped) {
           clearTimeout(this.retry);
           this.retry = null;
           this.attempt = 0;
@@ -384,7 +384,8 @@
       this.setStatus("Connection lost. Reconnecting…");
       this.retry = setTimeout(() => {
         this.retry = null;
-        this.connect();
+        // Offline, an attempt can only fail: the "online" event reconnects instead.
+        if (navigator.onLine !== false) this.connect();
       }, delay);
     }
 
@@ -593,22 +594,41 @@
       this.scrollDown();
     }
 
+    /**
+     * Chunks are shown strictly in `seq` order, each once: a chunk already shown
+     * (replayed by `resume`) is dropped, and one that comes early (live chunks can
+     * reach a resumed connection before the replay of those it missed) waits
+     * until the gap before it is filled.
+     */
     onChunk(f) {
       let m = this.messages.get(f.message_id);
       if (!m) {
         m = this.addMessage(f.message_id, { role: "assistant", content: "" });
         m.seq = 0;
       }
-      if (m.done || f.seq <= (m.seq || 0)) return; // already shown (a resend after resume)
-      m.seq = f.seq;
+      if (m.done || !(f.seq > (m.seq || 0))) return;
+      m.seq = m.seq || 0;
+      m.ahead = m.ahead || new Map();
+      if (m.ahead.size < 4096) m.ahead.set(f.seq, f.content || "");
+      let add = "";
+      while (m.ahead.has(m.seq + 1)) {
+        m.seq += 1;
+        add += m.ahead.get(m.seq);
+        m.ahead.delete(m.seq);
+      }
       m.li.classList.add("cbw-streaming");
       m.li.setAttribute("aria-busy", "true");
-      this.streaming = { id: f.message_id, seq: f.seq };
-      this.setText(m, m.text + f.content);
+      this.streaming = { id: f.message_id, seq: m.seq };
+      if (add) this.setText(m, m.text + add);
+      if (m.doneFrame && !m.ahead.size) this.onDone(m.doneFrame);
     }
 
     onDone(f) {
       const m = this.messages.get(f.message_id);
+      if (m && m.ahead && m.ahead.size) {
+        m.doneFrame = f; // chunks before it are still on their way (a resume's replay)
+        return;
+      }
       if (this.streaming && this.streaming.id === f.message_id) this.streaming = null;
       if (!m) return;
       m.done = true;

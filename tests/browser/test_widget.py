@@ -145,6 +145,7 @@ def test_a_dropped_socket_reconnects_and_the_answer_is_whole_and_not_doubled(ope
         assert page.locator(".cbw-user").count() == 1
         assert page.locator(".cbw-cancelled").count() == 0
     finally:
+        close_before_server_stops(open_page)
         stop_server(server)
 
 
@@ -166,6 +167,14 @@ def test_a_reload_keeps_the_session_and_its_history(server, open_page):
     assert answer_texts(page)[1] == demo_answer("second question")
     after = page.evaluate("() => Object.entries(localStorage).find(([k]) => k.includes('session'))[1]")
     assert after == session
+
+
+def close_before_server_stops(pages):
+    """Closes the test's pages first: a widget whose server went away would try to
+    reconnect, and the browser logs each refused attempt as a console error."""
+    for context in pages.contexts:
+        context.close()
+    pages.contexts.clear()
 
 
 def admin_client(server):
@@ -266,4 +275,5 @@ def test_earlier_messages_load_when_scrolling_back(open_page):
         assert users == questions
         assert answer_texts(page) == [demo_answer(q) for q in questions]
     finally:
+        close_before_server_stops(open_page)
         stop_server(server)
