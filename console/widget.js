@@ -1,17 +1,8 @@
-// chatbox chat widget: one <script> tag on any page, plain JavaScript, no build.
-//
-// Embedding (see docs/WIDGET.md):
-//   <div data-chatbox-widget></div>
-//   <script src="https://HOST/chatbox/console/widget.js" data-token-url="/my/token"></script>
-// The token comes from data-token, from data-token-url (GET, answered with JSON
-// {"token": "..."} or the bare token), or from the URL fragment #token=... (our
-// own chat.html; the fragment is removed from the address bar at once). The
-// WebSocket and upload URLs are derived from this script's own src, so the widget
-// always talks to the server that served it.
-//
-// Message content is never inserted as HTML: every message goes through the small
-// markdown renderer below, which builds DOM nodes with createElement/textContent
-// and links only http(s) URLs.
+// chatbox chat widget: one <script> tag on any page, plain JavaScript, no build
+// (embedding, token sources and what it stores: docs/WIDGET.md). The WebSocket and
+// upload URLs come from this script's own src: it talks to the server that served it.
+// Message content is never inserted as HTML: the small markdown renderer below
+// builds DOM nodes with createElement/textContent and links only http(s) URLs.
 "use strict";
 
 (function () {
@@ -152,11 +143,8 @@
     }
   }
 
-  function sizeText(n) {
-    if (n < 1024) return `${n} B`;
-    if (n < 1024 * 1024) return `${(n / 1024).toFixed(0)} KB`;
-    return `${(n / 1024 / 1024).toFixed(1)} MB`;
-  }
+  const sizeText = (n) => (n < 1024 ? `${n} B` : n < 1048576 ? `${(n / 1024).toFixed(0)} KB`
+    : `${(n / 1048576).toFixed(1)} MB`);
 
   function storage(kind) {
     try {
@@ -276,6 +264,8 @@
         if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
           e.preventDefault();
           this.sendText();
+        } else if (e.key === "Escape" && this.streaming) {
+          this.cancel(); // the Stop button's shortcut
         }
       });
       this.stopBtn.addEventListener("click", () => this.cancel());
@@ -287,6 +277,7 @@
       this.humanBtn.addEventListener("click", () => this.askHuman());
       this.fileInput.addEventListener("change", () => this.sendFile());
       this.voiceBtn.addEventListener("click", () => this.toggleVoice());
+      // The label shows the focus of the (transparent) file input laid over it.
       this.fileInput.addEventListener("focus", () => fileLabel.classList.add("cbw-focus"));
       this.fileInput.addEventListener("blur", () => fileLabel.classList.remove("cbw-focus"));
       this.updateButtons();
@@ -373,7 +364,11 @@
         this.setStatus("Disconnected by support. Reload the page to chat again.");
         return;
       }
-      if (e.code === 4001 && script.dataset.tokenUrl) {
+      if (e.code === 4001) {
+        if (!script.dataset.tokenUrl) {
+          this.setStatus("Your chat token has expired. Reload the page to continue.");
+          return;
+        }
         try {
           this.token = await fetchToken(script.dataset.tokenUrl);
         } catch (_) { /* retried with the backoff below */ }
@@ -451,7 +446,7 @@
     }
 
     askHuman() {
-      if (this.sessionId) this.send({ type: "help_request", session_id: this.sessionId });
+      if (this.sessionId) this.send({ type: "help_request", id: clientId("h"), session_id: this.sessionId });
     }
 
     async upload(blob, name) {
@@ -646,12 +641,28 @@
     onError(f) {
       if (f.id && this.pending.has(f.id)) {
         const m = this.messages.get(f.id);
+        this.sentBefore = new Map([[f.id, this.pending.get(f.id)]]);
         this.pending.delete(f.id);
         if (m) m.li.classList.add("cbw-failed");
       }
       if (f.code === "forbidden" && !f.id && this.sessionId) {
         // The stored session is not ours any more (another user, or gone): start over.
         this.forgetSession();
+        return;
+      }
+      const frame = f.id && this.sentBefore && this.sentBefore.get(f.id);
+      if (f.code === "invalid_message" && frame && frame.session_id && /ended/.test(f.message || "")) {
+        // The conversation was ended (by support, or idle): this message starts a new one.
+        this.forgetSession();
+        delete frame.session_id;
+        this.pending.set(frame.id, frame);
+        this.messages.get(frame.id)?.li.classList.remove("cbw-failed");
+        this.send(frame);
+        return;
+      }
+      if (f.code === "rate_limited" && f.id && f.id.startsWith("h-")) {
+        const s = Math.ceil((f.retry_after_ms || 60000) / 1000);
+        this.note(`Support was just here. You can ask for a person again in ${s} s.`, "cbw-error");
         return;
       }
       const text = {
