@@ -7,6 +7,7 @@ The agent side, where a test needs one, is a plain WebSocket client (Python
 import json
 import os
 import struct
+import urllib.request
 import zlib
 
 import pytest
@@ -277,3 +278,42 @@ def test_earlier_messages_load_when_scrolling_back(open_page):
     finally:
         close_before_server_stops(open_page)
         stop_server(server)
+
+
+def end_session(server, session_id):
+    req = urllib.request.Request(f"{server.base}/admin/sessions/{session_id}/end", method="POST",
+                                 headers={"Authorization": f"Bearer {server.admin_token}"})
+    with urllib.request.urlopen(req, timeout=WAIT_S) as r:
+        assert r.status in (200, 204), r.status
+
+
+def stored_session(page):
+    return page.evaluate(
+        "() => (Object.entries(localStorage).find(([k]) => k.includes('session')) || [])[1] || null")
+
+
+def test_an_ended_conversation_is_shown_and_the_next_message_starts_a_new_one(server, open_page):
+    page = open_page(server.user_url)
+    page.wait_for_selector(".cbw-status:text('Connected')")
+    send(page, "first conversation")
+    wait_answer_done(page)
+    first = stored_session(page)
+    # Ended while the widget watches: it says so.
+    end_session(server, first)
+    page.wait_for_selector(".cbw-note:has-text('conversation has ended')")
+    send(page, "second conversation")
+    wait_answer_done(page, 2)
+    second = stored_session(page)
+    assert second and second != first
+    # Ended while the widget was away (offline, so it never saw session_ended):
+    # its next message is refused for the old session and goes to a new one.
+    page.context.set_offline(True)
+    page.wait_for_selector(".cbw-status:text('Reconnecting')")
+    end_session(server, second)
+    page.context.set_offline(False)
+    page.wait_for_selector(".cbw-status:text('Connected')")
+    send(page, "third conversation")
+    page.wait_for_selector(".cbw-assistant .cbw-body:has-text('third conversation')")
+    page.locator(".cbw-streaming").wait_for(state="detached")
+    assert stored_session(page) not in (first, second, None)
+    assert page.locator(".cbw-failed").count() == 0
