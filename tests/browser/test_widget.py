@@ -246,8 +246,12 @@ def test_accessible_at_desktop_and_phone_width(server, open_page, width, height)
     page.get_by_label("Your message").focus()
     page.keyboard.press("Tab")
     assert page.evaluate("() => document.activeElement.textContent") == "Send"
-    violations = axe_scan(page)
-    assert not violations, [(v["id"], v["impact"], v["help"]) for v in violations]
+    for scheme in ("dark", "light"):
+        page.emulate_media(color_scheme=scheme)
+        violations = axe_scan(page)
+        assert not violations, (scheme, [(v["id"], v["impact"], v["help"]) for v in violations])
+        if scheme == "dark":
+            screenshot(page, f"widget-{width}x{height}-dark")
     # Nothing wider than the phone's screen.
     assert page.evaluate("() => document.documentElement.scrollWidth") <= width
     screenshot(page, f"widget-{width}x{height}")
