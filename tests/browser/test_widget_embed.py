@@ -6,11 +6,12 @@ import http.server
 import io
 import json
 import math
+import os
 import struct
 import threading
 import wave
 
-from conftest import start_server, stop_server
+from conftest import WAIT_S, start_server, stop_server
 from test_widget import close_before_server_stops, demo_answer, send, wait_answer_done
 
 PAGE = """<!doctype html>
@@ -99,3 +100,35 @@ def test_the_snippet_works_on_a_customer_page_on_another_origin(open_page):
         close_before_server_stops(open_page)
         stop_server(server)
         customer.close()
+
+
+def test_a_voice_note_is_recorded_with_the_microphone_and_answered(browser, server):
+    # Chromium's fake microphone (a tone), granted without a prompt: a browser of
+    # its own, since the shared one has no microphone at all.
+    mic = browser.browser_type.launch(
+        executable_path=os.environ.get("CHATBOX_CHROMIUM", "/usr/bin/chromium"),
+        args=["--no-sandbox", "--disable-gpu", "--use-fake-ui-for-media-stream",
+              "--use-fake-device-for-media-stream"])
+    problems = []
+    try:
+        context = mic.new_context(permissions=["microphone"], viewport={"width": 375, "height": 740})
+        page = context.new_page()
+        page.set_default_timeout(WAIT_S * 1000)
+        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        page.goto(server.user_url)
+        page.wait_for_selector(".cbw-status:text('Connected')")
+        record = page.get_by_role("button", name="Record voice note")
+        record.click()
+        stop = page.get_by_role("button", name="Stop recording and send")
+        assert stop.get_attribute("aria-pressed") == "true"
+        stop.click()
+        page.wait_for_selector(".cbw-user .cbw-file-info:has-text('Voice note')")
+        page.wait_for_selector(".cbw-user .cbw-body:has-text('(demo transcript)')")
+        assert "webm" in page.locator(".cbw-user .cbw-body").inner_text()
+        wait_answer_done(page)
+        assert "(demo transcript)" in page.locator(".cbw-assistant .cbw-body").inner_text()
+        context.close()
+    finally:
+        mic.close()
+    assert not problems, problems
