@@ -135,6 +135,17 @@ impl ChatConn {
                 );
                 None
             }
+            ClientFrame::History {
+                session_id,
+                before_seq,
+                limit,
+            } => {
+                let to = Target::Local(self.conn);
+                with_session(core, self.conn, user, session_id.into(), id.clone(), {
+                    move |core, sid| resume::history_page(core, sid, to, before_seq, limit, id)
+                });
+                None
+            }
             ClientFrame::Cancel { session_id } => {
                 message::cancel(core, user, &session_id, id.as_deref())
             }

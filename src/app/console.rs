@@ -37,6 +37,7 @@ const ASSETS: &[Asset] = assets! {
     "agent.js" => "text/javascript; charset=utf-8",
     "agent.css" => "text/css; charset=utf-8",
     "widget.js" => "text/javascript; charset=utf-8",
+    "widget.css" => "text/css; charset=utf-8",
 };
 
 /// The names [`ASSETS`] holds, for the test that compares them with `console/`.

@@ -73,6 +73,12 @@ pub enum ClientFrame {
     HelpRequest {
         session_id: String,
     },
+    /// One page of older history: up to `limit` messages before `before_seq`.
+    History {
+        session_id: String,
+        before_seq: u64,
+        limit: usize,
+    },
     /// `file_message` (an uploaded file, with an optional caption), or
     /// `voice_message` (`voice`: an audio file, transcribed, no caption).
     FileMessage {
@@ -187,6 +193,24 @@ pub fn parse(
         },
         "help_request" => ClientFrame::HelpRequest {
             session_id: f.session_id()?,
+        },
+        "history" => ClientFrame::History {
+            session_id: f.session_id()?,
+            before_seq: obj
+                .get("before_seq")
+                .and_then(|v| v.as_u64())
+                .ok_or_else(|| f.err("before_seq must be a non-negative integer"))?,
+            limit: match obj.get("limit").filter(|v| !v.is_null()) {
+                None => HISTORY_PAGE_DEFAULT,
+                Some(v) => v
+                    .as_u64()
+                    .filter(|n| (1..=HISTORY_PAGE_MAX as u64).contains(n))
+                    .ok_or_else(|| {
+                        f.err(&format!(
+                            "limit must be an integer in 1..={HISTORY_PAGE_MAX}"
+                        ))
+                    })? as usize,
+            },
         },
         "voice_message" | "file_message" => ClientFrame::FileMessage {
             session_id: f.opt_session_id()?,
@@ -342,6 +366,10 @@ pub fn json_depth(json: &[u8]) -> usize {
     max
 }
 
+/// A `history` page's size when the client names none, and the most it may ask.
+pub const HISTORY_PAGE_DEFAULT: usize = 50;
+pub const HISTORY_PAGE_MAX: usize = 200;
+
 /// Server frames, serialized with serde.
 #[derive(Debug, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -351,6 +379,16 @@ pub enum ServerFrame<'a> {
         created: bool,
         #[serde(skip_serializing_if = "Option::is_none")]
         messages: Option<&'a [HistoryItem]>,
+    },
+    /// One page of older history, oldest first; `before_seq` asks for the page
+    /// before it (absent: nothing older is left).
+    History {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a str>,
+        session_id: &'a str,
+        messages: &'a [HistoryItem],
+        #[serde(skip_serializing_if = "Option::is_none")]
+        before_seq: Option<u64>,
     },
     Ack {
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -493,6 +531,8 @@ pub struct Usage {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct HistoryItem {
     pub message_id: String,
+    /// The message's position in the session (`history` pages by it).
+    pub seq: u64,
     pub role: &'static str,
     pub content: String,
     pub created_at: i64,

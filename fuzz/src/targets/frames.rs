@@ -12,7 +12,8 @@ use std::cell::RefCell;
 
 use chatbox::app::frames::{
     parse, ClientFrame, Incoming, Limits, Refused, CLIENT_ID_CHARS_MAX, FILE_ID_CHARS_MAX,
-    FILE_URL_CHARS_MAX, JSON_DEPTH_MAX, MODEL_ID_CHARS_MAX, SESSION_ID_CHARS_MAX, TOKEN_CHARS_MAX,
+    FILE_URL_CHARS_MAX, HISTORY_PAGE_MAX, JSON_DEPTH_MAX, MODEL_ID_CHARS_MAX, SESSION_ID_CHARS_MAX,
+    TOKEN_CHARS_MAX,
 };
 use serde_json::{json, Value};
 
@@ -170,6 +171,9 @@ fn check_limits(incoming: &Incoming, limits: &Limits) -> Result<(), String> {
         | ClientFrame::AdminJoin { session_id }
         | ClientFrame::AdminLeave { session_id } => session_id_ok(session_id),
         ClientFrame::AuthRefresh { token } => chars_within(token, 1, TOKEN_CHARS_MAX),
+        ClientFrame::History {
+            session_id, limit, ..
+        } => session_id_ok(session_id) && (1..=HISTORY_PAGE_MAX).contains(limit),
     };
     if ok {
         Ok(())
@@ -240,6 +244,12 @@ pub fn to_json(incoming: &Incoming) -> Value {
             json!({"type": "admin_leave", "session_id": session_id})
         }
         ClientFrame::AuthRefresh { token } => json!({"type": "auth_refresh", "token": token}),
+        ClientFrame::History {
+            session_id,
+            before_seq,
+            limit,
+        } => json!({"type": "history", "session_id": session_id,
+            "before_seq": before_seq, "limit": limit}),
     };
     if let (Some(id), Some(o)) = (&incoming.id, v.as_object_mut()) {
         o.insert("id".into(), json!(id));

@@ -18,6 +18,8 @@ const KEYS: &[&str] = &[
     "file_url",
     "after_seq",
     "file_id",
+    "before_seq",
+    "limit",
 ];
 
 const TYPES: &[&str] = &[
@@ -30,6 +32,7 @@ const TYPES: &[&str] = &[
     "admin_join",
     "admin_message",
     "admin_leave",
+    "history",
 ];
 
 /// Bytes and characters that change meaning: escapes, surrogates, odd numbers.

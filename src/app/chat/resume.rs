@@ -87,6 +87,64 @@ pub async fn resume_now(core: Rc<Core>, sid: Arc<str>, to: Target, after_seq: Op
     }
 }
 
+/// `history`: up to `limit` stored messages before `before_seq`, oldest first,
+/// and where the page before them starts (none when nothing older is left).
+/// Seqs are allocated one by one per session, so the page is the `limit` seqs
+/// below `before_seq`, read with the store's forward pager.
+pub fn history_page(
+    core: &Rc<Core>,
+    sid: &Arc<str>,
+    to: Target,
+    before_seq: u64,
+    limit: usize,
+    id: Option<String>,
+) {
+    let task = history_page_now(core.clone(), sid.clone(), to, before_seq, limit, id);
+    super::spawn(core, sid, "history", task, |_| {});
+}
+
+async fn history_page_now(
+    core: Rc<Core>,
+    sid: Arc<str>,
+    to: Target,
+    before_seq: u64,
+    limit: usize,
+    id: Option<String>,
+) {
+    let from = before_seq.saturating_sub(limit as u64 + 1);
+    let page = core
+        .shared
+        .app
+        .store
+        .messages_after(&sid, from, limit)
+        .await;
+    let send = |frame: String| deliver(&core, to, frame.into());
+    let mut messages = match page {
+        Ok(m) => m,
+        Err(e) => {
+            core.metrics().store_errors.inc();
+            tracing::error!(session = %sid, error = %e, "loading a history page failed");
+            let msg = "could not load the history; retry";
+            return send(store_read_error(&e, msg, id.as_deref()));
+        }
+    };
+    messages.retain(|m| m.seq < before_seq);
+    let (history, withheld) = open_history(&core, &sid, &messages);
+    let frame = ServerFrame::History {
+        id: id.as_deref(),
+        session_id: &sid,
+        messages: &history,
+        before_seq: (from > 0).then_some(from + 1),
+    };
+    send(frame.to_json());
+    if withheld > 0 {
+        core.metrics().integrity_failures.add(withheld);
+        let msg =
+            format!("{withheld} stored message(s) failed their integrity check and were withheld");
+        send(error_frame(Code::Internal, &msg, id.as_deref()));
+    }
+}
+
 /// A stored message's content and extras, or why they did not open.
 fn open_message(
     keys: &crate::crypto::KeyRing,
@@ -105,6 +163,7 @@ fn open_history(core: &Core, sid: &str, messages: &[MessageRecord]) -> (Vec<Hist
         .filter_map(|m| match open_message(keys, m) {
             Ok((content, extra)) => Some(HistoryItem {
                 message_id: m.message_id.clone(),
+                seq: m.seq,
                 role: m.role.as_str(),
                 content,
                 created_at: m.created_at,

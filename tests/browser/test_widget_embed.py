@@ -1,0 +1,137 @@
+"""The widget embedded in a customer's own page on another origin (the snippet of
+docs/WIDGET.md: a container, one script tag, a token URL on the customer's
+backend), and a voice note sent from it."""
+
+import http.server
+import io
+import json
+import math
+import os
+import struct
+import threading
+import wave
+
+from conftest import WAIT_S, start_server, stop_server
+from test_widget import close_before_server_stops, demo_answer, send, wait_answer_done
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Example shop</title><link rel="icon" href="data:,"></head>
+<body><main><h1>Example shop</h1><p>Questions? Ask us below.</p>
+<div data-chatbox-widget></div></main>
+<script src="{base}/console/widget.js" data-token-url="/token" defer></script>
+</body></html>"""
+
+
+class Customer:
+    """A customer's site: a page embedding the widget and a token endpoint."""
+
+    def __init__(self):
+        self.base = None  # chatbox's base URL, known once it runs
+        self.token = None
+        self.token_requests = 0
+        site = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                if self.path == "/":
+                    body, kind = PAGE.format(base=site.base).encode(), "text/html; charset=utf-8"
+                elif self.path == "/token":
+                    site.token_requests += 1
+                    body, kind = json.dumps({"token": site.token}).encode(), "application/json"
+                else:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.origin = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def wav_bytes(seconds=1.0, rate=8000):
+    """A short spoken-length tone as 16-bit mono WAV."""
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(b"".join(struct.pack("<h", int(8000 * math.sin(i / 8)))
+                               for i in range(int(seconds * rate))))
+    return buf.getvalue()
+
+
+def test_the_snippet_works_on_a_customer_page_on_another_origin(open_page):
+    customer = Customer()
+    server = start_server({"CHATBOX_ALLOWED_ORIGINS": customer.origin})
+    try:
+        customer.base, customer.token = server.base, server.user_token
+        page = open_page(customer.origin + "/", width=375, height=740)
+        page.wait_for_selector(".cbw-status:text('Connected')")
+        assert customer.token_requests == 1
+        # The widget's styles came with it, from chatbox.
+        assert page.evaluate("() => getComputedStyle(document.querySelector('.cbw')).display") == "flex"
+        send(page, "do you ship abroad?")
+        wait_answer_done(page)
+        assert page.locator(".cbw-assistant .cbw-body").inner_text() == demo_answer("do you ship abroad?")
+
+        # A voice note: uploaded across origins (CORS), sent as voice_message, its
+        # transcript shown in place of the note, then answered.
+        page.set_input_files(".cbw-file", files=[{"name": "note.wav", "mimeType": "audio/wav",
+                                                  "buffer": wav_bytes()}])
+        page.wait_for_selector(".cbw-user .cbw-file-info:has-text('Voice note')")
+        page.wait_for_selector(".cbw-user .cbw-body:has-text('(demo transcript)')")
+        wait_answer_done(page, 2)
+        second = page.locator(".cbw-assistant .cbw-body").nth(1).inner_text()
+        assert "(demo transcript)" in second, second
+    finally:
+        close_before_server_stops(open_page)
+        stop_server(server)
+        customer.close()
+
+
+def test_a_voice_note_is_recorded_with_the_microphone_and_answered(browser, server):
+    # Chromium's fake microphone (a tone), granted without a prompt: a browser of
+    # its own, since the shared one has no microphone at all.
+    mic = browser.browser_type.launch(
+        executable_path=os.environ.get("CHATBOX_CHROMIUM", "/usr/bin/chromium"),
+        args=["--no-sandbox", "--disable-gpu", "--use-fake-ui-for-media-stream",
+              "--use-fake-device-for-media-stream"])
+    problems = []
+    try:
+        context = mic.new_context(permissions=["microphone"], viewport={"width": 375, "height": 740})
+        page = context.new_page()
+        page.set_default_timeout(WAIT_S * 1000)
+        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        page.goto(server.user_url)
+        page.wait_for_selector(".cbw-status:text('Connected')")
+        record = page.get_by_role("button", name="Record voice note")
+        record.click()
+        stop = page.get_by_role("button", name="Stop recording and send")
+        assert stop.get_attribute("aria-pressed") == "true"
+        # Stopped once something was captured (a loaded machine may take a while
+        # to start the fake microphone).
+        page.wait_for_selector("button[data-recorded]")
+        stop.click()
+        page.wait_for_selector(".cbw-user .cbw-file-info:has-text('Voice note')")
+        page.wait_for_selector(".cbw-user .cbw-body:has-text('(demo transcript)')")
+        assert "webm" in page.locator(".cbw-user .cbw-body").inner_text()
+        wait_answer_done(page)
+        assert "(demo transcript)" in page.locator(".cbw-assistant .cbw-body").inner_text()
+        context.close()
+    finally:
+        mic.close()
+    assert not problems, problems
