@@ -12,6 +12,8 @@
   // .../chatbox/console/widget.js -> .../chatbox/
   const BASE = new URL("../", SRC);
   const WS_URL = new URL("ws", BASE);
+  // Fewer bytes than this is a recording's container header alone, no sound.
+  const VOICE_BYTES_MIN = 1024;
   WS_URL.protocol = BASE.protocol === "https:" ? "wss:" : "ws:";
   const UPLOAD_URL = new URL("upload", BASE);
   const BACKOFF_MS = [300, 1000, 2000, 4000, 8000, 15000];
@@ -510,8 +512,8 @@
         if (!e.data.size) return;
         chunks.push(e.data);
         recorded += e.data.size;
-        // What has been captured so far (tests wait on it before stopping).
-        this.voiceBtn.dataset.recorded = String(recorded);
+        // Marks the button once there is sound to send (tests wait on it).
+        if (recorded >= VOICE_BYTES_MIN) this.voiceBtn.dataset.hasSound = "";
       });
       rec.addEventListener("stop", () => {
         stream.getTracks().forEach((t) => t.stop());
@@ -521,8 +523,10 @@
         const type = (rec.mimeType || "audio/webm").split(";")[0];
         const ext = type.includes("mp4") ? "m4a" : type.includes("ogg") ? "ogg" : "webm";
         const blob = new Blob(chunks, { type });
-        delete this.voiceBtn.dataset.recorded;
-        if (blob.size) this.uploadAndSend(blob, `voice-note.${ext}`, true);
+        delete this.voiceBtn.dataset.hasSound;
+        // A recorder stopped at once yields its container's header alone (a
+        // couple of hundred bytes, no sound): told, not sent.
+        if (blob.size >= VOICE_BYTES_MIN) this.uploadAndSend(blob, `voice-note.${ext}`, true);
         else this.note("Nothing was recorded; hold on a moment longer before stopping.", "cbw-error");
       });
       // A slice every 250 ms: a note stopped early still has what was captured.

@@ -223,3 +223,52 @@ async fn a_duplicate_ack_starts_no_second_answer() {
     );
     assert_eq!(fake.requests().len(), 2);
 }
+
+/// The model goes on while a second connection resumes: chunks produced while its
+/// history is being read must not reach it before the `session` frame, nor twice
+/// (the replay of the running answer already has them). Found by the widget's
+/// browser tests, which had to sort chunks by seq to cope.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_streamed_during_a_resume_come_after_its_history_and_once() {
+    let w = words(400);
+    let w: Vec<&str> = w.iter().map(String::as_str).collect();
+    let (cfg, _fake, gate) = fake_llm::stepped_server(&[&w]).await;
+    let server = start(cfg);
+    let addr = server.local_addr();
+    let mut a = connect_user(addr, "race").await;
+    send(
+        &mut a,
+        json!({"type": "user_message", "id": "c1", "content": "go"}),
+    )
+    .await;
+    gate.release(3);
+    let (first, before) = until(&mut a, "ai_chunk").await;
+    let sid = before.iter().find(|f| f["type"] == "session").unwrap()["session_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(first["seq"], 1);
+    let mut b = connect_user(addr, "race").await;
+    send(
+        &mut b,
+        json!({"type": "resume", "session_id": sid, "after_seq": 1}),
+    )
+    .await;
+    // The rest streams while the resume reads the history.
+    gate.open();
+    let s = recv(&mut b).await;
+    assert_eq!(s["type"], "session", "the history comes first: {s}");
+    let (_, frames) = until(&mut b, "ai_done").await;
+    let seqs: Vec<u64> = frames
+        .iter()
+        .filter(|v| v["type"] == "ai_chunk")
+        .map(|v| v["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        seqs,
+        (2..=400).collect::<Vec<_>>(),
+        "every chunk after 1, once, in order"
+    );
+    server.shutdown();
+    stop(server).await;
+}

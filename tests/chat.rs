@@ -681,12 +681,12 @@ async fn file_url_and_metadata_stay_with_the_message_sealed() {
     drop((ws, admin));
     server.shutdown();
     stop(server).await;
-    let db = std::fs::read(data_dir.join("chatbox.db")).unwrap();
-    let wal = std::fs::read(data_dir.join("chatbox.db-wal")).unwrap_or_default();
-    for needle in ["shop.example", "/billing"] {
+    let at_rest = stored_bytes(&cfg, &data_dir).await;
+    assert!(!at_rest.is_empty(), "the messages are somewhere");
+    for needle in ["shop.example", "/billing", "my receipt"] {
         assert!(
-            !db.windows(needle.len())
-                .chain(wal.windows(needle.len()))
+            !at_rest
+                .windows(needle.len())
                 .any(|w| w == needle.as_bytes()),
             "{needle} readable at rest"
         );
@@ -725,4 +725,29 @@ async fn file_url_and_metadata_stay_with_the_message_sealed() {
     assert!(export.to_string().contains(url), "{export}");
     server.shutdown();
     stop(server).await;
+}
+
+/// Everything the store holds of the messages, as bytes: the SQLite file and its
+/// log, or every document of MongoDB's messages collection.
+async fn stored_bytes(cfg: &chatbox::config::Config, data_dir: &std::path::Path) -> Vec<u8> {
+    let Some(uri) = &cfg.mongo_uri else {
+        let db = std::fs::read(data_dir.join("chatbox.db")).unwrap();
+        let wal = std::fs::read(data_dir.join("chatbox.db-wal")).unwrap_or_default();
+        return [db, wal].concat();
+    };
+    use futures_util::TryStreamExt;
+    let client = mongodb::Client::with_uri_str(uri).await.unwrap();
+    let messages = client
+        .database(&cfg.mongo_database)
+        .collection::<mongodb::bson::Document>("messages");
+    let docs: Vec<mongodb::bson::Document> = messages
+        .find(mongodb::bson::doc! {})
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    docs.iter()
+        .flat_map(|d| mongodb::bson::to_vec(d).unwrap())
+        .collect()
 }

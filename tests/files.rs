@@ -212,6 +212,17 @@ async fn uploads_are_typed_by_content_and_named_safely() {
         .contains("image/png"));
     let r = upload_raw(addr, &alice, "empty.png", "image/png", b"").await;
     assert_eq!(r.status, 400);
+    // A recorder stopped at once: a WebM header and no sound. Refused, and told
+    // why (found by the widget's microphone test).
+    let mut header_only = b"\x1a\x45\xdf\xa3\x9f\x42\x86\x81\x01\x42\x82\x84webm".to_vec();
+    header_only.resize(217, 0);
+    let r = upload_raw(addr, &alice, "voice-note.webm", "audio/webm", &header_only).await;
+    assert_eq!(r.status, 415);
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("too short (217 bytes)"),
+        "{:?}",
+        r.json()
+    );
 
     // Path-like names are kept only as a base name, never as a path.
     for (raw, shown) in [

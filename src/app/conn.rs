@@ -124,14 +124,14 @@ impl ChatConn {
                 session_id,
                 after_seq,
             } => {
-                let to = Target::Local(self.conn);
+                let conn = self.conn;
                 with_session(
                     core,
                     self.conn,
                     user,
                     session_id.into(),
                     id,
-                    move |core, sid| resume::resume(core, sid, to, after_seq),
+                    move |core, sid| resume::resume(core, sid, conn, after_seq),
                 );
                 None
             }

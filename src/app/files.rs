@@ -33,6 +33,10 @@ const SNIFF_BYTES: usize = 8 * 1024;
 /// What a multipart body may carry beyond its file: boundaries, part headers,
 /// small other fields.
 pub const MULTIPART_SLACK_BYTES: u64 = 64 * 1024;
+/// Below this many bytes a file of no known type is called too short rather
+/// than unknown (`infer` needs 257 bytes to see a WebM).
+const TYPE_BYTES_MIN: usize = 512;
+
 /// Pieces queued between the core and the sealing task.
 const PIECES_IN_FLIGHT: usize = 4;
 /// After a refusal, how much of the rest of the body is read and dropped so the
@@ -571,6 +575,13 @@ fn sniff(core: &Core, held: &[Bytes]) -> Result<String, FileApiError> {
     let allowed = &core.shared.app.files.types;
     match infer::get(&head).map(|t| t.mime_type()) {
         Some(mime) if allowed.iter().any(|a| a == mime) => Ok(mime.to_owned()),
+        // Some signatures need more bytes than a near-empty file has (a WebM
+        // recorder stopped at once: its header alone, about 200 bytes).
+        None if head.len() < TYPE_BYTES_MIN => Err(FileApiError::Unsupported(format!(
+            "the file is too short ({} bytes) to tell its type (an empty recording?); allowed: {}",
+            head.len(),
+            allowed.join(", ")
+        ))),
         found => Err(FileApiError::Unsupported(format!(
             "the file's content is {}, which is not allowed; allowed: {}",
             found.unwrap_or("of no known type"),

@@ -122,9 +122,9 @@ def test_a_voice_note_is_recorded_with_the_microphone_and_answered(browser, serv
         record.click()
         stop = page.get_by_role("button", name="Stop recording and send")
         assert stop.get_attribute("aria-pressed") == "true"
-        # Stopped once something was captured (a loaded machine may take a while
-        # to start the fake microphone).
-        page.wait_for_selector("button[data-recorded]")
+        # Stopped once sound was captured, not the container's header alone (a
+        # loaded machine may take a while to start the fake microphone).
+        page.wait_for_selector("button[data-has-sound]")
         stop.click()
         page.wait_for_selector(".cbw-user .cbw-file-info:has-text('Voice note')")
         page.wait_for_selector(".cbw-user .cbw-body:has-text('(demo transcript)')")

@@ -255,6 +255,13 @@ impl ChatCore {
         }
     }
 
+    /// Stops sending `sid`'s live frames to `conn` (until it is attached again).
+    pub fn detach(&self, sid: &Arc<str>, conn: ConnId) {
+        if let Some(s) = self.sessions.borrow_mut().get_mut(sid) {
+            s.attached.retain(|c| *c != conn);
+        }
+    }
+
     /// Forgets a closed connection everywhere it was attached.
     pub fn detach_conn(&self, conn: ConnId) {
         let Some(list) = self.conn_sessions.borrow_mut().remove(&conn) else {

@@ -9,19 +9,47 @@ use super::extra::Extra;
 use super::session::Target;
 use crate::app::frames::{error_frame, store_read_error, Code, HistoryItem, ServerFrame};
 use crate::app::Core;
+use crate::runtime::ConnId;
 use crate::store::MessageRecord;
 
-/// Sends the history and the running answer to `to`, in the background.
-pub fn resume(core: &Rc<Core>, sid: &Arc<str>, to: Target, after_seq: Option<u64>) {
-    let task = resume_now(core.clone(), sid.clone(), to, after_seq);
+/// Sends the history and the running answer to connection `conn`, in the
+/// background. The connection is detached from the session until its history is
+/// read: live frames in between would reach it before the `session` frame, and
+/// again in the replay of the running answer.
+pub fn resume(core: &Rc<Core>, sid: &Arc<str>, conn: ConnId, after_seq: Option<u64>) {
+    core.app.detach(sid, conn);
+    let (c, s) = (core.clone(), sid.clone());
+    let task = async move {
+        resume_now(
+            c.clone(),
+            s.clone(),
+            Target::Local(conn),
+            after_seq,
+            Some(conn),
+        )
+        .await;
+    };
     super::spawn(core, sid, "resume", task, |_| {});
 }
 
-/// [`resume`], awaited: returns once every frame is queued for `to`.
-pub async fn resume_now(core: Rc<Core>, sid: Arc<str>, to: Target, after_seq: Option<u64>) {
+/// [`resume`], awaited: returns once every frame is queued for `to`;
+/// `attach`: the connection attached to the session once the history is read
+/// (in the same synchronous step that sends it).
+pub async fn resume_now(
+    core: Rc<Core>,
+    sid: Arc<str>,
+    to: Target,
+    after_seq: Option<u64>,
+    attach: Option<ConnId>,
+) {
     let shared = &core.shared.app;
     core.shared.hooks.fault_point("resume");
     let send = |frame: String| deliver(&core, to, frame.into());
+    let attach_now = || {
+        if let Some(conn) = attach {
+            core.app.attach(&sid, conn);
+        }
+    };
     let messages = match shared
         .store
         .load_session(&sid, shared.history_messages_max)
@@ -32,6 +60,8 @@ pub async fn resume_now(core: Rc<Core>, sid: Arc<str>, to: Target, after_seq: Op
         Err(e) => {
             core.metrics().store_errors.inc();
             tracing::error!(session = %sid, error = %e, "loading history failed");
+            // Live frames go on; the client may ask for the history again.
+            attach_now();
             return send(store_read_error(
                 &e,
                 "could not load the history; retry",
@@ -41,6 +71,7 @@ pub async fn resume_now(core: Rc<Core>, sid: Arc<str>, to: Target, after_seq: Op
     };
     let (history, withheld) = open_history(&core, &sid, &messages);
     // From here on everything is synchronous: no chunk can slip in between.
+    attach_now();
     let frame = ServerFrame::Session {
         session_id: &sid,
         created: false,
@@ -53,7 +84,19 @@ pub async fn resume_now(core: Rc<Core>, sid: Arc<str>, to: Target, after_seq: Op
             format!("{withheld} stored message(s) failed their integrity check and were withheld");
         send(error_frame(Code::Internal, &msg, None));
     }
-    let replay = core.app.sessions.borrow().get(&sid).and_then(|s| {
+    replay_running(&core, &sid, &history, after_seq, send);
+}
+
+/// The answer still streaming (not in `history`): its chunks after `after_seq`,
+/// and its end if it has one; the live rest follows through the session.
+fn replay_running(
+    core: &Core,
+    sid: &Arc<str>,
+    history: &[HistoryItem],
+    after_seq: Option<u64>,
+    send: impl Fn(String),
+) {
+    let replay = core.app.sessions.borrow().get(sid).and_then(|s| {
         let a = s.answer.as_ref()?;
         let stored = history.iter().any(|h| *h.message_id == *a.message_id);
         (!stored).then(|| (a.message_id.clone(), a.chunks.clone(), a.done))
@@ -66,7 +109,7 @@ pub async fn resume_now(core: Rc<Core>, sid: Arc<str>, to: Target, after_seq: Op
         let seq = i as u64 + 1;
         send(
             ServerFrame::AiChunk {
-                session_id: &sid,
+                session_id: sid,
                 message_id: &message_id,
                 seq,
                 content,
@@ -77,7 +120,7 @@ pub async fn resume_now(core: Rc<Core>, sid: Arc<str>, to: Target, after_seq: Op
     if let Some((usage, cancelled)) = done {
         send(
             ServerFrame::AiDone {
-                session_id: &sid,
+                session_id: sid,
                 message_id: &message_id,
                 usage,
                 cancelled,

@@ -246,7 +246,7 @@ fn join(core: &Rc<Core>, sid: &Arc<str>, admin: &AdminRef) {
         &sid.clone(),
         "takeover",
         async move {
-            resume_now(core.clone(), sid.clone(), Target::of(&admin), None).await;
+            resume_now(core.clone(), sid.clone(), Target::of(&admin), None, None).await;
             core.shared.hooks.fault_point("takeover");
             let Some(present) = core
                 .app
