@@ -29,7 +29,10 @@ pub fn resume(core: &Rc<Core>, sid: &Arc<str>, conn: ConnId, after_seq: Option<u
         )
         .await;
     };
-    super::spawn(core, sid, "resume", task, |_| {});
+    // A resume that panics still leaves the connection in its session (and so
+    // told of the failure, like everyone in it).
+    let s = sid.clone();
+    super::spawn(core, sid, "resume", task, move |c| c.app.attach(&s, conn));
 }
 
 /// [`resume`], awaited: returns once every frame is queued for `to`;
