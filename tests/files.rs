@@ -795,6 +795,11 @@ async fn the_widget_on_an_allowed_origin_uploads_and_downloads_across_origins() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stored_file_that_cannot_be_read_is_an_error_not_a_hang() {
     let cfg = config();
+    // The objects are broken by hand on local disk; what is checked (how a read
+    // failure reaches the client) is the same whichever store failed.
+    if stores::store_name(&cfg) != "local" {
+        return;
+    }
     let data_dir = cfg.data_dir.clone();
     let server = start(cfg);
     let addr = server.local_addr();
