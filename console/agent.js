@@ -8,9 +8,10 @@
   const SVG = "http://www.w3.org/2000/svg";
   const LIST_REFRESH_MS = 5000;
   const METRICS_REFRESH_MS = 30000;
-  // Without joining, an admin gets no live frames of a session (the server sends
-  // them only to admins in it), so the open transcript is re-read this often.
-  const WATCH_REFRESH_MS = 2000;
+  const NAME_CHARS_MAX = 64; // the server's cut of a display name
+  // The renewal form shows this long before the token's `exp` (or at half its
+  // life when shorter): the agent pastes a fresh token, sent as `auth_refresh`.
+  const RENEW_LEAD_MS = 5 * 60 * 1000;
   const QUEUE_MAX = 200;
   const CHART_BUCKETS = 12;
 
@@ -27,8 +28,9 @@
     cursors: [null], // cursor of each page shown so far; the last is the current
     nextCursor: null,
     queue: new Map(), // session_id -> <li>
-    open: null, // the session shown: {id, joined, agents:Set, messages:Map}
-    watchTimer: null,
+    // The session shown: {id, joined, agents: Set of names, messages: Map
+    // message_id -> <li>, seqs: Map message_id -> last chunk seq rendered}.
+    open: null,
     audio: null,
     seq: 0,
   };
@@ -90,10 +92,64 @@
     return sessionStorage.getItem(TOKEN_KEY);
   }
 
+  function claimsOf(token) {
+    try {
+      const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+      return JSON.parse(decodeURIComponent(escape(atob(part)))) || {};
+    } catch (_) {
+      return {};
+    }
+  }
+
+  // The name the server gives this agent (the token's `name`, else its `sub`, cut
+  // as the server cuts it): how the console knows its own admin_joined/left.
+  function ownName(token) {
+    const claims = claimsOf(token);
+    const name = typeof claims.name === "string" ? claims.name : String(claims.sub);
+    return [...name].filter((ch) => !/\p{Cc}/u.test(ch)).slice(0, NAME_CHARS_MAX).join("");
+  }
+
+  // Shows the renewal form ahead of the token's expiry (the socket closes with
+  // 4001 at `exp` unless a fresh token reaches it first).
+  function scheduleRenew() {
+    clearTimeout(state.renewTimer);
+    const exp = claimsOf(state.token).exp;
+    if (typeof exp !== "number") return;
+    const left = exp * 1000 - Date.now();
+    state.renewTimer = setTimeout(() => {
+      $("renew-text").textContent = "Your admin token expires at " + fmtTime(exp * 1000) +
+        ". Paste a fresh one to stay connected.";
+      $("renew-form").hidden = false;
+    }, Math.max(0, left - Math.min(RENEW_LEAD_MS, left / 2)));
+  }
+
+  function setupRenew() {
+    $("renew-form").addEventListener("submit", (e) => {
+      e.preventDefault();
+      const t = $("renew-input").value.trim();
+      if (!t) return;
+      state.renewing = t;
+      send({ type: "auth_refresh", token: t, id: "renew" });
+    });
+  }
+
+  function renewed() {
+    if (!state.renewing) return;
+    state.token = state.renewing;
+    state.renewing = null;
+    sessionStorage.setItem(TOKEN_KEY, state.token);
+    $("renew-input").value = "";
+    $("renew-form").hidden = true;
+    setStatus("Token renewed.");
+    scheduleRenew();
+  }
+
   function signOut(why) {
     sessionStorage.removeItem(TOKEN_KEY);
     state.token = null;
     if (state.ws) state.ws.close();
+    clearTimeout(state.renewTimer);
+    $("renew-form").hidden = true;
     $("app").hidden = true;
     $("token-form").hidden = false;
     setStatus(why);
@@ -393,21 +449,25 @@
     $("end").disabled = ended;
     $("reply").disabled = !o.joined;
     $("send").disabled = !o.joined;
-    // The server tells who is in a session only to the admins in it.
-    $("v-agents").textContent = !o.joined ? "shown once you take over"
-      : o.agents.size ? [...o.agents].join(", ") : "none";
+    $("v-agents").textContent = o.agents.size ? [...o.agents].join(", ") : "none";
     $("v-mode").textContent = ended ? "This session has ended."
       : o.joined ? "You have taken over: the AI is paused and new messages appear live."
-      : "Watching: the transcript refreshes every " + WATCH_REFRESH_MS / 1000 +
-        " s. Take over to write and see messages as they are sent.";
+      : "Watching live: the user does not see you. Take over to write.";
+  }
+
+  // Follows the open session live (admin_watch): the AI's answer streams here as
+  // the user sees it; the user is not told.
+  function follow(o) {
+    if (state.open === o) send({ type: o.joined ? "admin_join" : "admin_watch", session_id: o.id });
   }
 
   async function openSession(id) {
-    if (state.open && state.open.id !== id && state.open.joined) {
+    if (state.open && state.open.id !== id) {
       send({ type: "admin_leave", session_id: state.open.id });
     }
-    if (!state.open || state.open.id !== id) {
-      state.open = { id, joined: false, agents: new Set(), messages: new Map() };
+    const fresh = !state.open || state.open.id !== id;
+    if (fresh) {
+      state.open = { id, joined: false, agents: new Set(), messages: new Map(), seqs: new Map() };
       $("transcript").replaceChildren();
     }
     $("view-empty").hidden = true;
@@ -417,7 +477,7 @@
     setMode();
     await loadTranscript();
     $("view").focus();
-    watch();
+    if (fresh) follow(state.open);
   }
 
   async function loadTranscript() {
@@ -438,21 +498,8 @@
     setMode();
   }
 
-  function watch() {
-    clearTimeout(state.watchTimer);
-    const o = state.open;
-    if (!o || o.joined) return;
-    state.watchTimer = setTimeout(async () => {
-      if (state.open === o && !o.joined) {
-        await loadTranscript();
-        watch();
-      }
-    }, WATCH_REFRESH_MS);
-  }
-
   function closeView() {
-    if (state.open && state.open.joined) send({ type: "admin_leave", session_id: state.open.id });
-    clearTimeout(state.watchTimer);
+    if (state.open) send({ type: "admin_leave", session_id: state.open.id });
     state.open = null;
     $("view-body").hidden = true;
     $("view-empty").hidden = false;
@@ -529,8 +576,9 @@
     ws.addEventListener("open", () => {
       state.wsBackoff = 500;
       setStatus("Connected. Waiting for help requests.");
-      // A session joined before a reconnect must be joined again.
-      if (state.open && state.open.joined) send({ type: "admin_join", session_id: state.open.id });
+      scheduleRenew();
+      // A session joined or followed before a reconnect is joined or followed again.
+      if (state.open) follow(state.open);
     });
     ws.addEventListener("message", (ev) => {
       let f;
@@ -564,15 +612,18 @@
         loadSessions();
         break;
       case "session":
-        if (inOpen(f) && f.messages) for (const m of f.messages) renderMessage(m);
+        if (inOpen(f) && f.messages) {
+          for (const m of f.messages) renderMessage(m);
+          o.agents = new Set(f.agents || []);
+          setMode();
+        }
         break;
       case "admin_joined":
         if (inOpen(f)) {
           o.agents.add(f.admin_name);
-          o.joined = true;
+          if (f.admin_name === state.name) o.joined = true;
           $("v-state").textContent = "human";
           queueRemove(f.session_id);
-          clearTimeout(state.watchTimer);
           setMode();
         }
         loadSessions();
@@ -580,10 +631,11 @@
       case "admin_left":
         if (inOpen(f)) {
           o.agents.delete(f.admin_name);
-          if (o.agents.size === 0) {
+          if (o.agents.size === 0) $("v-state").textContent = "ai";
+          if (f.admin_name === state.name && o.joined) {
+            // Handed back: the seat is gone; keep following the session.
             o.joined = false;
-            $("v-state").textContent = "ai";
-            watch();
+            follow(o);
           }
           setMode();
         }
@@ -599,7 +651,9 @@
         if (inOpen(f)) renderMessage({ message_id: f.message_id, content: f.content, role: "user" });
         break;
       case "ai_chunk":
-        if (inOpen(f)) {
+        // A (re)join replays the running answer from seq 1: each chunk once.
+        if (inOpen(f) && f.seq > (o.seqs.get(f.message_id) || 0)) {
+          o.seqs.set(f.message_id, f.seq);
           const li = o.messages.get(f.message_id) || renderMessage({ message_id: f.message_id, role: "assistant", content: "" });
           li.querySelector(".content").append(document.createTextNode(f.content));
         }
@@ -617,7 +671,11 @@
         }
         loadSessions();
         break;
+      case "auth_refreshed":
+        renewed();
+        break;
       case "error":
+        if (f.id === "renew") state.renewing = null;
         setStatus("Server: " + f.code + (f.message ? " – " + f.message : ""));
         break;
       default:
@@ -744,6 +802,7 @@
   // ---- start ----
 
   function start() {
+    state.name = ownName(state.token);
     $("token-form").hidden = true;
     $("app").hidden = false;
     connect();
@@ -757,6 +816,7 @@
     setupList();
     setupView();
     setupMetrics();
+    setupRenew();
     $("token-form").addEventListener("submit", (e) => {
       e.preventDefault();
       const t = $("token-input").value.trim();

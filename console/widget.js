@@ -136,13 +136,27 @@
     return `${prefix}-${Date.now().toString(36)}-${uid}-${Math.random().toString(36).slice(2, 8)}`;
   }
 
-  function tokenSubject(token) {
+  function tokenClaims(token) {
     try {
       const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
-      return JSON.parse(atob(part)).sub || "";
+      return JSON.parse(atob(part)) || {};
     } catch (_) {
-      return "";
+      return {};
     }
+  }
+
+  const tokenSubject = (token) => tokenClaims(token).sub || "";
+
+  // How long before a token's `exp` the widget fetches the next one: a minute, or
+  // half the token's life when it is shorter.
+  const REFRESH_LEAD_MS = 60000;
+
+  /** Milliseconds from now until `token` should be replaced, or null (no `exp`). */
+  function refreshDelay(token) {
+    const exp = tokenClaims(token).exp;
+    if (typeof exp !== "number") return null;
+    const left = exp * 1000 - Date.now();
+    return Math.max(0, left - Math.min(REFRESH_LEAD_MS, left / 2));
   }
 
   const sizeText = (n) => (n < 1024 ? `${n} B` : n < 1048576 ? `${(n / 1024).toFixed(0)} KB`
@@ -335,6 +349,7 @@
       ws.addEventListener("open", () => {
         this.attempt = 0;
         this.setStatus("Connected");
+        this.scheduleRefresh();
         if (this.sessionId) {
           const frame = { type: "resume", session_id: this.sessionId };
           if (this.streaming) frame.after_seq = this.streaming.seq;
@@ -383,6 +398,31 @@
         this.retry = null;
         // Offline, an attempt can only fail: the "online" event reconnects instead.
         if (navigator.onLine !== false) this.connect();
+      }, delay);
+    }
+
+    /** Names the agent(s) in the chat; "" hides the line. */
+    showAgent(names) {
+      this.agent.textContent = names ? `You are talking to ${names}` : "";
+      this.agent.hidden = !names;
+    }
+
+    /**
+     * With a token endpoint, the next token is fetched before this one expires and
+     * handed to the open socket (`auth_refresh`), so a long chat is never cut.
+     */
+    scheduleRefresh() {
+      clearTimeout(this.refreshTimer);
+      const delay = script.dataset.tokenUrl ? refreshDelay(this.token) : null;
+      if (delay === null) return;
+      this.refreshTimer = setTimeout(async () => {
+        try {
+          this.token = await fetchToken(script.dataset.tokenUrl);
+        } catch (e) {
+          console.warn("chatbox widget: token refresh failed", e);
+          return; // an expiry (4001) fetches again before reconnecting
+        }
+        if (!this.send({ type: "auth_refresh", token: this.token })) this.scheduleRefresh();
       }, delay);
     }
 
@@ -543,6 +583,11 @@
         case "session":
           if (f.created || !this.sessionId) this.rememberSession(f.session_id);
           if (Array.isArray(f.messages)) this.showHistory(f.messages);
+          // After a reload or a drop: who (if anyone) has taken the chat over.
+          this.showAgent(Array.isArray(f.agents) ? f.agents.join(", ") : "");
+          break;
+        case "auth_refreshed":
+          this.scheduleRefresh();
           break;
         case "ack": {
           const frame = this.pending.get(f.id);
@@ -575,13 +620,11 @@
           this.note("You asked for a person. Someone from support will join shortly.");
           break;
         case "admin_joined":
-          this.agent.textContent = `You are talking to ${f.admin_name}`;
-          this.agent.hidden = false;
+          this.showAgent(f.admin_name);
           this.note(`${f.admin_name} joined the chat.`);
           break;
         case "admin_left":
-          this.agent.hidden = true;
-          this.agent.textContent = "";
+          this.showAgent("");
           this.note(`${f.admin_name} left the chat. The assistant answers again.`);
           break;
         case "admin_message":

@@ -307,3 +307,76 @@ async fn admin_frames_on_unknown_or_unjoined_sessions_are_refused() {
     .await;
     assert_eq!(recv(&mut other).await["code"], "forbidden");
 }
+
+/// The frames a connection receives until `kind`, `kind`'s included.
+async fn frames_until(ws: &mut Ws, kind: &str) -> Vec<Value> {
+    let (last, mut before) = until(ws, kind).await;
+    before.push(last);
+    before
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_watches_an_answer_stream_live_without_taking_over() {
+    let words: Vec<String> = (1..=4).map(|i| format!("w{i} ")).collect();
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    let (cfg, _fake, gate) = fake_llm::stepped_server(&[&words, &["later"]]).await;
+    let server = start(cfg);
+    let addr = server.local_addr();
+    let admin_id = "agent-wes";
+    let user = user_on(true, admin_id);
+    let mut a = admin(addr, admin_id).await;
+    let mut u = connect_user(addr, &user).await;
+    send(
+        &mut u,
+        json!({"type": "user_message", "content": "where is it?"}),
+    )
+    .await;
+    gate.release(1);
+    let (_, before) = until(&mut u, "ai_chunk").await;
+    let sid = before[0]["session_id"].as_str().unwrap().to_owned();
+
+    // The transcript, then the answer so far, then the rest live.
+    send(&mut a, json!({"type": "admin_watch", "session_id": sid})).await;
+    let (history, _) = until(&mut a, "session").await;
+    assert_eq!(history["messages"][0]["content"], "where is it?");
+    assert!(history.get("agents").is_none(), "{history}");
+    let (replayed, _) = until(&mut a, "ai_chunk").await;
+    assert_eq!(
+        (replayed["seq"].as_u64(), replayed["content"].as_str()),
+        (Some(1), Some("w1 "))
+    );
+    gate.release(words.len());
+    let live = frames_until(&mut a, "ai_done").await;
+    let text: String = live.iter().filter_map(|f| f["content"].as_str()).collect();
+    assert_eq!(text, "w2 w3 w4 ", "each chunk once: {live:?}");
+
+    // The user is told nothing; the watcher cannot write; the AI keeps the session.
+    let seen = frames_until(&mut u, "ai_done").await;
+    assert!(
+        seen.iter()
+            .all(|f| !f["type"].as_str().unwrap().starts_with("admin")),
+        "{seen:?}"
+    );
+    let write = json!({"type": "admin_message", "id": "w", "session_id": sid, "content": "hi"});
+    send(&mut a, write).await;
+    assert_eq!(until(&mut a, "error").await.0["code"], "forbidden");
+    let boss = token_with(admin_id, &["admin"], now_secs() + 3600);
+    let (_, body) = admin_call(addr, "GET", &format!("/sessions/{sid}"), &boss).await;
+    assert_eq!(body["session"]["state"], "ai");
+
+    // Taking over from watching: the user is told, and a reload shows who is in.
+    send(&mut a, json!({"type": "admin_join", "session_id": sid})).await;
+    until(&mut u, "admin_joined").await;
+    until(&mut a, "admin_joined").await;
+    let mut back = connect_user(addr, &user).await;
+    send(&mut back, json!({"type": "resume", "session_id": sid})).await;
+    let (resumed, _) = until(&mut back, "session").await;
+    assert_eq!(resumed["agents"], json!([format!("{admin_id} name")]));
+
+    // Handed back, the session is the AI's again and nobody is listed.
+    send(&mut a, json!({"type": "admin_leave", "session_id": sid})).await;
+    until(&mut u, "admin_left").await;
+    send(&mut back, json!({"type": "resume", "session_id": sid})).await;
+    let (resumed, _) = until(&mut back, "session").await;
+    assert!(resumed.get("agents").is_none(), "{resumed}");
+}

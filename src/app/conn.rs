@@ -150,6 +150,7 @@ impl ChatConn {
                 message::cancel(core, user, &session_id, id.as_deref())
             }
             ClientFrame::AdminJoin { .. }
+            | ClientFrame::AdminWatch { .. }
             | ClientFrame::AdminMessage { .. }
             | ClientFrame::AdminLeave { .. }
                 if !self.identity.admin =>
@@ -161,6 +162,9 @@ impl ChatConn {
                 ))
             }
             ClientFrame::AdminJoin { session_id } => self.admin(session_id, AdminAction::Join, id),
+            ClientFrame::AdminWatch { session_id } => {
+                self.admin(session_id, AdminAction::Watch, id)
+            }
             ClientFrame::AdminMessage {
                 session_id,
                 content,

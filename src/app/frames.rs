@@ -90,6 +90,11 @@ pub enum ClientFrame {
     AdminJoin {
         session_id: String,
     },
+    /// Follow a session live (its transcript, then every frame) without taking it
+    /// over: the user is not told, the AI keeps answering.
+    AdminWatch {
+        session_id: String,
+    },
     AdminMessage {
         session_id: String,
         content: String,
@@ -219,6 +224,9 @@ pub fn parse(
             voice: kind == "voice_message",
         },
         "admin_join" => ClientFrame::AdminJoin {
+            session_id: f.session_id()?,
+        },
+        "admin_watch" => ClientFrame::AdminWatch {
             session_id: f.session_id()?,
         },
         "admin_message" => ClientFrame::AdminMessage {
@@ -379,6 +387,9 @@ pub enum ServerFrame<'a> {
         created: bool,
         #[serde(skip_serializing_if = "Option::is_none")]
         messages: Option<&'a [HistoryItem]>,
+        /// The names of the agents who have taken the session over, when any.
+        #[serde(skip_serializing_if = "<[_]>::is_empty")]
+        agents: &'a [&'a str],
     },
     /// One page of older history, oldest first; `before_seq` asks for the page
     /// before it (absent: nothing older is left).

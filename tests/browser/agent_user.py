@@ -95,16 +95,21 @@ def axe_serious(page):
     return axe_violations(page)
 
 
-def admin_token(server, sub, name):
-    """Another agent's token, signed (HS256) with the secret `--dev` keeps in its
-    data directory."""
+def signed_token(server, sub, name, roles=(), life_s=3600):
+    """A token for `sub`, signed (HS256) with the secret `--dev` keeps in its data
+    directory, expiring `life_s` seconds from now."""
     with open(os.path.join(server.data, "dev-secrets.toml"), "rb") as fh:
         secret = tomllib.load(fh)["jwt_secret"].encode()
 
     def b64(raw):
         return base64.urlsafe_b64encode(raw).rstrip(b"=")
     head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
-    body = b64(json.dumps({"sub": sub, "name": name, "roles": ["admin"],
-                           "exp": int(time.time()) + 3600}).encode())
+    body = b64(json.dumps({"sub": sub, "name": name, "roles": list(roles),
+                           "exp": int(time.time()) + life_s}).encode())
     sig = b64(hmac.new(secret, head + b"." + body, hashlib.sha256).digest())
     return (head + b"." + body + b"." + sig).decode()
+
+
+def admin_token(server, sub, name):
+    """Another agent's token."""
+    return signed_token(server, sub, name, roles=["admin"])

@@ -5,7 +5,7 @@ import re
 
 from playwright.sync_api import expect
 
-from agent_user import User, admin_token, axe_serious, png_1x1, wav_tone
+from agent_user import User, admin_token, axe_serious, png_1x1, signed_token, wav_tone
 from conftest import WAIT_S, screenshot
 
 # Playwright's assertions wait 5 s by default: too short on a loaded 2-core CI
@@ -78,7 +78,8 @@ def test_takeover_story_from_the_agent_console(server, open_page):
     # Hand back: the user is told, and the AI's next answer reaches the agent.
     page.get_by_role("button", name="Hand back to AI").click()
     user.until(lambda f: f.get("type") == "admin_left", "admin_left")
-    expect(page.locator("#v-agents")).to_have_text("shown once you take over")
+    expect(page.locator("#v-agents")).to_have_text("none")
+    expect(page.locator("#v-mode")).to_contain_text("Watching live")
     answer = user.ask("Thanks, and where is my parcel?")
     expect(transcript).to_contain_text("where is my parcel")
     expect(transcript.locator("li.role-assistant").last).to_have_text(
@@ -233,7 +234,7 @@ def test_without_a_token_the_console_asks_for_one(server, open_page):
     page = open_page(server.agent_url.split("#")[0])
     expect(page.locator("#status")).to_have_text("No admin token.")
     expect(page.locator("#app")).to_be_hidden()
-    page.get_by_label("Admin token").fill(server.admin_token)
+    page.get_by_label("Admin token", exact=True).fill(server.admin_token)
     page.get_by_role("button", name="Use token").click()
     connected(page)
     expect(page.locator("#token-form")).to_be_hidden()
@@ -256,7 +257,9 @@ def test_agents_in_a_session_see_each_other(server, open_page):
     connected(page)
     page.locator("#sessions-body button", has_text=sid).click()
     expect(page.locator("#v-state")).to_have_text("human")
-    expect(page.locator("#v-agents")).to_have_text("shown once you take over")
+    # Watching, the agent already sees who has the session.
+    expect(page.locator("#v-agents")).to_have_text("Second Agent")
+    expect(page.get_by_role("button", name="Take over")).to_be_enabled()
     page.get_by_role("button", name="Take over").click()
     # The agent already there is announced to the one who joins, and vice versa.
     expect(page.locator("#v-agents")).to_have_text("Second Agent, Dev Admin")
@@ -274,3 +277,24 @@ def test_agents_in_a_session_see_each_other(server, open_page):
     expect(page.locator("#v-mode")).to_have_text("This session has ended.")
     other.close()
     user.close()
+
+
+def test_a_token_about_to_expire_is_renewed_on_the_open_socket(server, open_page):
+    short = signed_token(server, "agent-s", "Short Agent", roles=["admin"], life_s=4)
+    page = open_page(server.agent_url.split("#")[0] + "#token=" + short)
+    connected(page)
+    # Ahead of its expiry the console asks for a fresh token...
+    form = page.locator("#renew-form")
+    expect(form).to_be_visible()
+    expect(page.locator("#renew-text")).to_contain_text("expires at")
+    # ...and one for another agent is refused by the server: the form stays.
+    page.get_by_label("Fresh admin token").fill(admin_token(server, "agent-other", "Other"))
+    page.get_by_role("button", name="Renew").click()
+    expect(page.locator("#status")).to_contain_text("unauthorized")
+    expect(form).to_be_visible()
+    fresh = signed_token(server, "agent-s", "Short Agent", roles=["admin"])
+    page.get_by_label("Fresh admin token").fill(fresh)
+    page.get_by_role("button", name="Renew").click()
+    expect(page.locator("#status")).to_have_text("Token renewed.")
+    expect(form).to_be_hidden()
+    assert page.evaluate("() => sessionStorage.getItem('chatbox.agent.token')") == fresh

@@ -9,8 +9,10 @@ import math
 import os
 import struct
 import threading
+import time
 import wave
 
+from agent_user import signed_token
 from conftest import WAIT_S, start_server, stop_server
 from test_widget import close_before_server_stops, demo_answer, send, wait_answer_done
 
@@ -29,7 +31,7 @@ class Customer:
 
     def __init__(self):
         self.base = None  # chatbox's base URL, known once it runs
-        self.token = None
+        self.token = None  # a token, or a function making one per request
         self.token_requests = 0
         site = self
 
@@ -39,7 +41,8 @@ class Customer:
                     body, kind = PAGE.format(base=site.base).encode(), "text/html; charset=utf-8"
                 elif self.path == "/token":
                     site.token_requests += 1
-                    body, kind = json.dumps({"token": site.token}).encode(), "application/json"
+                    token = site.token() if callable(site.token) else site.token
+                    body, kind = json.dumps({"token": token}).encode(), "application/json"
                 else:
                     self.send_error(404)
                     return
@@ -135,3 +138,40 @@ def test_a_voice_note_is_recorded_with_the_microphone_and_answered(browser, serv
     finally:
         mic.close()
     assert not problems, problems
+
+
+def test_a_short_lived_token_is_renewed_before_it_expires_on_the_same_socket(open_page):
+    customer = Customer()
+    server = start_server({"CHATBOX_ALLOWED_ORIGINS": customer.origin})
+    life_s = 4
+    issued = []  # the exp of every token handed out
+
+    def short_token():
+        issued.append(int(time.time()) + life_s)
+        return signed_token(server, "shop-42", "Shop Customer", life_s=life_s)
+    try:
+        customer.base, customer.token = server.base, short_token
+        page = open_page("about:blank")
+        sockets = []
+        page.on("websocket", lambda w: sockets.append(w))
+        with page.expect_websocket() as opened:
+            page.goto(customer.origin + "/")
+        ws = opened.value
+        page.wait_for_selector(".cbw-status:text('Connected')")
+        first_exp = issued[0]
+        # Each token is replaced on the open socket before it runs out: wait (on
+        # the server's answers) until the first one has expired.
+        refreshed = 0
+        while refreshed < 2 or time.time() <= first_exp + 1:
+            ws.wait_for_event("framereceived", lambda f: '"auth_refreshed"' in f,
+                              timeout=WAIT_S * 1000)
+            refreshed += 1
+        assert not ws.is_closed() and len(sockets) == 1, (ws.is_closed(), sockets)
+        send(page, "still there?")
+        wait_answer_done(page)
+        assert page.locator(".cbw-assistant .cbw-body").inner_text() == demo_answer("still there?")
+        assert len(sockets) == 1, "the chat went on without a reconnect"
+    finally:
+        close_before_server_stops(open_page)
+        stop_server(server)
+        customer.close()

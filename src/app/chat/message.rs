@@ -185,6 +185,7 @@ fn accepted(
         session_id: &sid,
         created: true,
         messages: None,
+        agents: &[],
     };
     reply(core, conn, frame.to_json());
     append(core, &sid, conn, user, msg, true);

@@ -75,10 +75,13 @@ pub async fn resume_now(
     let (history, withheld) = open_history(&core, &sid, &messages);
     // From here on everything is synchronous: no chunk can slip in between.
     attach_now();
+    let agents = core.app.sessions.borrow().get(&sid).map(|s| s.agents());
+    let agents: Vec<&str> = agents.iter().flatten().map(|a| &**a).collect();
     let frame = ServerFrame::Session {
         session_id: &sid,
         created: false,
         messages: Some(&history),
+        agents: &agents,
     };
     send(frame.to_json());
     if withheld > 0 {

@@ -217,9 +217,25 @@ impl Session {
         }
     }
 
-    /// No connection here and no answer running: it may leave memory.
+    /// No connection here, no admin in it or following it, and no answer
+    /// running: it may leave memory (an admin's seat lives only there).
     pub fn idle(&self) -> bool {
-        self.attached.is_empty() && self.running().is_none()
+        self.attached.is_empty() && self.admins.is_empty() && self.running().is_none()
+    }
+
+    /// The names of the admins who have taken the session over and been
+    /// announced (watchers are nobody's business).
+    pub fn agents(&self) -> Vec<Arc<str>> {
+        self.admins
+            .iter()
+            .filter(|seat| seat.announced && !seat.watching)
+            .map(|seat| seat.name.clone())
+            .collect()
+    }
+
+    /// Whether an admin holds the session (a watcher does not).
+    fn held(&self) -> bool {
+        self.admins.iter().any(|seat| !seat.watching)
     }
 
     /// The connections of admins in the session that get its live frames (those
@@ -357,20 +373,12 @@ impl Session {
         if self.state == State::Ended {
             return Err(Refusal::Ended);
         }
-        let conn = (admin.core, admin.conn);
-        match self
-            .admins
-            .iter_mut()
-            .find(|seat| seat.admin_id == admin.id)
-        {
-            Some(seat) if seat.conns.contains(&conn) => {}
-            Some(seat) => seat.conns.push(conn),
-            None => self.admins.push(Seat {
-                admin_id: admin.id.clone(),
-                name: admin.name.clone(),
-                conns: vec![conn],
-                announced: false,
-            }),
+        let seat = self.seat(admin, false);
+        if seat.watching {
+            // From watcher to agent: its transcript goes out again, and nothing
+            // may precede it.
+            seat.watching = false;
+            seat.announced = false;
         }
         let mut effects: Vec<Effect> = self.cancel_running().into_iter().collect();
         let newly_human = self.state != State::Human;
@@ -382,6 +390,35 @@ impl Session {
         Ok((newly_human, effects))
     }
 
+    /// An admin follows the session (a seat it already has stays as it is).
+    pub fn watch(&mut self, admin: &AdminRef) {
+        self.seat(admin, true);
+    }
+
+    /// The seat of `admin` with its connection in it, made (`watching` or not)
+    /// when it has none.
+    fn seat(&mut self, admin: &AdminRef, watching: bool) -> &mut Seat {
+        let conn = (admin.core, admin.conn);
+        let i = match self.admins.iter().position(|s| s.admin_id == admin.id) {
+            Some(i) => i,
+            None => {
+                self.admins.push(Seat {
+                    admin_id: admin.id.clone(),
+                    name: admin.name.clone(),
+                    conns: Vec::new(),
+                    announced: false,
+                    watching,
+                });
+                self.admins.len() - 1
+            }
+        };
+        let seat = &mut self.admins[i];
+        if !seat.conns.contains(&conn) {
+            seat.conns.push(conn);
+        }
+        seat
+    }
+
     /// The admin's transcript went out: from now on its seat gets live frames.
     /// Returns the names of the admins announced before it, each of whom it must
     /// be told about once (later ones it hears of from their own announcement).
@@ -390,7 +427,7 @@ impl Session {
         for seat in self.admins.iter_mut() {
             if *seat.admin_id == *admin_id {
                 seat.announced = true;
-            } else if seat.announced {
+            } else if seat.announced && !seat.watching {
                 present.push(seat.name.clone());
             }
         }
@@ -399,7 +436,8 @@ impl Session {
 
     /// Whether `admin_id` may write in the session.
     pub fn seated(&self, admin_id: &str) -> Result<(), Refusal> {
-        match self.admins.iter().any(|seat| *seat.admin_id == *admin_id) {
+        let agent = |seat: &Seat| *seat.admin_id == *admin_id && !seat.watching;
+        match self.admins.iter().any(agent) {
             true => Ok(()),
             false => Err(Refusal::NotJoined),
         }
@@ -427,6 +465,11 @@ impl Session {
         if !whole && !seat.conns.is_empty() {
             return Vec::new();
         }
+        if seat.watching {
+            // A watcher leaves as it came: unannounced.
+            self.admins.remove(i);
+            return Vec::new();
+        }
         let frame = ServerFrame::AdminLeft {
             session_id: sid,
             admin_name: &admin.name,
@@ -439,7 +482,7 @@ impl Session {
         }
         self.admins.remove(i);
         effects.push(Effect::Send(self.everyone(), frame));
-        if self.admins.is_empty() && self.state == State::Human {
+        if !self.held() && self.state == State::Human {
             self.state = State::Ai;
             self.help_open_at = help_open_at;
             effects.push(Effect::Record {

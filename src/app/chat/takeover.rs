@@ -41,6 +41,8 @@ pub struct AdminRef {
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum AdminAction {
     Join,
+    /// Follow the session live without taking it over.
+    Watch,
     Message {
         content: String,
         client_id: Option<String>,
@@ -64,10 +66,15 @@ pub struct Seat {
     pub admin_id: Arc<str>,
     pub name: Arc<str>,
     pub conns: Vec<(usize, ConnId)>,
-    /// Its transcript and `admin_joined` went out. Until then the seat gets none of
-    /// the session's live frames (nothing may precede its transcript), and admins
-    /// joining later are told about it only once it is announced.
+    /// Its transcript (and, unless watching, `admin_joined`) went out. Until then
+    /// the seat gets none of the session's live frames (nothing may precede its
+    /// transcript), and admins joining later are told about it only once it is
+    /// announced.
     pub announced: bool,
+    /// Only following the session (`admin_watch`): it gets the session's frames
+    /// but holds no part in it: nobody is told, it cannot write, and it neither
+    /// makes the session a human's nor keeps it one.
+    pub watching: bool,
 }
 
 /// Where a joined session is held: a core of this node, or (in a cluster) the
@@ -77,6 +84,10 @@ pub enum Holder {
     Core(usize),
     Node { node: Arc<str>, user: Arc<str> },
 }
+
+/// Sessions one admin connection may have joined or follow at once: the seats it
+/// holds keep sessions in memory.
+pub const SESSIONS_PER_ADMIN_CONN_MAX: usize = 256;
 
 /// An admin connection's sessions and where each is held. Created on an admin's
 /// first action, so a user's connection holds no map.
@@ -96,8 +107,15 @@ pub fn route(core: &Rc<Core>, joined: &Joined, op: AdminOp, id: Option<String>, 
         return send_to(core, holder, op, id);
     }
     joined.borrow_mut().remove(&op.session_id);
-    if !matches!(op.action, AdminAction::Join) {
+    if !matches!(op.action, AdminAction::Join | AdminAction::Watch) {
         let frame = error_frame(Code::Forbidden, "join the session first", id.as_deref());
+        return reply(core, op.admin.conn, frame);
+    }
+    if joined.borrow().len() >= SESSIONS_PER_ADMIN_CONN_MAX {
+        let msg = format!(
+            "a connection may be in at most {SESSIONS_PER_ADMIN_CONN_MAX} sessions; leave one first"
+        );
+        let frame = error_frame(Code::InvalidMessage, &msg, id.as_deref());
         return reply(core, op.admin.conn, frame);
     }
     let load = core.shared.app.store.load_session(&op.session_id, 1);
@@ -207,6 +225,7 @@ fn apply(core: &Rc<Core>, op: AdminOp) {
     } = op;
     match action {
         AdminAction::Join => join(core, &sid, &admin),
+        AdminAction::Watch => watch(core, &sid, &admin),
         AdminAction::Message { content, client_id } => {
             message(core, &sid, &admin, content, client_id)
         }
@@ -269,6 +288,28 @@ fn join(core: &Rc<Core>, sid: &Arc<str>, admin: &AdminRef) {
                 admin_name: &admin.name,
             };
             push_session(&core, &sid, frame.to_json());
+        },
+        |_| {},
+    );
+}
+
+/// An admin follows the session: its transcript and the running answer so far,
+/// then every live frame, in that order and nothing twice (as for a join).
+fn watch(core: &Rc<Core>, sid: &Arc<str>, admin: &AdminRef) {
+    match core.app.sessions.borrow_mut().get_mut(sid) {
+        Some(s) => s.watch(admin),
+        None => return,
+    }
+    let (core, sid, admin) = (core.clone(), sid.clone(), admin.clone());
+    super::spawn(
+        &core.clone(),
+        &sid.clone(),
+        "admin_watch",
+        async move {
+            resume_now(core.clone(), sid.clone(), Target::of(&admin), None, None).await;
+            if let Some(s) = core.app.sessions.borrow_mut().get_mut(&sid) {
+                s.announce(&admin.id);
+            }
         },
         |_| {},
     );

@@ -368,3 +368,57 @@ fn a_transcript_is_shown_stored_at_its_place_told_and_answered_unless_a_human_ha
         _ => panic!("one error"),
     }
 }
+
+#[test]
+fn a_watcher_follows_the_session_without_holding_it() {
+    let mut s = session("u", 0, vec![1]);
+    s.watch(&admin("w", 1, 7));
+    assert_eq!(s.state, State::Ai, "watching takes nothing over");
+    assert_eq!(
+        s.seated("w"),
+        Err(Refusal::NotJoined),
+        "a watcher cannot write"
+    );
+    assert!(!s.idle(), "a followed session stays in memory");
+    assert!(s.announce("w").is_empty());
+    assert_eq!(s.everyone(), [Target::Local(1), Target::Remote(1, 7)]);
+    assert!(s.agents().is_empty(), "nobody is told of a watcher");
+
+    // An agent joining is not told of the watcher; the watcher hears the join.
+    s.join(&admin("a", 0, 5)).expect("open");
+    assert!(s.announce("a").is_empty(), "a is not told about w");
+    assert_eq!(s.agents(), [Arc::<str>::from("a name")]);
+
+    // The watcher leaving says nothing to anyone and changes nothing.
+    assert!(s.leave("s1", &admin("w", 1, 7), true, 0).is_empty());
+    assert_eq!((s.state, s.admins.len()), (State::Human, 1));
+}
+
+#[test]
+fn a_watcher_who_takes_over_holds_the_session_and_its_leaving_hands_it_back() {
+    let mut s = session("u", 0, vec![1]);
+    s.watch(&admin("w", 1, 7));
+    s.announce("w");
+    let (newly_human, _) = s.join(&admin("w", 1, 7)).expect("open");
+    assert!(newly_human);
+    assert_eq!(s.seated("w"), Ok(()));
+    assert_eq!(
+        s.everyone(),
+        [Target::Local(1)],
+        "its transcript goes out again before any live frame"
+    );
+    s.announce("w");
+    s.watch(&admin("w", 1, 7));
+    assert_eq!(s.seated("w"), Ok(()), "watching again keeps the seat");
+    // A second admin only watching does not keep the session a human's.
+    s.watch(&admin("x", 0, 2));
+    let effects = s.leave("s1", &admin("w", 1, 7), true, 0);
+    assert_eq!(s.state, State::Ai, "handed back though x still watches");
+    assert!(effects.iter().any(|e| matches!(
+        e,
+        Effect::Record {
+            state: State::Ai,
+            ..
+        }
+    )));
+}
