@@ -116,6 +116,7 @@ impl WriteQueue {
 pub(super) async fn run<C: Commit>(mut backend: C, mut jobs: Jobs) {
     let mut batch = Vec::with_capacity(BATCH_JOBS_MAX);
     while jobs.0.recv_many(&mut batch, BATCH_JOBS_MAX).await > 0 {
+        tracing::trace!(jobs = batch.len(), "write batch");
         let ops: Vec<&[WriteOp]> = batch.iter().map(|j: &Job| j.ops.as_slice()).collect();
         let results = settle(&mut backend, &ops).await;
         debug_assert_eq!(results.len(), batch.len(), "one result per job");
