@@ -8,10 +8,10 @@
   const SVG = "http://www.w3.org/2000/svg";
   const LIST_REFRESH_MS = 5000;
   const METRICS_REFRESH_MS = 30000;
-  const NAME_CHARS_MAX = 64; // the server's cut of a display name
   // The renewal form shows this long before the token's `exp` (or at half its
   // life when shorter): the agent pastes a fresh token, sent as `auth_refresh`.
   const RENEW_LEAD_MS = 5 * 60 * 1000;
+  const TIMER_MS_MAX = 2 ** 31 - 1;
   const QUEUE_MAX = 200;
   const CHART_BUCKETS = 12;
 
@@ -101,14 +101,6 @@
     }
   }
 
-  // The name the server gives this agent (the token's `name`, else its `sub`, cut
-  // as the server cuts it): how the console knows its own admin_joined/left.
-  function ownName(token) {
-    const claims = claimsOf(token);
-    const name = typeof claims.name === "string" ? claims.name : String(claims.sub);
-    return [...name].filter((ch) => !/\p{Cc}/u.test(ch)).slice(0, NAME_CHARS_MAX).join("");
-  }
-
   // Shows the renewal form ahead of the token's expiry (the socket closes with
   // 4001 at `exp` unless a fresh token reaches it first).
   function scheduleRenew() {
@@ -116,11 +108,17 @@
     const exp = claimsOf(state.token).exp;
     if (typeof exp !== "number") return;
     const left = exp * 1000 - Date.now();
+    // setTimeout fires at once past 2^31-1 ms (24.8 days): wait that long, then look again.
+    const delay = Math.max(0, left - Math.min(RENEW_LEAD_MS, left / 2));
+    if (delay > TIMER_MS_MAX) {
+      state.renewTimer = setTimeout(scheduleRenew, TIMER_MS_MAX);
+      return;
+    }
     state.renewTimer = setTimeout(() => {
       $("renew-text").textContent = "Your admin token expires at " + fmtTime(exp * 1000) +
         ". Paste a fresh one to stay connected.";
       $("renew-form").hidden = false;
-    }, Math.max(0, left - Math.min(RENEW_LEAD_MS, left / 2)));
+    }, delay);
   }
 
   function setupRenew() {
@@ -621,7 +619,7 @@
       case "admin_joined":
         if (inOpen(f)) {
           o.agents.add(f.admin_name);
-          if (f.admin_name === state.name) o.joined = true;
+          if (f.you) o.joined = true;
           $("v-state").textContent = "human";
           queueRemove(f.session_id);
           setMode();
@@ -632,7 +630,7 @@
         if (inOpen(f)) {
           o.agents.delete(f.admin_name);
           if (o.agents.size === 0) $("v-state").textContent = "ai";
-          if (f.admin_name === state.name && o.joined) {
+          if (f.you && o.joined) {
             // Handed back: the seat is gone; keep following the session.
             o.joined = false;
             follow(o);
@@ -802,7 +800,6 @@
   // ---- start ----
 
   function start() {
-    state.name = ownName(state.token);
     $("token-form").hidden = true;
     $("app").hidden = false;
     connect();

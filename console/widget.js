@@ -148,15 +148,19 @@
   const tokenSubject = (token) => tokenClaims(token).sub || "";
 
   // How long before a token's `exp` the widget fetches the next one: a minute, or
-  // half the token's life when it is shorter.
+  // half the token's life when it is shorter; never sooner than a second after the
+  // last (a token endpoint handing out expired tokens must not be hammered).
   const REFRESH_LEAD_MS = 60000;
+  const REFRESH_GAP_MS = 1000;
+  // setTimeout fires at once past 2^31-1 ms (24.8 days).
+  const TIMER_MS_MAX = 2 ** 31 - 1;
 
   /** Milliseconds from now until `token` should be replaced, or null (no `exp`). */
   function refreshDelay(token) {
     const exp = tokenClaims(token).exp;
     if (typeof exp !== "number") return null;
     const left = exp * 1000 - Date.now();
-    return Math.max(0, left - Math.min(REFRESH_LEAD_MS, left / 2));
+    return Math.max(REFRESH_GAP_MS, left - Math.min(REFRESH_LEAD_MS, left / 2));
   }
 
   const sizeText = (n) => (n < 1024 ? `${n} B` : n < 1048576 ? `${(n / 1024).toFixed(0)} KB`
@@ -208,6 +212,8 @@
       this.messages = new Map(); // message_id or client id -> {li, body, text, role}
       this.streaming = null; // {id, seq} of the answer arriving now
       this.pending = new Map(); // client id -> frame sent but not acknowledged
+      this.agents = new Set(); // names of the agents in the chat
+      this.nextToken = null; // a refreshed token the server has not taken yet
       this.attempt = 0;
       this.stopped = false;
       this.recorder = null;
@@ -387,7 +393,7 @@
           return;
         }
         try {
-          this.token = await fetchToken(script.dataset.tokenUrl);
+          this.adoptToken(await fetchToken(script.dataset.tokenUrl));
         } catch (_) { /* retried with the backoff below */ }
       }
       const base = BACKOFF_MS[Math.min(this.attempt, BACKOFF_MS.length - 1)];
@@ -415,15 +421,47 @@
       clearTimeout(this.refreshTimer);
       const delay = script.dataset.tokenUrl ? refreshDelay(this.token) : null;
       if (delay === null) return;
+      if (delay > TIMER_MS_MAX) {
+        this.refreshTimer = setTimeout(() => this.scheduleRefresh(), TIMER_MS_MAX);
+        return;
+      }
       this.refreshTimer = setTimeout(async () => {
+        let token;
         try {
-          this.token = await fetchToken(script.dataset.tokenUrl);
+          token = await fetchToken(script.dataset.tokenUrl);
         } catch (e) {
           console.warn("chatbox widget: token refresh failed", e);
           return; // an expiry (4001) fetches again before reconnecting
         }
-        if (!this.send({ type: "auth_refresh", token: this.token })) this.scheduleRefresh();
+        if (tokenSubject(token) !== tokenSubject(this.token)) {
+          // Someone else signed in on the site: their chat, on a socket of their own.
+          this.adoptToken(token);
+          if (this.ws) this.ws.close(4000, "another user");
+          return;
+        }
+        // Used once the server has taken it (`auth_refreshed`).
+        this.nextToken = token;
+        if (!this.send({ type: "auth_refresh", id: "refresh", token })) this.scheduleRefresh();
       }, delay);
+    }
+
+    /**
+     * Takes `token` for the next connection. A token for another user starts over:
+     * the conversation shown and the session kept are the previous user's.
+     */
+    adoptToken(token) {
+      const switched = tokenSubject(token) !== tokenSubject(this.token);
+      this.token = token;
+      if (!switched) return;
+      this.list.replaceChildren();
+      this.messages.clear();
+      this.pending.clear();
+      this.streaming = null;
+      this.agents.clear();
+      this.showAgent("");
+      this.sessionKey = `chatbox.widget.session.${BASE.href}.${tokenSubject(token)}`;
+      const local = storage("localStorage");
+      this.sessionId = local ? local.getItem(this.sessionKey) : null;
     }
 
     send(frame) {
@@ -584,9 +622,12 @@
           if (f.created || !this.sessionId) this.rememberSession(f.session_id);
           if (Array.isArray(f.messages)) this.showHistory(f.messages);
           // After a reload or a drop: who (if anyone) has taken the chat over.
-          this.showAgent(Array.isArray(f.agents) ? f.agents.join(", ") : "");
+          this.agents = new Set(Array.isArray(f.agents) ? f.agents : []);
+          this.showAgent([...this.agents].join(", "));
           break;
         case "auth_refreshed":
+          if (this.nextToken) this.token = this.nextToken;
+          this.nextToken = null;
           this.scheduleRefresh();
           break;
         case "ack": {
@@ -620,11 +661,14 @@
           this.note("You asked for a person. Someone from support will join shortly.");
           break;
         case "admin_joined":
-          this.showAgent(f.admin_name);
+          this.agents.add(f.admin_name);
+          this.showAgent([...this.agents].join(", "));
           this.note(`${f.admin_name} joined the chat.`);
           break;
         case "admin_left":
-          this.showAgent("");
+          // Another agent may still be in the chat.
+          this.agents.delete(f.admin_name);
+          this.showAgent([...this.agents].join(", "));
           this.note(`${f.admin_name} left the chat. The assistant answers again.`);
           break;
         case "admin_message":
@@ -696,6 +740,13 @@
     }
 
     onError(f) {
+      if (f.id === "refresh") {
+        // Refused: the current token still holds until its expiry (4001), after
+        // which the widget fetches again and reconnects.
+        this.nextToken = null;
+        console.warn("chatbox widget: token refresh refused:", f.message);
+        return;
+      }
       if (f.id && this.pending.has(f.id)) {
         const m = this.messages.get(f.id);
         this.sentBefore = new Map([[f.id, this.pending.get(f.id)]]);

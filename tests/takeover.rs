@@ -366,8 +366,13 @@ async fn an_admin_watches_an_answer_stream_live_without_taking_over() {
 
     // Taking over from watching: the user is told, and a reload shows who is in.
     send(&mut a, json!({"type": "admin_join", "session_id": sid})).await;
-    until(&mut u, "admin_joined").await;
-    until(&mut a, "admin_joined").await;
+    let (told, _) = until(&mut u, "admin_joined").await;
+    assert!(told.get("you").is_none(), "{told}");
+    let (own, _) = until(&mut a, "admin_joined").await;
+    assert_eq!(
+        own["you"], true,
+        "the joining connection hears its own join: {own}"
+    );
     let mut back = connect_user(addr, &user).await;
     send(&mut back, json!({"type": "resume", "session_id": sid})).await;
     let (resumed, _) = until(&mut back, "session").await;
@@ -376,6 +381,7 @@ async fn an_admin_watches_an_answer_stream_live_without_taking_over() {
     // Handed back, the session is the AI's again and nobody is listed.
     send(&mut a, json!({"type": "admin_leave", "session_id": sid})).await;
     until(&mut u, "admin_left").await;
+    assert_eq!(until(&mut a, "admin_left").await.0["you"], true);
     send(&mut back, json!({"type": "resume", "session_id": sid})).await;
     let (resumed, _) = until(&mut back, "session").await;
     assert!(resumed.get("agents").is_none(), "{resumed}");

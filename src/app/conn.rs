@@ -287,7 +287,7 @@ impl Drop for ChatConn {
         let joined: Vec<(Arc<str>, takeover::Holder)> = self
             .joined
             .get()
-            .map(|j| j.borrow_mut().drain().collect())
+            .map(|j| j.held.borrow_mut().drain().collect())
             .unwrap_or_default();
         if !joined.is_empty() {
             takeover::admin_gone(&self.core, self.admin_ref(), joined);

@@ -444,6 +444,10 @@ pub enum ServerFrame<'a> {
     AdminJoined {
         session_id: &'a str,
         admin_name: &'a str,
+        /// Sent to the connection that joined (or left), so a client knows its own
+        /// join without comparing names, which need not be unique.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        you: bool,
     },
     AdminMessage {
         session_id: &'a str,
@@ -456,6 +460,8 @@ pub enum ServerFrame<'a> {
     AdminLeft {
         session_id: &'a str,
         admin_name: &'a str,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        you: bool,
     },
     /// An admin ended the session; it takes no new messages.
     SessionEnded { session_id: &'a str },

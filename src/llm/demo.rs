@@ -33,6 +33,24 @@ pub fn count_tokens(text: &str) -> u64 {
     text.split_whitespace().count() as u64
 }
 
+/// The demo's pause before each chunk. At zero it only yields once to the other
+/// tasks of the core: a timer of 0 ms still waits for the timer wheel's next tick
+/// (a millisecond per chunk), which a benchmark would measure instead of the server.
+pub async fn pace(delay: std::time::Duration) {
+    if !delay.is_zero() {
+        return monoio::time::sleep(delay).await;
+    }
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if std::mem::replace(&mut yielded, true) {
+            return std::task::Poll::Ready(());
+        }
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    })
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

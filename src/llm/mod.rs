@@ -427,24 +427,6 @@ enum Inner {
     Failed(Option<LlmEvent>),
 }
 
-/// The demo's pause before each chunk. At zero it only yields once to the other
-/// tasks of the core: a timer of 0 ms still waits for the timer wheel's next tick
-/// (a millisecond per chunk), which a benchmark would measure instead of the server.
-async fn pace(delay: Duration) {
-    if !delay.is_zero() {
-        return monoio::time::sleep(delay).await;
-    }
-    let mut yielded = false;
-    std::future::poll_fn(|cx| {
-        if std::mem::replace(&mut yielded, true) {
-            return std::task::Poll::Ready(());
-        }
-        cx.waker().wake_by_ref();
-        std::task::Poll::Pending
-    })
-    .await
-}
-
 impl LlmStream {
     /// Starts `spec` on the conversation `turns` (oldest first).
     pub fn start(
@@ -509,7 +491,7 @@ impl LlmStream {
                 if *done {
                     return None;
                 }
-                pace(*delay).await;
+                demo::pace(*delay).await;
                 match chunks.pop_front() {
                     Some(c) => {
                         *output_tokens += 1;

@@ -26,7 +26,7 @@ fn the_demo_at_zero_delay_waits_for_no_timer() {
         .expect("runtime");
     let flags = rt.block_on(async {
         let first = monoio::spawn(async {
-            super::pace(std::time::Duration::ZERO).await;
+            super::demo::pace(std::time::Duration::ZERO).await;
             "paced"
         });
         // The pace yields once: a task spawned after it runs in between.

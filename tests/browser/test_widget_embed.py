@@ -175,3 +175,37 @@ def test_a_short_lived_token_is_renewed_before_it_expires_on_the_same_socket(ope
         close_before_server_stops(open_page)
         stop_server(server)
         customer.close()
+
+
+def test_a_token_for_another_user_starts_a_fresh_chat_for_them(open_page):
+    customer = Customer()
+    server = start_server({"CHATBOX_ALLOWED_ORIGINS": customer.origin})
+    users = ["shop-7", "shop-8"]  # the site's login changes between two fetches
+
+    def token():
+        sub = users.pop(0) if len(users) > 1 else users[0]
+        return signed_token(server, sub, sub.title(), life_s=4)
+    try:
+        customer.base, customer.token = server.base, token
+        page = open_page("about:blank")
+        with page.expect_websocket() as opened:
+            page.goto(customer.origin + "/")
+        first = opened.value
+        page.wait_for_selector(".cbw-status:text('Connected')")
+        send(page, "my private order 1234")
+        wait_answer_done(page)
+        # The refresh brings shop-8's token: shop-7's chat leaves the screen and
+        # shop-8 chats on a socket of their own.
+        with page.expect_websocket(timeout=WAIT_S * 1000) as reopened:
+            first.wait_for_event("close", timeout=WAIT_S * 1000)
+        second = reopened.value
+        assert "shop-8" not in first.url and second is not first
+        page.wait_for_selector(".cbw-status:text('Connected')")
+        assert page.locator(".cbw-msg").count() == 0, page.locator(".cbw-log").inner_text()
+        send(page, "hello from shop-8")
+        wait_answer_done(page)
+        assert page.locator(".cbw-user .cbw-body").all_inner_texts() == ["hello from shop-8"]
+    finally:
+        close_before_server_stops(open_page)
+        stop_server(server)
+        customer.close()

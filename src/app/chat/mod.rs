@@ -380,7 +380,7 @@ fn make_room(
         sessions.values().filter(|s| s.user_id == *user).count()
     };
     if mine(sessions) >= max {
-        sessions.retain(|_, s| s.user_id != *user || !s.idle());
+        sessions.retain(|_, s| s.user_id != *user || !s.evictable());
         if mine(sessions) >= max {
             return Err(TOO_MANY_SESSIONS);
         }

@@ -16,7 +16,7 @@ use crate::llm::{Turn, TurnRole};
 use crate::runtime::ConnId;
 use crate::store::{AuditAction, MessageRecord, Role, SessionRecord};
 
-use super::takeover::{AdminRef, Seat, State};
+use super::takeover::{AdminRef, Seat, State, Watcher};
 
 /// How much of a conversation is sent upstream as context.
 #[derive(Debug, Clone, Copy)]
@@ -160,6 +160,8 @@ pub struct Session {
     pub state: State,
     /// Admins in the session (takeover); their connections may be on other cores.
     pub admins: Vec<Seat>,
+    /// Admin connections following the session without holding it (`admin_watch`).
+    pub watchers: Vec<Watcher>,
     /// Until when a help request is refused: set when the last admin hands the
     /// session back, so a user cannot page the admins again at once.
     pub help_open_at: Millis,
@@ -177,6 +179,7 @@ impl Session {
             context: VecDeque::new(),
             state: State::Ai,
             admins: Vec::new(),
+            watchers: Vec::new(),
             help_open_at: 0,
         }
     }
@@ -218,8 +221,14 @@ impl Session {
     }
 
     /// No connection here, no admin in it or following it, and no answer
-    /// running: it may leave memory (an admin's seat lives only there).
+    /// running: it may leave memory (seats and watchers live only there).
     pub fn idle(&self) -> bool {
+        self.evictable() && self.watchers.is_empty()
+    }
+
+    /// [`Session::idle`] but for watchers: it may leave memory to make room for
+    /// its user's next session. Watching never takes a user's place.
+    pub fn evictable(&self) -> bool {
         self.attached.is_empty() && self.admins.is_empty() && self.running().is_none()
     }
 
@@ -228,23 +237,19 @@ impl Session {
     pub fn agents(&self) -> Vec<Arc<str>> {
         self.admins
             .iter()
-            .filter(|seat| seat.announced && !seat.watching)
+            .filter(|seat| seat.announced)
             .map(|seat| seat.name.clone())
             .collect()
     }
 
-    /// Whether an admin holds the session (a watcher does not).
-    fn held(&self) -> bool {
-        self.admins.iter().any(|seat| !seat.watching)
-    }
-
     /// The connections of admins in the session that get its live frames (those
-    /// whose transcript and announcement went out).
+    /// whose transcript and announcement went out), watchers included.
     pub fn admin_conns(&self) -> impl Iterator<Item = (usize, ConnId)> + '_ {
-        self.admins
-            .iter()
-            .filter(|seat| seat.announced)
+        let seated = self.admins.iter().filter(|seat| seat.announced);
+        let watching = self.watchers.iter().filter(|w| w.announced);
+        seated
             .flat_map(|seat| seat.conns.iter().copied())
+            .chain(watching.map(|w| w.conn))
     }
 
     /// Everyone who gets the session's frames now.
@@ -373,12 +378,23 @@ impl Session {
         if self.state == State::Ended {
             return Err(Refusal::Ended);
         }
-        let seat = self.seat(admin, false);
-        if seat.watching {
-            // From watcher to agent: its transcript goes out again, and nothing
-            // may precede it.
-            seat.watching = false;
-            seat.announced = false;
+        let conn = (admin.core, admin.conn);
+        // From watcher to agent: its transcript goes out again, and nothing may
+        // precede it.
+        self.watchers.retain(|w| w.conn != conn);
+        match self
+            .admins
+            .iter_mut()
+            .find(|seat| seat.admin_id == admin.id)
+        {
+            Some(seat) if seat.conns.contains(&conn) => {}
+            Some(seat) => seat.conns.push(conn),
+            None => self.admins.push(Seat {
+                admin_id: admin.id.clone(),
+                name: admin.name.clone(),
+                conns: vec![conn],
+                announced: false,
+            }),
         }
         let mut effects: Vec<Effect> = self.cancel_running().into_iter().collect();
         let newly_human = self.state != State::Human;
@@ -390,33 +406,24 @@ impl Session {
         Ok((newly_human, effects))
     }
 
-    /// An admin follows the session (a seat it already has stays as it is).
+    /// An admin connection follows the session. One already in it (seated or
+    /// watching) stays as it is.
     pub fn watch(&mut self, admin: &AdminRef) {
-        self.seat(admin, true);
+        let conn = (admin.core, admin.conn);
+        let seated = self.admins.iter().any(|seat| seat.conns.contains(&conn));
+        if !seated && !self.watchers.iter().any(|w| w.conn == conn) {
+            self.watchers.push(Watcher {
+                conn,
+                announced: false,
+            });
+        }
     }
 
-    /// The seat of `admin` with its connection in it, made (`watching` or not)
-    /// when it has none.
-    fn seat(&mut self, admin: &AdminRef, watching: bool) -> &mut Seat {
-        let conn = (admin.core, admin.conn);
-        let i = match self.admins.iter().position(|s| s.admin_id == admin.id) {
-            Some(i) => i,
-            None => {
-                self.admins.push(Seat {
-                    admin_id: admin.id.clone(),
-                    name: admin.name.clone(),
-                    conns: Vec::new(),
-                    announced: false,
-                    watching,
-                });
-                self.admins.len() - 1
-            }
-        };
-        let seat = &mut self.admins[i];
-        if !seat.conns.contains(&conn) {
-            seat.conns.push(conn);
+    /// A watcher's transcript went out: from now on it gets live frames.
+    pub fn announce_watcher(&mut self, conn: (usize, ConnId)) {
+        if let Some(w) = self.watchers.iter_mut().find(|w| w.conn == conn) {
+            w.announced = true;
         }
-        seat
     }
 
     /// The admin's transcript went out: from now on its seat gets live frames.
@@ -427,7 +434,7 @@ impl Session {
         for seat in self.admins.iter_mut() {
             if *seat.admin_id == *admin_id {
                 seat.announced = true;
-            } else if seat.announced && !seat.watching {
+            } else if seat.announced {
                 present.push(seat.name.clone());
             }
         }
@@ -436,8 +443,7 @@ impl Session {
 
     /// Whether `admin_id` may write in the session.
     pub fn seated(&self, admin_id: &str) -> Result<(), Refusal> {
-        let agent = |seat: &Seat| *seat.admin_id == *admin_id && !seat.watching;
-        match self.admins.iter().any(agent) {
+        match self.admins.iter().any(|seat| *seat.admin_id == *admin_id) {
             true => Ok(()),
             false => Err(Refusal::NotJoined),
         }
@@ -445,7 +451,8 @@ impl Session {
 
     /// An admin leaves (`whole`: every connection of it), or one of its
     /// connections went. The last admin out hands the session back to the AI, and
-    /// help requests are refused until `help_open_at` (the cooldown's end).
+    /// help requests are refused until `help_open_at` (the cooldown's end). A
+    /// connection that was only watching stops, silently, and nothing else.
     pub fn leave(
         &mut self,
         sid: &str,
@@ -453,6 +460,12 @@ impl Session {
         whole: bool,
         help_open_at: Millis,
     ) -> Vec<Effect> {
+        let conn = (admin.core, admin.conn);
+        let watchers = self.watchers.len();
+        self.watchers.retain(|w| w.conn != conn);
+        if whole && self.watchers.len() < watchers {
+            return Vec::new();
+        }
         let Some(i) = self
             .admins
             .iter()
@@ -465,24 +478,22 @@ impl Session {
         if !whole && !seat.conns.is_empty() {
             return Vec::new();
         }
-        if seat.watching {
-            // A watcher leaves as it came: unannounced.
-            self.admins.remove(i);
-            return Vec::new();
-        }
-        let frame = ServerFrame::AdminLeft {
-            session_id: sid,
-            admin_name: &admin.name,
-        }
-        .to_json();
+        let left = |you| {
+            ServerFrame::AdminLeft {
+                session_id: sid,
+                admin_name: &admin.name,
+                you,
+            }
+            .to_json()
+        };
         let mut effects = Vec::new();
-        // The leaving admin hears it too, though no longer seated.
+        // The leaving admin hears it too, though no longer seated: as its own.
         if whole {
-            effects.push(Effect::Send(vec![Target::of(admin)], frame.clone()));
+            effects.push(Effect::Send(vec![Target::of(admin)], left(true)));
         }
         self.admins.remove(i);
-        effects.push(Effect::Send(self.everyone(), frame));
-        if !self.held() && self.state == State::Human {
+        effects.push(Effect::Send(self.everyone(), left(false)));
+        if self.admins.is_empty() && self.state == State::Human {
             self.state = State::Ai;
             self.help_open_at = help_open_at;
             effects.push(Effect::Record {
@@ -521,6 +532,7 @@ impl Session {
         let frame = ServerFrame::SessionEnded { session_id: sid }.to_json();
         effects.push(Effect::Send(self.everyone(), frame));
         self.admins.clear();
+        self.watchers.clear();
         effects
     }
 
@@ -542,6 +554,7 @@ impl Session {
             Effect::EndIdle { idle_before },
         ];
         self.admins.clear();
+        self.watchers.clear();
         Some(effects)
     }
 }

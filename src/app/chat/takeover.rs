@@ -7,7 +7,7 @@
 //! owning core, and the frames of the session travel back to the admin's
 //! connection as `Deliver` messages. No state is shared between cores.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -66,15 +66,21 @@ pub struct Seat {
     pub admin_id: Arc<str>,
     pub name: Arc<str>,
     pub conns: Vec<(usize, ConnId)>,
-    /// Its transcript (and, unless watching, `admin_joined`) went out. Until then
-    /// the seat gets none of the session's live frames (nothing may precede its
-    /// transcript), and admins joining later are told about it only once it is
-    /// announced.
+    /// Its transcript and `admin_joined` went out. Until then the seat gets none of
+    /// the session's live frames (nothing may precede its transcript), and admins
+    /// joining later are told about it only once it is announced.
     pub announced: bool,
-    /// Only following the session (`admin_watch`): it gets the session's frames
-    /// but holds no part in it: nobody is told, it cannot write, and it neither
-    /// makes the session a human's nor keeps it one.
-    pub watching: bool,
+}
+
+/// An admin connection following a session without holding it (`admin_watch`): it
+/// gets the session's frames but takes no part: nobody is told, it cannot write,
+/// and it neither makes the session a human's nor keeps it one. Kept per
+/// connection, so one tab watching never touches another tab's seat.
+#[derive(Debug, Clone)]
+pub struct Watcher {
+    pub conn: (usize, ConnId),
+    /// Its transcript went out: it gets live frames from now on.
+    pub announced: bool,
 }
 
 /// Where a joined session is held: a core of this node, or (in a cluster) the
@@ -91,27 +97,51 @@ pub const SESSIONS_PER_ADMIN_CONN_MAX: usize = 256;
 
 /// An admin connection's sessions and where each is held. Created on an admin's
 /// first action, so a user's connection holds no map.
-pub type Joined = Rc<RefCell<HashMap<Arc<str>, Holder>>>;
+pub type Joined = Rc<JoinedMap>;
+
+#[derive(Debug, Default)]
+pub struct JoinedMap {
+    pub held: RefCell<HashMap<Arc<str>, Holder>>,
+    /// Joins and watches still looking their session up: they count against the
+    /// bound before they are in `held`, so a burst of them cannot pass it.
+    looking_up: Cell<usize>,
+}
+
+/// One lookup in flight, counted while it lives.
+struct LookingUp(Joined);
+
+impl LookingUp {
+    fn start(joined: &Joined) -> LookingUp {
+        joined.looking_up.set(joined.looking_up.get() + 1);
+        LookingUp(joined.clone())
+    }
+}
+
+impl Drop for LookingUp {
+    fn drop(&mut self) {
+        self.0.looking_up.set(self.0.looking_up.get() - 1);
+    }
+}
 
 /// Sends `op` to where its session is held, finding that from storage the first
 /// time (the session id alone does not say whose it is). `here_only`: the admin
 /// is served here for another node, which already chose this one.
 pub fn route(core: &Rc<Core>, joined: &Joined, op: AdminOp, id: Option<String>, here_only: bool) {
-    let known = joined.borrow().get(&op.session_id).cloned();
+    let known = joined.held.borrow().get(&op.session_id).cloned();
     // A holder node that left took the seat with it: the session is found again.
     let known = known.filter(|h| remote::reachable(core, h));
     if let Some(holder) = known {
         if matches!(op.action, AdminAction::Leave) {
-            joined.borrow_mut().remove(&op.session_id);
+            joined.held.borrow_mut().remove(&op.session_id);
         }
         return send_to(core, holder, op, id);
     }
-    joined.borrow_mut().remove(&op.session_id);
+    joined.held.borrow_mut().remove(&op.session_id);
     if !matches!(op.action, AdminAction::Join | AdminAction::Watch) {
         let frame = error_frame(Code::Forbidden, "join the session first", id.as_deref());
         return reply(core, op.admin.conn, frame);
     }
-    if joined.borrow().len() >= SESSIONS_PER_ADMIN_CONN_MAX {
+    if joined.held.borrow().len() + joined.looking_up.get() >= SESSIONS_PER_ADMIN_CONN_MAX {
         let msg = format!(
             "a connection may be in at most {SESSIONS_PER_ADMIN_CONN_MAX} sessions; leave one first"
         );
@@ -119,17 +149,20 @@ pub fn route(core: &Rc<Core>, joined: &Joined, op: AdminOp, id: Option<String>, 
         return reply(core, op.admin.conn, frame);
     }
     let load = core.shared.app.store.load_session(&op.session_id, 1);
-    let (core, joined) = (core.clone(), joined.clone());
+    let (core, joined, looking_up) = (core.clone(), joined.clone(), LookingUp::start(joined));
     super::spawn(
         &core.clone(),
         &op.session_id.clone(),
         "admin_route",
         async move {
             let conn = op.admin.conn;
-            match load.await {
+            let loaded = load.await;
+            drop(looking_up);
+            match loaded {
                 Ok(Some((rec, _))) => {
                     let holder = remote::holder_of(&core, &rec.user_id, here_only);
                     joined
+                        .held
                         .borrow_mut()
                         .insert(op.session_id.clone(), holder.clone());
                     send_to(&core, holder, op, id);
@@ -276,18 +309,26 @@ fn join(core: &Rc<Core>, sid: &Arc<str>, admin: &AdminRef) {
             else {
                 return;
             };
-            for name in present {
+            let joined = |admin_name: &str, you| {
                 let frame = ServerFrame::AdminJoined {
                     session_id: &sid,
-                    admin_name: &name,
+                    admin_name,
+                    you,
                 };
-                deliver(&core, Target::of(&admin), frame.to_json().into());
-            }
-            let frame = ServerFrame::AdminJoined {
-                session_id: &sid,
-                admin_name: &admin.name,
+                Arc::<str>::from(frame.to_json())
             };
-            push_session(&core, &sid, frame.to_json());
+            for name in present {
+                deliver(&core, Target::of(&admin), joined(&name, false));
+            }
+            // The joining connection hears its own join as its own; everyone else
+            // (its other tabs included) as anyone's.
+            let me = Target::of(&admin);
+            let others = core.app.sessions.borrow().get(&sid).map(|s| s.everyone());
+            let (mine, theirs) = (joined(&admin.name, true), joined(&admin.name, false));
+            deliver(&core, me, mine);
+            for to in others.into_iter().flatten().filter(|to| *to != me) {
+                deliver(&core, to, theirs.clone());
+            }
         },
         |_| {},
     );
@@ -308,7 +349,7 @@ fn watch(core: &Rc<Core>, sid: &Arc<str>, admin: &AdminRef) {
         async move {
             resume_now(core.clone(), sid.clone(), Target::of(&admin), None, None).await;
             if let Some(s) = core.app.sessions.borrow_mut().get_mut(&sid) {
-                s.announce(&admin.id);
+                s.announce_watcher((admin.core, admin.conn));
             }
         },
         |_| {},

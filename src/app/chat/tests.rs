@@ -371,7 +371,7 @@ fn a_transcript_is_shown_stored_at_its_place_told_and_answered_unless_a_human_ha
 
 #[test]
 fn a_watcher_follows_the_session_without_holding_it() {
-    let mut s = session("u", 0, vec![1]);
+    let mut s = session("u", 0, vec![]);
     s.watch(&admin("w", 1, 7));
     assert_eq!(s.state, State::Ai, "watching takes nothing over");
     assert_eq!(
@@ -380,8 +380,13 @@ fn a_watcher_follows_the_session_without_holding_it() {
         "a watcher cannot write"
     );
     assert!(!s.idle(), "a followed session stays in memory");
-    assert!(s.announce("w").is_empty());
-    assert_eq!(s.everyone(), [Target::Local(1), Target::Remote(1, 7)]);
+    assert!(
+        s.evictable(),
+        "but it makes room for its user's next session"
+    );
+    assert!(s.everyone().is_empty(), "nothing before its transcript");
+    s.announce_watcher((1, 7));
+    assert_eq!(s.everyone(), [Target::Remote(1, 7)]);
     assert!(s.agents().is_empty(), "nobody is told of a watcher");
 
     // An agent joining is not told of the watcher; the watcher hears the join.
@@ -391,14 +396,17 @@ fn a_watcher_follows_the_session_without_holding_it() {
 
     // The watcher leaving says nothing to anyone and changes nothing.
     assert!(s.leave("s1", &admin("w", 1, 7), true, 0).is_empty());
-    assert_eq!((s.state, s.admins.len()), (State::Human, 1));
+    assert_eq!(
+        (s.state, s.admins.len(), s.watchers.len()),
+        (State::Human, 1, 0)
+    );
 }
 
 #[test]
 fn a_watcher_who_takes_over_holds_the_session_and_its_leaving_hands_it_back() {
     let mut s = session("u", 0, vec![1]);
     s.watch(&admin("w", 1, 7));
-    s.announce("w");
+    s.announce_watcher((1, 7));
     let (newly_human, _) = s.join(&admin("w", 1, 7)).expect("open");
     assert!(newly_human);
     assert_eq!(s.seated("w"), Ok(()));
@@ -409,7 +417,10 @@ fn a_watcher_who_takes_over_holds_the_session_and_its_leaving_hands_it_back() {
     );
     s.announce("w");
     s.watch(&admin("w", 1, 7));
-    assert_eq!(s.seated("w"), Ok(()), "watching again keeps the seat");
+    assert!(
+        s.watchers.is_empty(),
+        "a seated connection does not watch too"
+    );
     // A second admin only watching does not keep the session a human's.
     s.watch(&admin("x", 0, 2));
     let effects = s.leave("s1", &admin("w", 1, 7), true, 0);
@@ -421,4 +432,32 @@ fn a_watcher_who_takes_over_holds_the_session_and_its_leaving_hands_it_back() {
             ..
         }
     )));
+    match &effects[0] {
+        Effect::Send(to, frame) => {
+            assert_eq!(to, &[Target::Remote(1, 7)]);
+            assert!(frame.contains("\"you\":true"), "its own leave: {frame}");
+        }
+        _ => panic!("the leaving admin hears it first"),
+    }
+}
+
+#[test]
+fn one_tab_watching_never_touches_another_tabs_seat() {
+    // Tab 9 took the session over; tab 8 of the same admin only watches it.
+    let mut s = session("u", 0, vec![1]);
+    s.join(&admin("a", 1, 9)).expect("open");
+    s.announce("a");
+    s.watch(&admin("a", 1, 8));
+    assert_eq!(s.watchers.len(), 1);
+    // The watching tab closing its view leaves the seat as it is.
+    assert!(s.leave("s1", &admin("a", 1, 8), true, 0).is_empty());
+    assert_eq!((s.state, s.admins.len()), (State::Human, 1));
+    // Watching again, then the seated tab closes: the session goes back to the
+    // AI and the watching tab keeps watching.
+    s.watch(&admin("a", 1, 8));
+    s.leave("s1", &admin("a", 1, 9), false, 0);
+    assert_eq!(
+        (s.state, s.admins.len(), s.watchers.len()),
+        (State::Ai, 0, 1)
+    );
 }
