@@ -82,6 +82,9 @@ fn scenario_of(run: &Value) -> &str {
 pub fn report(name: &str, run: &Value, recorded: &Value) -> (String, Vec<String>) {
     let scenario = scenario_of(run);
     let mut s = format!("{scenario} ({name})\n");
+    if let Some(p) = run.get("pinning") {
+        let _ = writeln!(s, "  {}", crate::report::pinning_line(p));
+    }
     let figures: Vec<&Value> = recorded["figure"]
         .as_array()
         .into_iter()
@@ -90,7 +93,7 @@ pub fn report(name: &str, run: &Value, recorded: &Value) -> (String, Vec<String>
         .collect();
     let _ = writeln!(
         s,
-        "  {:<22} {:>10} {:>10}  recorded in PERF.md",
+        "  {:<30} {:>10} {:>10}  recorded in PERF.md",
         "ratio (chatbox/base)", "this run", "recorded"
     );
     for r in run["ratios"].as_array().into_iter().flatten() {
@@ -105,7 +108,7 @@ pub fn report(name: &str, run: &Value, recorded: &Value) -> (String, Vec<String>
             .map_or("-".into(), |v| format!("{v:.3}"));
         let _ = writeln!(
             s,
-            "  {:<22} {now:>10} {rec:>10}  {section}",
+            "  {:<30} {now:>10} {rec:>10}  {section}",
             metric.trim_start_matches('/')
         );
     }
@@ -118,10 +121,15 @@ pub fn report(name: &str, run: &Value, recorded: &Value) -> (String, Vec<String>
             .and_then(|r| r["chatbox"].as_f64());
         let _ = writeln!(
             s,
-            "  chatbox {:<14} {:>10} {:>10}  {}",
-            f["metric"].as_str().unwrap_or("?").trim_start_matches('/'),
+            "  {:<30} {:>10} {:>10}  {}",
+            format!(
+                "chatbox's {}",
+                f["metric"].as_str().unwrap_or("?").trim_start_matches('/')
+            ),
             now.map_or("-".into(), |v| format!("{v:.0}")),
-            f["chatbox"],
+            f["chatbox"]
+                .as_f64()
+                .map_or("-".into(), |v| format!("{v:.0}")),
             f["section"].as_str().unwrap_or("")
         );
     }

@@ -109,7 +109,7 @@ fn metric_label(pointer: &str) -> (String, f64) {
 }
 
 /// The pinning line: which CPUs each side ran on, or why not pinned.
-fn pinning_line(p: &Value) -> String {
+pub fn pinning_line(p: &Value) -> String {
     let list = |v: &Value| crate::pin::format_list(&crate::pin::cpus_of(v));
     match p["pinned"].as_bool() {
         Some(true) => format!(
