@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
+use anyhow::Context;
 use serde_json::{json, Value};
 
 use crate::Opts;
@@ -108,7 +109,18 @@ fn spawn(target: Target, o: &Opts, cpus: Option<&[usize]>) -> anyhow::Result<Ser
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .stdin(Stdio::null())
-        .spawn()?;
+        .spawn()
+        .with_context(|| match cpus {
+            Some(c) => format!(
+                "starting {target:?} ({}) on CPUs {}",
+                cmd.get_program().to_string_lossy(),
+                crate::pin::format_list(c)
+            ),
+            None => format!(
+                "starting {target:?} ({})",
+                cmd.get_program().to_string_lossy()
+            ),
+        })?;
     let stdout = child
         .stdout
         .take()
