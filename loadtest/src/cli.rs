@@ -35,8 +35,12 @@ fn at_least_one() -> RangedU64ValueParser<usize> {
              against chatbox and the tokio-tungstenite baseline in one run",
     long_about = None,
     after_help = "Every run is bounded in time (--deadline-secs) and stops by itself. \
-                  The summary is printed as JSON (and written to --out); a run that \
-                  lost connections or messages exits with status 1.",
+                  stdout gets a table of the summary (compare: each metric for chatbox \
+                  and the baseline, and their ratio); the summary as JSON goes to --out \
+                  FILE, or to stdout instead of the table with --json. Progress (elapsed, \
+                  work done, errors so far) goes to stderr once a second when stderr is \
+                  a terminal, or always with --progress. A run that lost connections or \
+                  messages exits with status 1.",
     arg_required_else_help = true
 )]
 pub struct Cli {
@@ -64,6 +68,20 @@ pub enum Command {
     Takeover(TakeoverArgs),
     /// Run --scenario against chatbox and the baseline, alternating, and print ratios
     Compare(CompareArgs),
+    /// Print runs' ratios beside the recorded ones; fail on errors, losses, idle bytes > 2 KiB
+    Check(CheckArgs),
+}
+
+/// `check`: judges run files (JSON written by --out) by the rules stable on a
+/// shared machine, and prints their ratios beside the recorded figures.
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// The recorded figures (bench/recorded.toml)
+    #[arg(long, value_name = "FILE")]
+    pub recorded: PathBuf,
+    /// Run summaries (JSON from --out) to check
+    #[arg(long = "run", value_name = "FILE", num_args = 1.., required = true)]
+    pub runs: Vec<PathBuf>,
 }
 
 /// The server a single-server scenario runs against: one node, or the nodes of a
@@ -116,9 +134,16 @@ pub struct Harness {
     /// Hard stop for the whole run, in seconds
     #[arg(long, value_name = "N", default_value_t = 600)]
     deadline_secs: u64,
-    /// Also write the summary JSON to this file
+    /// Write the summary as JSON to this file (stdout keeps the table)
     #[arg(long, value_name = "FILE")]
     out: Option<String>,
+    /// Print the summary as JSON on stdout instead of the table
+    #[arg(long)]
+    json: bool,
+    /// Progress on stderr once a second (elapsed, work done, errors so far) even
+    /// when stderr is not a terminal (on a terminal it is always shown)
+    #[arg(long)]
+    progress: bool,
 }
 
 #[derive(Args, Debug)]
@@ -276,11 +301,20 @@ pub struct CompareArgs {
     #[arg(long, value_name = "URI")]
     mongo_uri: Option<String>,
     /// The chatbox binary [default: next to this one]
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", visible_alias = "chatbox-bin")]
     chatbox: Option<PathBuf>,
     /// The baseline binary [default: baseline-server next to this one]
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", visible_alias = "baseline-bin")]
     baseline: Option<PathBuf>,
+    /// Pin (the default): each server, all its threads, on the first
+    /// --server-cores CPUs this process may use, loadtest on the others (checked
+    /// in /proc after each start and at the end of each run; unpinned, and said
+    /// so, when no CPU is left for loadtest)
+    #[arg(long, overrides_with = "no_pin")]
+    pin: bool,
+    /// Run servers and loadtest on any CPU
+    #[arg(long, overrides_with = "pin")]
+    no_pin: bool,
     /// JWT secret both servers get [default: a fresh one per run]
     #[arg(long, value_parser = NonEmptyStringValueParser::new())]
     secret: Option<String>,
@@ -364,6 +398,19 @@ fn parse_sizes(s: &str) -> Result<Sizes, String> {
     Ok(Sizes(a, b))
 }
 
+impl Harness {
+    /// The harness defaults, for a subcommand that runs no scenario.
+    fn quiet() -> Self {
+        Harness {
+            sources: 8,
+            deadline_secs: 600,
+            out: None,
+            json: false,
+            progress: false,
+        }
+    }
+}
+
 /// Every option at its default; each subcommand then sets the ones it has.
 fn defaults(scenario: &str, users: usize, h: Harness) -> Opts {
     Opts {
@@ -392,6 +439,9 @@ fn defaults(scenario: &str, users: usize, h: Harness) -> Opts {
         baseline_bin: None,
         deadline: Duration::from_secs(h.deadline_secs),
         out: h.out,
+        json: h.json,
+        progress: crate::progress::wanted(h.progress),
+        pin: true,
     }
 }
 
@@ -426,6 +476,8 @@ impl Command {
             Command::Stream(a) => ("stream", a.into_opts()),
             Command::Takeover(a) => ("takeover", a.into_opts()),
             Command::Compare(a) => ("compare", a.into_opts()),
+            // main runs `check` before asking for options; it has none of these.
+            Command::Check(_) => ("check", defaults("check", 1, Harness::quiet())),
         }
     }
 }
@@ -516,6 +568,7 @@ impl CompareArgs {
             .unwrap_or_else(|| format!("loadtest-secret-{}", std::process::id()).repeat(2));
         o.rounds = self.rounds;
         o.server_cores = self.server_cores;
+        o.pin = !self.no_pin;
         o.mongo_uri = self.mongo_uri;
         o.chatbox_bin = self.chatbox;
         o.baseline_bin = self.baseline;

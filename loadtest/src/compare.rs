@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
+use anyhow::Context;
 use serde_json::{json, Value};
 
 use crate::Opts;
@@ -51,8 +52,9 @@ fn stream_pause(o: &Opts) -> u64 {
     }
 }
 
-/// Starts a server and waits for its readiness line.
-fn spawn(target: Target, o: &Opts) -> anyhow::Result<Server> {
+/// Starts a server (on `cpus`, every thread, when given) and waits for its
+/// readiness line.
+fn spawn(target: Target, o: &Opts, cpus: Option<&[usize]>) -> anyhow::Result<Server> {
     let (mut cmd, data) = match target {
         Target::Chatbox => {
             let dir = std::env::temp_dir().join(format!(
@@ -100,11 +102,25 @@ fn spawn(target: Target, o: &Opts) -> anyhow::Result<Server> {
             (c, None)
         }
     };
+    if let Some(cpus) = cpus {
+        crate::pin::pin_command(&mut cmd, cpus);
+    }
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .stdin(Stdio::null())
-        .spawn()?;
+        .spawn()
+        .with_context(|| match cpus {
+            Some(c) => format!(
+                "starting {target:?} ({}) on CPUs {}",
+                cmd.get_program().to_string_lossy(),
+                crate::pin::format_list(c)
+            ),
+            None => format!(
+                "starting {target:?} ({})",
+                cmd.get_program().to_string_lossy()
+            ),
+        })?;
     let stdout = child
         .stdout
         .take()
@@ -132,7 +148,7 @@ fn rand_suffix() -> u64 {
 }
 
 /// The numbers compared for each scenario, and whether higher is better.
-fn keys(scenario: &str) -> &'static [(&'static str, bool)] {
+pub fn keys(scenario: &str) -> &'static [(&'static str, bool)] {
     match scenario {
         "idle" => &[("/bytes_per_connection", false)],
         "chat" => &[
@@ -166,8 +182,71 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// The split of CPUs for this run (`--pin`, the default), with this process
+/// already moved onto the client's CPUs; None when unpinned, with the reason
+/// recorded in `record`.
+fn pinning(o: &Opts) -> anyhow::Result<(Option<crate::pin::Plan>, Value)> {
+    let allowed = crate::pin::allowed_cpus()?;
+    let reason = if !o.pin {
+        "--no-pin".to_owned()
+    } else {
+        match crate::pin::plan(&allowed, o.server_cores) {
+            Ok(plan) => {
+                crate::pin::pin_self(&plan.client)?;
+                let threads = crate::pin::verify("self", &plan.client)?;
+                eprintln!(
+                    "pinned: servers on CPUs {}, loadtest ({threads} threads) on CPUs {}",
+                    crate::pin::format_list(&plan.server),
+                    crate::pin::format_list(&plan.client)
+                );
+                let record = json!({"pinned": true, "server_cpus": plan.server,
+                    "client_cpus": plan.client, "cpus_available": allowed});
+                return Ok((Some(plan), record));
+            }
+            Err(why) => {
+                eprintln!("not pinned: {why}; running unpinned");
+                why
+            }
+        }
+    };
+    let record = json!({"pinned": false, "reason": reason, "server_cpus": null,
+        "client_cpus": null, "cpus_available": allowed});
+    Ok((None, record))
+}
+
+/// Runs the scenario against one server; with a plan, checks the server's threads
+/// are on its CPUs right after its start and again at the end of the run (threads
+/// started lazily, such as storage threads, inherit the mask, and this proves it).
+async fn run_one(
+    target: Target,
+    o: &Opts,
+    plan: Option<&crate::pin::Plan>,
+) -> anyhow::Result<(Value, Value)> {
+    let cpus = plan.map(|p| p.server.as_slice());
+    let mut server = spawn(target, o, cpus)?;
+    let pid = server.child.id().to_string();
+    let result = async {
+        let at_start = cpus.map(|c| crate::pin::verify(&pid, c)).transpose()?;
+        let mut so = o.clone();
+        so.addrs = vec![server.addr];
+        so.pids = vec![server.child.id()];
+        let label = format!("{} {}", o.scenario, format!("{target:?}").to_lowercase());
+        let _ticker = crate::progress::start(o.progress, label, o.scenario.clone());
+        let summary = crate::run_scenario(&o.scenario, &so).await?;
+        let at_end = cpus.map(|c| crate::pin::verify(&pid, c)).transpose()?;
+        let affinity = json!({"cpus": cpus, "threads_checked_at_start": at_start,
+            "threads_checked_at_end": at_end});
+        anyhow::Ok((summary, affinity))
+    }
+    .await;
+    let _ = server.child.kill();
+    let _ = server.child.wait();
+    result
+}
+
 pub async fn compare(o: &Opts) -> anyhow::Result<Value> {
-    let mut runs: Vec<(Target, Value)> = Vec::new();
+    let (plan, pinning) = pinning(o)?;
+    let mut runs: Vec<(Target, Value, Value)> = Vec::new();
     for round in 0..o.rounds {
         let order = if round % 2 == 0 {
             [Target::Chatbox, Target::Baseline]
@@ -176,51 +255,28 @@ pub async fn compare(o: &Opts) -> anyhow::Result<Value> {
         };
         for target in order {
             eprintln!("round {} of {}: {target:?}", round + 1, o.rounds);
-            let mut server = spawn(target, o)?;
-            let mut so = o.clone();
-            so.addrs = vec![server.addr];
-            so.pids = vec![server.child.id()];
-            let result = crate::run_scenario(&o.scenario, &so).await;
-            let _ = server.child.kill();
-            let _ = server.child.wait();
-            runs.push((target, result?));
+            let (summary, affinity) = run_one(target, o, plan.as_ref()).await?;
+            runs.push((target, summary, affinity));
         }
     }
     let mut table = Vec::new();
-    println!(
-        "{:<28} {:>14} {:>14} {:>8}",
-        o.scenario, "chatbox", "baseline", "ratio"
-    );
     for &(key, higher_better) in keys(&o.scenario) {
         let pick = |t: Target| {
             median(
                 runs.iter()
-                    .filter(|(x, _)| *x == t)
-                    .filter_map(|(_, v)| v.pointer(key)?.as_f64())
+                    .filter(|(x, _, _)| *x == t)
+                    .filter_map(|(_, v, _)| v.pointer(key)?.as_f64())
                     .collect(),
             )
         };
         let (c, b) = (pick(Target::Chatbox), pick(Target::Baseline));
-        let ratio = c / b;
-        println!(
-            "{:<28} {:>14.1} {:>14.1} {:>8.3}{}",
-            key.trim_start_matches('/'),
-            c,
-            b,
-            ratio,
-            if higher_better {
-                "  (higher is better)"
-            } else {
-                ""
-            }
-        );
-        table.push(json!({"metric": key, "chatbox": c, "baseline": b, "ratio": ratio, "higher_is_better": higher_better}));
+        table.push(json!({"metric": key, "chatbox": c, "baseline": b, "ratio": c / b, "higher_is_better": higher_better}));
     }
     let runs: Vec<Value> = runs
         .into_iter()
-        .map(|(t, v)| json!({"target": format!("{t:?}"), "summary": v}))
+        .map(|(t, v, a)| json!({"target": format!("{t:?}"), "summary": v, "affinity": a}))
         .collect();
     Ok(
-        json!({"scenario": "compare", "compared": o.scenario, "rounds": o.rounds, "server_cores": o.server_cores, "ratios": table, "runs": runs}),
+        json!({"scenario": "compare", "compared": o.scenario, "rounds": o.rounds, "server_cores": o.server_cores, "pinning": pinning, "ratios": table, "runs": runs}),
     )
 }

@@ -1,14 +1,18 @@
 //! chatbox load harness: scenarios against one server (or the nodes of a cluster,
 //! users spread over them), or `compare` against
 //! chatbox and the tokio-tungstenite baseline in one run. Every run is bounded in
-//! time (`--deadline-secs`) and stops by itself; summaries are printed as JSON and
-//! written to `--out`.
+//! time (`--deadline-secs`) and stops by itself; summaries are printed as a table
+//! (JSON with `--json`) and written as JSON to `--out`. `check` judges such files.
 
+mod check;
 mod cli;
 mod client;
 mod cluster;
 mod compare;
+mod pin;
+mod progress;
 mod push;
+mod report;
 mod scenarios;
 mod takeover;
 
@@ -52,6 +56,12 @@ pub struct Opts {
     pub baseline_bin: Option<PathBuf>,
     pub deadline: Duration,
     pub out: Option<String>,
+    /// `--json`: the summary as JSON on stdout instead of the table.
+    pub json: bool,
+    /// Progress lines on stderr once a second (`--progress`, or stderr a terminal).
+    pub progress: bool,
+    /// `compare`: pin servers and loadtest to disjoint CPUs (`--no-pin` clears it).
+    pub pin: bool,
 }
 
 pub async fn run_scenario(name: &str, o: &Opts) -> anyhow::Result<Value> {
@@ -70,11 +80,16 @@ pub async fn run_scenario(name: &str, o: &Opts) -> anyhow::Result<Value> {
 async fn main() -> anyhow::Result<()> {
     // clap prints help and --version on stdout (exit 0) and usage errors, naming
     // the flag at fault, on stderr (exit 2).
-    let (cmd, o) = Cli::parse().command.into_opts();
+    let (cmd, o) = match Cli::parse().command {
+        cli::Command::Check(c) => return check::run(&c.recorded, &c.runs),
+        other => other.into_opts(),
+    };
     let run = async {
         if cmd == "compare" {
-            compare::compare(&o).await
-        } else if cmd == "idle" || o.pids.is_empty() {
+            return compare::compare(&o).await;
+        }
+        let _ticker = progress::start(o.progress, cmd.to_owned(), cmd.to_owned());
+        if cmd == "idle" || o.pids.is_empty() {
             run_scenario(cmd, &o).await
         } else {
             cluster::sampled(&o.pids, run_scenario(cmd, &o)).await
@@ -83,7 +98,11 @@ async fn main() -> anyhow::Result<()> {
     let summary = tokio::time::timeout(o.deadline, run)
         .await
         .map_err(|_| anyhow::anyhow!("run exceeded --deadline-secs {}", o.deadline.as_secs()))??;
-    println!("{}", serde_json::to_string_pretty(&summary)?);
+    if o.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print!("{}", report::render(&summary));
+    }
     if let Some(path) = &o.out {
         std::fs::write(path, summary.to_string()).with_context(|| format!("writing {path}"))?;
     }
@@ -94,22 +113,13 @@ async fn main() -> anyhow::Result<()> {
         None => vec![&summary],
     };
     for run in runs {
-        check(run)?;
-    }
-    Ok(())
-}
-
-/// Fails on errors, refusals, dropped connections or connections left open.
-fn check(summary: &Value) -> anyhow::Result<()> {
-    let lost = |k: &str| summary.get(k).and_then(Value::as_u64).unwrap_or(0);
-    if lost("dropped") + lost("failed") + lost("refused") + lost("errors") + lost("lost") > 0 {
-        bail!("errors, refusals, dropped connections or lost messages (see summary)");
-    }
-    if summary["open_after"].as_u64().is_some_and(|n| n > 0) {
-        bail!("the server still counts open connections after the storm");
-    }
-    if summary["scenario"] == "connect" && summary["pongs_after_hold"] != summary["connections"] {
-        bail!("not every connection stayed open and answered");
+        let lost = check::losses(run);
+        if !lost.is_empty() {
+            bail!(
+                "errors, refusals, dropped connections or lost messages: {}",
+                lost.join("; ")
+            );
+        }
     }
     Ok(())
 }

@@ -44,6 +44,7 @@ pub async fn open_users(
             Ok(ws) => out.push((user, ws)),
             Err(_) => {
                 errors.fetch_add(1, Ordering::Relaxed);
+                crate::progress::error();
             }
         }
         if i % 1000 == 999 {
@@ -142,6 +143,7 @@ async fn stream_user(
             .is_err()
         {
             errors.fetch_add(1, Ordering::Relaxed);
+            crate::progress::error();
             break;
         }
         let finished = read_answer(&mut rx, asked, end, &mut st, &mut session, errors).await;
@@ -178,6 +180,7 @@ async fn read_answer(
                 continue;
             }
             errors.fetch_add(1, Ordering::Relaxed);
+            crate::progress::error();
             return false;
         };
         let Ok(v) = serde_json::from_str::<Value>(&t) else {
@@ -196,10 +199,12 @@ async fn read_answer(
                 let _ = h.record(now.duration_since(since).as_micros() as u64);
                 last_chunk = Some(now);
                 st.chunks += 1;
+                crate::progress::done(1);
             }
             Some("ai_done") => return true,
             Some("error") => {
                 errors.fetch_add(1, Ordering::Relaxed);
+                crate::progress::error();
                 return false;
             }
             _ => {}

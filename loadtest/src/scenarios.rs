@@ -60,6 +60,7 @@ fn open_many(
                             &counts.failed
                         };
                         c.fetch_add(1, Ordering::Relaxed);
+                        crate::progress::error();
                         let _ = hs.send(0);
                         return;
                     }
@@ -68,12 +69,14 @@ fn open_many(
                 // last report arrives, and reads `connected` at once (the other
                 // order undercounted by the connections still between the two).
                 counts.connected.fetch_add(1, Ordering::Relaxed);
+                crate::progress::done(1);
                 let _ = hs.send(t0.elapsed().as_micros() as u64 + 1);
                 for round in 0..2u8 {
                     if !idle_until(&mut ws, &mut phase, round + 1).await
                         || !ping_pong(&mut ws).await
                     {
                         counts.dropped.fetch_add(1, Ordering::Relaxed);
+                        crate::progress::error();
                         return;
                     }
                     counts.pongs[round as usize].fetch_add(1, Ordering::Relaxed);
@@ -231,6 +234,7 @@ pub async fn chat(o: &Opts) -> anyhow::Result<Value> {
         .await
         else {
             errors.fetch_add(1, Ordering::Relaxed);
+            crate::progress::error();
             continue;
         };
         opened += 1;
@@ -296,6 +300,7 @@ async fn user_loop(
                 }
                 if tx.send(Message::text(m.to_string())).await.is_err() {
                     errors.fetch_add(1, Ordering::Relaxed);
+                    crate::progress::error();
                     break;
                 }
                 in_flight.insert(id, Instant::now());
@@ -305,6 +310,7 @@ async fn user_loop(
                 let Some(Ok(Message::Text(t))) = m else {
                     if matches!(m, Some(Ok(_))) { continue; }
                     errors.fetch_add(1, Ordering::Relaxed);
+                    crate::progress::error();
                     break;
                 };
                 let Ok(v) = serde_json::from_str::<Value>(&t) else { continue };
@@ -314,10 +320,12 @@ async fn user_loop(
                         if let Some(sent) = v["id"].as_str().and_then(|id| in_flight.remove(id)) {
                             let _ = hist.record(sent.elapsed().as_micros() as u64);
                             acks += 1;
+                            crate::progress::done(1);
                         }
                     }
                     Some("error") => {
                         errors.fetch_add(1, Ordering::Relaxed);
+                        crate::progress::error();
                         if let Some(id) = v["id"].as_str() {
                             in_flight.remove(id);
                         }
@@ -355,8 +363,10 @@ pub async fn churn(o: &Opts) -> anyhow::Result<Value> {
                         let _ = hs.send(t0.elapsed().as_micros() as u64);
                         if ping_pong(&mut ws).await {
                             cycles.fetch_add(1, Ordering::Relaxed);
+                            crate::progress::done(1);
                         } else {
                             errors.fetch_add(1, Ordering::Relaxed);
+                            crate::progress::error();
                         }
                         let _ = ws.close(None).await;
                         // Read to the end, so the server's side is gone too.
@@ -364,6 +374,7 @@ pub async fn churn(o: &Opts) -> anyhow::Result<Value> {
                     }
                     Err(_) => {
                         errors.fetch_add(1, Ordering::Relaxed);
+                        crate::progress::error();
                     }
                 }
             }

@@ -77,6 +77,7 @@ impl Tally {
     /// Counts a failure under `code`, printing the first few.
     fn error(&self, code: &str, detail: &str) {
         let n = self.errors.fetch_add(1, Ordering::Relaxed);
+        crate::progress::error();
         if n < PRINTED_ERRORS {
             eprintln!("  takeover error {code}: {detail}");
         }
@@ -252,6 +253,7 @@ async fn start_session(
                         let now = base.elapsed().as_micros() as u64;
                         let _ = h.record(now.saturating_sub(sent));
                         t.users_admin_message.fetch_add(1, Ordering::Relaxed);
+                        crate::progress::done(1);
                     }
                 }
                 _ => {}

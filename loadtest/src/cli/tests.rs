@@ -322,3 +322,64 @@ fn help_and_version_exit_zero() {
     assert_eq!(e.kind(), ErrorKind::DisplayVersion);
     assert_eq!(e.exit_code(), 0);
 }
+
+/// The table is the default; JSON only on --json (stdout) or --out (a file).
+#[test]
+fn json_only_when_asked() {
+    let (_, o) = ok("loadtest chat --secret s");
+    assert!(!o.json && o.out.is_none());
+    let (_, o) = ok("loadtest chat --secret s --json");
+    assert!(o.json);
+    let (_, o) = ok("loadtest compare --scenario idle --json --out /tmp/x.json");
+    assert!(o.json);
+    assert_eq!(o.out.as_deref(), Some("/tmp/x.json"));
+    assert!(ok("loadtest churn --secret s --progress").1.progress);
+}
+
+/// compare pins by default; --no-pin turns it off, and the last of the two wins.
+#[test]
+fn compare_pins_unless_told_not_to() {
+    assert!(ok("loadtest compare").1.pin);
+    assert!(ok("loadtest compare --pin").1.pin);
+    assert!(!ok("loadtest compare --no-pin").1.pin);
+    assert!(ok("loadtest compare --no-pin --pin").1.pin);
+    assert_eq!(
+        err("loadtest chat --secret s --no-pin").kind(),
+        ErrorKind::UnknownArgument
+    );
+    let (_, o) = ok("loadtest compare --chatbox-bin /b/chatbox --baseline-bin /b/base");
+    assert_eq!(
+        (o.chatbox_bin.unwrap(), o.baseline_bin.unwrap()),
+        ("/b/chatbox".into(), "/b/base".into())
+    );
+}
+
+/// .ci/bench.sh's check, and that it needs both flags.
+#[test]
+fn check_takes_the_recorded_figures_and_runs() {
+    let cli = Cli::try_parse_from(
+        "loadtest check --recorded bench/recorded.toml --run a.json b.json".split_whitespace(),
+    )
+    .unwrap();
+    let super::Command::Check(c) = cli.command else {
+        panic!("not check")
+    };
+    assert_eq!(c.recorded, std::path::PathBuf::from("bench/recorded.toml"));
+    assert_eq!(c.runs.len(), 2);
+    assert_eq!(
+        err("loadtest check --recorded r.toml").kind(),
+        ErrorKind::MissingRequiredArgument
+    );
+}
+
+/// `--help` says where the table, the JSON and the progress lines go.
+#[test]
+fn help_documents_output_and_progress() {
+    let help = Cli::command().render_long_help().to_string();
+    for needle in ["--json", "--out", "--progress", "terminal"] {
+        assert!(
+            help.contains(needle),
+            "{needle} missing from --help:\n{help}"
+        );
+    }
+}
