@@ -169,6 +169,7 @@ fn check_limits(incoming: &Incoming, limits: &Limits) -> Result<(), String> {
         | ClientFrame::Resume { session_id, .. }
         | ClientFrame::HelpRequest { session_id }
         | ClientFrame::AdminJoin { session_id }
+        | ClientFrame::AdminWatch { session_id }
         | ClientFrame::AdminLeave { session_id } => session_id_ok(session_id),
         ClientFrame::AuthRefresh { token } => chars_within(token, 1, TOKEN_CHARS_MAX),
         ClientFrame::History {
@@ -235,6 +236,9 @@ pub fn to_json(incoming: &Incoming) -> Value {
             "session_id": session_id, "file_id": file_id, "content": content}),
         ClientFrame::AdminJoin { session_id } => {
             json!({"type": "admin_join", "session_id": session_id})
+        }
+        ClientFrame::AdminWatch { session_id } => {
+            json!({"type": "admin_watch", "session_id": session_id})
         }
         ClientFrame::AdminMessage {
             session_id,

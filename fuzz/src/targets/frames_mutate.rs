@@ -30,6 +30,7 @@ const TYPES: &[&str] = &[
     "voice_message",
     "file_message",
     "admin_join",
+    "admin_watch",
     "admin_message",
     "admin_leave",
     "history",
