@@ -4,7 +4,7 @@
 # Starts nats-server, SecantusDB (MongoDB-compatible) and release chatbox nodes on
 # loopback, waits until every node is ready (/readyz 200, and in cluster mode every
 # node counting all the others in chatbox_cluster_members), runs the given loadtest
-# scenarios, and prints and writes each JSON summary. Everything it starts is
+# scenarios, and prints each summary (a table) and writes its JSON. Everything it starts is
 # stopped on exit (also on Ctrl-C or failure); every wait and run is bounded.
 #
 # Usage:
