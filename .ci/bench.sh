@@ -30,6 +30,7 @@ started=$SECONDS
 # One compare: NAME then its flags. A run that fails (loadtest exits 1 after
 # writing its JSON) is remembered, and judged with the others below.
 failed=()
+runs=()
 compare() {
   local name=$1
   shift
@@ -43,6 +44,12 @@ compare() {
     echo "bench: compare $name exited $status"
     failed+=("$name")
   fi
+  if [[ -f $ARTIFACTS/compare-$name.json ]]; then
+    runs+=("$ARTIFACTS/compare-$name.json")
+  else
+    echo "bench: compare $name wrote no JSON"
+    [[ " ${failed[*]-} " == *" $name "* ]] || failed+=("$name")
+  fi
 }
 
 compare chat --users 50 --secs 3 --rounds 1
@@ -52,15 +59,6 @@ compare stream --users 200 --secs 2 --rounds 1
 compare takeover --users 200 --admins 4 --msg-rate 500 --secs 2 --rounds 1
 
 echo "== bench: ratios beside the figures recorded in PERF.md ($RECORDED)"
-runs=()
-for name in chat idle churn stream takeover; do
-  if [[ -f $ARTIFACTS/compare-$name.json ]]; then
-    runs+=("$ARTIFACTS/compare-$name.json")
-  else
-    echo "bench: compare $name wrote no JSON"
-    [[ " ${failed[*]-} " == *" $name "* ]] || failed+=("$name")
-  fi
-done
 status=0
 if ((${#runs[@]} > 0)); then
   timeout 60 "$LOADTEST" check --recorded "$RECORDED" --run "${runs[@]}" \

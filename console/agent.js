@@ -7,6 +7,7 @@
   const TOKEN_KEY = "chatbox.agent.token";
   const SVG = "http://www.w3.org/2000/svg";
   const LIST_REFRESH_MS = 5000;
+  const EVENT_REFRESH_MS = 250;
   const METRICS_REFRESH_MS = 30000;
   // The renewal form shows this long before the token's `exp` (or at half its
   // life when shorter): the agent pastes a fresh token, sent as `auth_refresh`.
@@ -281,6 +282,16 @@
     return q.toString();
   }
 
+  // A burst of session events (help requests reach every admin) refreshes the
+  // list once, not once per event.
+  function refreshSoon() {
+    if (state.refreshTimer) return;
+    state.refreshTimer = setTimeout(() => {
+      state.refreshTimer = null;
+      loadSessions();
+    }, EVENT_REFRESH_MS);
+  }
+
   async function loadSessions() {
     // Refreshes overlap (timer, frames, buttons): only the latest one renders.
     const n = ++state.listReq;
@@ -391,6 +402,12 @@
     const list = $("transcript");
     if (typeof m.seq === "number") {
       li.dataset.seq = String(m.seq);
+      // Stored messages mostly come in order: after the last one, nothing to scan.
+      const last = list.lastElementChild;
+      if (!last || (last.dataset.seq && Number(last.dataset.seq) < m.seq)) {
+        list.append(li);
+        return;
+      }
       for (const other of list.children) {
         const s = Number(other.dataset.seq);
         if (other.dataset.seq && s > m.seq) {
@@ -526,7 +543,7 @@
       o.joined = false;
       o.agents.clear();
       await loadTranscript();
-      loadSessions();
+      refreshSoon();
     } catch (e) {
       setStatus("Could not end the session: " + e.message);
     }
@@ -607,7 +624,7 @@
         queueAdd(f, false);
         setStatus("Help requested by " + (f.user_name || f.user_id) + ".");
         if (inOpen(f)) { $("v-state").textContent = "waiting"; setMode(); }
-        loadSessions();
+        refreshSoon();
         break;
       case "session":
         if (inOpen(f) && f.messages) {
@@ -624,7 +641,7 @@
           queueRemove(f.session_id);
           setMode();
         }
-        loadSessions();
+        refreshSoon();
         break;
       case "admin_left":
         if (inOpen(f)) {
@@ -637,7 +654,7 @@
           }
           setMode();
         }
-        loadSessions();
+        refreshSoon();
         break;
       case "admin_message":
         if (inOpen(f)) renderMessage({ message_id: f.message_id, role: "admin", author: f.admin_name, content: f.content, created_at: Date.now() });
@@ -667,7 +684,7 @@
           $("v-state").textContent = "ended";
           setMode();
         }
-        loadSessions();
+        refreshSoon();
         break;
       case "auth_refreshed":
         renewed();

@@ -213,6 +213,8 @@
       this.streaming = null; // {id, seq} of the answer arriving now
       this.pending = new Map(); // client id -> frame sent but not acknowledged
       this.agents = new Set(); // names of the agents in the chat
+      this.dirty = new Set(); // streamed messages not drawn since their last chunk
+      this.frame = 0; // the animation frame that will draw them
       this.nextToken = null; // a refreshed token the server has not taken yet
       this.attempt = 0;
       this.stopped = false;
@@ -317,9 +319,7 @@
         this.setStatus("No chat token: open this page from a link that carries one.");
         return;
       }
-      this.sessionKey = `chatbox.widget.session.${BASE.href}.${tokenSubject(this.token)}`;
-      const local = storage("localStorage");
-      this.sessionId = local ? local.getItem(this.sessionKey) : null;
+      this.loadSession();
       // A socket can stay "open" long after the network went away (nothing is sent
       // to notice it): when the browser says it is offline, drop it and reconnect
       // as soon as it is back, instead of waiting for a timeout.
@@ -459,7 +459,12 @@
       this.streaming = null;
       this.agents.clear();
       this.showAgent("");
-      this.sessionKey = `chatbox.widget.session.${BASE.href}.${tokenSubject(token)}`;
+      this.loadSession();
+    }
+
+    /** The session kept for this token's user (per page origin), if any. */
+    loadSession() {
+      this.sessionKey = `chatbox.widget.session.${BASE.href}.${tokenSubject(this.token)}`;
       const local = storage("localStorage");
       this.sessionId = local ? local.getItem(this.sessionKey) : null;
     }
@@ -715,7 +720,7 @@
       m.li.classList.add("cbw-streaming");
       m.li.setAttribute("aria-busy", "true");
       this.streaming = { id: f.message_id, seq: m.seq };
-      if (add) this.setText(m, m.text + add);
+      if (add) this.redrawSoon(m, m.text + add);
       if (m.doneFrame && !m.ahead.size) this.onDone(m.doneFrame);
     }
 
@@ -727,6 +732,7 @@
       }
       if (this.streaming && this.streaming.id === f.message_id) this.streaming = null;
       if (!m) return;
+      if (this.dirty.has(m)) this.setText(m, m.text); // the end is shown at once
       m.done = true;
       m.li.classList.remove("cbw-streaming");
       m.li.removeAttribute("aria-busy");
@@ -786,8 +792,9 @@
       const first = messages.length ? messages[0].seq : undefined;
       const older = [];
       const keep = [];
+      const stored = new Set(messages.map((h) => h.message_id));
       for (const [id, m] of this.messages) {
-        const inHistory = messages.some((h) => h.message_id === id);
+        const inHistory = stored.has(id);
         const live = this.streaming && this.streaming.id === id;
         // Pages loaded earlier (older than this history) stay above it.
         if (m.pos !== undefined && first !== undefined && m.pos < first) older.push([id, m]);
@@ -864,7 +871,24 @@
 
     setText(m, text) {
       m.text = text;
+      this.dirty.delete(m);
       m.body.replaceChildren(renderMarkdown(text));
+    }
+
+    /**
+     * A streamed answer is drawn at most once per animation frame: rendering its
+     * whole markdown on every chunk would cost the page quadratic time in the
+     * answer's length.
+     */
+    redrawSoon(m, text) {
+      m.text = text;
+      this.dirty.add(m);
+      if (this.frame) return;
+      this.frame = requestAnimationFrame(() => {
+        this.frame = 0;
+        for (const d of [...this.dirty]) this.setText(d, d.text);
+        this.scrollDown();
+      });
     }
 
     note(text, cls) {

@@ -10,66 +10,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use chatbox::auth::now_secs;
-use chatbox::{Config, ServerHandle};
-use common::cluster::{user_owned_by, wait_metric};
-use common::nats::NatsServer;
+use chatbox::Config;
+use common::cluster::{user_owned_by, wait_metric, Cluster};
 use common::*;
 use serde_json::{json, Value};
-
-struct Cluster {
-    nodes: Vec<ServerHandle>,
-    nats: NatsServer,
-}
-
-impl Cluster {
-    /// Starts `n` nodes on one bus and one store, and waits until every node sees
-    /// all the others.
-    async fn start(n: usize) -> Cluster {
-        Cluster::start_with(n, config()).await
-    }
-
-    /// `n` nodes, each configured as `base` says (with its own bus and store
-    /// settings added).
-    async fn start_with(n: usize, base: Config) -> Cluster {
-        let nats = NatsServer::start();
-        let uri = std::env::var("CHATBOX_TEST_MONGO_URI")
-            .expect("the cluster tests need CHATBOX_TEST_MONGO_URI (see .ci/run)");
-        let db = format!("chatbox_cluster_{:016x}", rand::random::<u64>());
-        let nodes: Vec<ServerHandle> = (0..n)
-            .map(|i| {
-                start(Config {
-                    mongo_uri: Some(uri.clone()),
-                    mongo_database: db.clone(),
-                    nats_url: vec![nats.url()],
-                    node_id: Some(format!("node-{i}")),
-                    cluster_heartbeat_ms: 100,
-                    // Generous: a busy CI machine may starve a node's heartbeat for
-                    // a while, and a node thought gone closes what it served. The
-                    // tests that need a node gone have it leave, which is at once.
-                    cluster_member_timeout_ms: 10_000,
-                    lease_ttl_ms: 20_000,
-                    data_dir: data_dir(),
-                    ..base.clone()
-                })
-            })
-            .collect();
-        for node in &nodes {
-            wait_metric(node.local_addr(), "chatbox_cluster_members", n as u64).await;
-        }
-        Cluster { nodes, nats }
-    }
-
-    fn addr(&self, i: usize) -> SocketAddr {
-        self.nodes[i].local_addr()
-    }
-
-    async fn stop(self) {
-        for node in self.nodes {
-            node.shutdown();
-            stop(node).await;
-        }
-    }
-}
 
 async fn admin(addr: SocketAddr, id: &str) -> Ws {
     let t = token_with(id, &["admin"], now_secs() + 3600);

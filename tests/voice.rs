@@ -717,29 +717,10 @@ mod store {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs nats-server and MongoDB: CHATBOX_TEST_NATS_SERVER, CHATBOX_TEST_MONGO_URI (see .ci/run)"]
 async fn in_a_cluster_the_owner_node_transcribes() {
-    use common::cluster::{user_owned_by, wait_metric};
-    let nats = common::nats::NatsServer::start();
-    let uri = std::env::var("CHATBOX_TEST_MONGO_URI").expect("CHATBOX_TEST_MONGO_URI");
+    use common::cluster::{user_owned_by, Cluster};
     let stt = FakeStt::start(vec![(200, r#"{"text":"Is anyone there?"}"#)]).await;
-    let db = format!("chatbox_voice_cluster_{:016x}", rand::random::<u64>());
-    let nodes: Vec<chatbox::ServerHandle> = (0..2)
-        .map(|i| {
-            start(chatbox::Config {
-                mongo_uri: Some(uri.clone()),
-                mongo_database: db.clone(),
-                nats_url: vec![nats.url()],
-                node_id: Some(format!("node-{i}")),
-                cluster_heartbeat_ms: 100,
-                cluster_member_timeout_ms: 10_000,
-                lease_ttl_ms: 20_000,
-                ..with_stt(config(), &stt)
-            })
-        })
-        .collect();
-    for node in &nodes {
-        wait_metric(node.local_addr(), "chatbox_cluster_members", 2).await;
-    }
-    let (owner, edge) = (nodes[0].local_addr(), nodes[1].local_addr());
+    let cluster = Cluster::start_with(2, with_stt(config(), &stt)).await;
+    let (owner, edge) = (cluster.addr(0), cluster.addr(1));
     let user = user_owned_by("node-0", &["node-1"]);
     let audio = wav(700);
     let fid = upload(owner, &user, "ping.wav", &audio).await["file_id"].clone();
@@ -763,8 +744,5 @@ async fn in_a_cluster_the_owner_node_transcribes() {
     let h = history(edge, &user, &sid).await;
     assert_eq!(h[0]["content"], "Is anyone there?");
     assert_eq!(h[0]["file"]["file_id"], fid);
-    for node in nodes {
-        node.shutdown();
-        stop(node).await;
-    }
+    cluster.stop().await;
 }

@@ -37,7 +37,7 @@ pub fn losses(summary: &Value) -> Vec<String> {
 
 /// Every scenario summary in a run file: a compare's runs (named by server and
 /// round), or the file itself.
-fn summaries(run: &Value) -> Vec<(String, &Value)> {
+pub fn summaries(run: &Value) -> Vec<(String, &Value)> {
     match run["runs"].as_array() {
         Some(runs) => runs
             .iter()

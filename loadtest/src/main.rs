@@ -108,11 +108,7 @@ async fn main() -> anyhow::Result<()> {
     }
     // A scenario that lost connections or messages fails the run; for `compare`,
     // any run of either server does.
-    let runs: Vec<&Value> = match summary["runs"].as_array() {
-        Some(runs) => runs.iter().map(|r| &r["summary"]).collect(),
-        None => vec![&summary],
-    };
-    for run in runs {
+    for (_, run) in check::summaries(&summary) {
         let lost = check::losses(run);
         if !lost.is_empty() {
             bail!(

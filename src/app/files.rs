@@ -151,6 +151,12 @@ impl FileApiError {
 }
 
 /// `/upload` and `/files/...`; `None` for any other path.
+/// Whether `path` is one of the files endpoints (their routing and their longer
+/// request timeout go by the same rule).
+pub fn serves(path: &str) -> bool {
+    path == "/upload" || path.starts_with("/files/")
+}
+
 pub async fn handle(core: &Rc<Core>, req: Request<Incoming>, path: &str) -> Option<Response<Body>> {
     let methods = match path {
         "/upload" => "POST, OPTIONS",

@@ -136,8 +136,10 @@ pub(super) async fn download(
     };
     // The first chunk is read before the status goes out: a file whose bytes are
     // missing or unreadable is a clear 503, not a 200 cut short.
+    // Shared with the reads on the pool (one record, never copied).
+    let record = Arc::new(record);
     let first = if req.method() == hyper::Method::GET && len > 0 {
-        Some(first_chunk(core, store.clone(), &record, serve).await?)
+        Some(first_chunk(core, store.clone(), record.clone(), serve).await?)
     } else {
         None
     };
@@ -185,13 +187,12 @@ pub(super) async fn download(
 async fn send_chunks(
     store: Arc<dyn FileStore>,
     keys: Arc<crate::crypto::KeyRing>,
-    record: FileRecord,
+    record: Arc<FileRecord>,
     span: Span,
     first: Vec<u8>,
     pages: Pages,
 ) {
     let chunk = CHUNK_BYTES as u64;
-    let record = Arc::new(record);
     let mut first = Some(first);
     for index in span.first / chunk..=span.last / chunk {
         let read = match first.take() {
@@ -238,11 +239,11 @@ async fn open_chunk(
 async fn first_chunk(
     core: &Core,
     store: Arc<dyn FileStore>,
-    record: &FileRecord,
+    record: Arc<FileRecord>,
     span: Span,
 ) -> Result<Vec<u8>, FileApiError> {
     let shared = &core.shared.app;
-    let (keys, record) = (shared.keys.clone(), Arc::new(record.clone()));
+    let keys = shared.keys.clone();
     let index = span.first / CHUNK_BYTES as u64;
     let read = shared.pool.call(open_chunk(store, keys, record, index));
     match read.await {

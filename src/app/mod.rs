@@ -118,7 +118,7 @@ impl App for ChatApp {
         req: Request<hyper::body::Incoming>,
         path: &str,
     ) -> Response<Body> {
-        if path == "/upload" || path.starts_with("/files/") {
+        if files::serves(path) {
             if let Some(r) = files::handle(core, req, path).await {
                 return r;
             }
@@ -141,8 +141,7 @@ impl App for ChatApp {
 
     fn request_timeout(core: &Rc<Core>, path: &str) -> std::time::Duration {
         let cfg = &core.shared.config;
-        let files = path == "/upload" || path.starts_with("/files/");
-        let ms = if files {
+        let ms = if files::serves(path) {
             cfg.file_transfer_timeout_ms
         } else {
             cfg.http_request_timeout_ms

@@ -347,13 +347,9 @@ impl Models {
             let client = match m.provider {
                 LlmProvider::Demo => None,
                 _ => Some(
-                    crate::outbound::client_builder()
-                        .connect_timeout(Duration::from_millis(m.connect_timeout_ms))
-                        .user_agent(concat!("chatbox/", env!("CARGO_PKG_VERSION")))
-                        .build()
-                        .map_err(|e| {
-                            format!("llm model {:?}: cannot build an HTTP client: {e}", m.id)
-                        })?,
+                    provider_client(Duration::from_millis(m.connect_timeout_ms)).map_err(|e| {
+                        format!("llm model {:?}: cannot build an HTTP client: {e}", m.id)
+                    })?,
                 ),
             };
             order.push(m.id.clone());
@@ -530,6 +526,16 @@ impl Drop for LlmStream {
     }
 }
 
+/// The HTTP client of a model provider (chat or speech-to-text): the outbound
+/// policy, a connect timeout, and chatbox's user agent.
+fn provider_client(connect: Duration) -> reqwest::Result<reqwest::Client> {
+    crate::outbound::client_builder()
+        .connect_timeout(connect)
+        .user_agent(concat!("chatbox/", env!("CARGO_PKG_VERSION")))
+        .build()
+}
+
+/// Why one attempt at a provider failed.
 struct AttemptError {
     kind: ErrorKind,
     detail: String,
@@ -546,6 +552,11 @@ impl AttemptError {
             retry_after: None,
             sent_text,
         }
+    }
+
+    /// A speech-to-text attempt's failure (nothing reached the user).
+    fn transcribe(kind: ErrorKind, detail: impl Into<String>) -> AttemptError {
+        AttemptError::new(kind, detail, false)
     }
 }
 

@@ -106,10 +106,7 @@ impl Stt {
         let client = match cfg.stt_provider {
             SttProvider::Demo => None,
             SttProvider::Openai => Some(
-                crate::outbound::client_builder()
-                    .connect_timeout(Duration::from_millis(cfg.stt_timeout_ms.min(10_000)))
-                    .user_agent(concat!("chatbox/", env!("CARGO_PKG_VERSION")))
-                    .build()
+                super::provider_client(Duration::from_millis(cfg.stt_timeout_ms.min(10_000)))
                     .map_err(|e| format!("speech-to-text: cannot build an HTTP client: {e}"))?,
             ),
         };
@@ -191,23 +188,23 @@ impl Stt {
             req = req.header("traceparent", ctx.child().traceparent());
         }
         let work = async {
-            let resp = req
-                .send()
-                .await
-                .map_err(|e| Attempt::new(ErrorKind::Connect, crate::outbound::error_text(e)))?;
+            let resp = req.send().await.map_err(|e| {
+                Attempt::transcribe(ErrorKind::Connect, crate::outbound::error_text(e))
+            })?;
             let (status, wait) = (resp.status(), retry_after(resp.headers()));
             let body = read_bounded(resp).await?;
             if !status.is_success() {
                 let shown = String::from_utf8_lossy(&body[..body.len().min(ERROR_BODY_BYTES_MAX)]);
-                let mut e = Attempt::new(status_kind(status), format!("HTTP {status}: {shown}"));
+                let mut e =
+                    Attempt::transcribe(status_kind(status), format!("HTTP {status}: {shown}"));
                 e.retry_after = wait;
                 return Err(e);
             }
-            parse_text(&body).map_err(|d| Attempt::new(ErrorKind::Provider, d))
+            parse_text(&body).map_err(|d| Attempt::transcribe(ErrorKind::Provider, d))
         };
         match tokio::time::timeout(self.timeout, work).await {
             Ok(result) => result,
-            Err(_) => Err(Attempt::new(
+            Err(_) => Err(Attempt::transcribe(
                 ErrorKind::Timeout,
                 format!("no transcript within {} ms", self.timeout.as_millis()),
             )),
@@ -215,22 +212,9 @@ impl Stt {
     }
 }
 
-/// Why one attempt failed.
-struct Attempt {
-    kind: ErrorKind,
-    detail: String,
-    retry_after: Option<Duration>,
-}
-
-impl Attempt {
-    fn new(kind: ErrorKind, detail: String) -> Attempt {
-        Attempt {
-            kind,
-            detail,
-            retry_after: None,
-        }
-    }
-}
+/// Why one attempt failed: the chat providers' kind (a transcript is never half
+/// sent, so never `sent_text`).
+type Attempt = super::AttemptError;
 
 /// The response body, refused past [`RESPONSE_BYTES_MAX`].
 async fn read_bounded(mut resp: reqwest::Response) -> Result<Vec<u8>, Attempt> {
@@ -238,16 +222,16 @@ async fn read_bounded(mut resp: reqwest::Response) -> Result<Vec<u8>, Attempt> {
     loop {
         match resp.chunk().await {
             Ok(Some(c)) if body.len() + c.len() > RESPONSE_BYTES_MAX => {
-                return Err(Attempt::new(
+                return Err(Attempt::transcribe(
                     ErrorKind::TooLarge,
-                    "the answer is larger than a transcript can be".into(),
+                    "the answer is larger than a transcript can be",
                 ))
             }
             Ok(Some(c)) => body.extend_from_slice(&c),
             Ok(None) => return Ok(body),
             Err(e) => {
                 let detail = format!("the answer broke off: {}", crate::outbound::error_text(e));
-                return Err(Attempt::new(ErrorKind::StreamEnded, detail));
+                return Err(Attempt::transcribe(ErrorKind::StreamEnded, detail));
             }
         }
     }

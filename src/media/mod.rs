@@ -192,7 +192,7 @@ impl Scrubber {
         what: Await,
         out: &mut Vec<Bytes>,
     ) -> Result<State, ScrubError> {
-        let head = State::Need(2, Await::Head);
+        let head = State::Need(self.head_len(), Await::Head);
         let next = match what {
             Await::Signature if held == [0xff, 0xd8] => {
                 out.push(Bytes::from(held));
@@ -265,7 +265,7 @@ impl Scrubber {
         what: Await,
         out: &mut Vec<Bytes>,
     ) -> Result<State, ScrubError> {
-        let head = State::Need(8, Await::Head);
+        let head = State::Need(self.head_len(), Await::Head);
         let next = match what {
             Await::Signature if held == b"\x89PNG\r\n\x1a\n" => {
                 out.push(Bytes::from(held));
@@ -326,7 +326,7 @@ impl Scrubber {
         what: Await,
         out: &mut Vec<Bytes>,
     ) -> Result<State, ScrubError> {
-        let head = State::Need(8, Await::Head);
+        let head = State::Need(self.head_len(), Await::Head);
         let next = match what {
             Await::Signature if held.starts_with(b"RIFF") && &held[8..] == b"WEBP" => {
                 out.push(Bytes::from(held));

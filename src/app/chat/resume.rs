@@ -10,7 +10,7 @@ use super::session::Target;
 use crate::app::frames::{error_frame, store_read_error, Code, HistoryItem, ServerFrame};
 use crate::app::Core;
 use crate::runtime::ConnId;
-use crate::store::MessageRecord;
+use crate::store::{MessageRecord, StoreError};
 
 /// Sends the history and the running answer to connection `conn`, in the
 /// background. The connection is detached from the session until its history is
@@ -18,17 +18,8 @@ use crate::store::MessageRecord;
 /// again in the replay of the running answer.
 pub fn resume(core: &Rc<Core>, sid: &Arc<str>, conn: ConnId, after_seq: Option<u64>) {
     core.app.detach(sid, conn);
-    let (c, s) = (core.clone(), sid.clone());
-    let task = async move {
-        resume_now(
-            c.clone(),
-            s.clone(),
-            Target::Local(conn),
-            after_seq,
-            Some(conn),
-        )
-        .await;
-    };
+    let to = Target::Local(conn);
+    let task = resume_now(core.clone(), sid.clone(), to, after_seq, Some(conn));
     // A resume that panics still leaves the connection in its session (and so
     // told of the failure, like everyone in it).
     let s = sid.clone();
@@ -61,15 +52,9 @@ pub async fn resume_now(
         Ok(Some((_, messages))) => messages,
         Ok(None) => Vec::new(),
         Err(e) => {
-            core.metrics().store_errors.inc();
-            tracing::error!(session = %sid, error = %e, "loading history failed");
             // Live frames go on; the client may ask for the history again.
             attach_now();
-            return send(store_read_error(
-                &e,
-                "could not load the history; retry",
-                None,
-            ));
+            return send(history_failed(&core, &sid, &e, None));
         }
     };
     let (history, withheld) = open_history(&core, &sid, &messages);
@@ -84,12 +69,7 @@ pub async fn resume_now(
         agents: &agents,
     };
     send(frame.to_json());
-    if withheld > 0 {
-        core.metrics().integrity_failures.add(withheld);
-        let msg =
-            format!("{withheld} stored message(s) failed their integrity check and were withheld");
-        send(error_frame(Code::Internal, &msg, None));
-    }
+    report_withheld(&core, withheld, None, send);
     replay_running(&core, &sid, &history, after_seq, send);
 }
 
@@ -170,12 +150,7 @@ async fn history_page_now(
     let send = |frame: String| deliver(&core, to, frame.into());
     let mut messages = match page {
         Ok(m) => m,
-        Err(e) => {
-            core.metrics().store_errors.inc();
-            tracing::error!(session = %sid, error = %e, "loading a history page failed");
-            let msg = "could not load the history; retry";
-            return send(store_read_error(&e, msg, id.as_deref()));
-        }
+        Err(e) => return send(history_failed(&core, &sid, &e, id.as_deref())),
     };
     messages.retain(|m| m.seq < before_seq);
     let (history, withheld) = open_history(&core, &sid, &messages);
@@ -186,12 +161,26 @@ async fn history_page_now(
         before_seq: (from > 0).then_some(from + 1),
     };
     send(frame.to_json());
-    if withheld > 0 {
-        core.metrics().integrity_failures.add(withheld);
-        let msg =
-            format!("{withheld} stored message(s) failed their integrity check and were withheld");
-        send(error_frame(Code::Internal, &msg, id.as_deref()));
+    report_withheld(&core, withheld, id.as_deref(), send);
+}
+
+/// A history read that failed: counted, logged, and the client's error.
+fn history_failed(core: &Core, sid: &str, e: &StoreError, id: Option<&str>) -> String {
+    core.metrics().store_errors.inc();
+    tracing::error!(session = %sid, error = %e, "loading history failed");
+    store_read_error(e, "could not load the history; retry", id)
+}
+
+/// Messages of a history that failed their integrity check: counted, and the
+/// client told how many were withheld.
+fn report_withheld(core: &Core, withheld: u64, id: Option<&str>, send: impl Fn(String)) {
+    if withheld == 0 {
+        return;
     }
+    core.metrics().integrity_failures.add(withheld);
+    let msg =
+        format!("{withheld} stored message(s) failed their integrity check and were withheld");
+    send(error_frame(Code::Internal, &msg, id));
 }
 
 /// A stored message's content and extras, or why they did not open.

@@ -332,15 +332,23 @@ fn session_gone(session_id: &str) -> mongodb::error::Error {
     mongodb::error::Error::custom(format!("session {session_id} is not stored (deleted?)"))
 }
 
+/// A message's sealed content as stored (read back by `mongo::read`).
+fn sealed_fields(s: &crate::crypto::Sealed) -> Document {
+    doc! {
+        "key_id": i64::from(s.key_id), "nonce": binary(&s.nonce),
+        "ciphertext": binary(&s.ciphertext), "aad_version": i32::from(s.version),
+    }
+}
+
 fn message_doc(user_id: &str, m: &MessageRecord) -> Document {
     let mut d = doc! {
         "_id": &m.message_id, "session_id": &m.session_id, "seq": i64_of(m.seq),
         "role": m.role.as_str(), "author": &m.author, "user_id": user_id,
-        "key_id": i64::from(m.sealed.key_id), "nonce": binary(&m.sealed.nonce),
-        "ciphertext": binary(&m.sealed.ciphertext), "created_at": m.created_at,
+        "created_at": m.created_at,
         "tokens_in": i64_of(m.tokens_in), "tokens_out": i64_of(m.tokens_out),
-        "cancelled": m.cancelled, "aad_version": i32::from(m.sealed.version),
+        "cancelled": m.cancelled,
     };
+    d.extend(sealed_fields(&m.sealed));
     if let Some(client_id) = &m.client_id {
         d.insert("client_id", client_id);
     }
@@ -417,10 +425,7 @@ async fn apply(
             message_id,
             sealed,
         } => {
-            let set = doc! {"$set": {
-                "key_id": i64::from(sealed.key_id), "nonce": binary(&sealed.nonce),
-                "ciphertext": binary(&sealed.ciphertext), "aad_version": i32::from(sealed.version),
-            }};
+            let set = doc! {"$set": sealed_fields(sealed)};
             let one = doc! {"_id": message_id, "session_id": session_id};
             c.messages.update_one(one, set).session(&mut *s).await?;
         }
