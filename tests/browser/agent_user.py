@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import io
 import json
+import math
 import os
 import struct
 import time
@@ -17,7 +18,7 @@ import zlib
 
 from websockets.sync.client import connect
 
-from conftest import axe_violations, WAIT_S
+from conftest import WAIT_S
 
 
 class User:
@@ -71,28 +72,27 @@ class User:
         self.ws.close()
 
 
-def png_1x1():
+def png(width=1, height=1):
+    """A real red PNG of `width` x `height` (the server follows an image's
+    structure to its pixels)."""
     def chunk(kind, body):
         return (struct.pack(">I", len(body)) + kind + body
                 + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
-    ihdr = struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0)
-    idat = zlib.compress(b"\x00\xff\x00\x00")
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"".join(b"\x00" + b"\xff\x00\x00" * width for _ in range(height)))
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
-def wav_tone():
+def wav(seconds=1.0, rate=8000):
+    """A spoken-length tone as 16-bit mono WAV."""
     buf = io.BytesIO()
     with wave.open(buf, "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
-        w.setframerate(8000)
-        w.writeframes(b"\x00\x10" * 8000)
+        w.setframerate(rate)
+        w.writeframes(b"".join(struct.pack("<h", int(8000 * math.sin(i / 8)))
+                               for i in range(int(seconds * rate))))
     return buf.getvalue()
-
-
-def axe_serious(page):
-    """axe-core's serious and critical violations (conftest's `axe_violations`)."""
-    return axe_violations(page)
 
 
 def signed_token(server, sub, name, roles=(), life_s=3600):

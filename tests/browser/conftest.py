@@ -19,10 +19,13 @@ import tempfile
 import threading
 
 import pytest
-from playwright.sync_api import sync_playwright
+from playwright.sync_api import expect, sync_playwright
 
 ARTIFACTS = os.environ.get("CHATBOX_BROWSER_ARTIFACTS", tempfile.gettempdir())
 WAIT_S = 20
+# Playwright's assertions wait 5 s by default: too short on a loaded 2-core CI
+# machine; they wait as long as the rest of the harness does.
+expect.set_options(timeout=WAIT_S * 1000)
 
 
 class Server:

@@ -5,12 +5,8 @@ import re
 
 from playwright.sync_api import expect
 
-from agent_user import User, admin_token, axe_serious, png_1x1, signed_token, wav_tone
-from conftest import WAIT_S, screenshot
-
-# Playwright's assertions wait 5 s by default: too short on a loaded 2-core CI
-# machine; wait as long as the rest of the harness does.
-expect.set_options(timeout=WAIT_S * 1000)
+from agent_user import User, admin_token, png, signed_token, wav
+from conftest import axe_violations, screenshot
 
 XSS = "<img src=x onerror=window.__xss=1>"
 
@@ -72,7 +68,7 @@ def test_takeover_story_from_the_agent_console(server, open_page):
     page.get_by_role("button", name="Show", exact=True).click()
     expect(page.locator("#chart-caption")).to_have_text(re.compile(r"sessions in the window: 1 "))
     screenshot(page, "agent-console-1280")
-    bad = axe_serious(page)
+    bad = axe_violations(page)
     assert not bad, bad
 
     # Hand back: the user is told, and the AI's next answer reaches the agent.
@@ -111,12 +107,12 @@ def test_phone_width_and_accessibility(server, open_page):
     width = page.evaluate("() => document.documentElement.scrollWidth")
     assert width <= 375, f"the page scrolls sideways at 375px: {width}"
     screenshot(page, "agent-console-375")
-    bad = axe_serious(page)
+    bad = axe_violations(page)
     assert not bad, bad
     # The dark scheme keeps its contrast too.
     page.emulate_media(color_scheme="dark")
     screenshot(page, "agent-console-375-dark")
-    bad = axe_serious(page)
+    bad = axe_violations(page)
     assert not bad, bad
     user.close()
 
@@ -182,11 +178,11 @@ def test_sessions_list_filters_and_pages(server, open_page):
 def test_attachments_download_and_voice_transcripts(server, open_page):
     user = User(server)
     user.ask("I will send a screenshot")
-    png = png_1x1()
-    f = user.upload(png, "shot.png")
+    image = png()
+    f = user.upload(image, "shot.png")
     user.send({"type": "file_message", "file_id": f["file_id"], "content": "see this"})
     user.until(lambda x: x.get("type") == "ai_done", "ai_done")
-    v = user.upload(wav_tone(), "note.wav")
+    v = user.upload(wav(), "note.wav")
     user.send({"type": "voice_message", "file_id": v["file_id"]})
     got = user.until(lambda x: x.get("type") in ("transcript", "error"), "transcript")
     assert got[-1]["type"] == "transcript", got[-1]
@@ -206,7 +202,7 @@ def test_attachments_download_and_voice_transcripts(server, open_page):
     d = dl.value
     assert d.suggested_filename == "shot.png"
     with open(d.path(), "rb") as fh:
-        assert fh.read() == png
+        assert fh.read() == image
     user.close()
 
 
@@ -238,7 +234,7 @@ def test_without_a_token_the_console_asks_for_one(server, open_page):
     page.get_by_role("button", name="Use token").click()
     connected(page)
     expect(page.locator("#token-form")).to_be_hidden()
-    bad = axe_serious(page)
+    bad = axe_violations(page)
     assert not bad, bad
 
 

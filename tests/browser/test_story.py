@@ -6,10 +6,8 @@ import re
 
 from playwright.sync_api import expect
 
-from conftest import WAIT_S, screenshot
+from conftest import screenshot
 from test_widget import demo_answer, send, wait_answer_done
-
-expect.set_options(timeout=WAIT_S * 1000)
 
 
 def watch_text(page, selector):

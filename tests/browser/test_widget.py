@@ -4,15 +4,11 @@ chatbox --dev whose demo model streams a chunk every 40 ms.
 The agent side, where a test needs one, is a plain WebSocket client (Python
 `websockets`) with the admin token."""
 
-import json
-import os
-import struct
 import urllib.request
-import zlib
 
 import pytest
-from websockets.sync.client import connect
 
+from agent_user import User, png
 from conftest import WAIT_S, axe_violations, screenshot, start_server, stop_server
 
 
@@ -169,50 +165,30 @@ def close_before_server_stops(pages):
     pages.contexts.clear()
 
 
-def admin_client(server):
-    return connect(f"{server.ws_url}?token={server.admin_token}", open_timeout=WAIT_S)
-
-
-def recv_type(ws, kind):
-    while True:
-        f = json.loads(ws.recv(timeout=WAIT_S))
-        if f.get("type") == kind:
-            return f
-
-
 def test_talk_to_a_human_shows_the_agent_and_their_messages(server, open_page):
     page = open_page(server.user_url)
     page.wait_for_selector(".cbw-status:text('Connected')")
     send(page, "I need a person")
     wait_answer_done(page)
-    with admin_client(server) as agent:
-        page.get_by_role("button", name="Talk to a human").click()
-        requested = recv_type(agent, "help_requested")
-        page.wait_for_selector(".cbw-note:has-text('asked for a person')")
-        agent.send(json.dumps({"type": "admin_join", "session_id": requested["session_id"]}))
-        page.wait_for_selector(".cbw-agent:text('You are talking to Dev Admin')")
-        agent.send(json.dumps({"type": "admin_message", "session_id": requested["session_id"],
-                               "content": XSS}))
-        page.wait_for_selector(".cbw-admin .cbw-who:text('Dev Admin')")
-        assert_safe(page, ".cbw-admin")
-        # What the user writes now reaches the agent, and the AI stays quiet.
-        send(page, "thanks for joining")
-        relayed = recv_type(agent, "user_message")
-        assert relayed["content"] == "thanks for joining"
-        agent.send(json.dumps({"type": "admin_leave", "session_id": requested["session_id"]}))
-        page.wait_for_selector(".cbw-note:has-text('Dev Admin left')")
-        assert page.locator(".cbw-agent").is_hidden()
+    agent = User(server, server.admin_token)
+    is_type = lambda kind: lambda f: f.get("type") == kind  # noqa: E731
+    page.get_by_role("button", name="Talk to a human").click()
+    sid = agent.until(is_type("help_requested"), "help_requested")[-1]["session_id"]
+    page.wait_for_selector(".cbw-note:has-text('asked for a person')")
+    agent.send({"type": "admin_join", "session_id": sid})
+    page.wait_for_selector(".cbw-agent:text('You are talking to Dev Admin')")
+    agent.send({"type": "admin_message", "session_id": sid, "content": XSS})
+    page.wait_for_selector(".cbw-admin .cbw-who:text('Dev Admin')")
+    assert_safe(page, ".cbw-admin")
+    # What the user writes now reaches the agent, and the AI stays quiet.
+    send(page, "thanks for joining")
+    relayed = agent.until(is_type("user_message"), "user_message")[-1]
+    assert relayed["content"] == "thanks for joining"
+    agent.send({"type": "admin_leave", "session_id": sid})
+    page.wait_for_selector(".cbw-note:has-text('Dev Admin left')")
+    assert page.locator(".cbw-agent").is_hidden()
+    agent.close()
     assert page.locator(".cbw-assistant").count() == 1
-
-
-def png_bytes():
-    """A real 2x2 PNG (the server follows an image's structure to its pixels)."""
-    def chunk(kind, data):
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-    raw = b"".join(b"\x00" + b"\xff\x00\x00" * 2 for _ in range(2))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 2, 2, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
 
 
 def test_a_file_is_uploaded_and_sent_into_the_conversation(server, open_page):
@@ -220,7 +196,7 @@ def test_a_file_is_uploaded_and_sent_into_the_conversation(server, open_page):
     page.wait_for_selector(".cbw-status:text('Connected')")
     page.get_by_label("Your message").fill("this is my screen")
     page.set_input_files(".cbw-file", files=[{"name": "screen.png", "mimeType": "image/png",
-                                              "buffer": png_bytes()}])
+                                              "buffer": png(2, 2)}])
     page.wait_for_selector(".cbw-user .cbw-file-info:has-text('screen.png')")
     page.wait_for_selector(".cbw-user[data-message-id]")
     wait_answer_done(page)

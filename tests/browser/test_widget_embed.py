@@ -3,16 +3,12 @@ docs/WIDGET.md: a container, one script tag, a token URL on the customer's
 backend), and a voice note sent from it."""
 
 import http.server
-import io
 import json
-import math
 import os
-import struct
 import threading
 import time
-import wave
 
-from agent_user import signed_token
+from agent_user import signed_token, wav
 from conftest import WAIT_S, start_server, stop_server
 from test_widget import close_before_server_stops, demo_answer, send, wait_answer_done
 
@@ -64,18 +60,6 @@ class Customer:
         self.httpd.server_close()
 
 
-def wav_bytes(seconds=1.0, rate=8000):
-    """A short spoken-length tone as 16-bit mono WAV."""
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(b"".join(struct.pack("<h", int(8000 * math.sin(i / 8)))
-                               for i in range(int(seconds * rate))))
-    return buf.getvalue()
-
-
 def test_the_snippet_works_on_a_customer_page_on_another_origin(open_page):
     customer = Customer()
     server = start_server({"CHATBOX_ALLOWED_ORIGINS": customer.origin})
@@ -93,7 +77,7 @@ def test_the_snippet_works_on_a_customer_page_on_another_origin(open_page):
         # A voice note: uploaded across origins (CORS), sent as voice_message, its
         # transcript shown in place of the note, then answered.
         page.set_input_files(".cbw-file", files=[{"name": "note.wav", "mimeType": "audio/wav",
-                                                  "buffer": wav_bytes()}])
+                                                  "buffer": wav()}])
         page.wait_for_selector(".cbw-user .cbw-file-info:has-text('Voice note')")
         page.wait_for_selector(".cbw-user .cbw-body:has-text('(demo transcript)')")
         wait_answer_done(page, 2)
