@@ -22,6 +22,12 @@ pub fn error() {
     ERRORS.fetch_add(1, Ordering::Relaxed);
 }
 
+/// Counts one error in the scenario's own `count` and in the progress line.
+pub fn failed(count: &AtomicU64) {
+    count.fetch_add(1, Ordering::Relaxed);
+    error();
+}
+
 /// Whether progress lines are printed: `--progress`, or stderr is a terminal.
 pub fn wanted(flag: bool) -> bool {
     flag || std::io::stderr().is_terminal()

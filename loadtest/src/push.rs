@@ -43,8 +43,7 @@ pub async fn open_users(
         match open(&url(o, addr), addr, source(user, o.sources), &tok).await {
             Ok(ws) => out.push((user, ws)),
             Err(_) => {
-                errors.fetch_add(1, Ordering::Relaxed);
-                crate::progress::error();
+                crate::progress::failed(errors);
             }
         }
         if i % 1000 == 999 {
@@ -142,8 +141,7 @@ async fn stream_user(
             .await
             .is_err()
         {
-            errors.fetch_add(1, Ordering::Relaxed);
-            crate::progress::error();
+            crate::progress::failed(errors);
             break;
         }
         let finished = read_answer(&mut rx, asked, end, &mut st, &mut session, errors).await;
@@ -179,8 +177,7 @@ async fn read_answer(
             if matches!(m, Some(Ok(_))) {
                 continue;
             }
-            errors.fetch_add(1, Ordering::Relaxed);
-            crate::progress::error();
+            crate::progress::failed(errors);
             return false;
         };
         let Ok(v) = serde_json::from_str::<Value>(&t) else {
@@ -203,8 +200,7 @@ async fn read_answer(
             }
             Some("ai_done") => return true,
             Some("error") => {
-                errors.fetch_add(1, Ordering::Relaxed);
-                crate::progress::error();
+                crate::progress::failed(errors);
                 return false;
             }
             _ => {}

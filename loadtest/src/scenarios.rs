@@ -59,8 +59,7 @@ fn open_many(
                         } else {
                             &counts.failed
                         };
-                        c.fetch_add(1, Ordering::Relaxed);
-                        crate::progress::error();
+                        crate::progress::failed(c);
                         let _ = hs.send(0);
                         return;
                     }
@@ -75,8 +74,7 @@ fn open_many(
                     if !idle_until(&mut ws, &mut phase, round + 1).await
                         || !ping_pong(&mut ws).await
                     {
-                        counts.dropped.fetch_add(1, Ordering::Relaxed);
-                        crate::progress::error();
+                        crate::progress::failed(&counts.dropped);
                         return;
                     }
                     counts.pongs[round as usize].fetch_add(1, Ordering::Relaxed);
@@ -233,8 +231,7 @@ pub async fn chat(o: &Opts) -> anyhow::Result<Value> {
         )
         .await
         else {
-            errors.fetch_add(1, Ordering::Relaxed);
-            crate::progress::error();
+            crate::progress::failed(&errors);
             continue;
         };
         opened += 1;
@@ -299,8 +296,7 @@ async fn user_loop(
                     m["session_id"] = json!(s);
                 }
                 if tx.send(Message::text(m.to_string())).await.is_err() {
-                    errors.fetch_add(1, Ordering::Relaxed);
-                    crate::progress::error();
+                    crate::progress::failed(errors);
                     break;
                 }
                 in_flight.insert(id, Instant::now());
@@ -309,8 +305,7 @@ async fn user_loop(
             m = rx.next() => {
                 let Some(Ok(Message::Text(t))) = m else {
                     if matches!(m, Some(Ok(_))) { continue; }
-                    errors.fetch_add(1, Ordering::Relaxed);
-                    crate::progress::error();
+                    crate::progress::failed(errors);
                     break;
                 };
                 let Ok(v) = serde_json::from_str::<Value>(&t) else { continue };
@@ -324,8 +319,7 @@ async fn user_loop(
                         }
                     }
                     Some("error") => {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                        crate::progress::error();
+                        crate::progress::failed(errors);
                         if let Some(id) = v["id"].as_str() {
                             in_flight.remove(id);
                         }
@@ -365,16 +359,14 @@ pub async fn churn(o: &Opts) -> anyhow::Result<Value> {
                             cycles.fetch_add(1, Ordering::Relaxed);
                             crate::progress::done(1);
                         } else {
-                            errors.fetch_add(1, Ordering::Relaxed);
-                            crate::progress::error();
+                            crate::progress::failed(&errors);
                         }
                         let _ = ws.close(None).await;
                         // Read to the end, so the server's side is gone too.
                         while let Some(Ok(_)) = ws.next().await {}
                     }
                     Err(_) => {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                        crate::progress::error();
+                        crate::progress::failed(&errors);
                     }
                 }
             }
