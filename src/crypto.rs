@@ -20,7 +20,7 @@ pub const NONCE_BYTES: usize = 12;
 
 /// A message as stored: which key, which nonce, the ciphertext (with tag), and
 /// which associated data it was sealed with.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Sealed {
     pub key_id: u32,
     pub nonce: [u8; NONCE_BYTES],

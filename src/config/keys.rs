@@ -356,6 +356,8 @@ declare_config! {
     demo_chunk_delay_ms: u64 = 20, unit "ms";
     /// Writes queued for storage before clients are told it is overloaded.
     store_queue_max: usize = 4096, range(1, NO_MAX), unit "writes";
+    /// How long the embedded store may hold applied writes before it commits them: each core appends its writes to a journal under `data_dir` and syncs it itself, so acks wait for the journal, not the commit (0: no journals, every write commits before its ack). MongoDB always acknowledges after its write concern.
+    store_commit_interval_ms: u64 = 100, range(0, 10_000), unit "ms";
     /// Messages (or sessions) per page read from storage while the admin transcript and export stream.
     admin_page_messages: usize = 200, range(1, 10_000), unit "rows";
     /// Read connections of the embedded store (a fixed pool; a read waits for one, never opens another).

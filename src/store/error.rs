@@ -21,6 +21,8 @@ pub enum Op {
     Migrate,
     /// Starting, committing or undoing a transaction.
     Transaction,
+    /// Appending to a core's journal, syncing it, or replaying it at start.
+    Journal,
     CreateSession,
     AppendMessage,
     SetState,
@@ -54,6 +56,7 @@ impl Op {
             Op::Open => "open storage",
             Op::Migrate => "migrate schema",
             Op::Transaction => "transaction",
+            Op::Journal => "journal",
             Op::CreateSession => "create session",
             Op::AppendMessage => "append message",
             Op::SetState => "set session state",

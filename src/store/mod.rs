@@ -7,6 +7,7 @@
 pub mod copy;
 mod error;
 pub mod files;
+pub mod journal;
 pub mod mongo;
 pub mod sqlite;
 mod writer;
@@ -27,7 +28,7 @@ pub const SCRUBBED: &str = "[deleted]";
 pub type Millis = i64;
 
 /// Who wrote a message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Role {
     User,
     Assistant,
@@ -57,7 +58,7 @@ impl Role {
 
 /// Where a session stands, as stored (`ai`, `waiting`, `human`, `ended`: the
 /// strings on disk and in MongoDB; they never change).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum SessionState {
     /// The AI answers.
     Ai,
@@ -100,7 +101,7 @@ impl SessionState {
 
 /// What moved a session to a new state, as recorded in its audit trail (the
 /// stored strings never change).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum AuditAction {
     /// The user asked for a human (`waiting`).
     HelpRequest,
@@ -138,7 +139,7 @@ impl AuditAction {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SessionRecord {
     pub id: String,
     pub user_id: String,
@@ -151,7 +152,7 @@ pub struct SessionRecord {
     pub ended_at: Option<Millis>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MessageRecord {
     pub session_id: String,
     pub message_id: String,
@@ -206,8 +207,9 @@ impl MessageRecord {
     }
 }
 
-/// One change. A call's changes commit together or not at all.
-#[derive(Debug, Clone)]
+/// One change. A call's changes commit together or not at all. Serializable:
+/// a core's journal holds them ([`journal`]).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum WriteOp {
     /// Creates the session if it does not exist yet.
     CreateSession(SessionRecord),
@@ -450,6 +452,24 @@ pub type Loaded = (SessionRecord, Vec<MessageRecord>);
 pub trait Store: Send + Sync + 'static {
     /// Applies `ops` atomically and durably; resolves after the commit.
     fn write(&self, ops: Vec<WriteOp>) -> StoreFuture<Vec<WriteOutcome>>;
+    /// Queues `ops`, which a core's journal holds durably already, to be applied
+    /// and committed behind it (`logged.committed` then tells how far); refused
+    /// at once when the queue is full. Asked only of a store that gives
+    /// [`Store::journal_backing`].
+    fn write_logged(&self, logged: journal::Logged, ops: Vec<WriteOp>) -> Result<(), StoreError> {
+        let _ = (logged, ops);
+        Err(StoreError::Setting("this store keeps no journals".into()))
+    }
+    /// What a core's journal needs when this store lags behind journals (the
+    /// embedded store with `store_commit_interval_ms` above 0); `None`: every
+    /// write is durable when it resolves.
+    fn journal_backing(&self) -> Result<Option<journal::Backing>, StoreError> {
+        Ok(None)
+    }
+    /// Resolves once every write applied before the call is committed.
+    fn commit(&self) -> StoreFuture<()> {
+        Box::pin(async { Ok(()) })
+    }
     /// Writes waiting for the writer, and how many fit (`store_queue_max`), for
     /// `/metrics`. Test doubles without a queue keep the default (none).
     fn write_queue(&self) -> (usize, usize) {
@@ -551,11 +571,12 @@ pub fn open(
 ) -> Result<Arc<dyn Store>, StoreError> {
     Ok(match backend {
         Backend::Sqlite => Arc::new(
-            sqlite::SqliteStore::open(
+            sqlite::SqliteStore::open_with(
                 &config.data_dir,
                 pool,
                 config.sqlite_readers_max,
                 config.store_queue_max,
+                std::time::Duration::from_millis(config.store_commit_interval_ms),
             )?
             .with_read_wait(std::time::Duration::from_millis(config.store_read_wait_ms)),
         ),

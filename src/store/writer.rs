@@ -1,6 +1,8 @@
-//! The one writer both backends share: a bounded queue of write jobs, group
-//! commit over it, a failing job redone so that it fails alone, and retries while
-//! the backend asks for them.
+//! The write queue both backends share (bounded: a job that does not fit is
+//! refused at once), and MongoDB's writer over it: group commit, a failing job
+//! redone so that it fails alone, and retries while the backend asks for them.
+//! The embedded store has a writer of its own (`sqlite::group`) that also takes
+//! the jobs the cores' journals hold.
 //!
 //! Callers [`WriteQueue::submit`] a job (one `Store::write` call) and await its
 //! result; a job that does not fit in the queue is refused at once with
@@ -10,14 +12,18 @@
 //! a job's own changes are refused (a key clash, say), the jobs are redone with
 //! [`Commit::commit_each`], where each one commits or fails on its own.
 //!
-//! How a transaction is made (SQLite savepoints, MongoDB sessions), which
+//! How a transaction is made (MongoDB sessions), which
 //! failures are worth retrying and for how long is each backend's business.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use super::journal::Logged;
 use super::{StoreError, StoreFuture, WriteOp, WriteOutcome};
 
 /// Jobs one batch takes at most; bounds the latency a large batch adds.
@@ -67,28 +73,64 @@ pub(super) trait Commit: Send + 'static {
     fn after_batch(&mut self) {}
 }
 
-struct Job {
-    ops: Vec<WriteOp>,
-    reply: oneshot::Sender<JobResult>,
+/// One `Store::write` call waiting for the writer.
+pub(super) struct Job {
+    pub(super) ops: Vec<WriteOp>,
+    /// Where a core's journal holds the job ([`WriteQueue::submit_logged`]):
+    /// durable there already, and answered by the journal; the backend applies it
+    /// and commits it when it will. `None`: answered once committed.
+    pub(super) logged: Option<Logged>,
+    pub(super) reply: oneshot::Sender<JobResult>,
 }
 
 /// The sending side: cheap, lock-free, usable from any thread.
 pub(super) struct WriteQueue {
     jobs: mpsc::Sender<Job>,
     max: usize,
+    wake: Arc<Notify>,
+    unsettled: Arc<AtomicUsize>,
 }
 
-/// The receiving side, for [`run`].
-pub(super) struct Jobs(mpsc::Receiver<Job>);
+/// The receiving side, for [`run`] (or a backend's own loop).
+pub(super) struct Jobs {
+    pub(super) rx: mpsc::Receiver<Job>,
+    /// Notified when a job somebody waits for is queued, or journaled jobs fill
+    /// a quarter of the queue: a writer that takes jobs only when woken (not on
+    /// each one, which would preempt the core that queued it) waits on it.
+    pub(super) wake: Arc<Notify>,
+    /// Journaled jobs queued or applied and not committed (or failed) yet: the
+    /// writer takes off each one it settles.
+    pub(super) unsettled: Arc<AtomicUsize>,
+}
 
 /// A queue holding at most `max` jobs (at least one).
 pub(super) fn queue(max: usize) -> (WriteQueue, Jobs) {
     let max = max.max(1);
     let (jobs, rx) = mpsc::channel(max);
-    (WriteQueue { jobs, max }, Jobs(rx))
+    let wake = Arc::new(Notify::new());
+    let unsettled = Arc::new(AtomicUsize::new(0));
+    let queue = WriteQueue {
+        jobs,
+        max,
+        wake: wake.clone(),
+        unsettled: unsettled.clone(),
+    };
+    (
+        queue,
+        Jobs {
+            rx,
+            wake,
+            unsettled,
+        },
+    )
 }
 
 impl WriteQueue {
+    /// Journaled jobs not committed yet: a read must ask for a commit first.
+    pub(super) fn unsettled(&self) -> usize {
+        self.unsettled.load(Ordering::SeqCst)
+    }
+
     /// (jobs waiting, capacity). A job the writer took off the queue no longer
     /// counts, even while its batch commits.
     pub(super) fn depth(&self) -> (usize, usize) {
@@ -100,7 +142,9 @@ impl WriteQueue {
     /// queue refuses it now, with `Overloaded`.
     pub(super) fn submit(&self, ops: Vec<WriteOp>) -> StoreFuture<Vec<WriteOutcome>> {
         let (reply, rx) = oneshot::channel();
-        let sent = self.jobs.try_send(Job { ops, reply });
+        let logged = None;
+        let sent = self.jobs.try_send(Job { ops, logged, reply });
+        self.wake.notify_one();
         let max = self.max;
         Box::pin(async move {
             match sent {
@@ -110,12 +154,41 @@ impl WriteQueue {
             }
         })
     }
+
+    /// Queues `ops`, which a journal holds already: nobody waits for them (the
+    /// journal answers for them); refused now, with `Overloaded`, when the queue
+    /// is full.
+    pub(super) fn submit_logged(
+        &self,
+        logged: Logged,
+        ops: Vec<WriteOp>,
+    ) -> Result<(), StoreError> {
+        let (reply, _) = oneshot::channel();
+        let job = Job {
+            ops,
+            logged: Some(logged),
+            reply,
+        };
+        // Counted before it is queued, so that no read slips between.
+        self.unsettled.fetch_add(1, Ordering::SeqCst);
+        self.jobs.try_send(job).map_err(|e| {
+            self.unsettled.fetch_sub(1, Ordering::SeqCst);
+            match e {
+                mpsc::error::TrySendError::Full(_) => StoreError::Overloaded(self.max),
+                mpsc::error::TrySendError::Closed(_) => StoreError::Stopped,
+            }
+        })?;
+        if self.depth().0 >= self.max / 4 {
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
 }
 
 /// Commits jobs until every [`WriteQueue`] is dropped and the queue is empty.
 pub(super) async fn run<C: Commit>(mut backend: C, mut jobs: Jobs) {
     let mut batch = Vec::with_capacity(BATCH_JOBS_MAX);
-    while jobs.0.recv_many(&mut batch, BATCH_JOBS_MAX).await > 0 {
+    while jobs.rx.recv_many(&mut batch, BATCH_JOBS_MAX).await > 0 {
         tracing::trace!(jobs = batch.len(), "write batch");
         let ops: Vec<&[WriteOp]> = batch.iter().map(|j: &Job| j.ops.as_slice()).collect();
         let results = settle(&mut backend, &ops).await;

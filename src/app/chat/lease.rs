@@ -24,8 +24,12 @@ pub type Write = Pin<Box<dyn Future<Output = Result<Vec<WriteOutcome>, StoreErro
 pub fn write(core: &Rc<Core>, user: &Arc<str>, ops: Vec<WriteOp>) -> Write {
     let store = &core.shared.app.store;
     let Some(bus) = &core.shared.app.bus else {
-        // One node: the store's future as it is (no second allocation).
-        return store.write(ops);
+        // One node: through this core's journal when the store keeps them (the
+        // ack then waits for this core's own sync), else the store's future.
+        return match core.app.journal(store) {
+            Some(journal) => journal.write(ops),
+            None => store.write(ops),
+        };
     };
     let node = bus.node_id().to_string();
     let held = core.app.leases.borrow().get(user).copied();

@@ -160,6 +160,9 @@ pub struct ChatCore {
     /// Cluster: the lease epoch this node holds for each user it wrote for here
     /// (dropped with the user's last session in memory).
     pub(crate) leases: RefCell<HashMap<Arc<str>, u64>>,
+    /// One node on the embedded store: this core's journal, opened with its
+    /// first write (`None` when the store keeps none, or it could not open).
+    journal: std::cell::OnceCell<Option<Rc<crate::store::journal::Journal>>>,
     /// This core, and how many there are: every session here must be of a user
     /// this core owns (checked in debug builds wherever a session is touched).
     core_id: usize,
@@ -189,7 +192,30 @@ impl ChatCore {
             served: RefCell::default(),
             proxies: RefCell::default(),
             leases: RefCell::default(),
+            journal: std::cell::OnceCell::new(),
         }
+    }
+
+    /// This core's journal, when the store lags behind journals; opened on first
+    /// use (on the core's runtime). One that cannot open is reported once, and
+    /// this core's writes then commit before they resolve, as without journals.
+    pub(crate) fn journal(
+        &self,
+        store: &Arc<dyn crate::store::Store>,
+    ) -> Option<Rc<crate::store::journal::Journal>> {
+        self.journal
+            .get_or_init(|| {
+                let opened = store.journal_backing().and_then(|backing| {
+                    backing
+                        .map(|b| crate::store::journal::Journal::open(b, self.core_id, store.clone()))
+                        .transpose()
+                });
+                opened
+                    .inspect_err(|e| tracing::error!(core = self.core_id, error = %e, "cannot open this core's journal; its writes commit before their acks"))
+                    .ok()
+                    .flatten()
+            })
+            .clone()
     }
 
     /// Debug builds: `user`'s sessions belong on this core and nowhere else.

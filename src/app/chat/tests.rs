@@ -20,6 +20,7 @@ fn core_state() -> ChatCore {
         served: Default::default(),
         proxies: Default::default(),
         leases: Default::default(),
+        journal: Default::default(),
         core_id: 0,
         cores: 1,
     }

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use super::Millis;
 
 /// An uploaded file, as the store records it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FileRecord {
     pub file_id: String,
     /// The user who uploaded it (`sub` of the token).

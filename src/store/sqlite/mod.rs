@@ -1,9 +1,14 @@
-//! The embedded store: SQLite in WAL mode. Writes go through the shared writer
-//! (`store::writer`) on a thread of their own with group commit (all
-//! jobs waiting when a transaction starts share its fsync); reads run
-//! concurrently on the blocking pool, each on one connection of a fixed pool
-//! ([`Readers`]): a read waits a bounded time for a free one, never opens more.
+//! The embedded store: SQLite in WAL mode. Writes go through one writer thread
+//! (`group`) that commits in groups, behind the cores' journals when they keep
+//! them (`store::journal`); reads run concurrently on the blocking pool, each on
+//! one connection of a fixed pool ([`Readers`]): a read waits a bounded time for
+//! a free one, never opens more.
 
+#[cfg(test)]
+mod fixtures;
+mod group;
+#[cfg(test)]
+mod journal_tests;
 mod read;
 mod write;
 
@@ -110,10 +115,16 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE messages ADD COLUMN file TEXT;",
     // 6: what a user sent with a message (file_url, metadata), sealed.
     "ALTER TABLE messages ADD COLUMN extra BLOB;",
+    // 7: the last record of each core's journal the database holds.
+    "CREATE TABLE journal_applied (journal TEXT PRIMARY KEY, lsn INTEGER NOT NULL);",
 ];
 
 pub struct SqliteStore {
     writes: WriteQueue,
+    /// Where the cores keep their journals; `None` without a commit interval.
+    journals: Option<std::path::PathBuf>,
+    /// The database file.
+    db: std::path::PathBuf,
     /// Dropping it stops the checkpointer (after a last checkpoint).
     _checkpointer: std::sync::mpsc::Sender<()>,
     readers: Arc<Readers>,
@@ -188,18 +199,34 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) `dir/chatbox.db`, migrates it, and starts the
-    /// writer and the checkpointer.
+    /// [`SqliteStore::open_with`] without journals: every write commits before it
+    /// resolves.
     pub fn open(
         dir: &Path,
         pool: BlockingPool,
         readers: usize,
         queue_max: usize,
     ) -> Result<SqliteStore, StoreError> {
+        Self::open_with(dir, pool, readers, queue_max, Duration::ZERO)
+    }
+
+    /// Opens (creating if needed) `dir/chatbox.db`, migrates it, applies what
+    /// journals left in `dir/journal` hold, and starts the writer and the
+    /// checkpointer. With a `commit_interval`, the cores keep journals and the
+    /// database commits their writes at most about that long after they came.
+    pub fn open_with(
+        dir: &Path,
+        pool: BlockingPool,
+        readers: usize,
+        queue_max: usize,
+        commit_interval: Duration,
+    ) -> Result<SqliteStore, StoreError> {
         std::fs::create_dir_all(dir).map_err(StoreError::io(Op::Open))?;
         let path = dir.join("chatbox.db");
         let mut conn = open(&path)?;
         migrate(&mut conn)?;
+        let journals = dir.join(super::journal::DIR);
+        group::replay(&conn, &journals)?;
         // Checkpoints run on their own connection and thread (PASSIVE: they never
         // block the writer); inside a commit they were a fifth of the writer's time.
         conn.pragma_update(None, "wal_autocheckpoint", 0)
@@ -225,19 +252,21 @@ impl SqliteStore {
             refused: AtomicUsize::new(0),
         };
         let (writes, jobs) = writer::queue(queue_max);
-        // The shared writer is async; here it runs alone on its own thread, where
-        // SQLite's synchronous commits block nothing else.
+        // The writer is async (for its commit timer); it runs alone on its own
+        // thread, where SQLite's synchronous commits block nothing else.
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
             .map_err(StoreError::io(Op::Open))?;
-        let commit = write::SqliteWriter::new(conn, wal_big);
+        let writer = group::Writer::new(conn, wal_big, jobs.unsettled.clone(), commit_interval);
         std::thread::Builder::new()
             .name("chatbox-sqlite-writer".into())
-            .spawn(move || runtime.block_on(writer::run(commit, jobs)))
+            .spawn(move || runtime.block_on(writer.run(jobs)))
             .map_err(StoreError::io(Op::Open))?;
         Ok(SqliteStore {
             writes,
+            journals: (!commit_interval.is_zero()).then_some(journals),
+            db: path,
             _checkpointer: stop,
             readers: Arc::new(readers),
             read_wait: READ_WAIT_DEFAULT,
@@ -264,7 +293,15 @@ impl SqliteStore {
     ) -> StoreFuture<T> {
         let readers = self.readers.clone();
         let wait = self.read_wait;
-        let call = self.pool.call(async move {
+        // Journaled writes are acknowledged before their commit: a read waits
+        // for that commit, so it never sees less than was acknowledged.
+        let behind = (self.writes.unsettled() > 0).then(|| self.commit());
+        let pool = self.pool.clone();
+        let call = async move {
+            if let Some(commit) = behind {
+                commit.await?;
+            }
+            pool.call(async move {
             let permit = match tokio::time::timeout(wait, readers.permits.acquire()).await {
                 Ok(Ok(permit)) => permit,
                 // Timed out (or closed, which never happens: the pool owns it).
@@ -287,8 +324,10 @@ impl SqliteStore {
                 op,
                 source: Arc::new(e),
             })?
-        });
-        Box::pin(async move { call.await? })
+            })
+            .await?
+        };
+        Box::pin(call)
     }
 }
 
@@ -368,6 +407,35 @@ fn checkpoint_loop(
 impl Store for SqliteStore {
     fn write(&self, ops: Vec<WriteOp>) -> StoreFuture<Vec<WriteOutcome>> {
         self.writes.submit(ops)
+    }
+
+    fn write_logged(
+        &self,
+        logged: super::journal::Logged,
+        ops: Vec<WriteOp>,
+    ) -> Result<(), StoreError> {
+        self.writes.submit_logged(logged, ops)
+    }
+
+    fn journal_backing(&self) -> Result<Option<super::journal::Backing>, StoreError> {
+        let Some(dir) = &self.journals else {
+            return Ok(None);
+        };
+        let conn = open(&self.db)?;
+        // On a core: a lookup that finds the database locked (a WAL reset, for
+        // an instant) fails at once rather than stall the core.
+        conn.busy_timeout(Duration::ZERO)
+            .map_err(StoreError::sqlite(Op::Open))?;
+        Ok(Some(super::journal::Backing {
+            dir: dir.clone(),
+            resends: Box::new(read::ClientIds(conn)),
+        }))
+    }
+
+    fn commit(&self) -> StoreFuture<()> {
+        // An empty job: answered once the commit that follows it is done.
+        let job = self.writes.submit(Vec::new());
+        Box::pin(async move { job.await.map(|_| ()) })
     }
 
     fn write_queue(&self) -> (usize, usize) {
@@ -457,63 +525,8 @@ mod tests {
     use super::*;
     use crate::crypto::KeyRing;
     use crate::pool::PoolRuntime;
-    use crate::store::{MessageRecord, Role, SessionRecord, SessionState};
 
-    /// Awaits a store future from a plain test thread.
-    fn block<T>(f: StoreFuture<T>) -> Result<T, StoreError> {
-        tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap()
-            .block_on(f)
-    }
-
-    fn msg(
-        ring: &KeyRing,
-        session: &str,
-        seq: u64,
-        id: &str,
-        client: Option<&str>,
-        text: &str,
-    ) -> MessageRecord {
-        MessageRecord {
-            session_id: session.into(),
-            message_id: id.into(),
-            seq,
-            role: Role::User,
-            author: "u1".into(),
-            client_id: client.map(str::to_owned),
-            sealed: ring.seal(
-                &crate::crypto::Place {
-                    session_id: session,
-                    message_id: id,
-                    role: "user",
-                    author: "u1",
-                    seq,
-                },
-                text,
-            ),
-            created_at: 1000 + seq as i64,
-            tokens_in: 0,
-            tokens_out: 0,
-            cancelled: false,
-            file: None,
-            extra: None,
-        }
-    }
-
-    fn session(id: &str) -> SessionRecord {
-        SessionRecord {
-            id: id.into(),
-            user_id: "u1".into(),
-            created_at: 1000,
-            last_activity: 1000,
-            state: SessionState::Ai,
-            message_count: 0,
-            tokens_in: 0,
-            tokens_out: 0,
-            ended_at: None,
-        }
-    }
+    use super::fixtures::{block, msg, session};
 
     #[test]
     fn writes_dedupe_by_client_id_and_survive_reopen() {
@@ -558,8 +571,7 @@ mod tests {
     #[test]
     fn a_failing_job_fails_alone_in_its_batch() {
         let dir = tempfile::tempdir().unwrap();
-        let mut conn = open(&dir.path().join("t.db")).unwrap();
-        migrate(&mut conn).unwrap();
+        let (_rt, pool) = PoolRuntime::start(1, 64).unwrap();
         let ring = KeyRing::new(&"33".repeat(32), &[]).unwrap();
         let append = |seq: u64, id: &str| WriteOp::AppendMessage {
             user_id: "u1".into(),
@@ -571,35 +583,19 @@ mod tests {
             vec![append(2, "m2"), append(1, "m-clash")],
             vec![append(3, "m3")],
         ];
-        let jobs: Vec<&[WriteOp]> = jobs.iter().map(Vec::as_slice).collect();
-        let mut writer = write::SqliteWriter::new(conn, Arc::default());
-        let results = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap()
-            .block_on(writer::settle(&mut writer, &jobs));
+        let store = SqliteStore::open(dir.path(), pool, 1, 16).unwrap();
+        // Queued together (submitting does not wait), so they share a group.
+        let waiting: Vec<_> = jobs.into_iter().map(|ops| store.write(ops)).collect();
+        let results: Vec<_> = waiting.into_iter().map(block).collect();
         assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
         match &results[1] {
             Err(e) => assert_eq!(e.op(), Some(Op::AppendMessage), "{e}"),
             Ok(r) => panic!("the clash was stored: {r:?}"),
         }
-        let conn = open(&dir.path().join("t.db")).unwrap();
-        let stored: Vec<String> = conn
-            .prepare("SELECT message_id FROM messages ORDER BY seq")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
+        let (s, msgs) = block(store.load_session("s1", 10)).unwrap().unwrap();
+        let stored: Vec<&str> = msgs.iter().map(|m| m.message_id.as_str()).collect();
         assert_eq!(stored, ["m1", "m3"], "the failing job left nothing behind");
-        let count: i64 = conn
-            .query_row(
-                "SELECT message_count FROM sessions WHERE id = 's1'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        assert_eq!(count, 2);
+        assert_eq!(s.message_count, 2);
     }
 
     #[test]

@@ -360,3 +360,28 @@ pub(super) fn user_sessions(
         .filter_map(|id| load(conn, id, i64::MAX as usize).transpose())
         .collect()
 }
+
+/// The stored client ids, looked up on a core for its journal.
+pub(super) struct ClientIds(pub(super) Connection);
+
+impl crate::store::journal::Resends for ClientIds {
+    fn find(
+        &mut self,
+        user: &str,
+        client_id: &str,
+    ) -> Result<crate::store::journal::Found, crate::store::StoreError> {
+        self.0
+            .prepare_cached(
+                "SELECT message_id, session_id FROM messages WHERE user_id = ?1 AND client_id = ?2",
+            )
+            .and_then(|mut q| {
+                q.query_row(rusqlite::params![user, client_id], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .optional()
+            })
+            .map_err(crate::store::StoreError::sqlite(
+                crate::store::Op::AppendMessage,
+            ))
+    }
+}

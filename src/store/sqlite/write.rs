@@ -1,118 +1,22 @@
-//! The embedded store's side of the shared writer: a batch in one transaction,
-//! a savepoint per job when a batch is redone, and the WAL checkpoint the writer
-//! finishes itself after a batch.
-
-use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+//! The embedded store's changes as SQL: one function per kind of change, run by
+//! the writer (`group`) inside its open transaction.
 
 use rusqlite::{params, Connection};
 
-use crate::store::writer::{Commit, Failure, JobResult};
+use crate::store::writer::JobResult;
 use crate::store::{AuditAction, Op, SessionState, StoreError, WriteOp, WriteOutcome};
-
-/// The writer's connection, driven by [`crate::store::writer::run`] on a thread
-/// of its own.
-pub(super) struct SqliteWriter {
-    conn: Connection,
-    /// Set by the checkpointer when the WAL is long (see `checkpoint_loop`).
-    wal_big: Arc<AtomicBool>,
-}
-
-impl SqliteWriter {
-    pub(super) fn new(conn: Connection, wal_big: Arc<AtomicBool>) -> SqliteWriter {
-        SqliteWriter { conn, wal_big }
-    }
-
-    /// Every job in one transaction; the first failure undoes them all.
-    fn batch(&mut self, jobs: &[&[WriteOp]]) -> Result<Vec<Vec<WriteOutcome>>, StoreError> {
-        let conn = &self.conn;
-        run(conn, "BEGIN IMMEDIATE")?;
-        let applied = jobs
-            .iter()
-            .map(|ops| apply_job(conn, ops))
-            .collect::<Result<Vec<_>, _>>()
-            .and_then(|outcomes| run(conn, "COMMIT").map(|()| outcomes));
-        if applied.is_err() {
-            rollback(conn);
-        }
-        applied
-    }
-
-    /// One transaction with a savepoint per job: a failing job is undone alone
-    /// and the others still share one commit (one fsync).
-    fn each(
-        &mut self,
-        jobs: &[&[WriteOp]],
-        settled: &mut Vec<JobResult>,
-    ) -> Result<(), StoreError> {
-        let conn = &self.conn;
-        run(conn, "BEGIN IMMEDIATE")?;
-        let mut results = Vec::with_capacity(jobs.len());
-        let applied = (|| {
-            for ops in jobs {
-                run(conn, "SAVEPOINT job")?;
-                let result = apply_job(conn, ops);
-                if result.is_err() {
-                    run(conn, "ROLLBACK TO job")?;
-                }
-                run(conn, "RELEASE job")?;
-                results.push(result);
-            }
-            run(conn, "COMMIT")
-        })();
-        match applied {
-            // Settled only once committed: before that, nothing is stored.
-            Ok(()) => settled.extend(results),
-            Err(_) => rollback(conn),
-        }
-        applied
-    }
-}
-
-impl Commit for SqliteWriter {
-    fn commit_batch(
-        &mut self,
-        jobs: &[&[WriteOp]],
-    ) -> impl Future<Output = Result<Vec<Vec<WriteOutcome>>, Failure>> + Send {
-        // Fast path: every job straight into one transaction. Savepoints around
-        // each job cost a copy of every page it touches (a sub-journal), and jobs
-        // almost never fail; when one does (or the commit does), the batch is
-        // redone with a savepoint per job. The work is done here, synchronously:
-        // this thread has nothing else to do.
-        std::future::ready(self.batch(jobs).map_err(Failure::Refused))
-    }
-
-    fn commit_each(
-        &mut self,
-        jobs: &[&[WriteOp]],
-        settled: &mut Vec<JobResult>,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send {
-        std::future::ready(self.each(jobs, settled))
-    }
-
-    fn after_batch(&mut self) {
-        if self.wal_big.swap(false, Ordering::Relaxed) {
-            // Copies only what the checkpointer has not (it did the rest); busy
-            // (the checkpointer is at it) just means the next signal retries.
-            let _ = self
-                .conn
-                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
-        }
-    }
-}
 
 /// Runs a transaction statement. Every statement here, savepoints included, is
 /// prepared once and cached: re-parsing SQL was a third of the writer's time
 /// under load.
-fn run(conn: &Connection, sql: &str) -> Result<(), StoreError> {
+pub(super) fn run(conn: &Connection, sql: &str) -> Result<(), StoreError> {
     exec(conn, sql, [])
         .map(|_| ())
         .map_err(StoreError::sqlite(Op::Transaction))
 }
 
 /// Ends a failed transaction. A failed COMMIT may have ended it already.
-fn rollback(conn: &Connection) {
+pub(super) fn rollback(conn: &Connection) {
     if !conn.is_autocommit() {
         if let Err(e) = conn.execute_batch("ROLLBACK") {
             tracing::warn!(error = %e, "SQLite rollback failed");
@@ -128,7 +32,11 @@ pub(super) fn apply_job(conn: &Connection, ops: &[WriteOp]) -> JobResult {
 }
 
 /// Executes a cached statement (prepared once per connection).
-fn exec(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> rusqlite::Result<usize> {
+pub(super) fn exec(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> rusqlite::Result<usize> {
     conn.prepare_cached(sql)?.execute(params)
 }
 
