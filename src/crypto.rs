@@ -23,7 +23,9 @@ pub const NONCE_BYTES: usize = 12;
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Sealed {
     pub key_id: u32,
+    #[serde(with = "serde_bytes")]
     pub nonce: [u8; NONCE_BYTES],
+    #[serde(with = "serde_bytes")]
     pub ciphertext: Vec<u8>,
     /// The format of the associated data: [`AAD_IDS_ONLY`] or [`AAD_CURRENT`].
     pub version: u8,

@@ -87,6 +87,8 @@ impl<A: App> Shared<A> {
 /// The state one core owns.
 pub struct Core<A: App> {
     pub id: usize,
+    /// The I/O driver this core's runtime runs.
+    pub driver: super::server::Driver,
     pub shared: Arc<Shared<A>>,
     pub gate: Rc<Gate>,
     pub registry: Rc<RefCell<Registry>>,
@@ -98,7 +100,7 @@ pub struct Core<A: App> {
 }
 
 impl<A: App> Core<A> {
-    pub fn new(id: usize, shared: Arc<Shared<A>>) -> Core<A> {
+    pub fn new(id: usize, shared: Arc<Shared<A>>, driver: super::server::Driver) -> Core<A> {
         let cfg = &shared.config;
         let registry = Registry::new(
             id,
@@ -107,6 +109,7 @@ impl<A: App> Core<A> {
         );
         Core {
             id,
+            driver,
             gate: Rc::new(Gate::default()),
             registry: Rc::new(RefCell::new(registry)),
             addr: AddrLimits::new(id, cfg, &shared.addr_mesh),

@@ -293,7 +293,7 @@ fn run_core<A: App>(
 ) {
     let ready_fail = ready.clone();
     let body = move |driver: Driver| async move {
-        let core = Rc::new(Core::new(id, shared));
+        let core = Rc::new(Core::new(id, shared, driver));
         let listener = match monoio::net::TcpListener::from_std(listener) {
             Ok(l) => l,
             Err(e) => {

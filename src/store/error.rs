@@ -196,6 +196,17 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// The store refused the change itself (a constraint: a session deleted
+    /// meanwhile, a key taken): trying it again would fail again.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            StoreError::Sqlite { source, .. } => {
+                source.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation)
+            }
+            _ => false,
+        }
+    }
+
     pub(crate) fn sqlite(op: Op) -> impl FnOnce(rusqlite::Error) -> StoreError {
         move |source| StoreError::Sqlite {
             op,

@@ -207,6 +207,8 @@ struct State {
     /// Bytes of the current segment written or being written.
     written: u64,
     next_lsn: u64,
+    /// The last record synced.
+    synced_lsn: u64,
     /// Records not yet handed to a flush, and who waits for them.
     pending: Vec<u8>,
     waiting: Vec<oneshot::Sender<Result<(), StoreError>>>,
@@ -244,6 +246,7 @@ impl Journal {
                 segment: 0,
                 written: 0,
                 next_lsn: 1,
+                synced_lsn: 0,
                 pending: Vec::new(),
                 waiting: Vec::new(),
                 flushing: false,
@@ -374,8 +377,9 @@ impl Journal {
     }
 
     /// Closes a full segment and begins the next; the closed one is deleted once
-    /// the store has committed what it holds (each of its jobs was handed over
-    /// before this, so a commit asked for now covers them).
+    /// the store says it committed its last record (each of its jobs was handed
+    /// over before this, so a commit asked for now covers them, unless one could
+    /// not be stored: then the segment stays for the next start).
     fn rotate_if_full(&self) {
         let mut s = self.state.borrow_mut();
         if s.written < SEGMENT_BYTES_MAX || s.broken.is_some() {
@@ -390,9 +394,14 @@ impl Journal {
         };
         let closed = self.dir.join(file_name(&self.name, s.segment));
         (s.file, s.segment, s.written) = (Rc::new(file), s.segment + 1, 0);
+        let (last, published) = (s.synced_lsn, self.committed.clone());
         let committed = self.store.commit();
         monoio::spawn(async move {
-            match committed.await {
+            let covered = |()| match published.load(Ordering::Acquire) >= last {
+                true => Ok(()),
+                false => Err(StoreError::Stopped),
+            };
+            match committed.await.and_then(covered) {
                 Ok(()) => {
                     if let Err(e) = std::fs::remove_file(&closed) {
                         tracing::warn!(file = %closed.display(), error = %e, "a committed journal segment stays");
@@ -422,7 +431,7 @@ fn create(dir: &Path, journal: &str, segment: u32) -> Result<monoio::fs::File, S
 /// whatever is appended while one group syncs goes in the next.
 async fn flush(journal: Rc<Journal>) {
     loop {
-        let (file, at, bytes, waiting) = {
+        let (file, at, bytes, waiting, last) = {
             let mut s = journal.state.borrow_mut();
             if let Some(e) = s.broken.clone() {
                 s.pending.clear();
@@ -436,9 +445,16 @@ async fn flush(journal: Rc<Journal>) {
             }
             let spare = std::mem::take(&mut s.spare);
             let bytes = std::mem::replace(&mut s.pending, spare);
+            let last = s.next_lsn - 1;
             let at = s.written;
             s.written += bytes.len() as u64;
-            (s.file.clone(), at, bytes, std::mem::take(&mut s.waiting))
+            (
+                s.file.clone(),
+                at,
+                bytes,
+                std::mem::take(&mut s.waiting),
+                last,
+            )
         };
         let (wrote, mut bytes) = file.write_all_at(bytes, at).await;
         let synced = match wrote {
@@ -451,6 +467,9 @@ async fn flush(journal: Rc<Journal>) {
             let mut s = journal.state.borrow_mut();
             if bytes.capacity() <= PENDING_BYTES_MAX {
                 s.spare = bytes;
+            }
+            if synced.is_ok() {
+                s.synced_lsn = last;
             }
             if let Err(e) = &synced {
                 tracing::error!(journal = %journal.name, error = %e, "journal write failed: this core's writes now commit before their acks");

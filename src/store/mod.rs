@@ -173,6 +173,7 @@ pub struct MessageRecord {
     /// What else the user sent with it (`file_url`, `metadata`, as JSON), sealed
     /// like the content, with its key and format: nonce, then ciphertext
     /// ([`MessageRecord::extra_sealed`]).
+    #[serde(with = "serde_bytes")]
     pub extra: Option<Vec<u8>>,
 }
 

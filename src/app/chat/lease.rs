@@ -26,7 +26,8 @@ pub fn write(core: &Rc<Core>, user: &Arc<str>, ops: Vec<WriteOp>) -> Write {
     let Some(bus) = &core.shared.app.bus else {
         // One node: through this core's journal when the store keeps them (the
         // ack then waits for this core's own sync), else the store's future.
-        return match core.app.journal(store) {
+        let uring = core.driver == crate::runtime::server::Driver::IoUring;
+        return match core.app.journal(store, uring) {
             Some(journal) => journal.write(ops),
             None => store.write(ops),
         };

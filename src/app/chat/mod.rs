@@ -196,16 +196,25 @@ impl ChatCore {
         }
     }
 
-    /// This core's journal, when the store lags behind journals; opened on first
-    /// use (on the core's runtime). One that cannot open is reported once, and
-    /// this core's writes then commit before they resolve, as without journals.
+    /// This core's journal, when the store lags behind journals and the core
+    /// runs io_uring (on epoll, `fdatasync` would block the core); opened on
+    /// first use. Without one (reported once), this core's writes commit before
+    /// they resolve.
     pub(crate) fn journal(
         &self,
         store: &Arc<dyn crate::store::Store>,
+        uring: bool,
     ) -> Option<Rc<crate::store::journal::Journal>> {
         self.journal
             .get_or_init(|| {
-                let opened = store.journal_backing().and_then(|backing| {
+                let backing = store.journal_backing();
+                if !uring {
+                    if matches!(backing, Ok(Some(_))) {
+                        tracing::info!(core = self.core_id, "no journal on an epoll core (its sync would block the core): writes commit before their acks");
+                    }
+                    return None;
+                }
+                let opened = backing.and_then(|backing| {
                     backing
                         .map(|b| crate::store::journal::Journal::open(b, self.core_id, store.clone()))
                         .transpose()

@@ -11,11 +11,18 @@
 //! less than was acknowledged. Each commit records, per journal, the last record
 //! it holds (`journal_applied`): [`replay`] applies the rest at start.
 //!
-//! No savepoints: a job that fails rolls the whole open transaction back, and the
-//! jobs before it are applied again (same state, same outcomes); jobs almost
-//! never fail, and a savepoint per job copies every page it touches.
+//! No savepoints on the way: a job that fails rolls the whole open transaction
+//! back, and the jobs before it are applied again (same state, same outcomes),
+//! each in a savepoint then; jobs almost never fail, and a savepoint per job
+//! copies every page it touches.
+//!
+//! A journaled job that fails for a reason that may pass (I/O, a full disk) is
+//! not stored now, and its journal is "stuck": commits stop recording how far
+//! they got in it, so the next start applies its records again from there
+//! (applying one twice changes nothing but an audit entry: messages are keyed
+//! by id, sessions created only when missing).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -25,7 +32,7 @@ use rusqlite::{params, Connection};
 use tokio::sync::{mpsc, oneshot};
 
 use super::write::{apply_job, exec, rollback, run};
-use crate::store::journal;
+use crate::store::journal::{self, Logged};
 use crate::store::writer::{Job, JobResult, Jobs};
 use crate::store::{Op, StoreError, WriteOp};
 
@@ -45,19 +52,26 @@ pub(super) struct Writer {
     open: Option<Group>,
     /// The last commit failed: new jobs are refused once the group is full.
     failing: bool,
+    /// Journals with a job that was not stored for a reason that may pass (I/O,
+    /// a full disk): the commits no longer say how far they got in them, so the
+    /// next start applies their records from that job on (and a segment of
+    /// theirs is never deleted).
+    stuck: HashSet<Arc<str>>,
+}
+
+/// A job applied in the open transaction, kept to apply it again should the
+/// transaction roll back; `logged` for a journaled one.
+struct Applied {
+    ops: Vec<WriteOp>,
+    logged: Option<Logged>,
 }
 
 /// The open transaction.
 struct Group {
     began: Instant,
-    /// Every job applied in it, to apply again should it roll back; `true` for
-    /// a journaled one.
-    applied: Vec<(Vec<WriteOp>, bool)>,
+    applied: Vec<Applied>,
     /// Answers that wait for the commit.
     waiting: Vec<(oneshot::Sender<JobResult>, JobResult)>,
-    /// The last record of each journal applied in it, and where to say it is
-    /// committed.
-    lsns: HashMap<Arc<str>, (u64, Arc<AtomicU64>)>,
 }
 
 impl Writer {
@@ -74,6 +88,7 @@ impl Writer {
             interval,
             open: None,
             failing: false,
+            stuck: HashSet::new(),
         }
     }
 
@@ -85,16 +100,19 @@ impl Writer {
         loop {
             let closed = loop {
                 match jobs.rx.try_recv() {
-                    Ok(job) => self.take(job),
+                    Ok(job) => {
+                        self.take(job);
+                        // Also mid-drain: jobs may come as fast as they go.
+                        if self.due() {
+                            self.commit();
+                        }
+                    }
                     Err(mpsc::error::TryRecvError::Empty) => break false,
                     Err(mpsc::error::TryRecvError::Disconnected) => break true,
                 }
             };
             if closed {
                 break;
-            }
-            if self.due() {
-                self.commit();
             }
             let woken = jobs.wake.notified();
             if self.interval.is_zero() {
@@ -105,6 +123,9 @@ impl Writer {
                 // least every interval.
                 let due = self.open.as_ref().map_or(Instant::now(), |g| g.began) + self.interval;
                 let _ = tokio::time::timeout_at(due.into(), woken).await;
+            }
+            if self.due() {
+                self.commit();
             }
         }
         self.commit();
@@ -121,47 +142,55 @@ impl Writer {
     }
 
     fn take(&mut self, job: Job) {
-        if let Err(e) = self.begin() {
+        let full = self.failing
+            && self
+                .open
+                .as_ref()
+                .is_some_and(|g| g.applied.len() >= GROUP_JOBS_MAX);
+        let begun = match full {
+            true => Err(StoreError::Overloaded(GROUP_JOBS_MAX)),
+            false => self.begin(),
+        };
+        if let Err(e) = begun {
+            self.not_stored(job.logged.as_ref(), &e);
             let _ = job.reply.send(Err(e));
             return;
         }
         let Some(group) = self.open.as_mut() else {
             return;
         };
-        if self.failing && group.applied.len() >= GROUP_JOBS_MAX {
-            let _ = job.reply.send(Err(StoreError::Overloaded(GROUP_JOBS_MAX)));
-            return;
-        }
         match apply_job(&self.conn, &job.ops) {
-            Ok(outcomes) => match job.logged {
-                // The journal answered it already.
-                Some(logged) => {
-                    group.applied.push((job.ops, true));
-                    group
-                        .lsns
-                        .insert(logged.journal, (logged.lsn, logged.committed));
-                }
-                None => {
-                    group.applied.push((job.ops, false));
+            Ok(outcomes) => {
+                if job.logged.is_none() {
                     group.waiting.push((job.reply, Ok(outcomes)));
                 }
-            },
+                // A journaled job: the journal answered it already.
+                let (ops, logged) = (job.ops, job.logged);
+                group.applied.push(Applied { ops, logged });
+            }
             Err(e) => {
                 // Its changes go with the transaction; the jobs before it stay.
-                // A journaled job that fails here (a change to a session deleted
-                // meanwhile) was answered already: the deletion wins.
-                match &job.logged {
-                    Some(l) => {
-                        tracing::warn!(journal = %l.journal, lsn = l.lsn, error = %e, "a journaled job failed; not stored");
-                        self.unsettled.fetch_sub(1, Ordering::SeqCst);
-                    }
-                    None => {
-                        tracing::debug!(error = %e, "a job failed; the jobs before it are applied again")
-                    }
-                }
                 self.restart(|_| true);
+                self.not_stored(job.logged.as_ref(), &e);
                 let _ = job.reply.send(Err(e));
             }
+        }
+    }
+
+    /// A job was not stored. A journaled one was answered already: when it was
+    /// refused (a change to a session deleted meanwhile: the deletion wins) it
+    /// would be refused again; any other failure sticks its journal.
+    fn not_stored(&mut self, logged: Option<&Logged>, e: &StoreError) {
+        let Some(l) = logged else {
+            tracing::debug!(error = %e, "a job failed alone");
+            return;
+        };
+        self.unsettled.fetch_sub(1, Ordering::SeqCst);
+        if e.is_refusal() {
+            tracing::warn!(journal = %l.journal, lsn = l.lsn, error = %e, "a journaled job was refused; not stored");
+        } else {
+            tracing::error!(journal = %l.journal, lsn = l.lsn, error = %e, "a journaled job could not be stored; the next start applies it from the journal");
+            self.stuck.insert(l.journal.clone());
         }
     }
 
@@ -172,15 +201,15 @@ impl Writer {
                 began: Instant::now(),
                 applied: Vec::new(),
                 waiting: Vec::new(),
-                lsns: HashMap::new(),
             });
         }
         Ok(())
     }
 
     /// Rolls the open transaction back and applies the jobs `keep` keeps again
-    /// in a new one (the same changes on the same state).
-    fn restart(&mut self, keep: impl Fn(&(Vec<WriteOp>, bool)) -> bool) {
+    /// in a new one (the same changes on the same state), each in a savepoint:
+    /// one that fails now is taken out whole.
+    fn restart(&mut self, keep: impl Fn(&Applied) -> bool) {
         rollback(&self.conn);
         let Some(mut group) = self.open.take() else {
             return;
@@ -190,23 +219,26 @@ impl Writer {
             self.lost(group, &e);
             return;
         }
-        for (ops, _) in &group.applied {
-            if let Err(e) = apply_job(&self.conn, ops) {
-                tracing::error!(error = %e, "a job applied before failed when applied again");
+        let mut kept = Vec::with_capacity(group.applied.len());
+        for job in std::mem::take(&mut group.applied) {
+            match apply_saved(&self.conn, &job.ops) {
+                Ok(()) => kept.push(job),
+                Err(e) => self.not_stored(job.logged.as_ref(), &e),
             }
         }
+        group.applied = kept;
         self.open = Some(group);
     }
 
-    /// Commits the open group: its waiting answers go out, and the store no
-    /// longer lags. A failed commit fails the jobs waiting for it; the journaled
-    /// ones are applied again, for the next try.
+    /// Commits the open group: its waiting answers go out, and each journal's
+    /// last record in it is recorded and published. A failed commit fails the
+    /// jobs waiting for it; the journaled ones are applied again, for the next try.
     fn commit(&mut self) {
         let Some(group) = self.open.as_mut() else {
             return;
         };
-        let committed =
-            record_lsns(&self.conn, &group.lsns).and_then(|()| run(&self.conn, "COMMIT"));
+        let lsns = last_records(&group.applied, &self.stuck);
+        let committed = record_lsns(&self.conn, &lsns).and_then(|()| run(&self.conn, "COMMIT"));
         match committed {
             Ok(()) => {
                 let Some(group) = self.open.take() else {
@@ -214,7 +246,7 @@ impl Writer {
                 };
                 self.failing = false;
                 self.settled(&group);
-                for (lsn, committed) in group.lsns.values() {
+                for (lsn, committed) in lsns.values() {
                     committed.fetch_max(*lsn, Ordering::Release);
                 }
                 for (reply, result) in group.waiting {
@@ -229,7 +261,7 @@ impl Writer {
                 }
                 group.began = Instant::now();
                 self.failing = true;
-                self.restart(|(_, logged)| *logged);
+                self.restart(|job| job.logged.is_some());
                 if self.open.as_ref().is_some_and(|g| g.applied.is_empty()) {
                     rollback(&self.conn);
                     self.open = None;
@@ -242,7 +274,9 @@ impl Writer {
     /// in the journals now, applied at the next start.
     fn lost(&mut self, group: Group, e: &StoreError) {
         tracing::error!(error = %e, jobs = group.applied.len(), "storage cannot begin a transaction; journaled jobs are applied at the next start");
-        self.settled(&group);
+        for job in &group.applied {
+            self.not_stored(job.logged.as_ref(), e);
+        }
         for (reply, _) in group.waiting {
             let _ = reply.send(Err(e.clone()));
         }
@@ -250,7 +284,11 @@ impl Writer {
 
     /// The group's journaled jobs are no longer waiting for a commit.
     fn settled(&self, group: &Group) {
-        let logged = group.applied.iter().filter(|(_, logged)| *logged).count();
+        let logged = group
+            .applied
+            .iter()
+            .filter(|job| job.logged.is_some())
+            .count();
         self.unsettled.fetch_sub(logged, Ordering::SeqCst);
     }
 
@@ -263,6 +301,32 @@ impl Writer {
                 .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
         }
     }
+}
+
+/// The last record of each journal among `applied` (jobs are applied in record
+/// order), but for stuck journals; and where to publish it.
+fn last_records(
+    applied: &[Applied],
+    stuck: &HashSet<Arc<str>>,
+) -> HashMap<Arc<str>, (u64, Arc<AtomicU64>)> {
+    let mut last = HashMap::new();
+    for l in applied.iter().filter_map(|job| job.logged.as_ref()) {
+        if !stuck.contains(&l.journal) {
+            last.insert(l.journal.clone(), (l.lsn, l.committed.clone()));
+        }
+    }
+    last
+}
+
+/// Applies one job in a savepoint: all of it, or (failing) nothing.
+fn apply_saved(conn: &Connection, ops: &[WriteOp]) -> Result<(), StoreError> {
+    run(conn, "SAVEPOINT job")?;
+    let applied = apply_job(conn, ops);
+    if applied.is_err() {
+        run(conn, "ROLLBACK TO job")?;
+    }
+    run(conn, "RELEASE job")?;
+    applied.map(|_| ())
 }
 
 /// Records, in the open transaction, the last record of each journal it holds.
@@ -283,6 +347,9 @@ fn record_lsns<T>(conn: &Connection, lsns: &HashMap<Arc<str>, (u64, T)>) -> Resu
 /// stopped before committing them), then deletes the journals: one transaction
 /// per segment, each job in a savepoint so that one that fails (as it failed
 /// when it was first applied) is skipped alone. Runs at open, before any writer.
+/// Journals go one after another, oldest start first: within one start, two
+/// journals never hold changes to one session (a user's writes all go through
+/// the journal of the core that owns the user).
 pub(super) fn replay(conn: &Connection, dir: &Path) -> Result<usize, StoreError> {
     let segments = journal::segments(dir)?;
     let mut applied = 0;
@@ -305,12 +372,9 @@ pub(super) fn replay(conn: &Connection, dir: &Path) -> Result<usize, StoreError>
         };
         run(conn, "BEGIN IMMEDIATE")?;
         for record in &todo {
-            run(conn, "SAVEPOINT job")?;
-            if let Err(e) = apply_job(conn, &record.ops) {
+            if let Err(e) = apply_saved(conn, &record.ops) {
                 tracing::warn!(journal = %name, lsn = record.lsn, error = %e, "a journaled job fails again; skipped");
-                run(conn, "ROLLBACK TO job")?;
             }
-            run(conn, "RELEASE job")?;
         }
         let lsns = HashMap::from([(Arc::<str>::from(name.as_str()), (last, ()))]);
         let committed = record_lsns(conn, &lsns).and_then(|()| run(conn, "COMMIT"));

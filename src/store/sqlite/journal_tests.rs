@@ -204,3 +204,28 @@ fn a_journal_answers_resends_before_and_after_their_commit() {
         "every write synced as a record"
     );
 }
+
+#[test]
+fn a_second_process_on_the_store_leaves_the_journals_to_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_rt, pool) = PoolRuntime::start(1, 64).unwrap();
+    let server = store(dir.path(), &pool);
+    assert!(server.journal_backing().unwrap().is_some());
+    // A journal the server is writing: another process (`chatbox copy`) opening
+    // the store must neither apply nor delete it, nor keep journals of its own.
+    let segment = dir.path().join(journal::DIR).join("live.000000.log");
+    std::fs::create_dir_all(segment.parent().unwrap()).unwrap();
+    let mut bytes = Vec::new();
+    journal::encode(1, &[WriteOp::CreateSession(session("s1"))], &mut bytes).unwrap();
+    std::fs::write(&segment, &bytes).unwrap();
+    let other = store(dir.path(), &pool);
+    assert!(segment.exists(), "left to the process that writes it");
+    assert!(block(other.load_session("s1", 10)).unwrap().is_none());
+    assert!(other.journal_backing().is_err(), "no journals of its own");
+    drop((server, other));
+    let next = store(dir.path(), &pool);
+    assert!(
+        block(next.load_session("s1", 10)).unwrap().is_some(),
+        "the next start applies it"
+    );
+}

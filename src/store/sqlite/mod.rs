@@ -125,6 +125,10 @@ pub struct SqliteStore {
     journals: Option<std::path::PathBuf>,
     /// The database file.
     db: std::path::PathBuf,
+    /// This process's claim on the journals (`journal.lock`, locked): held, it
+    /// replayed them at open and its cores may keep new ones; another process
+    /// (a server running while `chatbox copy` reads) holding it owns them.
+    journals_lock: Option<std::fs::File>,
     /// Dropping it stops the checkpointer (after a last checkpoint).
     _checkpointer: std::sync::mpsc::Sender<()>,
     readers: Arc<Readers>,
@@ -226,7 +230,13 @@ impl SqliteStore {
         let mut conn = open(&path)?;
         migrate(&mut conn)?;
         let journals = dir.join(super::journal::DIR);
-        group::replay(&conn, &journals)?;
+        let journals_lock = lock(&dir.join("journal.lock"))?;
+        match journals_lock {
+            Some(_) => drop(group::replay(&conn, &journals)?),
+            None => {
+                tracing::info!(dir = %dir.display(), "another process holds this store's journals: not replayed here")
+            }
+        }
         // Checkpoints run on their own connection and thread (PASSIVE: they never
         // block the writer); inside a commit they were a fifth of the writer's time.
         conn.pragma_update(None, "wal_autocheckpoint", 0)
@@ -267,6 +277,7 @@ impl SqliteStore {
             writes,
             journals: (!commit_interval.is_zero()).then_some(journals),
             db: path,
+            journals_lock,
             _checkpointer: stop,
             readers: Arc::new(readers),
             read_wait: READ_WAIT_DEFAULT,
@@ -328,6 +339,27 @@ impl SqliteStore {
             .await?
         };
         Box::pin(call)
+    }
+}
+
+/// Takes `path`'s exclusive lock (creating the file), or `None` when another
+/// process holds it. Released when the file closes.
+fn lock(path: &Path) -> Result<Option<std::fs::File>, StoreError> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(StoreError::io(Op::Journal))?;
+    // (`File::try_lock` would do, from Rust 1.89; the crate supports 1.85.)
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor owned by `file`, alive for the call.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(Some(file));
+    }
+    match std::io::Error::last_os_error() {
+        e if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+        e => Err(StoreError::io(Op::Journal)(e)),
     }
 }
 
@@ -421,10 +453,18 @@ impl Store for SqliteStore {
         let Some(dir) = &self.journals else {
             return Ok(None);
         };
+        if self.journals_lock.is_none() {
+            return Err(StoreError::Setting(format!(
+                "another chatbox process holds the journals in {}",
+                dir.display()
+            )));
+        }
         let conn = open(&self.db)?;
         // On a core: a lookup that finds the database locked (a WAL reset, for
-        // an instant) fails at once rather than stall the core.
+        // an instant) fails at once rather than stall the core; and a small page
+        // cache, one per core (index pages come from the shared memory map).
         conn.busy_timeout(Duration::ZERO)
+            .and_then(|()| conn.pragma_update(None, "cache_size", -2048))
             .map_err(StoreError::sqlite(Op::Open))?;
         Ok(Some(super::journal::Backing {
             dir: dir.clone(),
