@@ -76,11 +76,35 @@ pub(super) trait Commit: Send + 'static {
 /// One `Store::write` call waiting for the writer.
 pub(super) struct Job {
     pub(super) ops: Vec<WriteOp>,
-    /// Where a core's journal holds the job ([`WriteQueue::submit_logged`]):
-    /// durable there already, and answered by the journal; the backend applies it
-    /// and commits it when it will. `None`: answered once committed.
-    pub(super) logged: Option<Logged>,
-    pub(super) reply: oneshot::Sender<JobResult>,
+    pub(super) answer: Answer,
+}
+
+/// Who hears how a job went.
+pub(super) enum Answer {
+    /// The caller, once the job is committed (or failed).
+    To(oneshot::Sender<JobResult>),
+    /// Nobody: a core's journal holds the job ([`WriteQueue::submit_logged`]),
+    /// durable there already and answered by it; the backend applies it and
+    /// commits it when it will.
+    Journaled(Logged),
+}
+
+impl Job {
+    /// Where a journal holds the job, if one does.
+    pub(super) fn logged(&self) -> Option<&Logged> {
+        match &self.answer {
+            Answer::Journaled(logged) => Some(logged),
+            Answer::To(_) => None,
+        }
+    }
+}
+
+/// A job the queue did not take: why.
+fn not_queued(e: mpsc::error::TrySendError<Job>, max: usize) -> StoreError {
+    match e {
+        mpsc::error::TrySendError::Full(_) => StoreError::Overloaded(max),
+        mpsc::error::TrySendError::Closed(_) => StoreError::Stopped,
+    }
 }
 
 /// The sending side: cheap, lock-free, usable from any thread.
@@ -142,16 +166,13 @@ impl WriteQueue {
     /// queue refuses it now, with `Overloaded`.
     pub(super) fn submit(&self, ops: Vec<WriteOp>) -> StoreFuture<Vec<WriteOutcome>> {
         let (reply, rx) = oneshot::channel();
-        let logged = None;
-        let sent = self.jobs.try_send(Job { ops, logged, reply });
+        let answer = Answer::To(reply);
+        let sent = self.jobs.try_send(Job { ops, answer });
         self.wake.notify_one();
-        let max = self.max;
+        let sent = sent.map_err(|e| not_queued(e, self.max));
         Box::pin(async move {
-            match sent {
-                Ok(()) => rx.await.map_err(|_| StoreError::Stopped)?,
-                Err(mpsc::error::TrySendError::Full(_)) => Err(StoreError::Overloaded(max)),
-                Err(mpsc::error::TrySendError::Closed(_)) => Err(StoreError::Stopped),
-            }
+            sent?;
+            rx.await.map_err(|_| StoreError::Stopped)?
         })
     }
 
@@ -163,20 +184,12 @@ impl WriteQueue {
         logged: Logged,
         ops: Vec<WriteOp>,
     ) -> Result<(), StoreError> {
-        let (reply, _) = oneshot::channel();
-        let job = Job {
-            ops,
-            logged: Some(logged),
-            reply,
-        };
+        let answer = Answer::Journaled(logged);
         // Counted before it is queued, so that no read slips between.
         self.unsettled.fetch_add(1, Ordering::SeqCst);
-        self.jobs.try_send(job).map_err(|e| {
+        self.jobs.try_send(Job { ops, answer }).map_err(|e| {
             self.unsettled.fetch_sub(1, Ordering::SeqCst);
-            match e {
-                mpsc::error::TrySendError::Full(_) => StoreError::Overloaded(self.max),
-                mpsc::error::TrySendError::Closed(_) => StoreError::Stopped,
-            }
+            not_queued(e, self.max)
         })?;
         if self.depth().0 >= self.max / 4 {
             self.wake.notify_one();
@@ -195,7 +208,10 @@ pub(super) async fn run<C: Commit>(mut backend: C, mut jobs: Jobs) {
         debug_assert_eq!(results.len(), batch.len(), "one result per job");
         for (job, result) in batch.drain(..).zip(results) {
             // The caller may have stopped waiting; its write stands anyway.
-            let _ = job.reply.send(result);
+            // (MongoDB keeps no journals: every job here has a caller.)
+            if let Answer::To(reply) = job.answer {
+                let _ = reply.send(result);
+            }
         }
         backend.after_batch();
     }

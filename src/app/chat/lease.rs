@@ -4,8 +4,6 @@
 //! let go here: forgotten in memory, their connections told to reconnect.
 
 use std::collections::HashSet;
-use std::future::Future;
-use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +14,7 @@ use crate::clock::now_ms;
 use crate::store::{StoreError, WriteOp, WriteOutcome};
 
 /// A write of a user's sessions, settled on the user's core.
-pub type Write = Pin<Box<dyn Future<Output = Result<Vec<WriteOutcome>, StoreError>>>>;
+pub use crate::store::journal::Write;
 
 /// Submits `ops` (changes to `user`'s sessions) now, behind the user's lease in a
 /// cluster: the lease this core holds as a fence, or a request for it. Resolves

@@ -33,7 +33,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::write::{apply_job, exec, rollback, run};
 use crate::store::journal::{self, Logged};
-use crate::store::writer::{Job, JobResult, Jobs};
+use crate::store::writer::{Answer, Job, JobResult, Jobs};
 use crate::store::{Op, StoreError, WriteOp};
 
 /// Jobs one transaction holds at most before it commits (bounds the memory kept
@@ -152,28 +152,39 @@ impl Writer {
             false => self.begin(),
         };
         if let Err(e) = begun {
-            self.not_stored(job.logged.as_ref(), &e);
-            let _ = job.reply.send(Err(e));
-            return;
+            return self.failed(job, e);
         }
         let Some(group) = self.open.as_mut() else {
             return;
         };
         match apply_job(&self.conn, &job.ops) {
             Ok(outcomes) => {
-                if job.logged.is_none() {
-                    group.waiting.push((job.reply, Ok(outcomes)));
-                }
-                // A journaled job: the journal answered it already.
-                let (ops, logged) = (job.ops, job.logged);
-                group.applied.push(Applied { ops, logged });
+                let logged = match job.answer {
+                    Answer::To(reply) => {
+                        group.waiting.push((reply, Ok(outcomes)));
+                        None
+                    }
+                    // The journal answered it already.
+                    Answer::Journaled(logged) => Some(logged),
+                };
+                group.applied.push(Applied {
+                    ops: job.ops,
+                    logged,
+                });
             }
             Err(e) => {
                 // Its changes go with the transaction; the jobs before it stay.
                 self.restart(|_| true);
-                self.not_stored(job.logged.as_ref(), &e);
-                let _ = job.reply.send(Err(e));
+                self.failed(job, e);
             }
+        }
+    }
+
+    /// A job that was not stored, told so if anyone waits for it.
+    fn failed(&mut self, job: Job, e: StoreError) {
+        self.not_stored(job.logged(), &e);
+        if let Answer::To(reply) = job.answer {
+            let _ = reply.send(Err(e));
         }
     }
 
@@ -238,7 +249,8 @@ impl Writer {
             return;
         };
         let lsns = last_records(&group.applied, &self.stuck);
-        let committed = record_lsns(&self.conn, &lsns).and_then(|()| run(&self.conn, "COMMIT"));
+        let last = lsns.iter().map(|(journal, (lsn, _))| (&**journal, *lsn));
+        let committed = record_lsns(&self.conn, last).and_then(|()| run(&self.conn, "COMMIT"));
         match committed {
             Ok(()) => {
                 let Some(group) = self.open.take() else {
@@ -330,13 +342,16 @@ fn apply_saved(conn: &Connection, ops: &[WriteOp]) -> Result<(), StoreError> {
 }
 
 /// Records, in the open transaction, the last record of each journal it holds.
-fn record_lsns<T>(conn: &Connection, lsns: &HashMap<Arc<str>, (u64, T)>) -> Result<(), StoreError> {
-    for (journal, (lsn, _)) in lsns {
+fn record_lsns<'a>(
+    conn: &Connection,
+    lsns: impl IntoIterator<Item = (&'a str, u64)>,
+) -> Result<(), StoreError> {
+    for (journal, lsn) in lsns {
         exec(
             conn,
             "INSERT INTO journal_applied (journal, lsn) VALUES (?1, ?2)
              ON CONFLICT(journal) DO UPDATE SET lsn = max(lsn, excluded.lsn)",
-            params![&**journal, *lsn as i64],
+            params![journal, lsn as i64],
         )
         .map_err(StoreError::sqlite(Op::Journal))?;
     }
@@ -376,8 +391,8 @@ pub(super) fn replay(conn: &Connection, dir: &Path) -> Result<usize, StoreError>
                 tracing::warn!(journal = %name, lsn = record.lsn, error = %e, "a journaled job fails again; skipped");
             }
         }
-        let lsns = HashMap::from([(Arc::<str>::from(name.as_str()), (last, ()))]);
-        let committed = record_lsns(conn, &lsns).and_then(|()| run(conn, "COMMIT"));
+        let committed =
+            record_lsns(conn, [(name.as_str(), last)]).and_then(|()| run(conn, "COMMIT"));
         if let Err(e) = committed {
             rollback(conn);
             return Err(e);
